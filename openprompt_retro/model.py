@@ -1,0 +1,233 @@
+"""RetroPromptForClassification: PromptForClassification that owns a knowledge store.
+
+One forward pass does all three retrievals:
+
+1. query keys q(x): the store's own key for a training example (the store is
+   refreshed every epoch), otherwise a demonstration-free pass (only when the
+   template has neural demonstrations; without them q(x) comes from the main pass);
+2. neural demonstrations d_c from the store, own entry left out in training;
+3. the main pass; its output feeds the kNN-guided loss (training) or the
+   kNN mixture of :class:`KnnVerbalizer` (inference).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from openprompt import PromptForClassification
+from openprompt.prompt_base import Template, Verbalizer
+
+from .config import RetroConfig
+from .demonstrations import neural_demonstrations
+from .keys import MaskKeyHead, _batch_guids, build_store, example_text, mask_keys, trim_padding
+from .loss import knn_guided_loss
+from .store import KnowledgeStore
+from .template import DEMO_KEY, EXCLUDE_KEY, QUERY_KEY, RetroTemplate
+from .verbalizer import KnnVerbalizer
+
+_WEIGHTS, _CONFIG, _STORE = "prompt_model.safetensors", "retro_config.json", "store"
+
+
+class RetroPromptForClassification(PromptForClassification):
+    """Drop-in for ``PromptForClassification`` with RetroPrompt's three retrievals.
+
+    Args:
+        plm, template, verbalizer: as for ``PromptForClassification``. A plain
+            template / verbalizer is wrapped: the template in a
+            ``RetroTemplate(demonstrations="none")``, the verbalizer in a
+            ``KnnVerbalizer``.
+        config: :class:`RetroConfig`.
+    """
+
+    def __init__(self, plm, template: Template, verbalizer: Verbalizer, config: Optional[RetroConfig] = None,
+                 freeze_plm: bool = False, plm_eval_mode: bool = False):
+        config = (config or RetroConfig()).validate()
+        if not isinstance(template, RetroTemplate):
+            label_words = getattr(verbalizer, "label_words", None) or [str(c) for c in range(verbalizer.num_classes)]
+            template = RetroTemplate(template, label_words, demonstrations="none")
+        if not isinstance(verbalizer, KnnVerbalizer):
+            verbalizer = KnnVerbalizer(verbalizer, plm)
+        super().__init__(plm, template, verbalizer, freeze_plm=freeze_plm, plm_eval_mode=plm_eval_mode)
+        self.config = config
+        self.key_head = MaskKeyHead(plm)
+        self.store = KnowledgeStore(self._key_dim(), verbalizer.num_classes, metric=config.metric,
+                                    index_factory=config.index_factory, built_by=self.key_head.describe())
+        self.apply_config()
+
+    # ---------------------------------------------------------------- config
+    def _key_dim(self) -> int:
+        return int(self.plm.config.hidden_size)
+
+    @property
+    def num_classes(self) -> int:
+        return self.verbalizer.num_classes
+
+    def apply_config(self, **overrides) -> RetroConfig:
+        """Update config fields (e.g. the tuned lambda/k/T) and push them to the verbalizer."""
+        for key, value in overrides.items():
+            if not hasattr(self.config, key):
+                raise ValueError(f"unknown RetroConfig field {key!r}")
+            setattr(self.config, key, value)
+        self.config.validate()
+        v = self.verbalizer
+        v.store, v.k, v.temperature, v.lam = self.store, self.config.knn_k, self.config.knn_temperature, self.config.knn_lambda
+        return self.config
+
+    @property
+    def has_demonstrations(self) -> bool:
+        return self.template.demonstrations != "none" and self.template.demonstrations_enabled
+
+    @property
+    def uses_neural_demos(self) -> bool:
+        return self.template.demonstrations == "neural" and self.template.demonstrations_enabled
+
+    # ---------------------------------------------------------------- store
+    @torch.no_grad()
+    def refresh_store(self, dataloader, progress: bool = True) -> KnowledgeStore:
+        """Recompute every key with the current encoder (one demonstration-free pass)."""
+        build_store(self, dataloader, store=self.store, progress=progress)
+        return self.store
+
+    def add_to_store(self, dataloader, progress: bool = True) -> np.ndarray:
+        """Add labeled examples to the store without retraining; returns their ids."""
+        from .keys import extract_keys
+
+        keys, labels, guids = extract_keys(self, dataloader, desc="adding to store", progress=progress)
+        texts_by_guid = {str(e.guid): example_text(e) for e in getattr(dataloader, "raw_dataset", [])}
+        return self.store.add(keys, labels, guids, [texts_by_guid.get(g) for g in guids])
+
+    # ---------------------------------------------------------------- forward
+    def _own_ids(self, batch) -> np.ndarray:
+        return self.store.ids_of(_batch_guids(batch)) if len(self.store) else np.full(len(_batch_guids(batch)), -1)
+
+    def prepare_batch(self, batch, need_query: Optional[bool] = None):
+        """A copy of ``batch`` with query keys, exclusions and demonstrations attached.
+
+        ``need_query`` forces (True) or skips (False) the query key; by default it
+        is computed when the loss or the verbalizer will use it.
+        (Templates rewrite the batch they process, so each pass gets its own shallow copy.)
+        """
+        batch = trim_padding(batch)  # a copy, without all-padding columns
+        own = self._own_ids(batch)
+        if self.training:  # leave-one-out: an example never retrieves itself
+            batch[EXCLUDE_KEY] = torch.from_numpy(own)
+        else:
+            batch[EXCLUDE_KEY] = None
+        batch[QUERY_KEY], batch[DEMO_KEY] = None, None
+        if not self.has_demonstrations:
+            return batch  # the main pass is demonstration-free: it gives the query key itself
+        # q(x) must be demonstration-free, like the store's keys
+        if need_query is None:
+            need_query = self.config.loss != "ce" if self.training else self.verbalizer.lam > 0
+        if not (self.uses_neural_demos or need_query):
+            return batch
+        if len(self.store) == 0:
+            raise ValueError("retrieval needs a built store: call refresh_store(train_loader) first")
+        device = batch["loss_ids"].device
+        if self.training and (own >= 0).all():
+            query = torch.from_numpy(self.store.keys[own]).to(device)  # refreshed this epoch
+        else:
+            with torch.no_grad():
+                query = mask_keys(self, batch, self.key_head).float()
+        batch[QUERY_KEY] = query
+        if self.uses_neural_demos:
+            batch[DEMO_KEY] = neural_demonstrations(self.store, query, self.config.demo_topk,
+                                                    batch[EXCLUDE_KEY]).to(device)
+        return batch
+
+    def forward_with_keys(self, batch):
+        """(verbalizer output, query keys) for a prepared batch - one main forward pass."""
+        outputs = self.prompt_model(batch)
+        outputs = self.verbalizer.gather_outputs(outputs)
+        at_mask = [self.extract_at_mask(o, batch) for o in outputs]
+        logits = self.verbalizer.process_outputs(at_mask, batch=batch)
+        query = batch[QUERY_KEY]
+        if query is None:
+            query = self.key_head(at_mask[1])
+        return logits, query
+
+    def forward(self, batch) -> torch.Tensor:
+        """Log-probabilities over classes (kNN-mixed in eval mode when lambda > 0)."""
+        logits, _ = self.forward_with_keys(self.prepare_batch(batch))
+        return logits
+
+    def loss(self, batch) -> torch.Tensor:
+        """The kNN-guided training loss for a batch (config.loss / loss_beta / focal_gamma)."""
+        batch = self.prepare_batch(batch)
+        logits, query = self.forward_with_keys(batch)
+        labels = batch["label"].to(logits.device)
+        if self.config.loss == "ce" or len(self.store) == 0:
+            p_gold = torch.ones(labels.shape[0], device=logits.device)
+            kind = "ce"
+        else:
+            p_knn = self.verbalizer.knn_probs(query, batch[EXCLUDE_KEY], self.config.train_knn_k,
+                                              self.config.train_knn_temperature)
+            p_gold, kind = p_knn.gather(1, labels.unsqueeze(1)).squeeze(1), self.config.loss
+        return knn_guided_loss(logits, labels, p_gold, kind, self.config.loss_beta, self.config.focal_gamma)
+
+    @torch.no_grad()
+    def plm_probs_and_queries(self, batch):
+        """(p_PLM, query keys) for a batch, without the kNN mixture - used to tune lambda, k and T."""
+        lam = self.verbalizer.lam
+        self.verbalizer.lam = 0.0
+        try:
+            logits, query = self.forward_with_keys(self.prepare_batch(batch, need_query=True))
+        finally:
+            self.verbalizer.lam = lam
+        return torch.softmax(logits, -1), query
+
+    # ---------------------------------------------------------------- explain
+    @torch.no_grad()
+    def explain_batch(self, batch, top: int = 5) -> List[Dict]:
+        """For each example: prediction, p_PLM, p_kNN and the neighbours behind it."""
+        was = self.training
+        self.eval()
+        try:
+            p_plm, query = self.plm_probs_and_queries(batch)
+            res = self.store.search(query, min(top, len(self.store)))
+            weights = res.scores / self.config.knn_temperature
+            out = []
+            p_knn = self.verbalizer.knn_probs(query)
+            lam = self.config.knn_lambda
+            p = lam * p_knn + (1 - lam) * p_plm
+            for i in range(query.shape[0]):
+                w = np.exp(weights[i] - weights[i].max())
+                w = w / w.sum()
+                out.append({
+                    "prediction": int(p[i].argmax()), "probs": p[i].tolist(),
+                    "p_plm": p_plm[i].tolist(), "p_knn": p_knn[i].tolist(),
+                    "neighbours": [{"id": int(j), "guid": self.store.guids[j], "text": self.store.texts[j],
+                                    "label": int(self.store.labels[j]), "score": float(s), "weight": float(wj)}
+                                   for j, s, wj in zip(res.ids[i], res.scores[i], w) if j >= 0],
+                })
+            return out
+        finally:
+            self.train(was)
+
+    # ---------------------------------------------------------------- disk
+    def save(self, directory: str) -> None:
+        """Save all weights (safetensors), the config (JSON) and the store (FAISS + npz + JSON)."""
+        from safetensors.torch import save_model
+
+        os.makedirs(directory, exist_ok=True)
+        save_model(self, os.path.join(directory, _WEIGHTS))
+        self.config.save(os.path.join(directory, _CONFIG))
+        self.store.save(os.path.join(directory, _STORE))
+
+    def load(self, directory: str) -> "RetroPromptForClassification":
+        """Load what :meth:`save` wrote into this (identically constructed) model."""
+        from safetensors.torch import load_model
+
+        path = os.path.join(directory, _WEIGHTS)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no saved RetroPrompt model at {directory!r} (missing {_WEIGHTS})")
+        missing, unexpected = load_model(self, path, strict=False)
+        if unexpected or [m for m in missing if "raw_embedding" not in m]:
+            raise ValueError(f"saved model does not match this one: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.config = RetroConfig.load(os.path.join(directory, _CONFIG))
+        self.store = KnowledgeStore.load(os.path.join(directory, _STORE), expected_dim=self._key_dim(),
+                                         expected_built_by={"key_type": self.key_head.kind})
+        self.apply_config()
+        return self

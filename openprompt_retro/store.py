@@ -1,0 +1,374 @@
+"""The open-book knowledge store: keys h(x_i), values y_i, searched with FAISS.
+
+One entry per labeled example. Keys are float32 vectors (the ``<mask>``
+representation), values are integer labels in ``[0, num_classes)``, and each
+entry carries a guid and its text so that predictions can be explained.
+
+Scores are inner products (``metric="ip"``, the default) or cosines
+(``metric="cosine"``: keys and queries are L2-normalised before the inner
+product). Any FAISS index-factory string is accepted (``"Flat"`` = exact
+search; ``"IVF256,Flat"``, ``"HNSW32"``, ``"IVF1024,PQ32"`` for large
+stores); indexes that need training are trained on the keys when built.
+
+``k`` larger than what a query can be given is *clipped*: results have width
+``min(k, len(store) - excluded)``; ``k < 1`` raises.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import faiss
+import numpy as np
+
+ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence]
+
+FORMAT_VERSION = 1
+_INDEX_FILE, _ARRAYS_FILE, _META_FILE = "index.faiss", "entries.npz", "store.json"
+
+
+class StoreError(ValueError):
+    """Raised for bad input to a :class:`KnowledgeStore`; nothing is changed."""
+
+
+@dataclass
+class SearchResult:
+    """Neighbours of each query, best first. Missing slots have id -1 and score -inf."""
+
+    scores: np.ndarray  # (B, k) float32
+    ids: np.ndarray  # (B, k) int64
+    labels: np.ndarray  # (B, k) int64, -1 where id is -1
+
+
+def _as_float32(x: ArrayLike, what: str) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise StoreError(f"{what} must be a (n, dim) matrix, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        bad = np.unique(np.nonzero(~np.isfinite(x))[0])[:5].tolist()
+        raise StoreError(f"{what} contain NaN or inf (rows {bad}...); refusing to use them")
+    return np.ascontiguousarray(x)
+
+
+class KnowledgeStore:
+    """Keys, labels and metadata of labeled examples, searched with FAISS.
+
+    Args:
+        dim: key dimension.
+        num_classes: number of labels; values must lie in ``[0, num_classes)``.
+        metric: ``"ip"`` (inner product) or ``"cosine"``.
+        index_factory: a FAISS index-factory string; ``"Flat"`` is exact.
+        nprobe / ef_search: search-time knobs of IVF / HNSW indexes.
+        built_by: free-form description of what produced the keys (model name,
+            key type ...). It is saved, and :meth:`load` can check it.
+    """
+
+    def __init__(self, dim: int, num_classes: int, metric: str = "ip",
+                 index_factory: str = "Flat", nprobe: Optional[int] = None,
+                 ef_search: Optional[int] = None, built_by: Optional[Dict] = None):
+        if int(dim) < 1:
+            raise StoreError(f"dim must be positive, got {dim}")
+        if int(num_classes) < 1:
+            raise StoreError(f"num_classes must be positive, got {num_classes}")
+        if metric not in ("ip", "cosine"):
+            raise StoreError(f"metric must be 'ip' or 'cosine', got {metric!r}")
+        self._dim, self._num_classes = int(dim), int(num_classes)
+        self.metric, self.index_factory = metric, index_factory
+        self.nprobe, self.ef_search = nprobe, ef_search
+        self.built_by = dict(built_by or {})
+        try:
+            faiss.index_factory(self._dim, index_factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise StoreError(f"FAISS cannot build index {index_factory!r} for dim {dim}: {e}") from None
+        self.reset()
+
+    # ------------------------------------------------------------------ basics
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    def __repr__(self) -> str:
+        return (f"KnowledgeStore(entries={len(self)}, dim={self.dim}, num_classes={self.num_classes}, "
+                f"metric={self.metric!r}, index={self.index_factory!r})")
+
+    def reset(self) -> "KnowledgeStore":
+        """Remove every entry (the index is rebuilt, untrained)."""
+        self.keys = np.zeros((0, self._dim), dtype=np.float32)
+        self.labels = np.zeros((0,), dtype=np.int64)
+        self.guids: List[Optional[str]] = []
+        self.texts: List[Optional[str]] = []
+        self._guid_to_id: Dict[str, int] = {}
+        self.index = faiss.index_factory(self._dim, self.index_factory, faiss.METRIC_INNER_PRODUCT)
+        self._apply_search_knobs()
+        return self
+
+    def _apply_search_knobs(self) -> None:
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None and self.nprobe is not None:
+            ivf.nprobe = int(self.nprobe)
+        if hasattr(self.index, "hnsw") and self.ef_search is not None:
+            self.index.hnsw.efSearch = int(self.ef_search)
+
+    def _prepare(self, x: ArrayLike, what: str) -> np.ndarray:
+        x = _as_float32(x, what)
+        if x.shape[1] != self._dim:
+            raise StoreError(f"{what} have dimension {x.shape[1]}, but the store's keys have dimension {self._dim}")
+        if self.metric == "cosine":
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return x
+
+    # ------------------------------------------------------------------ writing
+    def add(self, keys: ArrayLike, labels: ArrayLike, guids: Optional[Iterable] = None,
+            texts: Optional[Iterable] = None) -> np.ndarray:
+        """Add entries; returns their ids. Validates everything before changing anything."""
+        keys = self._prepare(keys, "keys")
+        labels = np.asarray(labels.detach().cpu() if hasattr(labels, "detach") else labels).reshape(-1)
+        n = keys.shape[0]
+        if labels.shape[0] != n:
+            raise StoreError(f"got {n} keys but {labels.shape[0]} labels")
+        if n and not np.issubdtype(labels.dtype, np.integer):
+            if not np.all(np.equal(np.mod(labels, 1), 0)):
+                raise StoreError(f"labels must be integers, got dtype {labels.dtype}")
+        labels = labels.astype(np.int64)
+        bad = (labels < 0) | (labels >= self._num_classes)
+        if bad.any():
+            raise StoreError(f"labels out of range [0, {self._num_classes}): {np.unique(labels[bad])[:5].tolist()}")
+        guids = [None] * n if guids is None else [None if g is None else str(g) for g in guids]
+        texts = [None] * n if texts is None else [None if t is None else str(t) for t in texts]
+        if len(guids) != n or len(texts) != n:
+            raise StoreError(f"got {n} keys but {len(guids)} guids and {len(texts)} texts")
+        named = [g for g in guids if g is not None]
+        clash = set(named) & self._guid_to_id.keys()
+        if clash or len(set(named)) != len(named):
+            dup = sorted(clash) or sorted({g for g in named if named.count(g) > 1})
+            raise StoreError(f"duplicate guids in the store: {dup[:5]}")
+        if n == 0:
+            return np.zeros((0,), dtype=np.int64)
+        if not self.index.is_trained:
+            self._train(keys)
+        start = len(self)
+        self.index.add(keys)
+        self.keys = np.concatenate([self.keys, keys]) if start else keys.copy()
+        self.labels = np.concatenate([self.labels, labels])
+        self.guids.extend(guids)
+        self.texts.extend(texts)
+        for i, g in enumerate(guids):
+            if g is not None:
+                self._guid_to_id[g] = start + i
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def _train(self, keys: np.ndarray) -> None:
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None and keys.shape[0] < ivf.nlist:
+            raise StoreError(f"index {self.index_factory!r} needs at least {ivf.nlist} keys to train, got {keys.shape[0]}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.index.train(keys)
+
+    def build(self, keys: ArrayLike, labels: ArrayLike, guids=None, texts=None) -> "KnowledgeStore":
+        """Replace the content with these entries (and train the index if needed)."""
+        keys32 = self._prepare(keys, "keys")  # validate before dropping the old content
+        old = (self.keys, self.labels, self.guids, self.texts, self._guid_to_id, self.index)
+        self.reset()
+        try:
+            self.add(keys32, labels, guids, texts)
+        except Exception:
+            self.keys, self.labels, self.guids, self.texts, self._guid_to_id, self.index = old
+            raise
+        return self
+
+    def ids_of(self, guids: Iterable) -> np.ndarray:
+        """Store ids of these guids, -1 for guids not in the store."""
+        return np.array([self._guid_to_id.get(str(g), -1) for g in guids], dtype=np.int64)
+
+    # ------------------------------------------------------------------ reading
+    def _check_query(self, queries: ArrayLike, k: int, exclude_ids) -> tuple:
+        if len(self) == 0:
+            raise StoreError("the knowledge store is empty: add entries (add/build) before searching")
+        if int(k) < 1:
+            raise StoreError(f"k must be at least 1, got {k}")
+        q = self._prepare(queries, "queries")
+        excl = self._exclusions(exclude_ids, q.shape[0])
+        return q, excl
+
+    @staticmethod
+    def _exclusions(exclude_ids, batch: int) -> List[np.ndarray]:
+        if exclude_ids is None:
+            return [np.zeros((0,), dtype=np.int64)] * batch
+        if hasattr(exclude_ids, "detach"):
+            exclude_ids = exclude_ids.detach().cpu().numpy()
+        if isinstance(exclude_ids, np.ndarray) and exclude_ids.ndim <= 2:
+            rows = exclude_ids.reshape(batch, -1) if exclude_ids.size else [[]] * batch
+        else:
+            rows = list(exclude_ids)
+        if len(rows) != batch:
+            raise StoreError(f"exclude_ids has {len(rows)} rows for {batch} queries")
+        out = []
+        for r in rows:
+            r = np.atleast_1d(np.asarray(r, dtype=np.int64))
+            out.append(r[r >= 0])
+        return out
+
+    def _params(self, selector=None):
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+        if hasattr(self.index, "hnsw"):
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=self.index.hnsw.efSearch)
+        return faiss.SearchParameters(sel=selector) if selector is not None else None
+
+    def _search_excluding(self, q: np.ndarray, k: int, excl: List[np.ndarray], pool: int,
+                          selector=None):
+        """Top-k over `pool` candidate entries with exclusions; width min(k, pool - max excluded)."""
+        n_ex = max((len(e) for e in excl), default=0)
+        width = min(int(k), max(pool - n_ex, 0))
+        fetch = min(width + n_ex, pool)
+        scores = np.full((q.shape[0], width), -np.inf, dtype=np.float32)
+        ids = np.full((q.shape[0], width), -1, dtype=np.int64)
+        if width == 0:
+            return scores, ids
+        params = self._params(selector)
+        D, I = self.index.search(q, fetch, params=params) if params is not None else self.index.search(q, fetch)
+        for b in range(q.shape[0]):
+            keep = I[b] >= 0
+            if len(excl[b]):
+                keep &= ~np.isin(I[b], excl[b])
+            d, i = D[b][keep][:width], I[b][keep][:width]
+            scores[b, :len(d)], ids[b, :len(i)] = d, i
+        return scores, ids
+
+    def _result(self, scores: np.ndarray, ids: np.ndarray) -> SearchResult:
+        labels = np.where(ids >= 0, self.labels[np.maximum(ids, 0)], -1)
+        return SearchResult(scores=scores, ids=ids, labels=labels)
+
+    def search(self, queries: ArrayLike, k: int, exclude_ids=None) -> SearchResult:
+        """The k best entries for each query.
+
+        ``exclude_ids``: per query, store ids never to return (an int, -1 for
+        none, or a list) - e.g. the query's own entry for leave-one-out.
+        """
+        q, excl = self._check_query(queries, k, exclude_ids)
+        scores, ids = self._search_excluding(q, k, excl, len(self))
+        return self._result(scores, ids)
+
+    def knn_distribution(self, queries: ArrayLike, k: int, temperature: float = 1.0,
+                         exclude_ids=None) -> np.ndarray:
+        """p_kNN(y|x) = sum_{j in kNN(x)} softmax_j(s_j / T) * 1[y_j = y], shape (B, C)."""
+        if not temperature > 0:
+            raise StoreError(f"temperature must be positive, got {temperature}")
+        res = self.search(queries, k, exclude_ids)
+        return knn_label_distribution(res.scores, res.labels, self._num_classes, temperature)
+
+    def search_per_class(self, queries: ArrayLike, m: int, exclude_ids=None) -> SearchResult:
+        """For each class c, the top-m entries of class c: arrays of shape (B, C, m)."""
+        q, excl = self._check_query(queries, m, exclude_ids)
+        B, C = q.shape[0], self._num_classes
+        width = min(int(m), max(int(np.bincount(self.labels, minlength=C).max()), 1))
+        scores = np.full((B, C, width), -np.inf, dtype=np.float32)
+        ids = np.full((B, C, width), -1, dtype=np.int64)
+        for c in range(C):
+            members = np.nonzero(self.labels == c)[0]
+            if len(members) == 0:
+                continue
+            sel = faiss.IDSelectorBatch(members.astype(np.int64))
+            excl_c = [e[np.isin(e, members)] for e in excl]
+            s, i = self._search_excluding(q, width, excl_c, len(members), selector=sel)
+            scores[:, c, :s.shape[1]], ids[:, c, :i.shape[1]] = s, i
+        return self._result(scores, ids)
+
+    # ------------------------------------------------------------------ disk
+    def save(self, directory: str) -> None:
+        """Write the FAISS index, the keys/labels (npz) and metadata (JSON); no pickle."""
+        os.makedirs(directory, exist_ok=True)
+        faiss.write_index(self.index, os.path.join(directory, _INDEX_FILE))
+        np.savez(os.path.join(directory, _ARRAYS_FILE), keys=self.keys, labels=self.labels)
+        meta = {
+            "format_version": FORMAT_VERSION, "dim": self._dim, "num_classes": self._num_classes,
+            "metric": self.metric, "index_factory": self.index_factory, "nprobe": self.nprobe,
+            "ef_search": self.ef_search, "built_by": self.built_by, "size": len(self),
+            "guids": self.guids, "texts": self.texts,
+        }
+        with open(os.path.join(directory, _META_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+
+    @classmethod
+    def load(cls, directory: str, expected_dim: Optional[int] = None,
+             expected_built_by: Optional[Dict] = None, mmap: bool = False) -> "KnowledgeStore":
+        """Read a store written by :meth:`save`, checking that every part agrees.
+
+        ``expected_dim`` / ``expected_built_by`` guard against a store saved by
+        another model: each given field must match what was recorded.
+        ``mmap=True`` memory-maps the FAISS index (for indexes larger than RAM).
+        """
+        if not os.path.isdir(directory):
+            raise StoreError(f"no knowledge store at {directory!r}: folder does not exist")
+        paths = {n: os.path.join(directory, n) for n in (_INDEX_FILE, _ARRAYS_FILE, _META_FILE)}
+        missing = [n for n, p in paths.items() if not os.path.isfile(p)]
+        if missing:
+            raise StoreError(f"knowledge store at {directory!r} is incomplete: missing {missing}")
+        try:
+            with open(paths[_META_FILE], encoding="utf-8") as f:
+                meta = json.load(f)
+            dim, num_classes = int(meta["dim"]), int(meta["num_classes"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"knowledge store at {directory!r} has a corrupt {_META_FILE}: {e}") from None
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"store format {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        if expected_dim is not None and dim != int(expected_dim):
+            raise StoreError(f"store at {directory!r} holds keys of dimension {dim}, expected {expected_dim}")
+        for key, want in (expected_built_by or {}).items():
+            got = meta.get("built_by", {}).get(key)
+            if got != want:
+                raise StoreError(f"store at {directory!r} was built with {key}={got!r}, expected {want!r}")
+        try:
+            with np.load(paths[_ARRAYS_FILE], allow_pickle=False) as arrays:
+                keys, labels = arrays["keys"].astype(np.float32), arrays["labels"].astype(np.int64)
+        except Exception as e:
+            raise StoreError(f"knowledge store at {directory!r} has a corrupt {_ARRAYS_FILE}: {e}") from None
+        try:
+            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+            index = faiss.read_index(paths[_INDEX_FILE], flags)
+        except Exception as e:
+            raise StoreError(f"knowledge store at {directory!r} has a corrupt {_INDEX_FILE}: {e}") from None
+        n = int(meta.get("size", -1))
+        if (keys.shape != (n, dim) or labels.shape != (n,) or index.ntotal != n or index.d != dim
+                or len(meta.get("guids", [])) != n or len(meta.get("texts", [])) != n):
+            raise StoreError(f"knowledge store at {directory!r} is inconsistent: size {n}, dim {dim}, "
+                             f"keys {keys.shape}, labels {labels.shape}, index {index.ntotal}x{index.d}")
+        if n and (labels.min() < 0 or labels.max() >= num_classes):
+            raise StoreError(f"knowledge store at {directory!r} has labels outside [0, {num_classes})")
+        store = cls(dim, num_classes, meta["metric"], meta["index_factory"], meta.get("nprobe"),
+                    meta.get("ef_search"), meta.get("built_by"))
+        store.index, store.keys, store.labels = index, keys, labels
+        store._apply_search_knobs()
+        store.guids, store.texts = list(meta["guids"]), list(meta["texts"])
+        store._guid_to_id = {g: i for i, g in enumerate(store.guids) if g is not None}
+        return store
+
+
+def knn_label_distribution(scores: np.ndarray, labels: np.ndarray, num_classes: int,
+                           temperature: float) -> np.ndarray:
+    """sum_j softmax_j(s_j / T) * onehot(y_j); slots with label -1 are ignored."""
+    valid = labels >= 0
+    logits = np.where(valid, scores.astype(np.float64) / temperature, -np.inf)
+    logits = logits - logits.max(axis=1, keepdims=True)
+    w = np.where(valid, np.exp(logits), 0.0)
+    w = w / w.sum(axis=1, keepdims=True)
+    out = np.zeros((scores.shape[0], num_classes), dtype=np.float64)
+    np.add.at(out, (np.repeat(np.arange(scores.shape[0]), scores.shape[1])[valid.reshape(-1)],
+                    labels.reshape(-1)[valid.reshape(-1)]), w.reshape(-1)[valid.reshape(-1)])
+    return out.astype(np.float32)

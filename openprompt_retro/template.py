@@ -1,0 +1,202 @@
+"""RetroTemplate: any OpenPrompt template plus a demonstration segment.
+
+Neural demonstrations (``demonstrations="neural"``) append one slot per class,
+
+    <s> x It was <mask>. </s> [d_0] terrible [d_1] great </s>
+
+and :meth:`RetroTemplate.process_batch` replaces the input embedding of each
+placeholder ``[d_c]`` by the vector d_c that the model retrieved for this
+example (``batch["retro_demo_embeds"]``, shape (B, C, D)).
+
+Text demonstrations (``demonstrations="text"``, LM-BFF) append, for each
+class, the most similar labeled example wrapped by the same template with its
+label word in place of ``<mask>``.
+
+The whole segment can be hidden (``demonstrations_enabled = False``): every
+position from its first token to the end gets attention mask 0, so what stays
+visible is token for token, position for position, the input without
+demonstrations. That pass gives the store keys and the queries.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+from openprompt.data_utils import InputFeatures
+from openprompt.utils.logging import logger as _openprompt_logger
+from openprompt.prompt_base import Template
+
+from .demonstrations import TfidfDemoRetriever
+from .keys import SEGMENT_KEY
+
+SLOT_KEY, DEMO_KEY = "retro_slot_ids", "retro_demo_embeds"
+QUERY_KEY, EXCLUDE_KEY = "retro_query_keys", "retro_exclude_ids"
+MODES = ("neural", "text", "none")
+
+
+def register_batch_keys() -> None:
+    """Let OpenPrompt's InputFeatures carry our per-example fields (it drops unknown keys)."""
+    for key in (SLOT_KEY, SEGMENT_KEY, DEMO_KEY, QUERY_KEY, EXCLUDE_KEY):
+        if key not in InputFeatures.all_keys:
+            InputFeatures.add_keys(key)
+        if not hasattr(InputFeatures, key):
+            setattr(InputFeatures, key, None)  # default for features made without it
+    for key in (SLOT_KEY, SEGMENT_KEY):
+        if key not in InputFeatures.tensorable_keys:
+            InputFeatures.add_tensorable_keys(key)
+
+
+register_batch_keys()
+
+
+class _QuietOurKeys(logging.Filter):
+    """OpenPrompt warns about every per-example key it did not define; ours are registered."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("unexpected key words" in msg and "retro_" in msg)
+
+
+_openprompt_logger.addFilter(_QuietOurKeys())
+
+
+def batch_get(batch, key):
+    """batch[key] for InputFeatures and dicts alike; None when absent."""
+    try:
+        return batch[key]
+    except (KeyError, AttributeError):
+        return None
+
+
+class RetroTemplate(Template):
+    """Wrap ``base`` (ManualTemplate, MixedTemplate, SoftTemplate, ...) with demonstrations.
+
+    Args:
+        base: the OpenPrompt template that formats the query.
+        label_words: one word per class, shown after each demonstration.
+        demonstrations: ``"neural"``, ``"text"`` or ``"none"``.
+        plm: the PLM (needed for ``"neural"``: its input embeddings).
+        text_pool / text_retriever: labeled examples to draw text demonstrations
+            from (TF-IDF similarity), or any callable example -> [(class, example)].
+        placeholder: the token whose embedding each slot replaces (default: unk).
+    """
+
+    def __init__(self, base: Template, label_words: Sequence[Union[str, Sequence[str]]],
+                 demonstrations: str = "neural", plm: Optional[torch.nn.Module] = None,
+                 text_pool: Optional[Sequence] = None,
+                 text_retriever: Optional[Callable] = None, placeholder: Optional[str] = None):
+        super().__init__(tokenizer=base.tokenizer, placeholder_mapping=base.placeholder_mapping)
+        if demonstrations not in MODES:
+            raise ValueError(f"demonstrations must be one of {MODES}, got {demonstrations!r}")
+        if not isinstance(base, Template):
+            raise TypeError(f"base must be an OpenPrompt Template, got {type(base).__name__}")
+        self.base = base
+        self.label_words = [w if isinstance(w, str) else w[0] for w in label_words]
+        self.num_classes = len(self.label_words)
+        self.demonstrations = demonstrations
+        self.demonstrations_enabled = True
+        self._plm = [plm]
+        if demonstrations == "neural":
+            if plm is None:
+                raise ValueError("neural demonstrations need the PLM (plm=...) for its input embeddings")
+            self.placeholder = placeholder or self.tokenizer.unk_token
+            ids = self.tokenizer.encode(self.placeholder, add_special_tokens=False)
+            if len(ids) != 1:
+                raise ValueError(f"placeholder {self.placeholder!r} must be one token, got {len(ids)}")
+        self.text_retriever = text_retriever
+        if demonstrations == "text" and text_retriever is None and text_pool is not None:
+            self.set_text_pool(text_pool)
+
+    # --------------------------------------------------------------- plumbing
+    @property
+    def text(self):
+        return self.base.text
+
+    @text.setter
+    def text(self, value):  # Template.__init__ never sets it; users set the base's text
+        if value is not None:
+            self.base.text = value
+
+    def on_text_set(self):
+        pass
+
+    @property
+    def registered_inputflag_names(self) -> List[str]:
+        return list(self.base.registered_inputflag_names)
+
+    def set_text_pool(self, pool: Sequence) -> None:
+        """Draw text demonstrations from these labeled examples (TF-IDF similarity)."""
+        self.text_retriever = TfidfDemoRetriever(pool, self.num_classes)
+
+    # --------------------------------------------------------------- wrapping
+    def _piece(self, flags, text, slot=0):
+        piece = {"text": text, **{f: 0 for f in flags}}
+        piece[SLOT_KEY], piece[SEGMENT_KEY] = slot, 1
+        return piece
+
+    def wrap_one_example(self, example):
+        parts, others = self.base.wrap_one_example(example)
+        flags = [k for k in parts[0] if k != "text"]
+        for p in parts:
+            p[SLOT_KEY], p[SEGMENT_KEY] = 0, 0
+        if self.demonstrations == "none":
+            return [parts, others]
+        # "<s> query </s>" stays exactly as without demonstrations; the segment follows it
+        sep = self._piece(flags, "<sep>")
+        sep[SEGMENT_KEY] = 0
+        parts.append(sep)
+        if self.demonstrations == "neural":
+            for c, word in enumerate(self.label_words):
+                parts.append(self._piece(flags, " " + self.placeholder, slot=c + 1))
+                parts.append(self._piece(flags, " " + word))
+        else:
+            if self.text_retriever is None:
+                raise ValueError("text demonstrations need a pool: pass text_pool=... or call set_text_pool()")
+            for i, (c, demo) in enumerate(self.text_retriever(example)):
+                if i:
+                    parts.append(self._piece(flags, "<sep>"))
+                demo_parts, _ = self.base.wrap_one_example(demo)
+                for p in demo_parts:
+                    if p.get("loss_ids") == 1:  # the demo shows its label word where the query has <mask>
+                        p["text"], p["loss_ids"] = " " + self.label_words[c], 0
+                    p[SLOT_KEY], p[SEGMENT_KEY] = 0, 1
+                    parts.append(p)
+        return [parts, others]
+
+    # --------------------------------------------------------------- batches
+    def process_batch(self, batch):
+        slots, segment = batch_get(batch, SLOT_KEY), batch_get(batch, SEGMENT_KEY)
+        demos = batch_get(batch, DEMO_KEY)
+        batch = self.base.process_batch(batch)
+        if segment is None or self.demonstrations == "none":
+            return batch
+        if not self.demonstrations_enabled:
+            # hide everything from the segment's first token on (the closing </s> too)
+            am = batch["attention_mask"]
+            off = am.shape[1] - segment.shape[1]  # SoftTemplate prepends its soft tokens
+            keep = torch.ones_like(am)
+            keep[:, off:] = ((segment == 1).cumsum(1) == 0).to(am.dtype)
+            batch["attention_mask"] = am * keep
+            return batch
+        if self.demonstrations != "neural":
+            return batch
+        if demos is None:
+            raise ValueError(f"neural demonstrations need batch['{DEMO_KEY}'] of shape (B, C, D): run the batch "
+                             "through RetroPromptForClassification, or set demonstrations_enabled = False")
+        embeds = batch_get(batch, "inputs_embeds")
+        if embeds is None:
+            embeds = self._plm[0].get_input_embeddings()(batch["input_ids"])
+        off = embeds.shape[1] - slots.shape[1]
+        is_slot = slots > 0
+        b, pos = torch.nonzero(is_slot, as_tuple=True)
+        fill = torch.zeros_like(embeds)
+        fill[b, pos + off] = demos.to(embeds.device, embeds.dtype)[b, slots[b, pos] - 1]
+        mask = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        mask[b, pos + off] = True
+        batch["inputs_embeds"] = torch.where(mask.unsqueeze(-1), fill, embeds)
+        batch["input_ids"] = None
+        return batch
+
+    def post_processing_outputs(self, outputs):
+        return self.base.post_processing_outputs(outputs)

@@ -1,0 +1,110 @@
+"""Tiny masked LMs built offline from a config, for tests, smoke runs and teaching.
+
+They have random weights, so their predictions mean nothing; they load through
+``openprompt.plms.load_plm`` exactly like a real checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, List, Optional
+
+import torch
+
+WORDS = """the a an and or but not no is was are were be been it this that these those i you he she we they
+movie film story plot acting actor actors music scene scenes script director performance characters
+good great bad terrible awful wonderful fine best worst boring fun funny dull brilliant excellent poor
+love loved hate hated like liked enjoy enjoyed waste nice mess masterpiece beautiful ugly
+very really too so quite more most less much many some all any every just still even also only
+of in on at to for with by from as about into over after before than then there here what which who
+one two three four five time way life world people man woman day year work thing things
+what's it's isn't doesn't don't can't won't
+question answer sports business science technology world politics money number location entity person
+yes maybe neutral positive negative true false sentence same different
+""".split()
+PUNCT = list(".,!?;:'\"()-")
+SENTENCES = [
+    "a great movie with a wonderful story .",
+    "a terrible film , boring and dull .",
+    "the acting was excellent and the music was beautiful .",
+    "it was a waste of time , the worst film of the year .",
+    "i loved this movie , it was really fun .",
+    "the plot is a mess and the actors are poor .",
+]
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def write_bert_tokenizer(directory: str, extra_words: Iterable[str] = ()) -> str:
+    """A hand-written WordPiece vocabulary (deterministic across versions)."""
+    from transformers import BertTokenizer
+
+    os.makedirs(directory, exist_ok=True)
+    vocab: List[str] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + PUNCT
+    for w in list(WORDS) + list(extra_words):
+        if w not in vocab:
+            vocab.append(w)
+    with open(os.path.join(directory, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
+    BertTokenizer(os.path.join(directory, "vocab.txt")).save_pretrained(directory)
+    return directory
+
+
+def write_roberta_tokenizer(directory: str) -> str:
+    """A byte-level BPE trained on a few sentences, with RoBERTa's special tokens at ids 0-4."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AddedToken, RobertaTokenizer
+
+    os.makedirs(directory, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    corpus = SENTENCES + [" ".join(WORDS)]
+    bpe.train_from_iterator(corpus, vocab_size=600, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    bpe.save_model(directory)
+    tok = RobertaTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"),
+                           mask_token=AddedToken("<mask>", lstrip=True, rstrip=False))
+    tok.save_pretrained(directory)
+    return directory
+
+
+def make_tiny_mlm(kind: str, directory: str, seed: int = 0, hidden: int = 32) -> str:
+    """Write a tiny ``bert`` or ``roberta`` masked LM (random weights) plus tokenizer to ``directory``."""
+    from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM, AutoTokenizer
+
+    _seed(seed)
+    common = dict(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden,
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if kind == "bert":
+        write_bert_tokenizer(directory)
+        tok = AutoTokenizer.from_pretrained(directory)
+        config = BertConfig(vocab_size=len(tok), max_position_embeddings=256, **common)
+        model = BertForMaskedLM(config)
+    elif kind == "roberta":
+        write_roberta_tokenizer(directory)
+        tok = AutoTokenizer.from_pretrained(directory)
+        config = RobertaConfig(vocab_size=len(tok), pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                               max_position_embeddings=260, type_vocab_size=1, **common)
+        model = RobertaForMaskedLM(config)
+    else:
+        raise ValueError(f"kind must be 'bert' or 'roberta', got {kind!r}")
+    model.save_pretrained(directory)
+    with open(os.path.join(directory, "TINY_MODEL.json"), "w") as f:
+        json.dump({"kind": kind, "seed": seed, "note": "random weights, for tests only"}, f)
+    return directory
+
+
+def load_tiny_mlm(kind: str, directory: Optional[str] = None, seed: int = 0):
+    """Build a tiny model (in ``directory`` or a temp folder) and load it with ``load_plm``."""
+    import tempfile
+
+    from . import compat
+
+    compat.apply()
+    from openprompt.plms import load_plm
+
+    directory = directory or tempfile.mkdtemp(prefix=f"tiny-{kind}-")
+    if not os.path.exists(os.path.join(directory, "config.json")):
+        make_tiny_mlm(kind, directory, seed=seed)
+    return load_plm(kind, directory)

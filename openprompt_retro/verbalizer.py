@@ -1,0 +1,82 @@
+"""Retrieval for inference: KnnVerbalizer mixes the store's label distribution in.
+
+    P(y|x) = lambda * p_kNN(y|x) + (1 - lambda) * p_PLM(y|x)      (probability space)
+
+It wraps any OpenPrompt verbalizer and returns log P, so OpenPrompt's loss and
+evaluation code keep working. With lambda = 0 (or in training mode) it returns
+the wrapped verbalizer's output unchanged.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from openprompt.prompt_base import Verbalizer
+
+from .keys import MaskKeyHead
+from .store import KnowledgeStore
+from .template import EXCLUDE_KEY, QUERY_KEY, batch_get
+
+_EPS = 1e-12
+
+
+def mix_distributions(p_plm: torch.Tensor, p_knn: torch.Tensor, lam: float) -> torch.Tensor:
+    """lambda * p_kNN + (1 - lambda) * p_PLM."""
+    return lam * p_knn + (1.0 - lam) * p_plm
+
+
+class KnnVerbalizer(Verbalizer):
+    """Wrap ``base`` (ManualVerbalizer, SoftVerbalizer, ...) with kNN inference.
+
+    Args:
+        base: the wrapped verbalizer.
+        store: the knowledge store (may be attached later: ``verbalizer.store = ...``).
+        plm: the PLM, to turn mask hidden states into store keys.
+        k, temperature, lam: p_kNN's neighbours and temperature, and the mixing weight.
+
+    The query key is ``batch["retro_query_keys"]`` when the caller provides it
+    (RetroPromptForClassification does, from its demonstration-free pass);
+    otherwise it comes from the same forward pass, at the ``<mask>``.
+    """
+
+    def __init__(self, base: Verbalizer, plm: torch.nn.Module, store: Optional[KnowledgeStore] = None,
+                 k: int = 16, temperature: float = 1.0, lam: float = 0.5, mix_in_training: bool = False):
+        super().__init__(tokenizer=base.tokenizer, classes=base.classes, num_classes=base.num_classes)
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must lie in [0, 1], got {lam}")
+        self.base = base
+        self.key_head = MaskKeyHead(plm)
+        self.store = store
+        self.k, self.temperature, self.lam = int(k), float(temperature), float(lam)
+        self.mix_in_training = mix_in_training
+
+    @property
+    def label_words(self):
+        return self.base.label_words
+
+    def gather_outputs(self, outputs):
+        hidden = outputs.hidden_states[-1]
+        logits = getattr(outputs, "logits", None)
+        if logits is not None and hidden.shape[1] > logits.shape[1]:
+            hidden = hidden[:, hidden.shape[1] - logits.shape[1]:]  # SoftTemplate's prefix was stripped from logits
+        return self.base.gather_outputs(outputs), hidden
+
+    def knn_probs(self, query_keys: torch.Tensor, exclude_ids=None, k: Optional[int] = None,
+                  temperature: Optional[float] = None) -> torch.Tensor:
+        if self.store is None:
+            raise ValueError("KnnVerbalizer has no knowledge store: build one (build_store) and set .store")
+        p = self.store.knn_distribution(query_keys.detach().float(), k or self.k,
+                                        temperature or self.temperature, exclude_ids)
+        return torch.from_numpy(p).to(query_keys.device)
+
+    def process_outputs(self, outputs, batch, **kwargs):
+        base_outputs, hidden_at_mask = outputs
+        plm_out = self.base.process_outputs(base_outputs, batch=batch, **kwargs)
+        if self.lam == 0.0 or (self.training and not self.mix_in_training):
+            return plm_out
+        query = batch_get(batch, QUERY_KEY)
+        if query is None:
+            query = self.key_head(hidden_at_mask)
+        p_knn = self.knn_probs(query, batch_get(batch, EXCLUDE_KEY)).to(plm_out.dtype)
+        p = mix_distributions(torch.softmax(plm_out, dim=-1), p_knn, self.lam)
+        return torch.log(p.clamp_min(_EPS))

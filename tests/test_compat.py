@@ -1,0 +1,47 @@
+import sys
+
+import torch
+import transformers
+
+from openprompt_retro import compat
+
+
+def test_apply_is_idempotent_and_openprompt_imports():
+    first = list(compat.apply())
+    assert compat.apply() == first
+    import openprompt  # noqa: F401
+    from openprompt import PromptDataLoader, PromptForClassification  # noqa: F401
+
+
+def test_removed_modules_are_provided():
+    from transformers.generation import GenerationMixin
+
+    assert sys.modules["transformers.generation_utils"].GenerationMixin is GenerationMixin
+    from transformers.tokenization_utils import SPECIAL_TOKENS_MAP_FILE
+
+    assert SPECIAL_TOKENS_MAP_FILE == "special_tokens_map.json"
+    from transformers.data.processors.utils import InputExample, InputFeatures  # noqa: F401
+
+
+def test_adamw_has_old_defaults():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = transformers.AdamW([p], lr=0.1)
+    assert isinstance(opt, torch.optim.AdamW)
+    if "AdamW" in compat.applied_fixes:
+        assert opt.defaults["eps"] == 1e-6 and opt.defaults["weight_decay"] == 0.0
+
+
+def test_special_tokens_rebuilt_from_post_processor(tiny_plm):
+    kind, _, tok, _, _ = tiny_plm
+    a, b = [7, 8, 9], [10, 11]
+    cls_, sep = (tok.cls_token_id, tok.sep_token_id)
+    single = tok.build_inputs_with_special_tokens(a)
+    pair = tok.build_inputs_with_special_tokens(a, b)
+    if kind == "bert":
+        assert single == [cls_] + a + [sep]
+        assert pair == [cls_] + a + [sep] + b + [sep]
+    else:
+        assert single == [cls_] + a + [sep]
+        assert pair == [cls_] + a + [sep, sep] + b + [sep]
+    assert tok.get_special_tokens_mask(a) == [1 if t in (cls_, sep) else 0 for t in single]
+    assert tok.get_special_tokens_mask(a, b) == [1 if t in (cls_, sep) else 0 for t in pair]

@@ -1,0 +1,180 @@
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from openprompt_retro import KnowledgeStore, StoreError
+
+
+def small_store(**kw):
+    s = KnowledgeStore(dim=2, num_classes=2, **kw)
+    s.add([[1, 0], [0, 1], [1, 1]], [0, 1, 1], guids=["a", "b", "c"], texts=["x", "y", "z"])
+    return s
+
+
+def test_knn_distribution_matches_hand_computation_with_temperature():
+    s = small_store()
+    q = [[2.0, 1.0]]  # scores: a=2, b=1, c=3 -> top-2 = c (label 1), a (label 0)
+    for T in (1.0, 0.5, 4.0):
+        w_c = math.exp(3 / T) / (math.exp(3 / T) + math.exp(2 / T))
+        p = s.knn_distribution(q, k=2, temperature=T)
+        np.testing.assert_allclose(p, [[1 - w_c, w_c]], rtol=1e-6)
+    # k=3 brings in b (label 1, score 1)
+    z = math.exp(3) + math.exp(2) + math.exp(1)
+    np.testing.assert_allclose(s.knn_distribution(q, k=3), [[math.exp(2) / z, (math.exp(3) + math.exp(1)) / z]], rtol=1e-6)
+
+
+def test_cosine_metric_normalises_keys_and_queries():
+    s = small_store(metric="cosine")
+    res = s.search([[10.0, 0.0]], k=3)
+    np.testing.assert_allclose(res.scores[0], [1.0, 1 / math.sqrt(2), 0.0], atol=1e-6)
+    assert res.ids[0].tolist() == [0, 2, 1]
+
+
+def test_leave_one_out_is_exact_with_duplicate_keys():
+    s = KnowledgeStore(dim=2, num_classes=2)
+    s.add([[1, 0], [1, 0], [0, 1]], [0, 1, 1])  # entries 0 and 1 share a key
+    res = s.search(s.keys, k=1, exclude_ids=[0, 1, 2])
+    assert res.ids[:2, 0].tolist() == [1, 0]  # each duplicate finds its twin, never itself
+    assert res.labels[:2, 0].tolist() == [1, 0]
+    assert res.ids[2, 0] in (0, 1)  # a tie between the two duplicates
+    full = s.search(s.keys, k=10, exclude_ids=np.arange(3))
+    assert full.ids.shape == (3, 2)  # clipped to len(store) - 1
+    for i in range(3):
+        assert i not in full.ids[i]
+    # the excluded entry takes no part in the distribution either
+    np.testing.assert_allclose(s.knn_distribution(s.keys[:1], k=1, exclude_ids=[0]), [[0.0, 1.0]])
+
+
+def test_search_per_class_and_exclusion():
+    s = KnowledgeStore(dim=2, num_classes=2)
+    s.add([[1, 0], [0.9, 0.1], [0, 1], [0.2, 0.8]], [0, 0, 1, 1])
+    res = s.search_per_class([[1, 0]], m=2, exclude_ids=[0])
+    assert res.ids.shape == (1, 2, 2)
+    assert res.ids[0, 0].tolist() == [1, -1]  # entry 0 excluded, class 0 has one left
+    assert res.ids[0, 1].tolist() == [3, 2]
+    assert res.labels[0, 1].tolist() == [1, 1]
+
+
+def test_k_is_clipped_to_the_store():
+    s = small_store()
+    res = s.search([[1.0, 0.0]], k=50)
+    assert res.ids.shape == (1, 3)
+    assert sorted(res.ids[0].tolist()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat", "HNSW8"])
+def test_save_load_search_identical(tmp_path, factory):
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(200, 8)).astype(np.float32)
+    labels = rng.integers(0, 3, size=200)
+    s = KnowledgeStore(8, 3, index_factory=factory, nprobe=4, built_by={"model": "m1"})
+    s.build(keys, labels, guids=[f"g{i}" for i in range(200)], texts=[f"t{i}" for i in range(200)])
+    q = rng.normal(size=(5, 8)).astype(np.float32)
+    before = s.search(q, 7, exclude_ids=[3, -1, 5, -1, 0])
+    s.save(str(tmp_path / "store"))
+    t = KnowledgeStore.load(str(tmp_path / "store"), expected_dim=8, expected_built_by={"model": "m1"})
+    after = t.search(q, 7, exclude_ids=[3, -1, 5, -1, 0])
+    np.testing.assert_array_equal(before.ids, after.ids)
+    np.testing.assert_array_equal(before.scores, after.scores)
+    assert (len(t), t.dim, t.num_classes) == (200, 8, 3)
+    assert t.texts[5] == "t5" and t.ids_of(["g7", "nope"]).tolist() == [7, -1]
+
+
+# ---------------------------------------------------------------- bad input
+def test_empty_store_is_refused():
+    s = KnowledgeStore(2, 2)
+    with pytest.raises(StoreError, match="empty"):
+        s.search([[1, 0]], k=1)
+    with pytest.raises(StoreError, match="empty"):
+        s.knn_distribution([[1, 0]], k=1)
+
+
+def test_bad_k_and_temperature():
+    s = small_store()
+    with pytest.raises(StoreError, match="k must be at least 1"):
+        s.search([[1, 0]], k=0)
+    with pytest.raises(StoreError, match="temperature"):
+        s.knn_distribution([[1, 0]], k=1, temperature=0)
+
+
+@pytest.mark.parametrize("keys,labels,msg", [
+    ([[1, 2, 3]], [0], "dimension 3"),
+    ([[1, 0]], [2], "out of range"),
+    ([[1, 0]], [-1], "out of range"),
+    ([[np.nan, 0]], [0], "NaN or inf"),
+    ([[np.inf, 0]], [0], "NaN or inf"),
+    ([[1, 0], [0, 1]], [0], "2 keys but 1 labels"),
+])
+def test_bad_entries_raise_and_lose_nothing(keys, labels, msg):
+    s = small_store()
+    snapshot = (s.keys.copy(), s.labels.copy(), list(s.guids), s.index.ntotal)
+    with pytest.raises(StoreError, match=msg):
+        s.add(keys, labels)
+    with pytest.raises(StoreError, match=msg):
+        s.build(keys, labels)
+    assert np.array_equal(s.keys, snapshot[0]) and np.array_equal(s.labels, snapshot[1])
+    assert s.guids == snapshot[2] and s.index.ntotal == snapshot[3]
+    assert s.search([[1, 0]], k=1).ids[0, 0] == 0  # still usable
+
+
+def test_query_dimension_and_nan_queries():
+    s = small_store()
+    with pytest.raises(StoreError, match="queries have dimension 3"):
+        s.search([[1, 0, 0]], k=1)
+    with pytest.raises(StoreError, match="NaN or inf"):
+        s.search([[np.nan, 0]], k=1)
+
+
+def test_duplicate_guids_refused():
+    s = small_store()
+    with pytest.raises(StoreError, match="duplicate guids"):
+        s.add([[1, 0]], [0], guids=["a"])
+
+
+def test_missing_and_corrupt_store_folders(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        KnowledgeStore.load(str(tmp_path / "nothing"))
+    s = small_store()
+    d = tmp_path / "s"
+    s.save(str(d))
+    os.remove(d / "index.faiss")
+    with pytest.raises(StoreError, match="missing"):
+        KnowledgeStore.load(str(d))
+    s.save(str(d))
+    (d / "store.json").write_text("{not json")
+    with pytest.raises(StoreError, match="corrupt store.json"):
+        KnowledgeStore.load(str(d))
+    s.save(str(d))
+    (d / "index.faiss").write_bytes(b"garbage")
+    with pytest.raises(StoreError, match="corrupt index.faiss"):
+        KnowledgeStore.load(str(d))
+    s.save(str(d))
+    meta = json.loads((d / "store.json").read_text())
+    meta["size"] = 5
+    (d / "store.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="inconsistent"):
+        KnowledgeStore.load(str(d))
+
+
+def test_store_from_another_model_is_refused(tmp_path):
+    s = KnowledgeStore(2, 2, built_by={"model": "bert-base"})
+    s.add([[1, 0]], [0])
+    s.save(str(tmp_path))
+    with pytest.raises(StoreError, match="dimension 2, expected 384"):
+        KnowledgeStore.load(str(tmp_path), expected_dim=384)
+    with pytest.raises(StoreError, match="model='bert-base', expected 'roberta-large'"):
+        KnowledgeStore.load(str(tmp_path), expected_built_by={"model": "roberta-large"})
+
+
+def test_bad_construction():
+    with pytest.raises(StoreError, match="metric"):
+        KnowledgeStore(2, 2, metric="l2")
+    with pytest.raises(StoreError, match="FAISS cannot build"):
+        KnowledgeStore(2, 2, index_factory="NotAnIndex")
+    s = KnowledgeStore(4, 2, index_factory="IVF16,Flat")
+    with pytest.raises(StoreError, match="needs at least 16 keys"):
+        s.add(np.ones((3, 4)), [0, 1, 0])
+    assert len(s) == 0
