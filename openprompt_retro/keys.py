@@ -110,8 +110,23 @@ def trim_padding(batch, drop_segment: bool = False):
     return batch
 
 
+def encode_last_hidden(model, batch) -> torch.Tensor:
+    """Last hidden states of the PLM's encoder for a (processed-by-template) batch.
+
+    Only the encoder runs: the LM head's vocabulary projection, most of an
+    MLM's cost on short inputs, is not needed for keys.
+    """
+    pm = model.prompt_model
+    batch = pm.template.process_batch(batch)
+    inputs = {k: batch[k] for k in batch if k in pm.forward_keys}
+    encoder = getattr(pm.plm, "base_model", None)
+    if encoder is not None and encoder is not pm.plm:
+        return encoder(**inputs).last_hidden_state
+    return pm.plm(**inputs, output_hidden_states=True).hidden_states[-1]
+
+
 def mask_keys(model, batch, key_head: Optional[MaskKeyHead] = None) -> torch.Tensor:
-    """Store keys for one batch, from a demonstration-free forward pass of an OpenPrompt model.
+    """Store keys for one batch, from a demonstration-free pass of an OpenPrompt model.
 
     ``model`` is a ``PromptForClassification`` (or subclass). Gradients flow
     unless the caller disables them.
@@ -120,8 +135,8 @@ def mask_keys(model, batch, key_head: Optional[MaskKeyHead] = None) -> torch.Ten
     with demonstrations_off(model.template):
         trimmed = trim_padding(batch, drop_segment=True)  # a copy: templates rewrite the batch they process
         loss_ids = trimmed["loss_ids"]
-        outputs = model.prompt_model(trimmed)
-    return key_head(hidden_at_mask(outputs.hidden_states[-1], loss_ids))
+        hidden = encode_last_hidden(model, trimmed)
+    return key_head(hidden_at_mask(hidden, loss_ids))
 
 
 def _batch_guids(batch) -> List[Optional[str]]:

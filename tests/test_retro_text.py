@@ -261,3 +261,13 @@ def test_bad_config_is_refused():
         R.RetroConfig(knn_lambda=1.5)
     with pytest.raises(ValueError, match="loss must be one of"):
         R.RetroConfig(loss="hinge")
+
+
+def test_three_line_entry_point(tiny_dirs, examples):
+    from openprompt_retro.quick import retroprompt
+
+    trainer = retroprompt("bert", tiny_dirs["bert"], '{"placeholder":"text_a"} it was {"mask"} .', WORDS,
+                          epochs=1, progress=False, ks=(2,), temperatures=(1.0,))
+    trainer.fit(examples[:6], examples[6:])
+    assert trainer.predict(examples).shape == (len(examples),)
+    assert isinstance(trainer.model, R.RetroPromptForClassification)

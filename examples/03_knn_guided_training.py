@@ -1,0 +1,34 @@
+"""Retrieval for training: the kNN-guided loss weights hard examples more.
+
+    w_i = 1 + beta * (-log p_kNN(y_i | x_i))   (own entry excluded; p_kNN has no gradient)
+
+    python examples/03_knn_guided_training.py --model tiny-bert
+"""
+import numpy as np
+import torch
+from _common import parse, setup
+from openprompt.prompts import ManualTemplate, ManualVerbalizer
+
+from openprompt_retro import (RetroConfig, RetroPromptForClassification, RetroTemplate, RetroTrainer, TrainingArgs,
+                              knn_loss_weights)
+
+ns = parse(__doc__, epochs=dict(type=int, default=3))
+spec, data, plm, tok, Wrapper = setup(ns)
+template = RetroTemplate(ManualTemplate(tokenizer=tok, text=spec.template), spec.label_words, demonstrations="none")
+verbalizer = ManualVerbalizer(tok, num_classes=spec.num_classes, label_words=[[w] for w in spec.label_words])
+model = RetroPromptForClassification(plm, template, verbalizer, RetroConfig(loss="knn", loss_beta=1.0, knn_lambda=0))
+trainer = RetroTrainer(model, tok, Wrapper, TrainingArgs(epochs=ns.epochs, lr=5e-5, tune_inference=False))
+
+model.refresh_store(trainer.loader(data["train"]), progress=False)
+s = model.store
+p = s.knn_distribution(s.keys, k=16, temperature=1.0, exclude_ids=np.arange(len(s)))
+p_gold = torch.from_numpy(p[np.arange(len(s)), s.labels])
+w = knn_loss_weights(p_gold, "knn", beta=1.0)
+print("hardest training examples for the store (highest loss weight):")
+for i in torch.argsort(w, descending=True)[:5].tolist():
+    print(f"  w={w[i]:.2f}  p_kNN(gold)={p_gold[i]:.3f}  label {s.labels[i]}  {s.texts[i][:70]!r}")
+
+history = trainer.fit(data["train"], data["dev"])
+print("\nepoch  loss   dev accuracy")
+for h in history:
+    print(f"{h['epoch']:5d}  {h['loss']:.3f}  {h['dev_accuracy']:.3f}")

@@ -1,0 +1,107 @@
+"""Results file -> markdown table (mean ± std over seeds), CSVs and a plot."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import defaultdict
+from typing import Dict, List
+
+import numpy as np
+
+
+def read_results(path: str) -> List[Dict]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no results file at {path!r}")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        raise ValueError(f"{path!r} holds no results")
+    return rows
+
+
+def summarize(rows: List[Dict]) -> Dict:
+    """{(method, task): (mean, std, n_seeds)} of test accuracy in %, std over seeds (ddof=0)."""
+    acc = defaultdict(list)
+    for r in rows:
+        acc[(r["method"], r["task"])].append(100.0 * r["test_accuracy"])
+    return {key: (float(np.mean(v)), float(np.std(v)), len(v)) for key, v in acc.items()}
+
+
+def _ordered(values, preferred):
+    return [v for v in preferred if v in values] + sorted(v for v in values if v not in preferred)
+
+
+def markdown_table(rows: List[Dict]) -> str:
+    from .cli import BENCH_TASKS, METHODS
+
+    s = summarize(rows)
+    tasks = _ordered({t for _, t in s}, BENCH_TASKS)
+    methods = _ordered({m for m, _ in s}, list(METHODS))
+    head = "| method | " + " | ".join(tasks) + " | avg |"
+    lines = [head, "|" + "---|" * (len(tasks) + 2)]
+    for m in methods:
+        cells, means, stds = [], [], []
+        for t in tasks:
+            if (m, t) in s:
+                mean, std, n = s[(m, t)]
+                cells.append(f"{mean:.1f} ± {std:.1f}" + ("" if n == max(x[2] for x in s.values()) else f" (n={n})"))
+                means.append(mean)
+                stds.append(std)
+            else:
+                cells.append("-")
+        avg = f"{np.mean(means):.1f} (std {np.mean(stds):.1f})" if len(means) == len(tasks) else "-"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} |")
+    seeds = sorted({r["seed"] for r in rows})
+    lines.append("")
+    lines.append(f"Test accuracy (%), mean ± std over seeds {seeds}; avg = mean over tasks "
+                 "(std = mean of the per-task stds).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: List[Dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .cli import BENCH_TASKS, METHODS
+
+    s = summarize(rows)
+    tasks = _ordered({t for _, t in s}, BENCH_TASKS)
+    methods = _ordered({m for m, _ in s}, list(METHODS))
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 4))
+    x = np.arange(len(tasks))
+    for i, m in enumerate(methods):
+        means = [s.get((m, t), (np.nan, 0, 0))[0] for t in tasks]
+        stds = [s.get((m, t), (0, 0, 0))[1] for t in tasks]
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=m)
+    ax.set_xticks(x)
+    ax.set_xticklabels(tasks)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=min(3, len(methods)))
+    ax.set_title("Few-shot accuracy, mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results_path: str, out_dir: str) -> None:
+    rows = read_results(results_path)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(markdown_table(rows))
+    keys = ["task", "method", "k", "seed", "test_accuracy", "dev_accuracy", "n_test", "epochs_run",
+            "train_seconds", "test_seconds", "knn_lambda", "knn_k", "knn_temperature", "model"]
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "task", "mean_accuracy", "std_accuracy", "n_seeds"])
+        for (m, t), (mean, std, n) in sorted(summarize(rows).items()):
+            w.writerow([m, t, round(mean, 3), round(std, 3), n])
+    plot(rows, os.path.join(out_dir, "accuracy.png"))

@@ -1,0 +1,78 @@
+"""Inference wall time: plain prompt model vs + kNN inference vs full RetroPrompt.
+
+All three share one backbone and one test set; the store is built from the
+training split. Times are medians over repeats, after one warm-up pass.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Dict
+
+import numpy as np
+import torch
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_speed(ns) -> Dict:
+    from openprompt.prompts import ManualTemplate, ManualVerbalizer
+
+    from . import RetroConfig, RetroPromptForClassification, RetroTemplate, RetroTrainer, TrainingArgs
+    from .cli import load_backbone
+    from .data import get_task, load_few_shot
+    from .keys import trim_padding
+
+    spec = get_task(ns.task)
+    data = load_few_shot(ns.data_root, spec.name, ns.k, ns.seed)
+    test = data["test"][: ns.limit] if ns.limit else data["test"]
+    torch.manual_seed(ns.seed)
+    plm, tok, _, wrapper = load_backbone(ns.model, ns.model_type)
+    verbalizer = ManualVerbalizer(tok, num_classes=spec.num_classes, label_words=[[w] for w in spec.label_words])
+    args = TrainingArgs(max_seq_length=ns.max_seq_length, progress=False, eval_batch_size=32)
+
+    def model_for(demonstrations: str) -> RetroTrainer:
+        t = RetroTemplate(ManualTemplate(tokenizer=tok, text=spec.template), spec.label_words,
+                          demonstrations=demonstrations, plm=plm)
+        m = RetroPromptForClassification(plm, t, verbalizer, RetroConfig(knn_lambda=0.0))
+        return RetroTrainer(m, tok, wrapper, args)
+
+    plain, full = model_for("none"), model_for("neural")
+    t0 = time.perf_counter()
+    plain_test = plain.loader(test)
+    tokenize_s = time.perf_counter() - t0
+    full_test = full.loader(test)
+    plain_train, full_train = plain.loader(data["train"]), full.loader(data["train"])
+    plain.model.refresh_store(plain_train, progress=False)
+    full.model.refresh_store(full_train, progress=False)
+
+    @torch.no_grad()
+    def forward_only(trainer, loader):
+        trainer.model.eval()
+        for b in loader:
+            trainer.model.prompt_model(trim_padding(b))
+
+    out = {"task": spec.name, "n_test": len(test), "n_train": len(data["train"]), "model": ns.model,
+           "torch_threads": torch.get_num_threads(), "repeats": ns.repeats}
+    out["tokenize_test_s"] = tokenize_s
+    out["plain_s"] = _median_time(lambda: plain.predict_proba(plain_test), ns.repeats)
+    plain.model.apply_config(knn_lambda=0.5)
+    out["knn_s"] = _median_time(lambda: plain.predict_proba(plain_test), ns.repeats)
+    full.model.apply_config(knn_lambda=0.5)
+    out["retro_s"] = _median_time(lambda: full.predict_proba(full_test), ns.repeats)
+    queries = np.random.default_rng(0).normal(size=(len(test), plain.model.store.dim)).astype(np.float32)
+    out["knn_search_only_s"] = _median_time(lambda: plain.model.store.knn_distribution(queries, 16, 1.0), ns.repeats)
+    out["store_refresh_s"] = _median_time(lambda: full.model.refresh_store(full_train, progress=False), ns.repeats)
+    out["train_forward_s"] = _median_time(lambda: forward_only(plain, plain_train), ns.repeats)
+    out["knn_over_plain"] = out["knn_s"] / out["plain_s"]
+    out["retro_over_plain"] = out["retro_s"] / out["plain_s"]
+    out["refresh_over_train_forward"] = out["store_refresh_s"] / out["train_forward_s"]
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}

@@ -1,0 +1,57 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "..", "shared", "data", "text")
+needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "k-shot")), reason="../shared data not present")
+
+
+def run(*args, timeout=300):
+    out = subprocess.run([sys.executable, "-m", "openprompt_retro", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_help_lists_commands_and_methods():
+    out = run("--help").stdout
+    for word in ("run", "benchmark", "report", "speed"):
+        assert word in out
+    out = run("run", "--help").stdout
+    for method in ("prompt", "demo-text", "retro-no-knn-infer"):
+        assert method in out
+
+
+@needs_data
+def test_smoke_run_writes_well_formed_outputs(tmp_path):
+    out_dir = tmp_path / "smoke"
+    run("run", "--model", "tiny-bert", "--tasks", "SST-2", "--methods", "prompt,retro", "--seeds", "42",
+        "--epochs", "1", "--no-progress", "--out", str(out_dir), "--data-root", DATA)
+    rows = [json.loads(line) for line in open(out_dir / "results.jsonl")]
+    assert [(r["task"], r["method"], r["seed"], r["k"]) for r in rows] == [("SST-2", "prompt", 42, 16),
+                                                                           ("SST-2", "retro", 42, 16)]
+    for r in rows:
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["n_test"] == 872
+        assert 0.0 <= r["knn_lambda"] <= 1.0
+    assert rows[0]["knn_lambda"] == 0.0  # plain prompt tuning never mixes
+    with open(out_dir / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    table = (out_dir / "table.md").read_text()
+    assert table.startswith("| method | SST-2 | avg |") and "| retro |" in table and "±" in table
+    png = (out_dir / "accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # --resume skips finished runs
+    run("run", "--model", "tiny-bert", "--tasks", "SST-2", "--methods", "prompt", "--seeds", "42", "--epochs", "1",
+        "--no-progress", "--out", str(out_dir), "--data-root", DATA, "--resume")
+    assert len(open(out_dir / "results.jsonl").read().strip().splitlines()) == 2
+
+
+def test_unknown_task_is_a_clear_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "openprompt_retro", "run", "--model", "tiny-bert", "--tasks", "nope",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "unknown task 'nope'" in out.stderr
