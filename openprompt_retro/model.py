@@ -18,15 +18,19 @@ import numpy as np
 import torch
 from openprompt import PromptForClassification
 from openprompt.prompt_base import Template, Verbalizer
+from openprompt.prompts import ManualTemplate, MixedTemplate, SoftTemplate
+from transformers.modeling_outputs import MaskedLMOutput
 
 from .config import RetroConfig
 from .demonstrations import neural_demonstrations
-from .keys import MaskKeyHead, _batch_guids, build_store, example_text, mask_keys, trim_padding
+from .keys import (MaskKeyHead, _batch_guids, build_store, encode_last_hidden, example_text, hidden_at_mask,
+                   mask_keys, trim_padding)
 from .loss import knn_guided_loss
 from .store import KnowledgeStore
 from .template import DEMO_KEY, EXCLUDE_KEY, QUERY_KEY, RetroTemplate
 from .verbalizer import KnnVerbalizer
 
+_FAST_TEMPLATES = (ManualTemplate, MixedTemplate, SoftTemplate)
 _WEIGHTS, _CONFIG, _STORE = "prompt_model.safetensors", "retro_config.json", "store"
 
 
@@ -51,6 +55,7 @@ class RetroPromptForClassification(PromptForClassification):
             verbalizer = KnnVerbalizer(verbalizer, plm)
         super().__init__(plm, template, verbalizer, freeze_plm=freeze_plm, plm_eval_mode=plm_eval_mode)
         self.config = config
+        self.mask_only_head = True  # see _main_pass; False runs OpenPrompt's full-sequence head
         self.key_head = MaskKeyHead(plm)
         self.store = KnowledgeStore(self._key_dim(), verbalizer.num_classes, metric=config.metric,
                                     index_factory=config.index_factory, built_by=self.key_head.describe())
@@ -78,6 +83,11 @@ class RetroPromptForClassification(PromptForClassification):
     @property
     def has_demonstrations(self) -> bool:
         return self.template.demonstrations != "none" and self.template.demonstrations_enabled
+
+    @property
+    def uses_store(self) -> bool:
+        """Whether training or inference reads the store (else refreshing it is wasted work)."""
+        return self.uses_neural_demos or self.config.loss != "ce" or self.config.knn_lambda > 0
 
     @property
     def uses_neural_demos(self) -> bool:
@@ -137,11 +147,38 @@ class RetroPromptForClassification(PromptForClassification):
                                                     batch[EXCLUDE_KEY]).to(device)
         return batch
 
+    def _lm_head(self):
+        """The PLM's LM head (hidden -> vocabulary logits), or None if unknown."""
+        for name in ("cls", "lm_head"):
+            head = getattr(self.plm, name, None)
+            if isinstance(head, torch.nn.Module):
+                return head
+        return None
+
+    def _main_pass(self, batch):
+        """(PLM outputs, batch for extract_at_mask).
+
+        With one ``<mask>`` per row and a known template, only the encoder runs
+        over the sequence and the LM head is applied at the mask alone (the
+        vocabulary projection at every position is most of an MLM's cost on
+        short inputs); the outputs are shaped as a length-1 sequence, so the
+        verbalizer sees exactly what OpenPrompt would give it at the mask.
+        """
+        head, pm = self._lm_head(), self.prompt_model
+        loss_ids = batch["loss_ids"]
+        fast = (self.mask_only_head and head is not None and isinstance(self.template.base, _FAST_TEMPLATES)
+                and bool(((loss_ids > 0).sum(1) == 1).all()))
+        if not fast:
+            return pm(batch), batch
+        h = hidden_at_mask(encode_last_hidden(self, batch), loss_ids)
+        outputs = MaskedLMOutput(logits=head(h)[:, None], hidden_states=(h[:, None],))
+        return outputs, {"loss_ids": torch.ones_like(loss_ids[:, :1])}
+
     def forward_with_keys(self, batch):
         """(verbalizer output, query keys) for a prepared batch - one main forward pass."""
-        outputs = self.prompt_model(batch)
+        outputs, mask_batch = self._main_pass(batch)
         outputs = self.verbalizer.gather_outputs(outputs)
-        at_mask = [self.extract_at_mask(o, batch) for o in outputs]
+        at_mask = [self.extract_at_mask(o, mask_batch) for o in outputs]
         logits = self.verbalizer.process_outputs(at_mask, batch=batch)
         query = batch[QUERY_KEY]
         if query is None:

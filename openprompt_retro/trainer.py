@@ -105,7 +105,9 @@ class RetroTrainer:
         sched = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, (total - s) / max(1, total - warmup))
             if warmup else max(0.0, (total - s) / total))
-        model.refresh_store(store_loader, progress=a.progress)
+        needs_store = model.uses_store or (a.tune_inference and dev_loader is not None)
+        if needs_store:
+            model.refresh_store(store_loader, progress=a.progress)
         best, best_state, bad_epochs = -1.0, None, 0
         bar = tqdm(range(a.epochs), desc="epochs", disable=not a.progress)
         for epoch in bar:
@@ -119,7 +121,8 @@ class RetroTrainer:
                 optimizer.step()
                 sched.step()
                 losses.append(loss.item())
-            model.refresh_store(store_loader, progress=a.progress)  # the encoder moved: new keys
+            if needs_store:
+                model.refresh_store(store_loader, progress=a.progress)  # the encoder moved: new keys
             record = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.time() - t0}
             if dev_loader is not None:
                 record["dev_accuracy"] = self.evaluate(dev_loader)["accuracy"]

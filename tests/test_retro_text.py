@@ -271,3 +271,18 @@ def test_three_line_entry_point(tiny_dirs, examples):
     trainer.fit(examples[:6], examples[6:])
     assert trainer.predict(examples).shape == (len(examples),)
     assert isinstance(trainer.model, R.RetroPromptForClassification)
+
+
+@pytest.mark.parametrize("tname", TEMPLATES)
+@pytest.mark.parametrize("vname", ["manual", "soft"])
+def test_mask_only_head_matches_full_sequence_head(tiny_bert, examples, tname, vname):
+    if (tname, vname) == ("soft", "soft"):
+        pytest.skip("OpenPrompt's SoftVerbalizer reads hidden states that SoftTemplate leaves unshifted: "
+                    "its full-sequence path takes the wrong position, so it is no reference")
+    model = retro_model(tiny_bert, template=tname, verbalizer=vname, demonstrations="none", knn_lambda=0.0).eval()
+    _, batch = first_batch(trainer(model, tiny_bert), examples)
+    with torch.no_grad():
+        fast = model(batch)
+        model.mask_only_head = False
+        full = model(batch)
+    assert torch.allclose(fast, full, atol=1e-5)
