@@ -108,3 +108,47 @@ def load_tiny_mlm(kind: str, directory: Optional[str] = None, seed: int = 0):
     if not os.path.exists(os.path.join(directory, "config.json")):
         make_tiny_mlm(kind, directory, seed=seed)
     return load_plm(kind, directory)
+
+
+def _byte_level_chars() -> List[str]:
+    """The 256 printable stand-ins for bytes used by byte-level BPE (GPT-2 / CLIP)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def make_tiny_clip(directory: str, seed: int = 0, image_size: int = 32) -> str:
+    """A tiny random CLIP (transformers ``CLIPModel``) with a character-level CLIP tokenizer."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    os.makedirs(directory, exist_ok=True)
+    chars = _byte_level_chars()
+    vocab = {}
+    for tok in chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]:
+        vocab.setdefault(tok, len(vocab))
+    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"))
+    images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(directory)
+    _seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=64,
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                         pad_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=8),
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(directory)
+    with open(os.path.join(directory, "TINY_MODEL.json"), "w") as f:
+        json.dump({"kind": "clip", "seed": seed, "note": "random weights, for tests only"}, f)
+    return directory

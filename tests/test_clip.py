@@ -1,0 +1,170 @@
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from openprompt_retro.clip import (ClipFeatures, CoOpPromptLearner, ImageCache, ImageSet, RetroCoOp, RetroCoOpConfig,
+                                   TipAdapter, ZeroShotKnn, check_images, k_shot_indices, load_clip,
+                                   tip_adapter_logits)
+from openprompt_retro.testing import make_tiny_clip
+
+CLASSES = ["cat", "dog", "ship"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return load_clip(make_tiny_clip(str(tmp_path_factory.mktemp("tiny-clip"))))
+
+
+def images(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+def test_only_context_vectors_get_gradients(tiny_clip):
+    clip, proc = tiny_clip
+    for kw in (dict(n_ctx=4), dict(ctx_init="a photo of a"), dict(n_ctx=3, class_specific=True)):
+        learner = CoOpPromptLearner(clip, proc.tokenizer, CLASSES, **kw)
+        feats = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+        loss = (feats @ learner().t()).logsumexp(-1).sum()
+        loss.backward()
+        assert [n for n, p in learner.named_parameters()] == ["ctx"] and learner.ctx.grad is not None
+        assert learner.ctx.grad.abs().sum() > 0
+        assert all(p.grad is None for p in clip.parameters())
+    assert learner.ctx.shape == (3, 3, 32)  # class-specific: one context per class
+
+
+def test_context_goes_through_clip_text_transformer(tiny_clip):
+    clip, proc = tiny_clip
+    learner = CoOpPromptLearner(clip, proc.tokenizer, CLASSES, ctx_init="a photo of a")
+    from openprompt_retro.clip.features import as_features
+
+    # initialised from "a photo of a": identical to encoding the plain prompt text
+    tok = proc.tokenizer([f"a photo of a {c}." for c in CLASSES], padding="max_length",
+                         max_length=clip.config.text_config.max_position_embeddings, return_tensors="pt")
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(as_features(clip.get_text_features(**tok)), dim=-1)
+        assert torch.allclose(learner(), want, atol=1e-5)
+        learner.ctx.add_(torch.randn_like(learner.ctx))  # (a constant shift would vanish in LayerNorm)
+        assert not torch.allclose(learner(), want, atol=1e-3)
+
+
+def test_tip_adapter_logits_hand_case():
+    f = torch.tensor([[1.0, 0.0]])
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    labels = torch.tensor([0, 1, 1])
+    out = tip_adapter_logits(f, keys, labels, 2, alpha=2.0, beta=3.0)
+    # affinities exp(-3 (1 - cos)): cos = 1, 0, 0.6
+    want = [2.0 * 1.0, 2.0 * (math.exp(-3.0) + math.exp(-3.0 * 0.4))]
+    assert torch.allclose(out, torch.tensor([want]))
+
+
+def test_cache_neighbours_equal_brute_force():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(40, 16)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    labels = rng.integers(0, 3, size=40)
+    cache = ImageCache(feats, labels, 3)
+    q = rng.normal(size=(7, 16)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    res = cache.store.search(q, 5)
+    brute = np.argsort(-(q @ feats.T), axis=1)[:, :5]
+    np.testing.assert_array_equal(res.ids, brute)
+    np.testing.assert_allclose(res.scores, np.take_along_axis(q @ feats.T, brute, 1), atol=1e-5)
+
+
+def test_lambda_limits_of_the_mixture(tiny_clip):
+    clip, proc = tiny_clip
+    feats = ClipFeatures(clip, proc, progress=False)
+    f_train = feats.image_features(images(12))
+    labels = np.array([0, 1, 2] * 4)
+    cache = ImageCache(f_train, labels, 3)
+    f_test = feats.image_features(images(5, seed=1))
+    text = feats.text_features([f"a photo of a {c}." for c in CLASSES])
+    zs = ZeroShotKnn(text, float(clip.logit_scale.exp()), cache)
+    zs.mixture = {"lambda": 0.0, "k": 4, "temperature": 0.1}
+    np.testing.assert_allclose(zs.predict_proba(f_test), zs.zero_shot_probs(f_test), atol=1e-6)
+    zs.mixture["lambda"] = 1.0
+    np.testing.assert_allclose(zs.predict_proba(f_test), cache.p_knn(f_test, 4, 0.1), atol=1e-6)
+    m = RetroCoOp(clip, proc.tokenizer, CLASSES, RetroCoOpConfig(n_ctx=2, epochs=2, progress=False))
+    m.fit(f_train, labels)
+    m.mixture = {"lambda": 0.0, "k": 4, "temperature": 0.1}
+    np.testing.assert_allclose(m.predict_proba(f_test), m.prompt_probs(f_test), atol=1e-6)
+    m.mixture["lambda"] = 1.0
+    np.testing.assert_allclose(m.predict_proba(f_test), cache.p_knn(f_test, 4, 0.1), atol=1e-6)
+
+
+def test_retro_coop_trains_only_context_and_tunes_on_validation(tiny_clip):
+    clip, proc = tiny_clip
+    feats = ClipFeatures(clip, proc, progress=False)
+    f_train, labels = feats.image_features(images(12)), np.array([0, 1, 2] * 4)
+    before = {n: p.clone() for n, p in clip.named_parameters()}
+    m = RetroCoOp(clip, proc.tokenizer, CLASSES, RetroCoOpConfig(n_ctx=2, epochs=3, progress=False))
+    ctx0 = m.learner.ctx.detach().clone()
+    m.fit(f_train, labels, feats.image_features(images(6, seed=2)), np.array([0, 1, 2] * 2))
+    assert not torch.equal(m.learner.ctx, ctx0)
+    assert all(torch.equal(p, before[n]) for n, p in clip.named_parameters())
+    assert set(m.mixture) == {"val_accuracy", "lambda", "k", "temperature"}
+
+
+def test_tip_adapter_f_trains_only_cache_keys(tiny_clip):
+    clip, proc = tiny_clip
+    feats = ClipFeatures(clip, proc, progress=False)
+    f_train, labels = feats.image_features(images(9)), np.array([0, 1, 2] * 3)
+    cache = ImageCache(f_train, labels, 3)
+    text = feats.text_features(CLASSES)
+    tip = TipAdapter(text, 10.0, cache)
+    assert not tip.keys.requires_grad
+    keys0 = tip.keys.detach().clone()
+    tip.fit(f_train, labels, epochs=2, progress=False)
+    assert not torch.equal(tip.keys, keys0)
+    assert [n for n, p in tip.named_parameters() if p.requires_grad] == ["keys"]
+    assert torch.equal(tip.text, text)
+
+
+def test_feature_cache_round_trip(tiny_clip, tmp_path):
+    clip, proc = tiny_clip
+    feats = ClipFeatures(clip, proc, model_id="tiny", cache_dir=str(tmp_path), progress=False)
+    a = feats.image_features(images(4), augment_views=2, seed=3)
+    assert len(os.listdir(tmp_path)) == 1
+    np.testing.assert_array_equal(feats.image_features(images(4), augment_views=2, seed=3), a)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+
+
+def test_k_shot_sampling_is_reproducible():
+    labels = np.repeat(np.arange(3), 10)
+    a, b = k_shot_indices(labels, 4, seed=7), k_shot_indices(labels, 4, seed=7)
+    np.testing.assert_array_equal(a, b)
+    assert np.bincount(labels[a]).tolist() == [4, 4, 4]
+    assert not np.array_equal(a, k_shot_indices(labels, 4, seed=8))
+    val = k_shot_indices(labels, 4, seed=9, exclude=a)
+    assert not set(val) & set(a)
+
+
+def test_bad_image_input():
+    with pytest.raises(ValueError, match="grayscale"):
+        check_images(np.zeros((2, 32, 32), dtype=np.uint8))
+    with pytest.raises(ValueError, match="channels first"):
+        check_images(np.zeros((2, 3, 32, 32), dtype=np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        check_images(np.zeros((2, 32, 32, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="do not match the 2 class names"):
+        ImageSet(np.zeros((3, 8, 8, 3), dtype=np.uint8), [0, 1, 2], ["cat", "dog"])
+    with pytest.raises(ValueError, match="unique"):
+        ImageSet(np.zeros((2, 8, 8, 3), dtype=np.uint8), [0, 1], ["cat", "cat"])
+    with pytest.raises(ValueError, match="class 1 has 2 images available, fewer than K=4"):
+        k_shot_indices(np.array([0, 0, 0, 0, 1, 1]), 4, seed=0)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "..", "shared", "data", "images", "cifar10", "test.npz")),
+                    reason="../shared CIFAR-10 not present")
+def test_clip_example_runs_end_to_end(tmp_path):
+    out = subprocess.run([sys.executable, "examples/clip_cifar10.py", "--model", "tiny-clip", "--epochs", "2",
+                          "--test-limit", "500", "--out", str(tmp_path / "r.json"), "--cache-dir", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RetroCoOp" in out.stdout and (tmp_path / "r.json").exists()
