@@ -23,8 +23,9 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from .config import RetroConfig
 from .demonstrations import neural_demonstrations
-from .keys import (MaskKeyHead, _batch_guids, build_store, encode_last_hidden, example_text, hidden_at_mask,
-                   mask_keys, trim_padding)
+from . import distributed
+from .keys import (MaskKeyHead, _batch_guids, build_store, encode_last_hidden, example_text, extract_keys,
+                   hidden_at_mask, mask_keys, trim_padding)
 from .loss import knn_guided_loss
 from .store import KnowledgeStore
 from .template import DEMO_KEY, EXCLUDE_KEY, QUERY_KEY, RetroTemplate
@@ -96,14 +97,32 @@ class RetroPromptForClassification(PromptForClassification):
     # ---------------------------------------------------------------- store
     @torch.no_grad()
     def refresh_store(self, dataloader, progress: bool = True) -> KnowledgeStore:
-        """Recompute every key with the current encoder (one demonstration-free pass)."""
-        build_store(self, dataloader, store=self.store, progress=progress)
+        """Recompute every key with the current encoder (one demonstration-free pass).
+
+        Under torch.distributed each rank encodes its shard and the keys are
+        all-gathered: every rank then holds the same store.
+        """
+        if not distributed.is_distributed():
+            build_store(self, dataloader, store=self.store, progress=progress)
+            return self.store
+        from torch.utils.data import DataLoader
+        from openprompt.data_utils import InputFeatures
+
+        rank, world = distributed.rank_and_world()
+        features = dataloader.tensor_dataset
+        mine = np.arange(rank, len(features), world)
+        shard = DataLoader([features[i] for i in mine], batch_size=dataloader.batch_size,
+                           collate_fn=InputFeatures.collate_fct)
+        keys, _, _ = extract_keys(self, shard, progress=progress and rank == 0)
+        keys = distributed.gather_in_order(keys, mine)
+        labels = np.array([int(f["label"]) for f in features])
+        guids = [None if f["guid"] is None else str(f["guid"]) for f in features]
+        texts_by_guid = {str(e.guid): example_text(e) for e in getattr(dataloader, "raw_dataset", [])}
+        self.store.build(keys, labels, guids, [texts_by_guid.get(g) for g in guids])
         return self.store
 
     def add_to_store(self, dataloader, progress: bool = True) -> np.ndarray:
         """Add labeled examples to the store without retraining; returns their ids."""
-        from .keys import extract_keys
-
         keys, labels, guids = extract_keys(self, dataloader, desc="adding to store", progress=progress)
         texts_by_guid = {str(e.guid): example_text(e) for e in getattr(dataloader, "raw_dataset", [])}
         return self.store.add(keys, labels, guids, [texts_by_guid.get(g) for g in guids])

@@ -27,7 +27,7 @@ import numpy as np
 ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence]
 
 FORMAT_VERSION = 1
-_INDEX_FILE, _ARRAYS_FILE, _META_FILE = "index.faiss", "entries.npz", "store.json"
+_INDEX_FILE, _KEYS_FILE, _LABELS_FILE, _META_FILE = "index.faiss", "keys.npy", "labels.npy", "store.json"
 
 
 class StoreError(ValueError):
@@ -68,11 +68,14 @@ class KnowledgeStore:
         nprobe / ef_search: search-time knobs of IVF / HNSW indexes.
         built_by: free-form description of what produced the keys (model name,
             key type ...). It is saved, and :meth:`load` can check it.
+        use_gpu: ``"auto"`` searches on all GPUs when faiss-gpu is installed and
+            a GPU is present; ``False`` never, ``True`` requires it.
     """
 
     def __init__(self, dim: int, num_classes: int, metric: str = "ip",
                  index_factory: str = "Flat", nprobe: Optional[int] = None,
-                 ef_search: Optional[int] = None, built_by: Optional[Dict] = None):
+                 ef_search: Optional[int] = None, built_by: Optional[Dict] = None,
+                 use_gpu: Union[bool, str] = "auto"):
         if int(dim) < 1:
             raise StoreError(f"dim must be positive, got {dim}")
         if int(num_classes) < 1:
@@ -83,6 +86,10 @@ class KnowledgeStore:
         self.metric, self.index_factory = metric, index_factory
         self.nprobe, self.ef_search = nprobe, ef_search
         self.built_by = dict(built_by or {})
+        n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        if use_gpu is True and n_gpus == 0:
+            raise StoreError("use_gpu=True, but FAISS sees no GPU (is faiss-gpu installed?)")
+        self.use_gpu = bool(n_gpus) and use_gpu in (True, "auto")
         try:
             faiss.index_factory(self._dim, index_factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
@@ -114,7 +121,30 @@ class KnowledgeStore:
         self._guid_to_id: Dict[str, int] = {}
         self.index = faiss.index_factory(self._dim, self.index_factory, faiss.METRIC_INNER_PRODUCT)
         self._apply_search_knobs()
+        self._gpu_index = None
         return self
+
+    def _to_gpu(self) -> None:
+        """Mirror a trained index on all GPUs (faiss-gpu) for plain searches; a no-op on CPU-only installs.
+
+        The CPU index stays the reference (saving, per-class searches with ID selectors).
+        """
+        if self.use_gpu and self._gpu_index is None and self.index.is_trained:
+            try:
+                self._gpu_index = faiss.index_cpu_to_all_gpus(self.index)
+            except RuntimeError:  # index type without a GPU version: stay on CPU
+                self._gpu_index = None
+
+    def set_search_params(self, nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> None:
+        """Speed/recall knobs: IVF lists probed (``nprobe``), HNSW candidate list (``ef_search``)."""
+        if nprobe is not None:
+            self.nprobe = int(nprobe)
+        if ef_search is not None:
+            self.ef_search = int(ef_search)
+        self._apply_search_knobs()
+        if self._gpu_index is not None:  # re-mirror with the new knobs
+            self._gpu_index = None
+            self._to_gpu()
 
     def _apply_search_knobs(self) -> None:
         ivf = faiss.try_extract_index_ivf(self.index)
@@ -162,6 +192,8 @@ class KnowledgeStore:
             self._train(keys)
         start = len(self)
         self.index.add(keys)
+        if self._gpu_index is not None:
+            self._gpu_index.add(keys)
         self.keys = np.concatenate([self.keys, keys]) if start else keys.copy()
         self.labels = np.concatenate([self.labels, labels])
         self.guids.extend(guids)
@@ -171,13 +203,26 @@ class KnowledgeStore:
                 self._guid_to_id[g] = start + i
         return np.arange(start, start + n, dtype=np.int64)
 
+    def train(self, sample: ArrayLike) -> "KnowledgeStore":
+        """Train the index (IVF centroids, PQ codebooks) on a sample of keys; a no-op for flat indexes."""
+        if not self.index.is_trained:
+            self._train(self._prepare(sample, "training keys"))
+        return self
+
+    #: keys beyond this many are subsampled (seeded) to train an index
+    train_sample_size = 100_000
+
     def _train(self, keys: np.ndarray) -> None:
         ivf = faiss.try_extract_index_ivf(self.index)
+        if keys.shape[0] > self.train_sample_size:
+            pick = np.random.default_rng(0).choice(keys.shape[0], self.train_sample_size, replace=False)
+            keys = keys[np.sort(pick)]
         if ivf is not None and keys.shape[0] < ivf.nlist:
             raise StoreError(f"index {self.index_factory!r} needs at least {ivf.nlist} keys to train, got {keys.shape[0]}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.index.train(keys)
+        self._to_gpu()
 
     def build(self, keys: ArrayLike, labels: ArrayLike, guids=None, texts=None) -> "KnowledgeStore":
         """Replace the content with these entries (and train the index if needed)."""
@@ -224,6 +269,8 @@ class KnowledgeStore:
         return out
 
     def _params(self, selector=None):
+        if selector is None and self._gpu_index is not None:
+            return None
         ivf = faiss.try_extract_index_ivf(self.index)
         if ivf is not None:
             return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
@@ -242,7 +289,10 @@ class KnowledgeStore:
         if width == 0:
             return scores, ids
         params = self._params(selector)
-        D, I = self.index.search(q, fetch, params=params) if params is not None else self.index.search(q, fetch)
+        if params is None:
+            D, I = (self.index if self._gpu_index is None else self._gpu_index).search(q, fetch)
+        else:
+            D, I = self.index.search(q, fetch, params=params)
         for b in range(q.shape[0]):
             keep = I[b] >= 0
             if len(excl[b]):
@@ -292,10 +342,11 @@ class KnowledgeStore:
 
     # ------------------------------------------------------------------ disk
     def save(self, directory: str) -> None:
-        """Write the FAISS index, the keys/labels (npz) and metadata (JSON); no pickle."""
+        """Write the FAISS index, the keys/labels (.npy) and metadata (JSON); no pickle."""
         os.makedirs(directory, exist_ok=True)
         faiss.write_index(self.index, os.path.join(directory, _INDEX_FILE))
-        np.savez(os.path.join(directory, _ARRAYS_FILE), keys=self.keys, labels=self.labels)
+        np.save(os.path.join(directory, _KEYS_FILE), np.ascontiguousarray(self.keys, dtype=np.float32))
+        np.save(os.path.join(directory, _LABELS_FILE), self.labels)
         meta = {
             "format_version": FORMAT_VERSION, "dim": self._dim, "num_classes": self._num_classes,
             "metric": self.metric, "index_factory": self.index_factory, "nprobe": self.nprobe,
@@ -307,16 +358,18 @@ class KnowledgeStore:
 
     @classmethod
     def load(cls, directory: str, expected_dim: Optional[int] = None,
-             expected_built_by: Optional[Dict] = None, mmap: bool = False) -> "KnowledgeStore":
+             expected_built_by: Optional[Dict] = None, mmap: bool = False,
+             use_gpu: Union[bool, str] = "auto") -> "KnowledgeStore":
         """Read a store written by :meth:`save`, checking that every part agrees.
 
         ``expected_dim`` / ``expected_built_by`` guard against a store saved by
         another model: each given field must match what was recorded.
-        ``mmap=True`` memory-maps the FAISS index (for indexes larger than RAM).
+        ``mmap=True`` memory-maps the keys and, for index types FAISS can map
+        (IVF lists, flat codes), the index itself: for stores larger than RAM.
         """
         if not os.path.isdir(directory):
             raise StoreError(f"no knowledge store at {directory!r}: folder does not exist")
-        paths = {n: os.path.join(directory, n) for n in (_INDEX_FILE, _ARRAYS_FILE, _META_FILE)}
+        paths = {n: os.path.join(directory, n) for n in (_INDEX_FILE, _KEYS_FILE, _LABELS_FILE, _META_FILE)}
         missing = [n for n, p in paths.items() if not os.path.isfile(p)]
         if missing:
             raise StoreError(f"knowledge store at {directory!r} is incomplete: missing {missing}")
@@ -335,13 +388,21 @@ class KnowledgeStore:
             if got != want:
                 raise StoreError(f"store at {directory!r} was built with {key}={got!r}, expected {want!r}")
         try:
-            with np.load(paths[_ARRAYS_FILE], allow_pickle=False) as arrays:
-                keys, labels = arrays["keys"].astype(np.float32), arrays["labels"].astype(np.int64)
+            keys = np.load(paths[_KEYS_FILE], allow_pickle=False, mmap_mode="r" if mmap else None)
+            labels = np.load(paths[_LABELS_FILE], allow_pickle=False).astype(np.int64)
+            if keys.dtype != np.float32:
+                raise ValueError(f"keys have dtype {keys.dtype}")
         except Exception as e:
-            raise StoreError(f"knowledge store at {directory!r} has a corrupt {_ARRAYS_FILE}: {e}") from None
+            raise StoreError(f"knowledge store at {directory!r} has a corrupt {_KEYS_FILE}/{_LABELS_FILE}: {e}") from None
         try:
-            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-            index = faiss.read_index(paths[_INDEX_FILE], flags)
+            index = None
+            if mmap:
+                try:
+                    index = faiss.read_index(paths[_INDEX_FILE], faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+                except RuntimeError:  # this index type cannot be mapped: read it
+                    index = None
+            if index is None:
+                index = faiss.read_index(paths[_INDEX_FILE])
         except Exception as e:
             raise StoreError(f"knowledge store at {directory!r} has a corrupt {_INDEX_FILE}: {e}") from None
         n = int(meta.get("size", -1))
@@ -352,9 +413,10 @@ class KnowledgeStore:
         if n and (labels.min() < 0 or labels.max() >= num_classes):
             raise StoreError(f"knowledge store at {directory!r} has labels outside [0, {num_classes})")
         store = cls(dim, num_classes, meta["metric"], meta["index_factory"], meta.get("nprobe"),
-                    meta.get("ef_search"), meta.get("built_by"))
+                    meta.get("ef_search"), meta.get("built_by"), use_gpu=use_gpu)
         store.index, store.keys, store.labels = index, keys, labels
         store._apply_search_knobs()
+        store._to_gpu()
         store.guids, store.texts = list(meta["guids"]), list(meta["texts"])
         store._guid_to_id = {g: i for i, g in enumerate(store.guids) if g is not None}
         return store

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from openprompt import PromptDataLoader
 from openprompt.data_utils import InputFeatures
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
+from . import distributed
 from .model import RetroPromptForClassification
 
 
@@ -38,6 +39,7 @@ class TrainingArgs:
     lambdas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     ks: Sequence[int] = (4, 8, 16, 32)
     temperatures: Sequence[float] = (1.0, 3.0, 10.0, 30.0, 100.0)
+    shuffle: bool = True  # shuffle training batches (seeded)
     progress: bool = True
     device: str = "cpu"
 
@@ -96,7 +98,18 @@ class RetroTrainer:
         set_seed(a.seed)
         self._train_examples = list(train)
         store_loader = self.loader(train)
-        train_loader = self._reload(store_loader, a.batch_size, shuffle=True, seed=a.seed)
+        rank, world = distributed.rank_and_world()
+        if world > 1:  # DDP: each rank takes batch_size / world examples of every global batch
+            if a.batch_size % world:
+                raise ValueError(f"batch_size {a.batch_size} must be divisible by the world size {world}")
+            sampler = DistributedSampler(store_loader.tensor_dataset, world, rank, shuffle=a.shuffle, seed=a.seed)
+            train_loader = DataLoader(store_loader.tensor_dataset, batch_size=a.batch_size // world,
+                                      sampler=sampler, collate_fn=InputFeatures.collate_fct)
+            step_model = distributed.wrap_ddp(model)
+        else:
+            sampler = None
+            train_loader = self._reload(store_loader, a.batch_size, shuffle=a.shuffle, seed=a.seed)
+            step_model = distributed.LossModule(model)
         dev_loader = self.loader(dev) if dev else None
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
@@ -109,12 +122,14 @@ class RetroTrainer:
         if needs_store:
             model.refresh_store(store_loader, progress=a.progress)
         best, best_state, bad_epochs = -1.0, None, 0
-        bar = tqdm(range(a.epochs), desc="epochs", disable=not a.progress)
+        bar = tqdm(range(a.epochs), desc="epochs", disable=not a.progress or rank > 0)
         for epoch in bar:
             t0, losses = time.time(), []
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             model.train()
             for batch in tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=not a.progress):
-                loss = model.loss(self._to_device(batch))
+                loss = step_model(self._to_device(batch))
                 optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)

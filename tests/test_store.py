@@ -178,3 +178,29 @@ def test_bad_construction():
     with pytest.raises(StoreError, match="needs at least 16 keys"):
         s.add(np.ones((3, 4)), [0, 1, 0])
     assert len(s) == 0
+
+
+def test_corrupt_keys_file(tmp_path):
+    s = small_store()
+    s.save(str(tmp_path))
+    (tmp_path / "keys.npy").write_bytes(b"not an array")
+    with pytest.raises(StoreError, match="corrupt keys.npy"):
+        KnowledgeStore.load(str(tmp_path))
+
+
+def test_train_on_sample_then_stream_and_mmap_load(tmp_path):
+    rng = np.random.default_rng(1)
+    keys = rng.normal(size=(600, 16)).astype(np.float32)
+    labels = rng.integers(0, 4, size=600)
+    s = KnowledgeStore(16, 4, index_factory="IVF8,Flat")
+    s.train(keys[rng.choice(600, 200, replace=False)])
+    for i in range(0, 600, 100):  # streaming: batches are added as they come
+        s.add(keys[i:i + 100], labels[i:i + 100])
+    assert len(s) == 600 and s.index.ntotal == 600
+    s.set_search_params(nprobe=8)  # all lists: exact
+    exact = np.argsort(-(keys[:5] @ keys.T), axis=1)[:, :10]
+    np.testing.assert_array_equal(s.search(keys[:5], 10).ids, exact)
+    s.save(str(tmp_path))
+    m = KnowledgeStore.load(str(tmp_path), mmap=True)
+    assert isinstance(m.keys, np.memmap)
+    np.testing.assert_array_equal(m.search(keys[:5], 10).ids, exact)
