@@ -57,6 +57,9 @@ TASKS: Dict[str, TaskSpec] = {t.name: t for t in [
              ("sentence1", "sentence2", "gold_label"), test_file="pool-dev"),
     TaskSpec("SNLI", ["contradiction", "entailment", "neutral"], ["no", "yes", "maybe"], _PAIR_NLI, "glue-pair",
              ("sentence1", "sentence2", "gold_label"), test_file="pool-dev"),
+    # topic sets (../shared/data/text/topic): 1000-row dev and test files, no k-shot splits
+    TaskSpec("ag_news", ["0", "1", "2", "3"], ["world", "sports", "business", "technology"],
+             '{"mask"} news : {"placeholder":"text_a"}', "topic"),
 ]}
 
 
@@ -119,6 +122,30 @@ def load_pool(root: str, task: str, split: str = "train") -> List[InputExample]:
         data = json.load(f)
     return [InputExample(guid=f"pool-{split}-{k}", text_a=v["text_a"], text_b=v.get("text_b") or "",
                          label=_label_index(spec, v["label"], path, int(k))) for k, v in data.items()]
+
+
+def load_topic(root: str, task: str, split: str) -> List[InputExample]:
+    """``<root>/topic/<task>/<split>.json`` rows ``{"ori": text, "label": "2"}``."""
+    spec = get_task(task)
+    path = os.path.join(root, "topic", spec.name, f"{split}.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no topic file at {path!r}")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return [InputExample(guid=f"{split}-{k}", text_a=v["ori"], text_b="", label=_label_index(spec, v["label"], path, i))
+            for i, (k, v) in enumerate(data.items())]
+
+
+def load_unlabeled_pool(root: str, task: str) -> List[InputExample]:
+    """A pool for zero-shot use: the task's labeled pool (pools/<task>/train.json) or, for topic sets,
+    the 1000-row dev file. Callers must ignore the labels and drop test overlaps."""
+    spec = get_task(task)
+    return load_topic(root, spec.name, "dev") if spec.fmt == "topic" else load_pool(root, spec.name, "train")
+
+
+def load_test(root: str, task: str, k: int = 16, seed: int = 42) -> List[InputExample]:
+    spec = get_task(task)
+    return load_topic(root, spec.name, "test") if spec.fmt == "topic" else load_few_shot(root, spec.name, k, seed)["test"]
 
 
 def load_few_shot(root: str, task: str, k: int = 16, seed: int = 42) -> Dict[str, List[InputExample]]:

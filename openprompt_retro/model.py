@@ -57,6 +57,7 @@ class RetroPromptForClassification(PromptForClassification):
         super().__init__(plm, template, verbalizer, freeze_plm=freeze_plm, plm_eval_mode=plm_eval_mode)
         self.config = config
         self.mask_only_head = True  # see _main_pass; False runs OpenPrompt's full-sequence head
+        self.exclude_self_in_eval = False  # True: store entries never answer for themselves, in eval too
         self.key_head = MaskKeyHead(plm)
         self.store = KnowledgeStore(self._key_dim(), verbalizer.num_classes, metric=config.metric,
                                     index_factory=config.index_factory, built_by=self.key_head.describe())
@@ -140,7 +141,7 @@ class RetroPromptForClassification(PromptForClassification):
         """
         batch = trim_padding(batch)  # a copy, without all-padding columns
         own = self._own_ids(batch)
-        if self.training:  # leave-one-out: an example never retrieves itself
+        if self.training or self.exclude_self_in_eval:  # leave-one-out: an example never retrieves itself
             batch[EXCLUDE_KEY] = torch.from_numpy(own)
         else:
             batch[EXCLUDE_KEY] = None

@@ -33,11 +33,11 @@ def _ordered(values, preferred):
 
 
 def markdown_table(rows: List[Dict]) -> str:
-    from .cli import BENCH_TASKS, METHODS
+    from .cli import BENCH_TASKS, METHODS, ZERO_SHOT_METHODS
 
     s = summarize(rows)
     tasks = _ordered({t for _, t in s}, BENCH_TASKS)
-    methods = _ordered({m for m, _ in s}, list(METHODS))
+    methods = _ordered({m for m, _ in s}, list(METHODS) + list(ZERO_SHOT_METHODS))
     head = "| method | " + " | ".join(tasks) + " | avg |"
     lines = [head, "|" + "---|" * (len(tasks) + 2)]
     for m in methods:

@@ -268,19 +268,23 @@ class KnowledgeStore:
             out.append(r[r >= 0])
         return out
 
-    def _params(self, selector=None):
-        if selector is None and self._gpu_index is not None:
-            return None
-        ivf = faiss.try_extract_index_ivf(self.index)
-        if ivf is not None:
-            return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
-        if hasattr(self.index, "hnsw"):
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=self.index.hnsw.efSearch)
-        return faiss.SearchParameters(sel=selector) if selector is not None else None
+    def _selector_params(self, members: np.ndarray):
+        """FAISS search parameters restricting a search to ``members``; None where the index type cannot."""
+        sel = faiss.IDSelectorBatch(members.astype(np.int64))
+        if isinstance(self.index, faiss.IndexIVF):
+            return faiss.SearchParametersIVF(sel=sel, nprobe=self.index.nprobe)
+        if isinstance(self.index, faiss.IndexHNSW):
+            return faiss.SearchParametersHNSW(sel=sel, efSearch=self.index.hnsw.efSearch)
+        if isinstance(self.index, faiss.IndexFlat):
+            return faiss.SearchParameters(sel=sel)
+        return None
 
     def _search_excluding(self, q: np.ndarray, k: int, excl: List[np.ndarray], pool: int,
-                          selector=None):
-        """Top-k over `pool` candidate entries with exclusions; width min(k, pool - max excluded)."""
+                          members: Optional[np.ndarray] = None):
+        """Top-k among `pool` candidates (all entries, or `members`) minus exclusions.
+
+        Width min(k, pool - max excluded); the search knobs (nprobe, efSearch) live on the index.
+        """
         n_ex = max((len(e) for e in excl), default=0)
         width = min(int(k), max(pool - n_ex, 0))
         fetch = min(width + n_ex, pool)
@@ -288,11 +292,16 @@ class KnowledgeStore:
         ids = np.full((q.shape[0], width), -1, dtype=np.int64)
         if width == 0:
             return scores, ids
-        params = self._params(selector)
-        if params is None:
+        if members is None:
             D, I = (self.index if self._gpu_index is None else self._gpu_index).search(q, fetch)
         else:
-            D, I = self.index.search(q, fetch, params=params)
+            params = self._selector_params(members)
+            if params is not None:
+                D, I = self.index.search(q, fetch, params=params)
+            else:  # wrapped index types (refine, pre-transform): exact scores over the members' keys
+                sims = q @ np.asarray(self.keys[members]).T
+                top = np.argsort(-sims, axis=1, kind="stable")[:, :fetch]
+                D, I = np.take_along_axis(sims, top, 1), members[top]
         for b in range(q.shape[0]):
             keep = I[b] >= 0
             if len(excl[b]):
@@ -334,9 +343,8 @@ class KnowledgeStore:
             members = np.nonzero(self.labels == c)[0]
             if len(members) == 0:
                 continue
-            sel = faiss.IDSelectorBatch(members.astype(np.int64))
             excl_c = [e[np.isin(e, members)] for e in excl]
-            s, i = self._search_excluding(q, width, excl_c, len(members), selector=sel)
+            s, i = self._search_excluding(q, width, excl_c, len(members), members=members)
             scores[:, c, :s.shape[1]], ids[:, c, :i.shape[1]] = s, i
         return self._result(scores, ids)
 
