@@ -8,6 +8,7 @@
     openprompt-retro analyze    leave-one-out memorization, plain prompt tuning vs RetroPrompt
     openprompt-retro figures    lambda sweep on dev, neighbours of one prediction
     openprompt-retro plot-k     accuracy against K from runs with --shots
+    openprompt-retro big-pool   the K-shot store against a store from a large labeled pool
 
 Without a command it runs ``run`` on its default: full RetroPrompt, SST-2,
 16-shot, seed 42, the offline model in ../shared/models.
@@ -141,34 +142,22 @@ def run_one(task: str, method: str, seed: int, ns) -> Dict:
     """Train one method on one split; evaluate on test. Returns a result record."""
     import torch
 
-    from . import RetroConfig, RetroPromptForClassification, RetroTemplate, RetroTrainer, TrainingArgs
-    from .data import get_task, load_few_shot
-    from openprompt.prompts import ManualTemplate, ManualVerbalizer
+    from .data import load_few_shot
 
     if method in ZERO_SHOT_METHODS:
         return run_zero_shot(task, method, seed, ns)
     if method not in METHODS:
         raise SystemExit(f"unknown method {method!r}; choose from {sorted(METHODS) + sorted(ZERO_SHOT_METHODS)}")
-    spec, m = get_task(task), METHODS[method]
-    data = load_few_shot(ns.data_root, spec.name, ns.k, seed)
+    data = load_few_shot(ns.data_root, task, ns.k, seed)
     shots = getattr(ns, "shots", None) or ns.k
     if shots < ns.k:  # K = 4 / 8 from the LM-BFF 16-shot split, drawn with the split's seed
         from .analysis import subsample_k
 
         data["train"], data["dev"] = subsample_k(data["train"], shots, seed), subsample_k(data["dev"], shots, seed)
     torch.manual_seed(seed)
-    plm, tok, _, wrapper = load_backbone(ns.model, ns.model_type)
-    template = RetroTemplate(ManualTemplate(tokenizer=tok, text=spec.template), spec.label_words,
-                             demonstrations=m["demonstrations"], plm=plm,
-                             text_pool=data["train"] if m["demonstrations"] == "text" else None)
-    verbalizer = ManualVerbalizer(tok, num_classes=spec.num_classes, label_words=[[w] for w in spec.label_words])
-    config = RetroConfig(demo_topk=ns.demo_topk or (8 if shots >= 16 else 2), loss=m["loss"],
-                         loss_beta=ns.loss_beta, knn_lambda=0.0)
-    model = RetroPromptForClassification(plm, template, verbalizer, config)
-    seq = ns.max_seq_length * (2 if m["demonstrations"] == "text" else 1)
-    args = TrainingArgs(epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size, max_seq_length=seq, seed=seed,
-                        patience=ns.patience, tune_inference=m["knn_inference"], progress=not ns.no_progress)
-    trainer = RetroTrainer(model, tok, wrapper, args)
+    trainer, spec = _method_model(method, task, ns, data["train"], seed)
+    trainer.args.tune_inference = METHODS[method]["knn_inference"]
+    trainer.args.progress = not ns.no_progress
     t0 = time.time()
     history = trainer.fit(data["train"], data["dev"])
     train_s = time.time() - t0
@@ -177,15 +166,16 @@ def run_one(task: str, method: str, seed: int, ns) -> Dict:
     test_s = time.time() - t0
     best_dev = max((h["dev_accuracy"] for h in history), default=None)
     tuned = getattr(trainer, "tuned", None)
+    config = trainer.model.config
     return {
         "task": spec.name, "method": method, "k": shots, "seed": seed, "model": ns.model,
         "test_accuracy": test["accuracy"], "n_test": test["n"],
         "dev_accuracy": tuned["dev_accuracy"] if tuned else best_dev,
         "epochs_run": len(history), "train_seconds": round(train_s, 2), "test_seconds": round(test_s, 2),
-        "knn_lambda": model.config.knn_lambda, "knn_k": model.config.knn_k,
-        "knn_temperature": model.config.knn_temperature,
-        "settings": {"lr": ns.lr, "epochs": ns.epochs, "batch_size": ns.batch_size, "max_seq_length": seq,
-                     "demo_topk": config.demo_topk, "loss_beta": ns.loss_beta, "patience": ns.patience},
+        "knn_lambda": config.knn_lambda, "knn_k": config.knn_k, "knn_temperature": config.knn_temperature,
+        "settings": {"lr": ns.lr, "epochs": ns.epochs, "batch_size": ns.batch_size,
+                     "max_seq_length": trainer.args.max_seq_length, "demo_topk": config.demo_topk,
+                     "loss_beta": ns.loss_beta, "patience": ns.patience},
     }
 
 
@@ -242,7 +232,7 @@ def cmd_store_benchmark(ns) -> None:
     print(open(os.path.join(ns.out, "table.md")).read())
 
 
-def _method_model(method: str, task: str, ns, train_examples):
+def _method_model(method: str, task: str, ns, train_examples, seed: Optional[int] = None):
     """(trainer, spec) for a fresh backbone wired for ``method`` (no training yet)."""
     from openprompt.prompts import ManualTemplate, ManualVerbalizer
 
@@ -258,8 +248,10 @@ def _method_model(method: str, task: str, ns, train_examples):
     k = len(train_examples) // spec.num_classes
     model = RetroPromptForClassification(plm, template, verbalizer, RetroConfig(
         demo_topk=ns.demo_topk or (8 if k >= 16 else 2), loss=m["loss"], loss_beta=ns.loss_beta, knn_lambda=0.0))
-    args = TrainingArgs(epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size, max_seq_length=ns.max_seq_length,
-                        seed=ns.seed, tune_inference=False, progress=False)
+    seq = ns.max_seq_length * (2 if m["demonstrations"] == "text" else 1)  # room for the demonstrations' text
+    args = TrainingArgs(epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size, max_seq_length=seq,
+                        seed=ns.seed if seed is None else seed, patience=ns.patience, tune_inference=False,
+                        progress=False)
     return RetroTrainer(model, tok, wrapper, args), spec
 
 
@@ -339,6 +331,65 @@ def cmd_plot_k(ns) -> None:
     print(ns.png)
 
 
+def cmd_big_pool(ns) -> None:
+    """One RetroPrompt model, two stores: the K-shot training set vs a large labeled pool."""
+    import numpy as np
+    import torch
+    from openprompt.data_utils import InputExample
+
+    from .data import get_task, load_few_shot, load_pool, read_split
+    from .zero_shot import remove_overlap
+
+    os.makedirs(ns.out, exist_ok=True)
+    spec = get_task(ns.task)
+    data = load_few_shot(ns.data_root, spec.name, 16, ns.seed)
+    torch.manual_seed(ns.seed)
+    trainer, _ = _method_model("retro", spec.name, ns, data["train"])
+    trainer.args.tune_inference = True
+    trainer.fit(data["train"], data["dev"])
+    model = trainer.model
+
+    def measure(name):
+        tuned = trainer.tune_inference(data["dev"])  # lambda, k, T for this store, on dev
+        loader = trainer.loader(data["test"])
+        t0 = time.perf_counter()
+        acc = trainer.evaluate(loader)["accuracy"]
+        seconds = time.perf_counter() - t0
+        q = np.random.default_rng(0).normal(size=(256, model.store.dim)).astype(np.float32)
+        t1 = time.perf_counter()
+        model.store.knn_distribution(q, tuned["knn_k"], tuned["knn_temperature"])
+        search_ms = 1000 * (time.perf_counter() - t1) / 256
+        row = {"store": name, "entries": len(model.store), "test_accuracy": acc, "dev_accuracy": tuned["dev_accuracy"],
+               "knn_lambda": tuned["knn_lambda"], "knn_k": tuned["knn_k"], "knn_temperature": tuned["knn_temperature"],
+               "test_ms_per_example": round(1000 * seconds / len(data["test"]), 3),
+               "search_ms_per_query_batch256": round(search_ms, 4)}
+        print(json.dumps(row), flush=True)
+        return row
+
+    rows = [measure(f"{spec.name} 16-shot train")]
+    if ns.pool == "sst2-full":
+        pool = read_split(spec, os.path.join(ns.data_root, "sst2-full", "SST-2_train.tsv"), prefix="full-")
+    else:
+        pool = load_pool(ns.data_root, spec.name, "train")
+    pool = remove_overlap(pool, data["test"] + data["dev"] + data["train"])[: ns.pool_size or None]
+    pool = [InputExample(guid=f"pool-{i}", text_a=e.text_a, text_b=e.text_b, label=e.label) for i, e in enumerate(pool)]
+    t0 = time.perf_counter()
+    model.add_to_store(trainer.loader(pool), progress=not ns.no_progress)
+    build_s = time.perf_counter() - t0
+    rows.append({**measure(f"16-shot train + {len(pool)} pool examples ({ns.pool})"), "store_build_s": round(build_s, 1)})
+    with open(os.path.join(ns.out, "big_pool.json"), "w") as f:
+        json.dump({"task": spec.name, "seed": ns.seed, "model": ns.model, "rows": rows}, f, indent=2)
+    lines = ["| store | entries | test acc. | dev acc. (tuning) | lambda | k | T | test ms/example | kNN search ms/query |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['store']} | {r['entries']} | {100 * r['test_accuracy']:.1f} | {100 * r['dev_accuracy']:.1f} | "
+                     f"{r['knn_lambda']} | {r['knn_k']} | {r['knn_temperature']} | {r['test_ms_per_example']} | "
+                     f"{r['search_ms_per_query_batch256']} |")
+    with open(os.path.join(ns.out, "big_pool.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="openprompt-retro",
@@ -411,6 +462,16 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--out", default=os.path.join("benchmarks", "figures"))
     _add_common(fg)
     fg.set_defaults(func=cmd_figures)
+
+    bp = sub.add_parser("big-pool", help="RetroPrompt with the K-shot store vs a store from a large labeled pool")
+    bp.add_argument("--task", default="SST-2")
+    bp.add_argument("--seed", type=int, default=42)
+    bp.add_argument("--pool", default="pool", choices=["pool", "sst2-full"],
+                    help="pools/<task>/train.json, or the 67k GLUE SST-2 phrases")
+    bp.add_argument("--pool-size", type=int, default=0, help="cap on pool examples (0: all)")
+    bp.add_argument("--out", default=os.path.join("benchmarks", "big_pool"))
+    _add_common(bp)
+    bp.set_defaults(func=cmd_big_pool)
 
     pk = sub.add_parser("plot-k", help="accuracy against K from a results.jsonl of runs with --shots 4/8/16")
     pk.add_argument("results")
