@@ -86,7 +86,7 @@ def read_split(spec: TaskSpec, path: str, prefix: str = "") -> List[InputExample
     out: List[InputExample] = []
     with open(path, encoding="utf-8-sig", newline="") as f:
         if spec.fmt == "csv":
-            rows = [(r[1], None, r[0]) for r in csv.reader(f) if r]
+            rows = [(",".join(r[1:]), None, r[0]) for r in csv.reader(f) if r]  # unquoted commas stay text
         elif spec.fmt == "sst2":
             reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             rows = [(r["sentence"], None, r["label"]) for r in reader]
