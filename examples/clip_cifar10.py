@@ -40,9 +40,9 @@ ns = p.parse_args()
 
 t_start = time.time()
 if ns.model == "tiny-clip":
-    from openprompt_retro.testing import make_tiny_clip
+    from openprompt_retro.testing import make_tiny_clip, tiny_model_dir
 
-    path = os.path.join(tempfile.gettempdir(), "openprompt-retro-tiny-clip")
+    path = tiny_model_dir("tiny-clip")
     if not os.path.exists(os.path.join(path, "config.json")):
         make_tiny_clip(path)
     model_id = path

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Dict, List, Optional
 
@@ -68,7 +67,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--max-seq-length", type=int, default=128,
                    help="tokens per input (text demonstrations get 2x) (default: %(default)s)")
-    g.add_argument("--patience", type=int, default=6, help="epochs without dev gain before stopping")
+    g.add_argument("--patience", type=int, default=20,
+                   help="epochs without dev gain before stopping (default: no early stop within 20 epochs; the best dev epoch is kept)")
     g.add_argument("--demo-topk", type=int, default=None, help="m neighbours per class (default: 8 for K>=16, else 2)")
     g.add_argument("--loss-beta", type=float, default=1.0, help="beta of the kNN-guided loss")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -85,10 +85,10 @@ def load_backbone(model: str, model_type: str):
     from openprompt.plms import load_plm
 
     if model.startswith("tiny-"):
-        from .testing import make_tiny_mlm
+        from .testing import make_tiny_mlm, tiny_model_dir
 
         kind = model.split("-", 1)[1]
-        path = os.path.join(tempfile.gettempdir(), f"openprompt-retro-{model}")
+        path = tiny_model_dir(model)
         if not os.path.exists(os.path.join(path, "config.json")):
             make_tiny_mlm(kind, path)
         return load_plm(kind, path)
@@ -257,8 +257,6 @@ def _method_model(method: str, task: str, ns, train_examples, seed: Optional[int
 
 def cmd_analyze(ns) -> None:
     """Leave-one-out memorization of plain prompt tuning vs RetroPrompt at small K."""
-    import numpy as np
-
     from .analysis import leave_one_out_memorization, plot_memorization, subsample_k, summarize_memorization
     from .data import load_few_shot
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
 
 from openprompt.data_utils import InputExample
 

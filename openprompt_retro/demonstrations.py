@@ -1,7 +1,7 @@
 """Retrieval for input: neural demonstrations and LM-BFF-style text demonstrations."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch

@@ -24,7 +24,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import faiss
 import numpy as np
 
-ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence]
+ArrayLike = Union[np.ndarray, Sequence, "torch.Tensor"]  # noqa: F821 (torch tensors are accepted, not required)
 
 FORMAT_VERSION = 1
 _INDEX_FILE, _KEYS_FILE, _LABELS_FILE, _META_FILE = "index.faiss", "keys.npy", "labels.npy", "store.json"

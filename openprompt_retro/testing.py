@@ -69,6 +69,15 @@ def write_roberta_tokenizer(directory: str) -> str:
     return directory
 
 
+def tiny_model_dir(name: str) -> str:
+    """A temp folder for a tiny model, per transformers version (saved formats differ between versions)."""
+    import tempfile
+
+    import transformers
+
+    return os.path.join(tempfile.gettempdir(), f"openprompt-retro-{name}-tf{transformers.__version__}")
+
+
 def make_tiny_mlm(kind: str, directory: str, seed: int = 0, hidden: int = 32) -> str:
     """Write a tiny ``bert`` or ``roberta`` masked LM (random weights) plus tokenizer to ``directory``."""
     from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM, AutoTokenizer

@@ -1,6 +1,4 @@
 """Shared builders for the RetroPrompt tests (tiny models, tiny data)."""
-import torch
-
 import openprompt_retro as R
 
 WORDS = ["terrible", "great"]

@@ -16,7 +16,12 @@ def test_apply_is_idempotent_and_openprompt_imports():
 def test_removed_modules_are_provided():
     from transformers.generation import GenerationMixin
 
-    assert sys.modules["transformers.generation_utils"].GenerationMixin is GenerationMixin
+    import transformers.generation_utils as gu  # noqa: F401  (the import OpenPrompt does)
+
+    if "generation_utils" in compat.applied_fixes:
+        assert sys.modules["transformers.generation_utils"].GenerationMixin is GenerationMixin
+    else:  # transformers <= 4.39 still ships the module
+        assert hasattr(gu, "GenerationMixin")
     from transformers.tokenization_utils import SPECIAL_TOKENS_MAP_FILE
 
     assert SPECIAL_TOKENS_MAP_FILE == "special_tokens_map.json"
@@ -26,9 +31,9 @@ def test_removed_modules_are_provided():
 def test_adamw_has_old_defaults():
     p = torch.nn.Parameter(torch.zeros(2))
     opt = transformers.AdamW([p], lr=0.1)
-    assert isinstance(opt, torch.optim.AdamW)
-    if "AdamW" in compat.applied_fixes:
-        assert opt.defaults["eps"] == 1e-6 and opt.defaults["weight_decay"] == 0.0
+    assert opt.defaults["eps"] == 1e-6 and opt.defaults["weight_decay"] == 0.0
+    if "AdamW" in compat.applied_fixes:  # ours; on transformers <= 4.49 it is HF's own class
+        assert isinstance(opt, torch.optim.AdamW)
 
 
 def test_special_tokens_rebuilt_from_post_processor(tiny_plm):
