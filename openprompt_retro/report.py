@@ -20,11 +20,18 @@ def read_results(path: str) -> List[Dict]:
     return rows
 
 
+def _row_name(r: Dict, several_k: bool) -> str:
+    return f"{r['method']} (K={r['k']})" if several_k else r["method"]
+
+
 def summarize(rows: List[Dict]) -> Dict:
-    """{(method, task): (mean, std, n_seeds)} of test accuracy in %, std over seeds (ddof=0)."""
+    """{(method, task): (mean, std, n_seeds)} of test accuracy in %, std over seeds (ddof=0).
+
+    When the results hold several K, methods are split by K ("retro (K=4)")."""
+    several_k = len({r["k"] for r in rows}) > 1
     acc = defaultdict(list)
     for r in rows:
-        acc[(r["method"], r["task"])].append(100.0 * r["test_accuracy"])
+        acc[(_row_name(r, several_k), r["task"])].append(100.0 * r["test_accuracy"])
     return {key: (float(np.mean(v)), float(np.std(v)), len(v)) for key, v in acc.items()}
 
 
@@ -38,6 +45,8 @@ def markdown_table(rows: List[Dict]) -> str:
     s = summarize(rows)
     tasks = _ordered({t for _, t in s}, BENCH_TASKS)
     methods = _ordered({m for m, _ in s}, list(METHODS) + list(ZERO_SHOT_METHODS))
+    if len({r["k"] for r in rows}) > 1:
+        methods = sorted({m for m, _ in s}, key=lambda m: (m.split(" (K=")[0], int(m.split("K=")[1].rstrip(")"))))
     head = "| method | " + " | ".join(tasks) + " | avg |"
     lines = [head, "|" + "---|" * (len(tasks) + 2)]
     for m in methods:

@@ -55,3 +55,14 @@ def test_unknown_task_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "openprompt_retro", "run", "--model", "tiny-bert", "--tasks", "nope",
                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "unknown task 'nope'" in out.stderr
+
+
+def test_report_splits_methods_by_k(tmp_path):
+    from openprompt_retro.report import markdown_table
+
+    rows = [{"task": "SST-2", "method": "retro", "k": k, "seed": s, "test_accuracy": a}
+            for k, s, a in [(4, 13, 0.5), (4, 42, 0.6), (16, 13, 0.7), (16, 42, 0.9)]]
+    table = markdown_table(rows)
+    assert "| retro (K=4) | 55.0 ± 5.0 |" in table and "| retro (K=16) | 80.0 ± 10.0 |" in table
+    single = markdown_table([r for r in rows if r["k"] == 16])
+    assert "| retro | 80.0 ± 10.0 | 80.0 (std 10.0) |" in single
