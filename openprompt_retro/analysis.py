@@ -60,6 +60,12 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_memorization(scores_by_method: Dict[str, np.ndarray], path: str, title: str = "") -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -72,9 +78,7 @@ def plot_memorization(scores_by_method: Dict[str, np.ndarray], path: str, title:
     ax.set_ylabel("training examples")
     ax.set_title(title or "Leave-one-out memorization", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_lambda_sweep(lambdas: Sequence[float], accuracies: Sequence[float], chosen: float, path: str,
@@ -87,9 +91,7 @@ def plot_lambda_sweep(lambdas: Sequence[float], accuracies: Sequence[float], cho
     ax.set_ylabel("dev accuracy (%)")
     ax.set_title(title or "kNN mixing weight on dev", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_accuracy_vs_k(rows: List[Dict], path: str, title: str = "") -> None:
@@ -105,9 +107,7 @@ def plot_accuracy_vs_k(rows: List[Dict], path: str, title: str = "") -> None:
     ax.set_xticks(sorted({r["k"] for r in rows}))
     ax.set_title(title or "Accuracy against K", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_neighbours(query: str, explanation: Dict, class_names: Sequence[str], path: str) -> None:
@@ -124,6 +124,4 @@ def plot_neighbours(query: str, explanation: Dict, class_names: Sequence[str], p
     ax.set_xlabel("kNN weight softmax(s / T)")
     pred = class_names[explanation["prediction"]]
     ax.set_title(f"{query[:70]!r} -> {pred}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)

@@ -112,14 +112,19 @@ def _find(folder: str, stem: str) -> str:
     raise FileNotFoundError(f"no {stem}.tsv/.csv in {folder!r}")
 
 
+def _read_json(root: str, kind: str, task: str, split: str):
+    """``<root>/<kind>/<task>/<split>.json`` -> (path, parsed dict)."""
+    path = os.path.join(root, kind, task, f"{split}.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {kind} file at {path!r}")
+    with open(path, encoding="utf-8") as f:
+        return path, json.load(f)
+
+
 def load_pool(root: str, task: str, split: str = "train") -> List[InputExample]:
     """A larger labeled pool: ``<root>/pools/<task>/<split>.json``."""
     spec = get_task(task)
-    path = os.path.join(root, "pools", spec.name, f"{split}.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no pool at {path!r}")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    path, data = _read_json(root, "pools", spec.name, split)
     return [InputExample(guid=f"pool-{split}-{k}", text_a=v["text_a"], text_b=v.get("text_b") or "",
                          label=_label_index(spec, v["label"], path, int(k))) for k, v in data.items()]
 
@@ -127,11 +132,7 @@ def load_pool(root: str, task: str, split: str = "train") -> List[InputExample]:
 def load_topic(root: str, task: str, split: str) -> List[InputExample]:
     """``<root>/topic/<task>/<split>.json`` rows ``{"ori": text, "label": "2"}``."""
     spec = get_task(task)
-    path = os.path.join(root, "topic", spec.name, f"{split}.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no topic file at {path!r}")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    path, data = _read_json(root, "topic", spec.name, split)
     return [InputExample(guid=f"{split}-{k}", text_a=v["ori"], text_b="", label=_label_index(spec, v["label"], path, i))
             for i, (k, v) in enumerate(data.items())]
 

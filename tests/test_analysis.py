@@ -62,3 +62,18 @@ def test_subsample_k_is_per_label_and_seeded():
     assert sorted(e.label for e in a) == [0] * 4 + [1] * 4
     with pytest.raises(ValueError, match="fewer than k=17"):
         subsample_k(examples, 17, seed=1)
+
+
+def test_every_figure_writes_a_png(tmp_path):
+    from openprompt_retro import analysis as A
+
+    A.plot_memorization({"prompt": np.array([0.1, 0.5]), "retro": np.array([0.0, 0.2])}, str(tmp_path / "m.png"))
+    A.plot_lambda_sweep([0.0, 0.5, 1.0], [0.5, 0.7, 0.6], 0.5, str(tmp_path / "l.png"))
+    rows = [{"method": m, "k": k, "test_accuracy": a} for m, a in (("prompt", 0.6), ("retro", 0.7)) for k in (4, 16)]
+    A.plot_accuracy_vs_k(rows, str(tmp_path / "k.png"))
+    explanation = {"prediction": 1, "neighbours": [{"label": 1, "text": "great film", "weight": 0.7},
+                                                   {"label": 0, "text": None, "weight": 0.3}]}
+    A.plot_neighbours("a fine movie", explanation, ["bad", "good"], str(tmp_path / "n.png"))
+    for name in ("m", "l", "k", "n"):
+        with open(tmp_path / f"{name}.png", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
