@@ -60,6 +60,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="local folder or hub name of a masked LM, or 'tiny-bert' / 'tiny-roberta' for a random "
                         "test model (env OPENPROMPT_RETRO_MODEL; default: %(default)s)")
     g.add_argument("--model-type", default="bert", choices=["bert", "roberta"], help="OpenPrompt model family")
+    g.add_argument("--hf-dataset", default=None, metavar="NAME[:CONFIG]",
+                   help="train and test on a Hugging Face dataset instead of --data-root (online; needs "
+                        "'datasets'), e.g. glue:sst2 with --tasks SST-2: K per class for train and K for dev are "
+                        "drawn from its train split with each seed; --tasks gives template and label words")
+    g.add_argument("--hf-test-split", default=None, help="default: test if labeled, else validation")
+    g.add_argument("--hf-text-fields", type=_csv(str), default=(), help="text column(s) (default: guessed)")
+    g.add_argument("--hf-label-field", default="label")
+    g.add_argument("--hf-label-map", type=json.loads, default=None,
+                   help='JSON raw label -> class index of the task, e.g. \'{"0": 1, "1": 0}\'')
     g = p.add_argument_group("training (hyper-parameters not listed are chosen on dev)")
     g.add_argument("--k", type=int, default=16, help="shots per class: the LM-BFF split K (default: 16)")
     g.add_argument("--epochs", type=int, default=20, help="maximum epochs; the best dev epoch is kept (default: 20)")
@@ -97,6 +106,8 @@ def load_backbone(model: str, model_type: str):
 
 def run_zero_shot(task: str, method: str, seed: int, ns) -> Dict:
     """Zero-shot prompt model, optionally with a pseudo-labeled store (no labels used anywhere)."""
+    if getattr(ns, "hf_dataset", None):
+        raise SystemExit(f"{method} reads its unlabeled pool from --data-root; --hf-dataset serves the trained methods")
     import numpy as np
     from openprompt.data_utils import InputExample
     from openprompt.prompts import ManualTemplate, ManualVerbalizer
@@ -148,7 +159,14 @@ def run_one(task: str, method: str, seed: int, ns) -> Dict:
         return run_zero_shot(task, method, seed, ns)
     if method not in METHODS:
         raise SystemExit(f"unknown method {method!r}; choose from {sorted(METHODS) + sorted(ZERO_SHOT_METHODS)}")
-    data = load_few_shot(ns.data_root, task, ns.k, seed)
+    if getattr(ns, "hf_dataset", None):
+        from .data import load_hf_few_shot
+
+        data = load_hf_few_shot(ns.hf_dataset, task, ns.k, seed, test_split=ns.hf_test_split,
+                                text_fields=ns.hf_text_fields, label_field=ns.hf_label_field,
+                                label_map=ns.hf_label_map)
+    else:
+        data = load_few_shot(ns.data_root, task, ns.k, seed)
     shots = getattr(ns, "shots", None) or ns.k
     if shots < ns.k:  # K = 4 / 8 from the LM-BFF 16-shot split, drawn with the split's seed
         from .analysis import subsample_k

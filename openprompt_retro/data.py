@@ -161,3 +161,105 @@ def load_few_shot(root: str, task: str, k: int = 16, seed: int = 42) -> Dict[str
     else:
         out["test"] = read_split(spec, _find(folder, "test"), prefix="test-")
     return out
+
+
+# ------------------------------------------------------------------ Hugging Face datasets (online users)
+_TEXT_COLUMNS = ("sentence", "text", "question", "sentence1", "premise", "review")
+_PAIR_COLUMNS = ("sentence2", "hypothesis", "sentence")
+
+
+def _pick_columns(row: Dict, spec: TaskSpec, text_fields: Sequence[str], where: str) -> List[str]:
+    if text_fields:
+        missing = [c for c in text_fields if c not in row]
+        if missing:
+            raise ValueError(f"{where}: no column {missing[0]!r}; columns are {sorted(row)}")
+        return list(text_fields)
+    first = next((c for c in _TEXT_COLUMNS if c in row), None)
+    if first is None:
+        raise ValueError(f"{where}: cannot tell the text column among {sorted(row)}; name it with text_fields")
+    if "text_b" not in spec.template:
+        return [first]
+    second = next((c for c in _PAIR_COLUMNS if c in row and c != first), None)
+    if second is None:
+        raise ValueError(f"{where}: task {spec.name} needs a second text column; name both with text_fields")
+    return [first, second]
+
+
+def examples_from_rows(rows: Sequence[Dict], spec: TaskSpec, text_fields: Sequence[str] = (),
+                       label_field: str = "label", label_map: Dict[str, int] = None, prefix: str = "",
+                       where: str = "rows") -> List[InputExample]:
+    """Rows as dicts (a ``datasets`` split iterates as such) -> InputExamples.
+
+    A label is mapped with ``label_map`` (raw value -> class index) when given, else read as one of
+    ``spec.labels``. Unlabeled rows (label -1, as in GLUE's test splits) are an error.
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError(f"{where} holds no examples")
+    fields = _pick_columns(rows[0], spec, text_fields, where)
+    if label_field not in rows[0]:
+        raise ValueError(f"{where}: no label column {label_field!r}; columns are {sorted(rows[0])}")
+    out = []
+    for i, r in enumerate(rows):
+        raw = r[label_field]
+        if str(raw) == "-1":
+            raise ValueError(f"{where}, row {i}: label -1 (unlabeled split); evaluate on a labeled split instead, "
+                             "e.g. 'validation'")
+        if label_map is not None:
+            if str(raw) not in label_map:
+                raise ValueError(f"{where}, row {i}: label {raw!r} is not in the label map {sorted(label_map)}")
+            label = int(label_map[str(raw)])
+        else:
+            label = _label_index(spec, raw, where, i)
+        out.append(InputExample(guid=f"{prefix}{i}", text_a=str(r[fields[0]]),
+                                text_b=str(r[fields[1]]) if len(fields) > 1 else "", label=label))
+    return out
+
+
+def few_shot_from_rows(train_rows: Sequence[Dict], test_rows: Sequence[Dict], spec: TaskSpec, k: int, seed: int,
+                       **fields) -> Dict[str, List[InputExample]]:
+    """LM-BFF-style split from a full training set: K per class for train and another, disjoint, K per class
+    for dev, both drawn with ``seed``; the test rows are kept whole."""
+    import random
+
+    pool = examples_from_rows(train_rows, spec, prefix="pool-", where="train split", **fields)
+    by_class: Dict[int, List[InputExample]] = {c: [] for c in range(spec.num_classes)}
+    for ex in pool:
+        by_class[ex.label].append(ex)
+    rng = random.Random(seed)
+    train, dev = [], []
+    for c, items in by_class.items():
+        if len(items) < 2 * k:
+            raise ValueError(f"class {c} ({spec.label_words[c]}) has {len(items)} training rows, fewer than "
+                             f"2K = {2 * k} (K for train, K for dev)")
+        picked = rng.sample(items, 2 * k)
+        train += picked[:k]
+        dev += picked[k:]
+    return {"train": train, "dev": dev,
+            "test": examples_from_rows(test_rows, spec, prefix="test-", where="test split", **fields)}
+
+
+def load_hf_few_shot(dataset: str, task: str, k: int = 16, seed: int = 42, test_split: str = None,
+                     text_fields: Sequence[str] = (), label_field: str = "label",
+                     label_map: Dict[str, int] = None) -> Dict[str, List[InputExample]]:
+    """A few-shot split of a Hugging Face dataset (needs ``pip install datasets`` and a network).
+
+    ``dataset`` is ``name`` or ``name:config`` (e.g. ``glue:sst2``, ``rotten_tomatoes``); ``task`` names the
+    TaskSpec whose template and label words are used. The test split defaults to ``test`` unless it is
+    missing or unlabeled, then ``validation``.
+    """
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("loading a Hugging Face dataset needs the 'datasets' package: "
+                          "pip install 'openprompt-retro[hf]'") from e
+    spec = get_task(task)
+    name, _, config = dataset.partition(":")
+    ds = datasets.load_dataset(name, config or None)
+    if test_split is None:
+        labeled_test = "test" in ds and any(str(y) != "-1" for y in ds["test"][label_field][:100])
+        test_split = "test" if labeled_test else "validation"
+    if test_split not in ds:
+        raise ValueError(f"{dataset} has no split {test_split!r}; splits are {list(ds)}")
+    return few_shot_from_rows(ds["train"], ds[test_split], spec, k, seed, text_fields=text_fields,
+                              label_field=label_field, label_map=label_map)
