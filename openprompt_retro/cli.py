@@ -233,8 +233,9 @@ def cmd_run(ns) -> List[Dict]:
 def cmd_report(ns) -> None:
     from .report import write_report
 
-    write_report(ns.results, ns.out or os.path.dirname(ns.results) or ".")
-    print(open(os.path.join(ns.out or os.path.dirname(ns.results) or ".", "table.md")).read())
+    out = ns.out or os.path.dirname(ns.results) or "."
+    write_report(ns.results, out, seeds=ns.seeds)
+    print(open(os.path.join(out, "table.md")).read())
 
 
 def cmd_speed(ns) -> None:
@@ -441,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="table and plot from a results.jsonl")
     rp.add_argument("results", help="path to results.jsonl")
     rp.add_argument("--out", default=None, help="output folder (default: beside the results)")
+    rp.add_argument("--seeds", type=_csv(int), default=None,
+                    help="summarise only these seeds, e.g. the ones every run has finished (default: all)")
     rp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("speed", help="inference wall time of plain, kNN and full RetroPrompt inference")

@@ -5,7 +5,7 @@ import csv
 import json
 import os
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -97,8 +97,12 @@ def plot(rows: List[Dict], path: str) -> None:
     plt.close(fig)
 
 
-def write_report(results_path: str, out_dir: str) -> None:
-    rows = read_results(results_path)
+def write_report(results_path: str, out_dir: str, seeds: Optional[Sequence[int]] = None) -> None:
+    """table.md, summary.csv and accuracy.png over ``seeds`` (default: all); results.csv lists every run."""
+    all_rows = read_results(results_path)
+    rows = [r for r in all_rows if seeds is None or r["seed"] in set(seeds)]
+    if not rows:
+        raise ValueError(f"{results_path!r} holds no results for seeds {list(seeds)}")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(markdown_table(rows))
@@ -107,7 +111,7 @@ def write_report(results_path: str, out_dir: str) -> None:
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(all_rows)
     with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "task", "mean_accuracy", "std_accuracy", "n_seeds"])

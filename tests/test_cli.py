@@ -66,3 +66,17 @@ def test_report_splits_methods_by_k(tmp_path):
     assert "| retro (K=4) | 55.0 ± 5.0 |" in table and "| retro (K=16) | 80.0 ± 10.0 |" in table
     single = markdown_table([r for r in rows if r["k"] == 16])
     assert "| retro | 80.0 ± 10.0 | 80.0 (std 10.0) |" in single
+
+
+def test_report_keeps_only_the_chosen_seeds(tmp_path):
+    path = tmp_path / "results.jsonl"
+    rows = [{"task": "SST-2", "method": "prompt", "k": 16, "seed": s, "test_accuracy": a, "dev_accuracy": None}
+            for s, a in [(13, 0.6), (42, 0.8), (87, 0.1)]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run("report", str(path), "--seeds", "13,42")
+    assert "| prompt | 70.0 ± 10.0 |" in (tmp_path / "table.md").read_text()
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3  # every run stays listed
+    out = subprocess.run([sys.executable, "-m", "openprompt_retro", "report", str(path), "--seeds", "5"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "no results for seeds [5]" in out.stderr
