@@ -1,4 +1,4 @@
-"""Make ``openprompt`` 1.0.1 importable and runnable on transformers 4.40 - 5.23.
+"""Make ``openprompt`` 1.0.1 importable and runnable on transformers 4.40 - 5.23 (supported: 4.39.3 - 5.23).
 
 OpenPrompt was written against transformers 4.x. Five things it relies on have
 since moved or disappeared. :func:`apply` restores each one *only where it is
@@ -27,7 +27,7 @@ import types
 from typing import Dict, List, Optional
 
 #: The transformers versions this module was verified against.
-SUPPORTED_TRANSFORMERS = ">=4.30,<5.24"
+SUPPORTED_TRANSFORMERS = ">=4.39.3,<5.24"  # as in setup.cfg; the suite runs on both ends
 
 _applied = False
 #: Names of the fixes that :func:`apply` actually installed (empty on old versions).

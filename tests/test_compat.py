@@ -50,3 +50,15 @@ def test_special_tokens_rebuilt_from_post_processor(tiny_plm):
         assert pair == [cls_] + a + [sep, sep] + b + [sep]
     assert tok.get_special_tokens_mask(a) == [1 if t in (cls_, sep) else 0 for t in single]
     assert tok.get_special_tokens_mask(a, b) == [1 if t in (cls_, sep) else 0 for t in pair]
+
+
+def test_supported_range_is_stated_once_and_matches_setup_cfg():
+    import configparser
+    import os
+
+    from openprompt_retro.compat import SUPPORTED_TRANSFORMERS
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.cfg"))
+    requires = [line.strip() for line in cfg["options"]["install_requires"].splitlines()]
+    assert f"transformers{SUPPORTED_TRANSFORMERS.split()[0]}" in requires
