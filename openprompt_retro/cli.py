@@ -234,7 +234,7 @@ def cmd_report(ns) -> None:
     from .report import write_report
 
     out = ns.out or os.path.dirname(ns.results) or "."
-    write_report(ns.results, out, seeds=ns.seeds)
+    write_report(ns.results, out, seeds=ns.seeds, dev_select=ns.dev_select)
     print(open(os.path.join(out, "table.md")).read())
 
 
@@ -444,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default=None, help="output folder (default: beside the results)")
     rp.add_argument("--seeds", type=_csv(int), default=None,
                     help="summarise only these seeds, e.g. the ones every run has finished (default: all)")
+    rp.add_argument("--dev-select", type=_csv(str), default=None, metavar="A,B",
+                    help="add a row that takes, per task and seed, whichever of these methods scored best on "
+                         "dev (ties: the first listed)")
     rp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("speed", help="inference wall time of plain, kNN and full RetroPrompt inference")

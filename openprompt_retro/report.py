@@ -97,12 +97,37 @@ def plot(rows: List[Dict], path: str) -> None:
     plt.close(fig)
 
 
-def write_report(results_path: str, out_dir: str, seeds: Optional[Sequence[int]] = None) -> None:
-    """table.md, summary.csv and accuracy.png over ``seeds`` (default: all); results.csv lists every run."""
+def dev_selected(rows: List[Dict], candidates: Sequence[str]) -> List[Dict]:
+    """One more method, ``a|b|...``: per (task, K, seed) the candidate run with the best dev accuracy.
+
+    Ties go to the candidate listed first. Only (task, K, seed) where every candidate ran are kept, and
+    test accuracy is never looked at for the choice.
+    """
+    runs = {(r["task"], r["k"], r["seed"], r["method"]): r for r in rows}
+    out = []
+    for task, k, seed in sorted({(r["task"], r["k"], r["seed"]) for r in rows}, key=str):
+        group = [runs.get((task, k, seed, m)) for m in candidates]
+        if any(g is None or g.get("dev_accuracy") is None for g in group):
+            continue
+        best = max(range(len(group)), key=lambda i: (group[i]["dev_accuracy"], -i))
+        out.append(dict(group[best], method="|".join(candidates), selected=candidates[best]))
+    return out
+
+
+def write_report(results_path: str, out_dir: str, seeds: Optional[Sequence[int]] = None,
+                 dev_select: Optional[Sequence[str]] = None) -> None:
+    """table.md, summary.csv and accuracy.png over ``seeds`` (default: all); results.csv lists every run.
+
+    ``dev_select`` adds the method that picks, per split, whichever of these methods did best on dev."""
     all_rows = read_results(results_path)
     rows = [r for r in all_rows if seeds is None or r["seed"] in set(seeds)]
     if not rows:
         raise ValueError(f"{results_path!r} holds no results for seeds {list(seeds)}")
+    if dev_select:
+        missing = [m for m in dev_select if m not in {r["method"] for r in rows}]
+        if missing:
+            raise ValueError(f"--dev-select: no runs of {missing} in {results_path!r}")
+        rows = rows + dev_selected(rows, dev_select)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(markdown_table(rows))

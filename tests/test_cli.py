@@ -80,3 +80,15 @@ def test_report_keeps_only_the_chosen_seeds(tmp_path):
     out = subprocess.run([sys.executable, "-m", "openprompt_retro", "report", str(path), "--seeds", "5"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "no results for seeds [5]" in out.stderr
+
+
+def test_dev_selection_picks_by_dev_never_by_test():
+    from openprompt_retro.report import dev_selected
+
+    rows = [{"task": "SST-2", "k": 16, "seed": s, "method": m, "dev_accuracy": d, "test_accuracy": t}
+            for s, m, d, t in [(13, "a", 0.7, 0.50), (13, "b", 0.8, 0.40),    # b wins on dev, worse on test
+                               (42, "a", 0.6, 0.55), (42, "b", 0.6, 0.90),    # tie: the first listed
+                               (87, "a", 0.9, 0.60)]]                         # b missing: split dropped
+    picked = dev_selected(rows, ["a", "b"])
+    assert [(r["seed"], r["selected"], r["test_accuracy"], r["method"]) for r in picked] == [
+        (13, "b", 0.40, "a|b"), (42, "a", 0.55, "a|b")]
