@@ -98,7 +98,7 @@ def plot(rows: List[Dict], path: str) -> None:
 
 
 def dev_selected(rows: List[Dict], candidates: Sequence[str]) -> List[Dict]:
-    """One more method, ``a|b|...``: per (task, K, seed) the candidate run with the best dev accuracy.
+    """One more method, ``dev-select(a, b, ...)``: per (task, K, seed) the candidate run with the best dev accuracy.
 
     Ties go to the candidate listed first. Only (task, K, seed) where every candidate ran are kept, and
     test accuracy is never looked at for the choice.
@@ -110,7 +110,7 @@ def dev_selected(rows: List[Dict], candidates: Sequence[str]) -> List[Dict]:
         if any(g is None or g.get("dev_accuracy") is None for g in group):
             continue
         best = max(range(len(group)), key=lambda i: (group[i]["dev_accuracy"], -i))
-        out.append(dict(group[best], method="|".join(candidates), selected=candidates[best]))
+        out.append(dict(group[best], method=f"dev-select({', '.join(candidates)})", selected=candidates[best]))
     return out
 
 

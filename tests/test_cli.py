@@ -91,4 +91,4 @@ def test_dev_selection_picks_by_dev_never_by_test():
                                (87, "a", 0.9, 0.60)]]                         # b missing: split dropped
     picked = dev_selected(rows, ["a", "b"])
     assert [(r["seed"], r["selected"], r["test_accuracy"], r["method"]) for r in picked] == [
-        (13, "b", 0.40, "a|b"), (42, "a", 0.55, "a|b")]
+        (13, "b", 0.40, "dev-select(a, b)"), (42, "a", 0.55, "dev-select(a, b)")]
