@@ -50,7 +50,8 @@ def _csv(kind):
     return parse
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
+    """Data and model options; ``training=False`` keeps only what inference needs (``speed``)."""
     from .data import DEFAULT_DATA_ROOT, DEFAULT_MODEL
 
     g = p.add_argument_group("data and model")
@@ -60,6 +61,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="local folder or hub name of a masked LM, or 'tiny-bert' / 'tiny-roberta' for a random "
                         "test model (env OPENPROMPT_RETRO_MODEL; default: %(default)s)")
     g.add_argument("--model-type", default="bert", choices=["bert", "roberta"], help="OpenPrompt model family")
+    g.add_argument("--k", type=int, default=16, help="shots per class: the LM-BFF split K (default: 16)")
+    g.add_argument("--max-seq-length", type=int, default=128,
+                   help="tokens per input (text demonstrations get 2x) (default: %(default)s)")
+    if not training:
+        return
     g.add_argument("--hf-dataset", default=None, metavar="NAME[:CONFIG]",
                    help="train and test on a Hugging Face dataset instead of --data-root (online; needs "
                         "'datasets'), e.g. glue:sst2 with --tasks SST-2: K per class for train and K for dev are "
@@ -70,12 +76,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hf-label-map", type=json.loads, default=None,
                    help='JSON raw label -> class index of the task, e.g. \'{"0": 1, "1": 0}\'')
     g = p.add_argument_group("training (hyper-parameters not listed are chosen on dev)")
-    g.add_argument("--k", type=int, default=16, help="shots per class: the LM-BFF split K (default: 16)")
     g.add_argument("--epochs", type=int, default=20, help="maximum epochs; the best dev epoch is kept (default: 20)")
     g.add_argument("--lr", type=float, default=5e-5, help="learning rate (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--max-seq-length", type=int, default=128,
-                   help="tokens per input (text demonstrations get 2x) (default: %(default)s)")
     g.add_argument("--patience", type=int, default=20,
                    help="epochs without dev gain before stopping (default: no early stop within 20 epochs; the best dev epoch is kept)")
     g.add_argument("--demo-topk", type=int, default=None, help="m neighbours per class (default: 8 for K>=16, else 2)")
@@ -454,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=42)
     sp.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     sp.add_argument("--limit", type=int, default=None, help="use only the first N test examples")
-    _add_common(sp)
+    _add_common(sp, training=False)
     sp.set_defaults(func=cmd_speed)
 
     sb = sub.add_parser("store-benchmark", help="knowledge-store build time, memory, latency and recall on "
@@ -509,6 +512,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run"] + argv
     ns = parser.parse_args(argv)
+    if getattr(ns, "no_progress", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" and friends
     ns.func(ns)
 
 

@@ -30,8 +30,9 @@ def test_help_lists_commands_and_methods():
 @needs_data
 def test_smoke_run_writes_well_formed_outputs(tmp_path):
     out_dir = tmp_path / "smoke"
-    run("run", "--model", "tiny-bert", "--tasks", "SST-2", "--methods", "prompt,retro", "--seeds", "42",
+    out = run("run", "--model", "tiny-bert", "--tasks", "SST-2", "--methods", "prompt,retro", "--seeds", "42",
         "--epochs", "1", "--no-progress", "--out", str(out_dir), "--data-root", DATA)
+    assert "tokenizing" not in out.stderr and "Loading weights" not in out.stderr  # --no-progress
     rows = [json.loads(line) for line in open(out_dir / "results.jsonl")]
     assert [(r["task"], r["method"], r["seed"], r["k"]) for r in rows] == [("SST-2", "prompt", 42, 16),
                                                                            ("SST-2", "retro", 42, 16)]
@@ -49,6 +50,16 @@ def test_smoke_run_writes_well_formed_outputs(tmp_path):
     run("run", "--model", "tiny-bert", "--tasks", "SST-2", "--methods", "prompt", "--seeds", "42", "--epochs", "1",
         "--no-progress", "--out", str(out_dir), "--data-root", DATA, "--resume")
     assert len(open(out_dir / "results.jsonl").read().strip().splitlines()) == 2
+
+
+@needs_data
+def test_speed_reports_ratios_and_offers_only_inference_options():
+    help_text = run("speed", "--help").stdout
+    assert "--max-seq-length" in help_text and "--epochs" not in help_text and "--zs-k" not in help_text
+    out = json.loads(run("speed", "--model", "tiny-bert", "--limit", "16", "--repeats", "1", "--data-root", DATA).stdout)
+    assert out["n_test"] == 16 and out["n_train"] == 32
+    assert out["knn_over_plain"] == pytest.approx(out["knn_s"] / out["plain_s"], rel=1e-2)
+    assert out["retro_over_plain"] > 0 and out["refresh_over_train_forward"] > 0
 
 
 def test_unknown_task_is_a_clear_error(tmp_path):

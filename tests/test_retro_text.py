@@ -286,3 +286,11 @@ def test_mask_only_head_matches_full_sequence_head(tiny_bert, examples, tname, v
         model.mask_only_head = False
         full = model(batch)
     assert torch.allclose(fast, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_false_hides_the_tokenizing_bar(tiny_bert, examples, capsys, progress):
+    tr = trainer(retro_model(tiny_bert, demonstrations="none"), tiny_bert, progress=progress)
+    loader = tr.loader(examples)
+    assert len(loader.tensor_dataset) == len(examples)
+    assert ("tokenizing" in capsys.readouterr().err) == progress
