@@ -63,8 +63,8 @@ def markdown_table(rows: List[Dict]) -> str:
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} |")
     seeds = sorted({r["seed"] for r in rows})
     lines.append("")
-    lines.append(f"Test accuracy (%), mean ± std over seeds {seeds}; avg = mean over tasks "
-                 "(std = mean of the per-task stds).")
+    lines.append(f"Test accuracy (%), mean ± std over seeds {seeds} (population std, ddof = 0); "
+                 "avg = mean over tasks (std = mean of the per-task stds).")
     return "\n".join(lines) + "\n"
 
 
