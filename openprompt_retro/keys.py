@@ -8,6 +8,7 @@ hidden state at the mask.
 from __future__ import annotations
 
 import copy
+import functools
 from contextlib import contextmanager
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -201,6 +202,20 @@ def build_store(model, dataloader, num_classes: Optional[int] = None, store: Opt
     return store.build(keys, labels, guids, texts)
 
 
+@contextmanager
+def tokenizing_bar(shown: bool):
+    """PromptDataLoader always draws a 'tokenizing' bar; hide it while progress is off."""
+    import openprompt.pipeline_base as pipeline
+
+    bar = pipeline.tqdm
+    if not shown:
+        pipeline.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        pipeline.tqdm = bar
+
+
 def build_store_streaming(model, examples: Iterable, tokenizer, wrapper_class, num_classes: int,
                           max_seq_length: int = 128, batch_size: int = 64, chunk_size: int = 4096,
                           train_size: int = 65536, store: Optional[KnowledgeStore] = None, progress: bool = True,
@@ -227,8 +242,10 @@ def build_store_streaming(model, examples: Iterable, tokenizer, wrapper_class, n
         pending.clear()
 
     def add_chunk(chunk):
-        loader = PromptDataLoader(chunk, model.template, tokenizer=tokenizer, tokenizer_wrapper_class=wrapper_class,
-                                  max_seq_length=max_seq_length, batch_size=batch_size)
+        with tokenizing_bar(progress):
+            loader = PromptDataLoader(chunk, model.template, tokenizer=tokenizer,
+                                      tokenizer_wrapper_class=wrapper_class, max_seq_length=max_seq_length,
+                                      batch_size=batch_size)
         keys, labels, guids = extract_keys(model, loader, progress=False)
         texts = [example_text(e) for e in chunk]
         if store.index.is_trained and not pending:

@@ -2,10 +2,8 @@
 and lambda, k, T chosen on the dev split."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import functools
 import itertools
 import json
 import os
@@ -22,21 +20,8 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from . import distributed
+from .keys import tokenizing_bar
 from .model import RetroPromptForClassification
-
-
-@contextlib.contextmanager
-def _tokenizing_bar(shown: bool):
-    """PromptDataLoader always draws a 'tokenizing' bar; hide it while progress is off."""
-    import openprompt.pipeline_base as pipeline
-
-    bar = pipeline.tqdm
-    if not shown:
-        pipeline.tqdm = functools.partial(bar, disable=True)
-    try:
-        yield
-    finally:
-        pipeline.tqdm = bar
 
 
 @dataclass
@@ -89,7 +74,7 @@ class RetroTrainer:
     def loader(self, examples, batch_size: Optional[int] = None, shuffle: bool = False) -> PromptDataLoader:
         if len(examples) == 0:
             raise ValueError("no examples given")
-        with _tokenizing_bar(self.args.progress):
+        with tokenizing_bar(self.args.progress):
             return PromptDataLoader(list(examples), self.model.template, tokenizer=self.tokenizer,
                                     tokenizer_wrapper_class=self.wrapper_class,
                                     max_seq_length=self.args.max_seq_length,

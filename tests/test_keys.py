@@ -72,14 +72,16 @@ def test_template_without_mask_is_refused(tiny_bert):
         hidden_at_mask(torch.zeros(2, 4, 3), torch.tensor([[0, 1, 0, 0], [0, 0, 0, 0]]))
 
 
-def test_streaming_build_matches_build_store(tiny_plm, examples):
+def test_streaming_build_matches_build_store(tiny_plm, examples, capsys):
     from openprompt_retro.keys import build_store_streaming
 
     kind, plm, tok, _, wrapper = tiny_plm
     model, loader = _pipeline(tiny_plm, examples)
     full = build_store(model, loader, progress=False)
+    capsys.readouterr()
     streamed = build_store_streaming(model, iter(examples), tok, wrapper, num_classes=2, max_seq_length=32,
                                      batch_size=3, chunk_size=3, progress=False)
+    assert "tokenizing" not in capsys.readouterr().err  # progress=False hides every chunk's bar
     np.testing.assert_allclose(streamed.keys, full.keys, atol=1e-5)
     assert streamed.guids == full.guids and streamed.texts == full.texts
     assert streamed.labels.tolist() == full.labels.tolist()
