@@ -70,4 +70,4 @@ def measure_speed(ns) -> Dict:
     out["knn_over_plain"] = out["knn_s"] / out["plain_s"]
     out["retro_over_plain"] = out["retro_s"] / out["plain_s"]
     out["refresh_over_train_forward"] = out["store_refresh_s"] / out["train_forward_s"]
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+    return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in out.items()}  # 4 significant digits
