@@ -3,19 +3,17 @@
     python examples/02_neural_demonstrations.py --model tiny-bert
 """
 from _common import parse, setup
-from openprompt.prompts import ManualTemplate, ManualVerbalizer
 
-from openprompt_retro import RetroConfig, RetroPromptForClassification, RetroTemplate, RetroTrainer, TrainingArgs
+from openprompt_retro import RetroConfig, TrainingArgs, build_trainer
 
 ns = parse(__doc__)
 spec, data, plm, tok, Wrapper = setup(ns)
-verbalizer = ManualVerbalizer(tok, num_classes=spec.num_classes, label_words=[[w] for w in spec.label_words])
 
 for mode in ("neural", "text"):
-    template = RetroTemplate(ManualTemplate(tokenizer=tok, text=spec.template), spec.label_words,
-                             demonstrations=mode, plm=plm, text_pool=data["train"])
-    model = RetroPromptForClassification(plm, template, verbalizer, RetroConfig(demo_topk=8))
-    trainer = RetroTrainer(model, tok, Wrapper, TrainingArgs(max_seq_length=256, progress=False))
+    trainer = build_trainer(plm, tok, Wrapper, spec.template, spec.label_words, demonstrations=mode,
+                            config=RetroConfig(demo_topk=8), text_pool=data["train"],
+                            args=TrainingArgs(max_seq_length=256, progress=False))
+    model = trainer.model
     loader = trainer.loader(data["test"][:4])
     batch = next(iter(loader))
     ids = batch["input_ids"][0][batch["attention_mask"][0] == 1]

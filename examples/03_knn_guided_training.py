@@ -7,17 +7,15 @@
 import numpy as np
 import torch
 from _common import parse, setup
-from openprompt.prompts import ManualTemplate, ManualVerbalizer
 
-from openprompt_retro import (RetroConfig, RetroPromptForClassification, RetroTemplate, RetroTrainer, TrainingArgs,
-                              knn_loss_weights)
+from openprompt_retro import RetroConfig, TrainingArgs, build_trainer, knn_loss_weights
 
 ns = parse(__doc__, epochs=dict(type=int, default=3))
 spec, data, plm, tok, Wrapper = setup(ns)
-template = RetroTemplate(ManualTemplate(tokenizer=tok, text=spec.template), spec.label_words, demonstrations="none")
-verbalizer = ManualVerbalizer(tok, num_classes=spec.num_classes, label_words=[[w] for w in spec.label_words])
-model = RetroPromptForClassification(plm, template, verbalizer, RetroConfig(loss="knn", loss_beta=1.0, knn_lambda=0))
-trainer = RetroTrainer(model, tok, Wrapper, TrainingArgs(epochs=ns.epochs, lr=5e-5, tune_inference=False))
+trainer = build_trainer(plm, tok, Wrapper, spec.template, spec.label_words, demonstrations="none",
+                        config=RetroConfig(loss="knn", loss_beta=1.0, knn_lambda=0),
+                        args=TrainingArgs(epochs=ns.epochs, lr=5e-5, tune_inference=False))
+model = trainer.model
 
 model.refresh_store(trainer.loader(data["train"]), progress=False)
 s = model.store

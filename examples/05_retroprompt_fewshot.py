@@ -6,24 +6,17 @@ with lambda, k and T chosen on dev. Compares with plain prompt tuning on the sam
 """
 import time
 
-from _common import parse, setup
-from openprompt.prompts import ManualTemplate, ManualVerbalizer
+from _common import load_backbone, parse, setup
 
-from openprompt_retro import RetroConfig, RetroPromptForClassification, RetroTemplate, RetroTrainer, TrainingArgs
+from openprompt_retro import RetroConfig, TrainingArgs, build_trainer
 
 ns = parse(__doc__, epochs=dict(type=int, default=20), limit=dict(type=int, default=None))
 spec, data, _, _, _ = setup(ns)
 test = data["test"][: ns.limit] if ns.limit else data["test"]
-for name, demos, loss, tune in (("prompt", "none", "ce", False), ("retro", "neural", "knn", True)):
-    from openprompt_retro.cli import load_backbone
-
+for name in ("prompt", "retro"):
     plm, tok, _, Wrapper = load_backbone(ns.model, ns.model_type)  # a fresh backbone per method
-    template = RetroTemplate(ManualTemplate(tokenizer=tok, text=spec.template), spec.label_words,
-                             demonstrations=demos, plm=plm)
-    verbalizer = ManualVerbalizer(tok, num_classes=spec.num_classes, label_words=[[w] for w in spec.label_words])
-    model = RetroPromptForClassification(plm, template, verbalizer, RetroConfig(loss=loss, knn_lambda=0.0))
-    trainer = RetroTrainer(model, tok, Wrapper, TrainingArgs(epochs=ns.epochs, lr=5e-5, seed=ns.seed,
-                                                             tune_inference=tune))
+    trainer = build_trainer(plm, tok, Wrapper, spec.template, spec.label_words, method=name,
+                            config=RetroConfig(knn_lambda=0.0), args=TrainingArgs(epochs=ns.epochs, seed=ns.seed))
     t0 = time.time()
     trainer.fit(data["train"], data["dev"])
     acc = trainer.evaluate(test)["accuracy"]

@@ -6,8 +6,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout without installing
 
 import openprompt_retro  # noqa: E402,F401  (makes openprompt importable)
-from openprompt_retro.cli import load_backbone  # noqa: E402
-from openprompt_retro.data import DEFAULT_DATA_ROOT, DEFAULT_MODEL, get_task, load_few_shot  # noqa: E402
+from openprompt_retro.experiments.backbones import load_backbone  # noqa: E402
+from openprompt_retro.experiments.tasks import DEFAULT_DATA_ROOT, DEFAULT_MODEL, get_task, load_few_shot  # noqa: E402
 
 
 def parse(description, **extra):

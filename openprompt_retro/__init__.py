@@ -1,28 +1,65 @@
 """openprompt-retro: retrieval-augmented prompt learning (RetroPrompt) for OpenPrompt.
 
-Importing this package first makes ``openprompt`` importable on current
-transformers (see :mod:`openprompt_retro.compat`).
+Layers (each imports only the ones above it):
+
+    core/         framework-free retrieval math: store, kNN distribution and mixture, loss, demonstrations
+    prompt/       the OpenPrompt extension (applies the transformers shims on import)
+    clip/         the vision adapter on CLIP (imports core/, never prompt/ or openprompt)
+    experiments/  benchmarks, reports and figures behind the CLI (never imported by the library)
+
+Public names load lazily (PEP 562): ``import openprompt_retro`` is cheap, and
+``openprompt_retro.RetroTrainer`` imports the OpenPrompt layer on first use.
 """
-from . import compat
+from __future__ import annotations
 
-compat.apply()
+import importlib
+import importlib.abc
+import sys
+from typing import List
 
-from .config import RetroConfig  # noqa: E402
-from .demonstrations import TfidfDemoRetriever, demonstration_weights, neural_demonstrations  # noqa: E402
-from .keys import MaskKeyHead, build_store, extract_keys, mask_keys  # noqa: E402
-from .loss import knn_guided_loss, knn_loss_weights  # noqa: E402
-from .model import RetroPromptForClassification  # noqa: E402
-from .store import KnowledgeStore, SearchResult, StoreError, knn_label_distribution  # noqa: E402
-from .template import RetroTemplate  # noqa: E402
-from .trainer import RetroTrainer, TrainingArgs  # noqa: E402
-from .verbalizer import KnnVerbalizer, mix_distributions  # noqa: E402
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
-__all__ = [
-    "KnowledgeStore", "SearchResult", "StoreError", "knn_label_distribution",
-    "MaskKeyHead", "build_store", "extract_keys", "mask_keys",
-    "RetroConfig", "RetroTemplate", "KnnVerbalizer", "mix_distributions",
-    "TfidfDemoRetriever", "neural_demonstrations", "demonstration_weights",
-    "knn_guided_loss", "knn_loss_weights",
-    "RetroPromptForClassification", "RetroTrainer", "TrainingArgs", "compat",
-]
+_EXPORTS = {
+    "core": ["KnowledgeStore", "SearchResult", "StoreError", "knn_label_distribution", "knn_weights", "mix",
+             "select_mixture", "MixtureGrid", "RetroConfig", "neural_demonstrations", "demonstration_weights",
+             "knn_guided_loss", "knn_loss_weights"],
+    "prompt": ["MaskKeyHead", "build_store", "build_store_streaming", "extract_keys", "mask_keys", "RetroTemplate",
+               "KnnVerbalizer", "TfidfDemoRetriever", "RetroPromptForClassification", "RetroTrainer",
+               "TrainingArgs", "build_model", "build_trainer", "retroprompt"],
+}
+_WHERE = {name: layer for layer, names in _EXPORTS.items() for name in names}
+__all__: List[str] = sorted(_WHERE)
+
+
+class _ShimsBeforeOpenPrompt(importlib.abc.MetaPathFinder):
+    """Apply :mod:`.compat` the first time ``openprompt`` is imported, then step aside.
+
+    So the OpenPrompt tutorials' order works: ``import openprompt_retro`` (cheap), then
+    ``from openprompt.plms import load_plm`` on current transformers.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "openprompt":
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            from . import compat
+
+            compat.apply()
+        return None  # the usual finders load it
+
+
+if "openprompt" not in sys.modules and not any(isinstance(f, _ShimsBeforeOpenPrompt) for f in sys.meta_path):
+    sys.meta_path.insert(0, _ShimsBeforeOpenPrompt())
+
+
+def __getattr__(name: str):
+    layer = _WHERE.get(name)
+    if layer is None:
+        raise AttributeError(f"module 'openprompt_retro' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{layer}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(list(globals()) + __all__)

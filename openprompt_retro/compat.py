@@ -3,7 +3,9 @@
 OpenPrompt was written against transformers 4.x. Five things it relies on have
 since moved or disappeared. :func:`apply` restores each one *only where it is
 missing*, so on transformers <= 4.39 it changes nothing. It is idempotent and is
-called once when :mod:`openprompt_retro` is imported, before ``openprompt`` is.
+called before ``openprompt`` is first imported: by :mod:`openprompt_retro.prompt`, and by the
+import hook that ``import openprompt_retro`` installs (so ``import openprompt_retro`` then
+``import openprompt`` works too).
 
 =====================================  ==========================================
 what OpenPrompt uses                   restored as

@@ -78,6 +78,38 @@ def tiny_model_dir(name: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"openprompt-retro-{name}-tf{transformers.__version__}")
 
 
+def ensure_tiny_mlm(name: str) -> str:
+    """The cached tiny model ``tiny-bert`` / ``tiny-roberta``, built once per transformers version.
+
+    Safe for concurrent processes: the first one builds it in a temporary folder
+    under a file lock and renames it into place, so nobody sees a half-written model.
+    """
+    import fcntl
+    import shutil
+    import tempfile
+
+    kind = name.split("-", 1)[1]
+    path = tiny_model_dir(name)
+    if os.path.isfile(os.path.join(path, "TINY_MODEL.json")):
+        return path
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not os.path.isfile(os.path.join(path, "TINY_MODEL.json")):  # another process may have built it
+                tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))
+                try:
+                    make_tiny_mlm(kind, tmp)
+                    if os.path.isdir(path):  # a half-written folder from an older version of this code
+                        shutil.rmtree(path)
+                    os.rename(tmp, path)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return path
+
+
 def make_tiny_mlm(kind: str, directory: str, seed: int = 0, hidden: int = 32) -> str:
     """Write a tiny ``bert`` or ``roberta`` masked LM (random weights) plus tokenizer to ``directory``."""
     from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM, AutoTokenizer
@@ -108,9 +140,7 @@ def load_tiny_mlm(kind: str, directory: Optional[str] = None, seed: int = 0):
     """Build a tiny model (in ``directory`` or a temp folder) and load it with ``load_plm``."""
     import tempfile
 
-    from . import compat
-
-    compat.apply()
+    from . import prompt  # noqa: F401  (makes openprompt importable)
     from openprompt.plms import load_plm
 
     directory = directory or tempfile.mkdtemp(prefix=f"tiny-{kind}-")

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from openprompt.data_utils import InputExample
 
-from openprompt_retro.analysis import leave_one_out_memorization, subsample_k, summarize_memorization
-from openprompt_retro.zero_shot import remove_overlap, select_confident
+from openprompt_retro.core.memorization import leave_one_out_memorization, subsample_k, summarize_memorization
+from openprompt_retro.core.zero_shot import remove_overlap, select_confident
 
 
 def ex(i, text, label=0):
@@ -65,7 +65,7 @@ def test_subsample_k_is_per_label_and_seeded():
 
 
 def test_every_figure_writes_a_png(tmp_path):
-    from openprompt_retro import analysis as A
+    from openprompt_retro.experiments import figures as A
 
     A.plot_memorization({"prompt": np.array([0.1, 0.5]), "retro": np.array([0.0, 0.2])}, str(tmp_path / "m.png"))
     A.plot_lambda_sweep([0.0, 0.5, 1.0], [0.5, 0.7, 0.6], 0.5, str(tmp_path / "l.png"))

@@ -69,7 +69,7 @@ def test_unknown_task_is_a_clear_error(tmp_path):
 
 
 def test_report_splits_methods_by_k(tmp_path):
-    from openprompt_retro.report import markdown_table
+    from openprompt_retro.experiments.report import markdown_table
 
     rows = [{"task": "SST-2", "method": "retro", "k": k, "seed": s, "test_accuracy": a}
             for k, s, a in [(4, 13, 0.5), (4, 42, 0.6), (16, 13, 0.7), (16, 42, 0.9)]]
@@ -94,7 +94,7 @@ def test_report_keeps_only_the_chosen_seeds(tmp_path):
 
 
 def test_dev_selection_picks_by_dev_never_by_test():
-    from openprompt_retro.report import dev_selected
+    from openprompt_retro.experiments.report import dev_selected
 
     rows = [{"task": "SST-2", "k": 16, "seed": s, "method": m, "dev_accuracy": d, "test_accuracy": t}
             for s, m, d, t in [(13, "a", 0.7, 0.50), (13, "b", 0.8, 0.40),    # b wins on dev, worse on test

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from openprompt_retro.data import TASKS, get_task, load_few_shot, load_test, load_unlabeled_pool, read_split
+from openprompt_retro.experiments.tasks import TASKS, get_task, load_few_shot, load_test, load_unlabeled_pool, read_split
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "text")
 needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "k-shot")), reason="../shared data not present")

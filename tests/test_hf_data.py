@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from openprompt_retro.data import examples_from_rows, few_shot_from_rows, get_task
+from openprompt_retro.experiments.tasks import examples_from_rows, few_shot_from_rows, get_task
 
 SST2 = get_task("SST-2")
 
@@ -52,7 +52,7 @@ def test_bad_rows_are_clear_errors():
 def test_load_hf_few_shot_through_datasets(tmp_path, monkeypatch):
     import datasets
 
-    from openprompt_retro.data import load_hf_few_shot
+    from openprompt_retro.experiments.tasks import load_hf_few_shot
 
     for split, n in (("train", 20), ("validation", 3)):
         (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows(n)))

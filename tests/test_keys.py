@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from openprompt_retro import MaskKeyHead, build_store, extract_keys
-from openprompt_retro.keys import hidden_at_mask
+from openprompt_retro.prompt.keys import hidden_at_mask
 
 
 def _pipeline(tiny_plm, examples, batch_size=3):
@@ -73,7 +73,7 @@ def test_template_without_mask_is_refused(tiny_bert):
 
 
 def test_streaming_build_matches_build_store(tiny_plm, examples, capsys):
-    from openprompt_retro.keys import build_store_streaming
+    from openprompt_retro import build_store_streaming
 
     kind, plm, tok, _, wrapper = tiny_plm
     model, loader = _pipeline(tiny_plm, examples)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import openprompt_retro as R
-from openprompt_retro.template import DEMO_KEY, EXCLUDE_KEY, QUERY_KEY, SEGMENT_KEY, SLOT_KEY
+from openprompt_retro.prompt.batch import DEMO_KEY, EXCLUDE_KEY, QUERY_KEY, SEGMENT_KEY, SLOT_KEY
 
 from helpers import WORDS, base_template, base_verbalizer, first_batch, retro_model, trainer
 
@@ -267,7 +267,7 @@ def test_three_line_entry_point(tiny_dirs, examples):
     from openprompt_retro.quick import retroprompt
 
     trainer = retroprompt("bert", tiny_dirs["bert"], '{"placeholder":"text_a"} it was {"mask"} .', WORDS,
-                          epochs=1, progress=False, ks=(2,), temperatures=(1.0,))
+                          epochs=1, progress=False, grid=R.MixtureGrid(ks=(2,), temperatures=(1.0,)))
     trainer.fit(examples[:6], examples[6:])
     assert trainer.predict(examples).shape == (len(examples),)
     assert isinstance(trainer.model, R.RetroPromptForClassification)

@@ -22,8 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..loss import knn_guided_loss
-from ..store import KnowledgeStore
+from ..core.knn import accuracy, mix, select_mixture
+from ..core.loss import knn_guided_loss
+from ..core.store import KnowledgeStore
 from .prompt_learner import CoOpPromptLearner
 
 
@@ -37,10 +38,6 @@ def tip_adapter_logits(image_features: torch.Tensor, cache_keys: torch.Tensor, c
     """alpha * exp(-beta * (1 - f @ K^T)) @ onehot(V)."""
     affinity = torch.exp(-beta * (1.0 - image_features @ cache_keys.t()))
     return alpha * affinity @ F.one_hot(cache_labels, num_classes).to(affinity.dtype)
-
-
-def accuracy(scores, labels) -> float:
-    return float((np.asarray(scores).argmax(-1) == np.asarray(labels)).mean())
 
 
 class ImageCache:
@@ -80,15 +77,10 @@ class RetroCoOpConfig:
 
 def tune_mixture(p_model: np.ndarray, cache: ImageCache, val_feats: np.ndarray, val_labels: np.ndarray,
                  lambdas, ks, temperatures) -> Dict:
-    """Pick lambda, k, T on validation data; ties go to the smaller lambda."""
-    best = None
-    for k, t in itertools.product(ks, temperatures):
-        p_knn = cache.p_knn(val_feats, k, t)
-        for lam in sorted(lambdas):
-            acc = accuracy(lam * p_knn + (1 - lam) * p_model, val_labels)
-            if best is None or acc > best["val_accuracy"] or (acc == best["val_accuracy"] and lam < best["lambda"]):
-                best = {"val_accuracy": acc, "lambda": float(lam), "k": int(k), "temperature": float(t)}
-    return best
+    """Pick lambda, k, T on validation data (:func:`~openprompt_retro.core.knn.select_mixture`)."""
+    best = select_mixture(p_model, val_labels, lambda k, t: cache.p_knn(val_feats, k, t), lambdas, ks, temperatures)
+    return {"val_accuracy": best["accuracy"], "lambda": best["lambda"], "k": best["k"],
+            "temperature": best["temperature"]}
 
 
 class RetroCoOp:
@@ -147,7 +139,7 @@ class RetroCoOp:
         p = self.prompt_probs(feats)
         if m["lambda"] == 0.0:
             return p
-        return m["lambda"] * self.cache.p_knn(feats, m["k"], m["temperature"]) + (1 - m["lambda"]) * p
+        return mix(p, self.cache.p_knn(feats, m["k"], m["temperature"]), m["lambda"])
 
 
 def zero_shot_text_features(features, classnames: Sequence[str], template: str = "a photo of a {}.") -> torch.Tensor:
@@ -172,7 +164,7 @@ class ZeroShotKnn:
 
     def predict_proba(self, feats: np.ndarray) -> np.ndarray:
         m, p = self.mixture, self.zero_shot_probs(feats)
-        return m["lambda"] * self.cache.p_knn(feats, m["k"], m["temperature"]) + (1 - m["lambda"]) * p
+        return mix(p, self.cache.p_knn(feats, m["k"], m["temperature"]), m["lambda"])
 
 
 class TipAdapter(nn.Module):

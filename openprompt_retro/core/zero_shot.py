@@ -8,16 +8,11 @@
 """
 from __future__ import annotations
 
-import re
 from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from .keys import example_text
-
-
-def normalize_text(text: str) -> str:
-    return re.sub(r"\s+", " ", text.strip().lower())
+from .text import example_text, normalize_text
 
 
 def remove_overlap(pool: Sequence, others: Sequence) -> List:

@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
-from openprompt.data_utils import InputExample
+from .. import prompt as _prompt  # noqa: F401  (makes openprompt importable on current transformers)
+from openprompt.data_utils import InputExample  # noqa: E402
 
-DEFAULT_DATA_ROOT = os.environ.get("OPENPROMPT_RETRO_DATA", os.path.join("..", "shared", "data", "text"))
-DEFAULT_MODEL = os.environ.get("OPENPROMPT_RETRO_MODEL", os.path.join("..", "shared", "models", "minilm-l6-mlm"))
+from .paths import DEFAULT_DATA_ROOT, DEFAULT_MODEL  # noqa: E402,F401
 
 _SENT = '{"placeholder":"text_a"} it was {"mask"} .'
 _PAIR_NLI = '{"placeholder":"text_a"} ? {"mask"} , {"placeholder":"text_b"}'

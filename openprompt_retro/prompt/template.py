@@ -19,54 +19,15 @@ demonstrations. That pass gives the store keys and the queries.
 """
 from __future__ import annotations
 
-import logging
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
-from openprompt.data_utils import InputFeatures
-from openprompt.utils.logging import logger as _openprompt_logger
 from openprompt.prompt_base import Template
 
-from .demonstrations import TfidfDemoRetriever
-from .keys import SEGMENT_KEY
+from .batch import DEMO_KEY, SEGMENT_KEY, SLOT_KEY, batch_get
+from .text_demos import TfidfDemoRetriever
 
-SLOT_KEY, DEMO_KEY = "retro_slot_ids", "retro_demo_embeds"
-QUERY_KEY, EXCLUDE_KEY = "retro_query_keys", "retro_exclude_ids"
 MODES = ("neural", "text", "none")
-
-
-def register_batch_keys() -> None:
-    """Let OpenPrompt's InputFeatures carry our per-example fields (it drops unknown keys)."""
-    for key in (SLOT_KEY, SEGMENT_KEY, DEMO_KEY, QUERY_KEY, EXCLUDE_KEY):
-        if key not in InputFeatures.all_keys:
-            InputFeatures.add_keys(key)
-        if not hasattr(InputFeatures, key):
-            setattr(InputFeatures, key, None)  # default for features made without it
-    for key in (SLOT_KEY, SEGMENT_KEY):
-        if key not in InputFeatures.tensorable_keys:
-            InputFeatures.add_tensorable_keys(key)
-
-
-register_batch_keys()
-
-
-class _QuietOurKeys(logging.Filter):
-    """OpenPrompt warns about every per-example key it did not define; ours are registered."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not ("unexpected key words" in msg and "retro_" in msg)
-
-
-_openprompt_logger.addFilter(_QuietOurKeys())
-
-
-def batch_get(batch, key):
-    """batch[key] for InputFeatures and dicts alike; None when absent."""
-    try:
-        return batch[key]
-    except (KeyError, AttributeError):
-        return None
 
 
 class RetroTemplate(Template):

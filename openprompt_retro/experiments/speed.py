@@ -25,25 +25,22 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def measure_speed(ns) -> Dict:
-    from openprompt.prompts import ManualTemplate, ManualVerbalizer
-
-    from . import RetroConfig, RetroPromptForClassification, RetroTemplate, RetroTrainer, TrainingArgs
-    from .cli import load_backbone
-    from .data import get_task, load_few_shot
+    from ..core.config import RetroConfig
+    from ..prompt.factory import build_trainer
+    from ..prompt.training_args import TrainingArgs
+    from .backbones import load_backbone
+    from .tasks import get_task, load_few_shot
 
     spec = get_task(ns.task)
-    data = load_few_shot(ns.data_root, spec.name, ns.k, ns.seed)
+    data = load_few_shot(ns.data_root, spec.name, ns.shots, ns.seed)
     test = data["test"][: ns.limit] if ns.limit else data["test"]
     torch.manual_seed(ns.seed)
     plm, tok, _, wrapper = load_backbone(ns.model, ns.model_type)
-    verbalizer = ManualVerbalizer(tok, num_classes=spec.num_classes, label_words=[[w] for w in spec.label_words])
     args = TrainingArgs(max_seq_length=ns.max_seq_length, progress=False, eval_batch_size=32)
 
-    def model_for(demonstrations: str) -> RetroTrainer:
-        t = RetroTemplate(ManualTemplate(tokenizer=tok, text=spec.template), spec.label_words,
-                          demonstrations=demonstrations, plm=plm)
-        m = RetroPromptForClassification(plm, t, verbalizer, RetroConfig(knn_lambda=0.0))
-        return RetroTrainer(m, tok, wrapper, args)
+    def model_for(demonstrations: str):
+        return build_trainer(plm, tok, wrapper, spec.template, spec.label_words, demonstrations,
+                             RetroConfig(knn_lambda=0.0), args=args)
 
     plain, full = model_for("none"), model_for("neural")
     t0 = time.perf_counter()
@@ -71,3 +68,10 @@ def measure_speed(ns) -> Dict:
     out["retro_over_plain"] = out["retro_s"] / out["plain_s"]
     out["refresh_over_train_forward"] = out["store_refresh_s"] / out["train_forward_s"]
     return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in out.items()}  # 4 significant digits
+
+
+def run_speed(ns) -> None:
+    """``openprompt-retro speed``: print the timings as JSON."""
+    import json
+
+    print(json.dumps(measure_speed(ns), indent=2))

@@ -24,6 +24,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import faiss
 import numpy as np
 
+from .knn import knn_label_distribution
+
 ArrayLike = Union[np.ndarray, Sequence, "torch.Tensor"]  # noqa: F821 (torch tensors are accepted, not required)
 
 FORMAT_VERSION = 1
@@ -429,16 +431,3 @@ class KnowledgeStore:
         store._guid_to_id = {g: i for i, g in enumerate(store.guids) if g is not None}
         return store
 
-
-def knn_label_distribution(scores: np.ndarray, labels: np.ndarray, num_classes: int,
-                           temperature: float) -> np.ndarray:
-    """sum_j softmax_j(s_j / T) * onehot(y_j); slots with label -1 are ignored."""
-    valid = labels >= 0
-    logits = np.where(valid, scores.astype(np.float64) / temperature, -np.inf)
-    logits = logits - logits.max(axis=1, keepdims=True)
-    w = np.where(valid, np.exp(logits), 0.0)
-    w = w / w.sum(axis=1, keepdims=True)
-    out = np.zeros((scores.shape[0], num_classes), dtype=np.float64)
-    np.add.at(out, (np.repeat(np.arange(scores.shape[0]), scores.shape[1])[valid.reshape(-1)],
-                    labels.reshape(-1)[valid.reshape(-1)]), w.reshape(-1)[valid.reshape(-1)])
-    return out.astype(np.float32)

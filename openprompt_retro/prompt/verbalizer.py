@@ -13,16 +13,12 @@ from typing import Optional
 import torch
 from openprompt.prompt_base import Verbalizer
 
+from ..core.knn import mix
+from ..core.store import KnowledgeStore
+from .batch import EXCLUDE_KEY, QUERY_KEY, batch_get
 from .keys import MaskKeyHead
-from .store import KnowledgeStore
-from .template import EXCLUDE_KEY, QUERY_KEY, batch_get
 
 _EPS = 1e-12
-
-
-def mix_distributions(p_plm: torch.Tensor, p_knn: torch.Tensor, lam: float) -> torch.Tensor:
-    """lambda * p_kNN + (1 - lambda) * p_PLM."""
-    return lam * p_knn + (1.0 - lam) * p_plm
 
 
 class KnnVerbalizer(Verbalizer):
@@ -78,5 +74,5 @@ class KnnVerbalizer(Verbalizer):
         if query is None:
             query = self.key_head(hidden_at_mask)
         p_knn = self.knn_probs(query, batch_get(batch, EXCLUDE_KEY)).to(plm_out.dtype)
-        p = mix_distributions(torch.softmax(plm_out, dim=-1), p_knn, self.lam)
+        p = mix(torch.softmax(plm_out, dim=-1), p_knn, self.lam)
         return torch.log(p.clamp_min(_EPS))

@@ -17,7 +17,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from .store import KnowledgeStore
+from ..core.store import KnowledgeStore
 
 DEFAULT_INDEXES = {
     "Flat": dict(factory="Flat"),
@@ -122,3 +122,10 @@ def write_store_table(results: str, path: str) -> None:
                      f"{r['recall_at_k']} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def run_store_benchmark_cli(ns) -> None:
+    """``openprompt-retro store-benchmark``: run, then print the table."""
+    run_store_benchmark(ns.sizes, ns.dims, ns.indexes, k=ns.topk, seed=ns.seed, out=ns.out, hnsw_max=ns.hnsw_max)
+    with open(os.path.join(ns.out, "table.md")) as f:
+        print(f.read())

@@ -1,41 +1,11 @@
-"""Retrieval for input: neural demonstrations and LM-BFF-style text demonstrations."""
+"""Retrieval for input, LM-BFF style: the most similar labeled example of each class, as text."""
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
 import numpy as np
-import torch
 
-from .keys import example_text
-from .store import KnowledgeStore
-
-
-def demonstration_weights(scores: np.ndarray) -> np.ndarray:
-    """Per class: z-normalise the top-m similarities, then softmax them.
-
-    scores (B, C, m) with -inf for missing neighbours -> weights (B, C, m), 0 where missing.
-        z_j = (s_j - mean(s)) / std(s),   w_j = exp(z_j) / sum_l exp(z_l)
-    """
-    valid = np.isfinite(scores)
-    n = valid.sum(-1, keepdims=True)
-    s = np.where(valid, scores, 0.0).astype(np.float64)
-    mean = s.sum(-1, keepdims=True) / np.maximum(n, 1)
-    var = np.where(valid, (s - mean) ** 2, 0.0).sum(-1, keepdims=True) / np.maximum(n, 1)
-    z = np.where(valid, (s - mean) / np.sqrt(var + 1e-6), -np.inf)
-    z = z - np.where(n > 0, np.max(np.where(valid, z, -np.inf), -1, keepdims=True), 0.0)
-    e = np.where(valid, np.exp(z), 0.0)
-    return (e / np.maximum(e.sum(-1, keepdims=True), 1e-30)).astype(np.float32)
-
-
-def neural_demonstrations(store: KnowledgeStore, query_keys, m: int, exclude_ids=None) -> torch.Tensor:
-    """d_c = sum_j w_j * key_j over the top-m entries of class c: a (B, C, D) tensor.
-
-    A class with no entry in the store gets a zero vector.
-    """
-    res = store.search_per_class(query_keys, m, exclude_ids)
-    w = demonstration_weights(res.scores)  # (B, C, m)
-    keys = store.keys[np.maximum(res.ids, 0)]  # (B, C, m, D); missing slots have weight 0
-    return torch.from_numpy(np.einsum("bcm,bcmd->bcd", w, keys).astype(np.float32))
+from ..core.text import example_text
 
 
 class TfidfDemoRetriever:

@@ -21,14 +21,17 @@ from openprompt.prompt_base import Template, Verbalizer
 from openprompt.prompts import ManualTemplate, MixedTemplate, SoftTemplate
 from transformers.modeling_outputs import MaskedLMOutput
 
-from .config import RetroConfig
-from .demonstrations import neural_demonstrations
+from ..core.config import RetroConfig
+from ..core.demonstrations import neural_demonstrations
+from ..core.knn import mix
+from ..core.loss import knn_guided_loss
+from ..core.store import KnowledgeStore
+from ..core.text import example_text
 from . import distributed
-from .keys import (MaskKeyHead, _batch_guids, build_store, encode_last_hidden, example_text, extract_keys,
-                   hidden_at_mask, mask_keys, trim_padding)
-from .loss import knn_guided_loss
-from .store import KnowledgeStore
-from .template import DEMO_KEY, EXCLUDE_KEY, QUERY_KEY, RetroTemplate
+from .batch import DEMO_KEY, EXCLUDE_KEY, QUERY_KEY, batch_guids
+from .keys import MaskKeyHead, encode_last_hidden, extract_keys, hidden_at_mask, mask_keys, trim_padding
+from .store_builder import build_store
+from .template import RetroTemplate
 from .verbalizer import KnnVerbalizer
 
 _FAST_TEMPLATES = (ManualTemplate, MixedTemplate, SoftTemplate)
@@ -130,7 +133,7 @@ class RetroPromptForClassification(PromptForClassification):
 
     # ---------------------------------------------------------------- forward
     def _own_ids(self, batch) -> np.ndarray:
-        return self.store.ids_of(_batch_guids(batch)) if len(self.store) else np.full(len(_batch_guids(batch)), -1)
+        return self.store.ids_of(batch_guids(batch)) if len(self.store) else np.full(len(batch_guids(batch)), -1)
 
     def prepare_batch(self, batch, need_query: Optional[bool] = None):
         """A copy of ``batch`` with query keys, exclusions and demonstrations attached.
@@ -248,7 +251,7 @@ class RetroPromptForClassification(PromptForClassification):
             out = []
             p_knn = self.verbalizer.knn_probs(query)
             lam = self.config.knn_lambda
-            p = lam * p_knn + (1 - lam) * p_plm
+            p = mix(p_plm, p_knn, lam)
             for i in range(query.shape[0]):
                 w = np.exp(weights[i] - weights[i].max())
                 w = w / w.sum()

@@ -8,18 +8,15 @@ hidden state at the mask.
 from __future__ import annotations
 
 import copy
-import functools
 from contextlib import contextmanager
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .store import KnowledgeStore
-
-SEGMENT_KEY = "retro_demo_mask"  # per token: 1 inside a demonstration segment (see template.py)
+from .batch import SEGMENT_KEY, batch_guids
 
 
 class MaskKeyHead:
@@ -140,21 +137,6 @@ def mask_keys(model, batch, key_head: Optional[MaskKeyHead] = None) -> torch.Ten
     return key_head(hidden_at_mask(hidden, loss_ids))
 
 
-def _batch_guids(batch) -> List[Optional[str]]:
-    guids = batch["guid"] if "guid" in batch else None
-    if guids is None:
-        return [None] * batch["loss_ids"].shape[0]
-    if hasattr(guids, "tolist"):
-        guids = guids.tolist()
-    return [None if g is None else str(g) for g in guids]
-
-
-def example_text(example) -> str:
-    """The text of an InputExample (text_a, then text_b if any)."""
-    parts = [getattr(example, "text_a", None), getattr(example, "text_b", None)]
-    return " ".join(p for p in parts if p)
-
-
 @torch.no_grad()
 def extract_keys(model, dataloader, desc: str = "store keys", progress: bool = True
                  ) -> Tuple[np.ndarray, np.ndarray, List[Optional[str]]]:
@@ -174,97 +156,9 @@ def extract_keys(model, dataloader, desc: str = "store keys", progress: bool = T
             if "label" not in batch or batch["label"] is None:
                 raise ValueError("building a store needs labeled examples: the batch has no 'label'")
             labels.append(batch["label"].cpu().numpy())
-            guids.extend(_batch_guids(batch))
+            guids.extend(batch_guids(batch))
     finally:
         model.train(was_training)
     if not keys:
         raise ValueError("the dataloader is empty: no examples to build a store from")
     return np.concatenate(keys), np.concatenate(labels), guids
-
-
-def build_store(model, dataloader, num_classes: Optional[int] = None, store: Optional[KnowledgeStore] = None,
-                progress: bool = True, **store_kwargs) -> KnowledgeStore:
-    """Build (or rebuild in place) a :class:`KnowledgeStore` from a labeled dataloader.
-
-    Texts are taken from ``dataloader.raw_dataset`` (matched by guid) when available.
-    """
-    keys, labels, guids = extract_keys(model, dataloader, progress=progress)
-    texts_by_guid = {str(e.guid): example_text(e) for e in getattr(dataloader, "raw_dataset", [])
-                     if getattr(e, "guid", None) is not None}
-    texts = [texts_by_guid.get(g) for g in guids]
-    if store is None:
-        if num_classes is None:
-            num_classes = getattr(getattr(model, "verbalizer", None), "num_classes", None)
-        if num_classes is None:
-            raise ValueError("num_classes is needed to create a store (the model has no verbalizer)")
-        built_by = MaskKeyHead(model.plm).describe()
-        store = KnowledgeStore(keys.shape[1], num_classes, built_by=built_by, **store_kwargs)
-    return store.build(keys, labels, guids, texts)
-
-
-@contextmanager
-def tokenizing_bar(shown: bool):
-    """PromptDataLoader always draws a 'tokenizing' bar; hide it while progress is off."""
-    import openprompt.pipeline_base as pipeline
-
-    bar = pipeline.tqdm
-    if not shown:
-        pipeline.tqdm = functools.partial(bar, disable=True)
-    try:
-        yield
-    finally:
-        pipeline.tqdm = bar
-
-
-def build_store_streaming(model, examples: Iterable, tokenizer, wrapper_class, num_classes: int,
-                          max_seq_length: int = 128, batch_size: int = 64, chunk_size: int = 4096,
-                          train_size: int = 65536, store: Optional[KnowledgeStore] = None, progress: bool = True,
-                          **store_kwargs) -> KnowledgeStore:
-    """Build a store from an iterable of labeled InputExamples of any length.
-
-    Examples are tokenized ``chunk_size`` at a time and their keys added as they
-    come, so only the keys (and labels / guids / texts) are ever held. An index
-    that needs training (IVF, PQ) is trained on the first ``train_size`` keys.
-    """
-    from openprompt import PromptDataLoader
-
-    if store is None:
-        store = KnowledgeStore(int(model.plm.config.hidden_size), num_classes,
-                               built_by=MaskKeyHead(model.plm).describe(), **store_kwargs)
-    pending: List[tuple] = []  # keys waiting for the index to be trained
-    bar = tqdm(desc="streaming store", unit="ex", disable=not progress)
-
-    def flush():
-        keys = np.concatenate([p[0] for p in pending])
-        store.train(keys)
-        for k, y, g, t in pending:
-            store.add(k, y, g, t)
-        pending.clear()
-
-    def add_chunk(chunk):
-        with tokenizing_bar(progress):
-            loader = PromptDataLoader(chunk, model.template, tokenizer=tokenizer,
-                                      tokenizer_wrapper_class=wrapper_class, max_seq_length=max_seq_length,
-                                      batch_size=batch_size)
-        keys, labels, guids = extract_keys(model, loader, progress=False)
-        texts = [example_text(e) for e in chunk]
-        if store.index.is_trained and not pending:
-            store.add(keys, labels, guids, texts)
-        else:
-            pending.append((keys, labels, guids, texts))
-            if sum(len(p[1]) for p in pending) >= train_size:
-                flush()
-        bar.update(len(chunk))
-
-    chunk = []
-    for example in examples:
-        chunk.append(example)
-        if len(chunk) == chunk_size:
-            add_chunk(chunk)
-            chunk = []
-    if chunk:
-        add_chunk(chunk)
-    if pending:
-        flush()
-    bar.close()
-    return store

@@ -9,12 +9,14 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .methods import ALL_METHODS, BENCH_TASKS, TRAINED_METHODS
+from .results import dedupe, read_rows
+
 
 def read_results(path: str) -> List[Dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no results file at {path!r}")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = dedupe(read_rows(path), where=path)
     if not rows:
         raise ValueError(f"{path!r} holds no results")
     return rows
@@ -40,11 +42,9 @@ def _ordered(values, preferred):
 
 
 def markdown_table(rows: List[Dict]) -> str:
-    from .cli import BENCH_TASKS, METHODS, ZERO_SHOT_METHODS
-
     s = summarize(rows)
     tasks = _ordered({t for _, t in s}, BENCH_TASKS)
-    methods = _ordered({m for m, _ in s}, list(METHODS) + list(ZERO_SHOT_METHODS))
+    methods = _ordered({m for m, _ in s}, ALL_METHODS)
     if len({r["k"] for r in rows}) > 1:
         methods = sorted({m for m, _ in s}, key=lambda m: (m.split(" (K=")[0], int(m.split("K=")[1].rstrip(")"))))
     head = "| method | " + " | ".join(tasks) + " | avg |"
@@ -74,11 +74,9 @@ def plot(rows: List[Dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .cli import BENCH_TASKS, METHODS
-
     s = summarize(rows)
     tasks = _ordered({t for _, t in s}, BENCH_TASKS)
-    methods = _ordered({m for m, _ in s}, list(METHODS))
+    methods = _ordered({m for m, _ in s}, TRAINED_METHODS)
     width = 0.8 / max(len(methods), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 4))
     x = np.arange(len(tasks))
@@ -143,3 +141,11 @@ def write_report(results_path: str, out_dir: str, seeds: Optional[Sequence[int]]
         for (m, t), (mean, std, n) in sorted(summarize(rows).items()):
             w.writerow([m, t, round(mean, 3), round(std, 3), n])
     plot(rows, os.path.join(out_dir, "accuracy.png"))
+
+
+def run_report(ns) -> None:
+    """``openprompt-retro report``: write the table, CSVs and plot, and print the table."""
+    out = ns.out or os.path.dirname(ns.results) or "."
+    write_report(ns.results, out, seeds=ns.seeds, dev_select=ns.dev_select)
+    with open(os.path.join(out, "table.md")) as f:
+        print(f.read())

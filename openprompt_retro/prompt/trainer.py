@@ -3,14 +3,12 @@ and lambda, k, T chosen on the dev split."""
 from __future__ import annotations
 
 import copy
-import dataclasses
-import itertools
 import json
 import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,30 +17,11 @@ from openprompt.data_utils import InputFeatures
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
+from ..core.knn import MixtureGrid, accuracy
 from . import distributed
-from .keys import tokenizing_bar
 from .model import RetroPromptForClassification
-
-
-@dataclass
-class TrainingArgs:
-    epochs: int = 20
-    batch_size: int = 8
-    eval_batch_size: int = 32
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    max_seq_length: int = 128
-    seed: int = 42
-    patience: int = 5  # epochs without dev improvement before stopping
-    tune_inference: bool = True
-    lambdas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-    ks: Sequence[int] = (4, 8, 16, 32)
-    temperatures: Sequence[float] = (1.0, 3.0, 10.0, 30.0, 100.0)
-    shuffle: bool = True  # shuffle training batches (seeded)
-    progress: bool = True
-    device: str = "cpu"
+from .store_builder import tokenizing_bar
+from .training_args import TrainingArgs
 
 
 def set_seed(seed: int) -> None:
@@ -51,21 +30,19 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float((probs.argmax(-1) == labels).mean())
-
-
 class RetroTrainer:
     """Train and use a :class:`RetroPromptForClassification` on lists of InputExamples.
 
-    ``tokenizer`` and ``wrapper_class`` are what ``openprompt.plms.load_plm`` returns.
+    ``tokenizer`` and ``wrapper_class`` are what ``openprompt.plms.load_plm`` returns;
+    ``grid`` holds the (lambda, k, T) candidates tried on dev.
     Tokenized features are made once per example list and reused across epochs.
     """
 
     def __init__(self, model: RetroPromptForClassification, tokenizer, wrapper_class,
-                 args: Optional[TrainingArgs] = None):
+                 args: Optional[TrainingArgs] = None, grid: Optional[MixtureGrid] = None):
         self.model, self.tokenizer, self.wrapper_class = model, tokenizer, wrapper_class
-        self.args = args or TrainingArgs()
+        self.args = (args or TrainingArgs()).validate()
+        self.grid = grid or MixtureGrid()
         self.model.to(self.args.device)
         self.history: List[Dict] = []
         self._train_examples = None
@@ -97,9 +74,31 @@ class RetroTrainer:
     # ---------------------------------------------------------------- training
     def fit(self, train, dev=None) -> List[Dict]:
         """Train with the kNN-guided loss; refresh the store every epoch; keep the best dev epoch."""
-        a, model = self.args, self.model
-        set_seed(a.seed)
+        set_seed(self.args.seed)
         self._train_examples = list(train)
+        run = self._start_run(train, dev)
+        if run.needs_store:
+            self.model.refresh_store(run.store_loader, progress=self.args.progress)
+        bar = tqdm(range(self.args.epochs), desc="epochs", disable=not self.args.progress or run.rank > 0)
+        for epoch in bar:
+            record = self._train_epoch(run, epoch)
+            if run.needs_store:
+                self.model.refresh_store(run.store_loader, progress=self.args.progress)  # the encoder moved
+            if run.dev_loader is not None:
+                self._evaluate_epoch(run, record)
+            self.history.append(record)
+            bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
+            if run.dev_loader is not None and run.bad_epochs >= self.args.patience:
+                break
+        if run.best_state is not None:
+            self._restore(run.best_state)
+        if run.dev_loader is not None and self.args.tune_inference:
+            self.tune_inference(run.dev_loader)
+        return self.history
+
+    def _start_run(self, train, dev) -> "_Run":
+        """Loaders, the step model (DDP-wrapped under torch.distributed), optimizer and schedule."""
+        a, model = self.args, self.model
         store_loader = self.loader(train)
         rank, world = distributed.rank_and_world()
         if world > 1:  # DDP: each rank takes batch_size / world examples of every global batch
@@ -116,48 +115,38 @@ class RetroTrainer:
         dev_loader = self.loader(dev) if dev else None
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
-        total = a.epochs * len(train_loader)
-        warmup = int(a.warmup_ratio * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, (total - s) / max(1, total - warmup))
-            if warmup else max(0.0, (total - s) / total))
+        scheduler = linear_schedule(optimizer, a.epochs * len(train_loader), a.warmup_ratio)
         needs_store = model.uses_store or (a.tune_inference and dev_loader is not None)
-        if needs_store:
-            model.refresh_store(store_loader, progress=a.progress)
-        best, best_state, bad_epochs = -1.0, None, 0
-        bar = tqdm(range(a.epochs), desc="epochs", disable=not a.progress or rank > 0)
-        for epoch in bar:
-            t0, losses = time.time(), []
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            model.train()
-            for batch in tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=not a.progress):
-                loss = step_model(self._to_device(batch))
-                optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
-                optimizer.step()
-                sched.step()
-                losses.append(loss.item())
-            if needs_store:
-                model.refresh_store(store_loader, progress=a.progress)  # the encoder moved: new keys
-            record = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.time() - t0}
-            if dev_loader is not None:
-                record["dev_accuracy"] = self.evaluate(dev_loader)["accuracy"]
-                if record["dev_accuracy"] > best:
-                    best, bad_epochs = record["dev_accuracy"], 0
-                    best_state = self._snapshot()
-                else:
-                    bad_epochs += 1
-            self.history.append(record)
-            bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
-            if dev_loader is not None and bad_epochs >= a.patience:
-                break
-        if best_state is not None:
-            self._restore(best_state)
-        if dev_loader is not None and a.tune_inference:
-            self.tune_inference(dev_loader)
-        return self.history
+        return _Run(store_loader, train_loader, dev_loader, sampler, step_model, params, optimizer, scheduler,
+                    needs_store, rank)
+
+    def _train_epoch(self, run: "_Run", epoch: int) -> Dict:
+        """One pass over the training batches; returns the epoch's record."""
+        t0, losses = time.time(), []
+        if run.sampler is not None:
+            run.sampler.set_epoch(epoch)
+        self.model.train()
+        for batch in tqdm(run.train_loader, desc=f"epoch {epoch}", leave=False, disable=not self.args.progress):
+            losses.append(self._train_step(run, batch))
+        return {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.time() - t0}
+
+    def _train_step(self, run: "_Run", batch) -> float:
+        loss = run.step_model(self._to_device(batch))
+        run.optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(run.params, self.args.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        return loss.item()
+
+    def _evaluate_epoch(self, run: "_Run", record: Dict) -> None:
+        """Dev accuracy into ``record``; keep a snapshot of the best epoch (ties: the earlier one)."""
+        record["dev_accuracy"] = self.evaluate(run.dev_loader)["accuracy"]
+        if record["dev_accuracy"] > run.best:
+            run.best, run.bad_epochs = record["dev_accuracy"], 0
+            run.best_state = self._snapshot()
+        else:
+            run.bad_epochs += 1
 
     def _snapshot(self):
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -205,19 +194,11 @@ class RetroTrainer:
 
     def tune_inference(self, dev) -> Dict[str, float]:
         """Choose lambda, k and T on the dev split (never on test); ties go to the smaller lambda."""
-        a = self.args
         p_plm, queries, labels = self.collect(dev)
-        best = None
-        for k, t in itertools.product(a.ks, a.temperatures):
-            p_knn = self.model.store.knn_distribution(queries, k, t)
-            for lam in sorted(a.lambdas):
-                acc = accuracy(lam * p_knn + (1 - lam) * p_plm, labels)
-                if best is None or acc > best[0] or (acc == best[0] and lam < best[1]):
-                    best = (acc, lam, k, t)
-        acc, lam, k, t = best
-        self.model.apply_config(knn_lambda=float(lam), knn_k=int(k), knn_temperature=float(t))
-        self.tuned = {"dev_accuracy": acc, "knn_lambda": lam, "knn_k": k, "knn_temperature": t,
-                      "dev_accuracy_plm_only": accuracy(p_plm, labels)}
+        best = self.grid.select(p_plm, labels, lambda k, t: self.model.store.knn_distribution(queries, k, t))
+        self.model.apply_config(knn_lambda=best["lambda"], knn_k=best["k"], knn_temperature=best["temperature"])
+        self.tuned = {"dev_accuracy": best["accuracy"], "knn_lambda": best["lambda"], "knn_k": best["k"],
+                      "knn_temperature": best["temperature"], "dev_accuracy_plm_only": accuracy(p_plm, labels)}
         return self.tuned
 
     # ---------------------------------------------------------------- open book
@@ -233,10 +214,37 @@ class RetroTrainer:
     # ---------------------------------------------------------------- disk
     def save(self, directory: str) -> None:
         self.model.save(directory)
-        args = dataclasses.asdict(self.args)
         with open(os.path.join(directory, "training_args.json"), "w") as f:
-            json.dump({k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}, f, indent=2)
+            json.dump(self.args.to_dict(), f, indent=2)
 
     def load(self, directory: str) -> "RetroTrainer":
         self.model.load(directory)
         return self
+
+
+def linear_schedule(optimizer, total_steps: int, warmup_ratio: float = 0.0):
+    """Linear warm-up over ``warmup_ratio * total_steps`` steps, then linear decay to 0."""
+    warmup = int(warmup_ratio * total_steps)
+    if not warmup:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, (total_steps - s) / total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+
+
+@dataclass
+class _Run:
+    """What one :meth:`RetroTrainer.fit` call carries from epoch to epoch."""
+
+    store_loader: Any
+    train_loader: Any
+    dev_loader: Any
+    sampler: Any
+    step_model: Any
+    params: List[torch.Tensor]
+    optimizer: Any
+    scheduler: Any
+    needs_store: bool
+    rank: int
+    best: float = -1.0
+    best_state: Any = None
+    bad_epochs: int = 0

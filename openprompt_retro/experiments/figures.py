@@ -1,56 +1,13 @@
-"""Memorization analysis and the figures (matplotlib, PNG).
-
-Memorization score of training example i (Feldman, 2020, estimated exactly by
-leave-one-out retraining, affordable at small K):
-
-    mem_i = p_theta(y_i | x_i) - p_theta\\i(y_i | x_i)
-
-theta trained on all examples, theta\\i on all but i. Retrieval never lets an
-example answer for itself (its own store entry is excluded), so the score is
-what the *parameters* memorised; the prediction scored is p_PLM (lambda = 0).
-"""
+"""The figures (matplotlib, PNG): memorization, lambda sweep, accuracy against K, neighbours of a prediction."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+import json
+import os
+from typing import Dict, List, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
-
-FitPredict = Callable[[List, List], np.ndarray]  # (train examples, examples to score) -> (n, C) probabilities
 
 
-def leave_one_out_memorization(fit_predict: FitPredict, examples: Sequence, progress: bool = True) -> Dict:
-    """mem_i for every example; ``fit_predict`` must be deterministic given its training set."""
-    examples = list(examples)
-    labels = np.array([int(e.label) for e in examples])
-    p_in = fit_predict(examples, examples)[np.arange(len(examples)), labels]
-    p_out = np.empty(len(examples))
-    for i in tqdm(range(len(examples)), desc="leave-one-out retrains", disable=not progress):
-        rest = examples[:i] + examples[i + 1:]
-        p_out[i] = fit_predict(rest, [examples[i]])[0, labels[i]]
-    return {"scores": p_in - p_out, "p_in": p_in, "p_out": p_out}
-
-
-def summarize_memorization(scores: np.ndarray) -> Dict[str, float]:
-    scores = np.asarray(scores, dtype=float)
-    return {"mean": float(scores.mean()), "std": float(scores.std()), "median": float(np.median(scores)),
-            "max": float(scores.max()), "fraction_above_0.1": float((scores > 0.1).mean()), "n": int(len(scores))}
-
-
-def subsample_k(examples: Sequence, k: int, seed: int) -> List:
-    """k examples per label, drawn with ``seed`` (from an LM-BFF 16-shot split, for K = 4 / 8)."""
-    rng = np.random.default_rng(seed)
-    labels = np.array([int(e.label) for e in examples])
-    out = []
-    for c in np.unique(labels):
-        idx = np.nonzero(labels == c)[0]
-        if len(idx) < k:
-            raise ValueError(f"label {c} has {len(idx)} examples, fewer than k={k}")
-        out.extend(examples[i] for i in sorted(rng.choice(idx, k, replace=False)))
-    return out
-
-
-# ---------------------------------------------------------------------- figures
 def _plt():
     import matplotlib
 
@@ -125,3 +82,42 @@ def plot_neighbours(query: str, explanation: Dict, class_names: Sequence[str], p
     pred = class_names[explanation["prediction"]]
     ax.set_title(f"{query[:70]!r} -> {pred}", fontsize=8)
     _save(plt, fig, path)
+
+
+def run_figures(ns) -> None:
+    """Lambda sweep on dev and the neighbours of one test prediction, from one RetroPrompt run."""
+    import torch
+
+    from ..core.knn import mix
+    from .runs import method_trainer
+    from .tasks import load_few_shot
+
+    os.makedirs(ns.out, exist_ok=True)
+    data = load_few_shot(ns.data_root, ns.task, 16, ns.seed)
+    torch.manual_seed(ns.seed)
+    trainer, spec = method_trainer("retro", ns.task, ns, data["train"])
+    trainer.args.tune_inference = True
+    trainer.fit(data["train"], data["dev"])
+    tuned = trainer.tuned
+    p_plm, queries, labels = trainer.collect(data["dev"])
+    p_knn = trainer.model.store.knn_distribution(queries, tuned["knn_k"], tuned["knn_temperature"])
+    lambdas = [round(x, 2) for x in np.linspace(0, 1, 21)]
+    accs = [float((mix(p_plm, p_knn, lam).argmax(1) == labels).mean()) for lam in lambdas]
+    plot_lambda_sweep(lambdas, accs, tuned["knn_lambda"], os.path.join(ns.out, "lambda_sweep.png"),
+                      f"{spec.name} seed {ns.seed}: dev accuracy against lambda (k={tuned['knn_k']}, "
+                      f"T={tuned['knn_temperature']})")
+    example = data["test"][ns.example]
+    why = trainer.explain(example, top=8)
+    plot_neighbours(example.text_a, why, spec.label_words, os.path.join(ns.out, "neighbours.png"))
+    with open(os.path.join(ns.out, "figures.json"), "w") as f:
+        json.dump({"task": spec.name, "seed": ns.seed, "tuned": tuned, "lambda_sweep": dict(zip(lambdas, accs)),
+                   "example": example.text_a, "gold": example.label, "explanation": why}, f, indent=2)
+    print(json.dumps({"tuned": tuned, "example_prediction": why["prediction"], "gold": example.label}))
+
+
+def run_plot_k(ns) -> None:
+    from .report import read_results
+
+    rows = [r for r in read_results(ns.results) if r["task"] == ns.task]
+    plot_accuracy_vs_k(rows, ns.png, f"{ns.task}: accuracy against K")
+    print(ns.png)

@@ -1,0 +1,26 @@
+"""What the benchmark runs: the methods (the factory's presets plus zero-shot), tasks and seeds."""
+from __future__ import annotations
+
+from typing import Dict
+
+#: the trained methods, as in openprompt_retro.prompt.factory.METHODS (kept import-free for a fast --help)
+METHOD_HELP: Dict[str, str] = {
+    "prompt": "plain prompt-based fine-tuning",
+    "demo-text": "LM-BFF: the most similar labeled example of each class as text",
+    "retro": "full RetroPrompt: neural demonstrations + kNN-guided loss + kNN inference",
+    "retro-no-demo": "RetroPrompt without neural demonstrations",
+    "retro-no-knn-train": "RetroPrompt with plain cross-entropy",
+    "retro-no-knn-infer": "RetroPrompt without kNN inference (lambda = 0)",
+}
+ZERO_SHOT_METHODS: Dict[str, str] = {
+    "zero-shot": "the untrained prompt model (template + label words), no labels",
+    "zero-shot-retro": "zero-shot + a store of the most confident pseudo-labeled pool examples, kNN inference",
+}
+TRAINED_METHODS = list(METHOD_HELP)
+ALL_METHODS = TRAINED_METHODS + list(ZERO_SHOT_METHODS)
+BENCH_TASKS = ["SST-2", "sst-5", "mr", "cr", "mpqa", "subj", "trec"]
+SEEDS = [13, 21, 42, 87, 100]
+
+
+def methods_help() -> str:
+    return "; ".join(f"{k}: {v}" for k, v in {**METHOD_HELP, **ZERO_SHOT_METHODS}.items())

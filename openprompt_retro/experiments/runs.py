@@ -1,0 +1,245 @@
+"""Train and evaluate one method on one split; the grid of runs behind ``run`` and ``benchmark``."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from typing import Dict, List, Optional
+
+from ..errors import UserError
+from .methods import ALL_METHODS, TRAINED_METHODS, ZERO_SHOT_METHODS
+from .results import ResultsFile
+
+
+# ---------------------------------------------------------------------- validation (before any model loads)
+def available_splits(data_root: str, task: str) -> Dict[int, List[int]]:
+    """{K: [seeds]} of the LM-BFF folders ``<root>/k-shot/<task>/<K>-<seed>``."""
+    folder = os.path.join(data_root, "k-shot", task)
+    out: Dict[int, List[int]] = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = re.fullmatch(r"(\d+)-(\d+)", name)
+        if m:
+            out.setdefault(int(m.group(1)), []).append(int(m.group(2)))
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def split_k_for(shots: int, splits: Dict[int, List[int]], task: str) -> int:
+    """The LM-BFF split K that ``shots`` per class are read (K = shots) or drawn (shots < K) from."""
+    if not splits:
+        raise UserError(f"task {task}: no k-shot splits found")
+    if shots in splits:
+        return shots
+    larger = [k for k in splits if k > shots]
+    if shots < 1 or not larger:
+        raise UserError(f"--shots {shots}: task {task} has {sorted(splits)}-shot splits; use one of them or a "
+                        f"smaller positive number (drawn from the {max(splits)}-shot split)")
+    return min(larger)
+
+
+def check_model(model: str) -> None:
+    if model.startswith("tiny-"):
+        if model not in ("tiny-bert", "tiny-roberta"):
+            raise UserError(f"--model {model}: the tiny test models are tiny-bert and tiny-roberta")
+        return
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep + "." in model
+    if looks_local and not os.path.isdir(os.path.expanduser(model)):
+        raise UserError(f"--model {model}: no such model folder (give a local folder or hub name with --model, "
+                        "or set OPENPROMPT_RETRO_MODEL)")
+
+
+def check_out(folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out {folder}: cannot write there ({e.strerror or e})") from None
+
+
+def check_grid(ns) -> None:
+    """Every user mistake of a ``run``/``benchmark`` command, found before any training starts."""
+    from .tasks import get_task
+
+    unknown = [m for m in ns.methods if m not in ALL_METHODS]
+    if unknown:
+        raise UserError(f"unknown method(s) {unknown}; choose from {ALL_METHODS}")
+    for task in ns.tasks:
+        try:
+            spec = get_task(task)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if getattr(ns, "hf_dataset", None):
+            continue
+        if not os.path.isdir(ns.data_root):
+            raise UserError(f"--data-root {ns.data_root}: no such folder (set --data-root or OPENPROMPT_RETRO_DATA)")
+        if spec.fmt == "topic":
+            continue
+        splits = available_splits(ns.data_root, spec.name)
+        k = split_k_for(ns.shots, splits, spec.name)
+        missing = [s for s in ns.seeds if s not in splits[k]]
+        if missing:
+            raise UserError(f"task {spec.name}: no {k}-shot split for seed(s) {missing}; seeds available: {splits[k]}")
+    check_model(ns.model)
+    check_out(ns.out)
+
+
+# ---------------------------------------------------------------------- one run
+def method_trainer(method: str, task: str, ns, train_examples, seed: Optional[int] = None):
+    """(trainer, spec) for a fresh backbone wired for ``method`` (no training yet)."""
+    from ..core.config import RetroConfig
+    from ..prompt.factory import build_trainer, method_preset
+    from ..prompt.training_args import TrainingArgs
+    from .backbones import load_backbone
+    from .tasks import get_task
+
+    spec, preset = get_task(task), method_preset(method)
+    plm, tok, _, wrapper = load_backbone(ns.model, ns.model_type)
+    k = len(train_examples) // spec.num_classes
+    config = RetroConfig(demo_topk=ns.demo_topk or (8 if k >= 16 else 2), loss_beta=ns.loss_beta, knn_lambda=0.0)
+    seq = ns.max_seq_length * (2 if preset["demonstrations"] == "text" else 1)  # room for the demonstrations
+    args = TrainingArgs(epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size, max_seq_length=seq,
+                        seed=ns.seed if seed is None else seed, patience=ns.patience, progress=False)
+    trainer = build_trainer(plm, tok, wrapper, spec.template, spec.label_words, config=config, args=args,
+                            text_pool=train_examples if preset["demonstrations"] == "text" else None, method=method)
+    return trainer, spec
+
+
+def load_split(task: str, seed: int, ns) -> Dict:
+    """train/dev/test with ``ns.shots`` examples per class (drawn from a larger split when smaller)."""
+    from ..core.memorization import subsample_k
+    from .tasks import get_task, load_few_shot
+
+    if getattr(ns, "hf_dataset", None):
+        from .tasks import load_hf_few_shot
+
+        return load_hf_few_shot(ns.hf_dataset, task, ns.shots, seed, test_split=ns.hf_test_split,
+                                text_fields=ns.hf_text_fields, label_field=ns.hf_label_field,
+                                label_map=ns.hf_label_map)
+    spec = get_task(task)
+    k = split_k_for(ns.shots, available_splits(ns.data_root, spec.name), spec.name)
+    data = load_few_shot(ns.data_root, spec.name, k, seed)
+    if ns.shots < k:  # e.g. K = 4 / 8 from the LM-BFF 16-shot split, drawn with the split's seed
+        data["train"], data["dev"] = subsample_k(data["train"], ns.shots, seed), subsample_k(data["dev"], ns.shots, seed)
+    return data
+
+
+def run_one(task: str, method: str, seed: int, ns) -> Dict:
+    """Train one method on one split; evaluate on test. Returns a result record."""
+    import torch
+
+    if method in ZERO_SHOT_METHODS:
+        return run_zero_shot(task, method, seed, ns)
+    data = load_split(task, seed, ns)
+    torch.manual_seed(seed)
+    trainer, spec = method_trainer(method, task, ns, data["train"], seed)
+    trainer.args.progress = not ns.no_progress
+    t0 = time.time()
+    history = trainer.fit(data["train"], data["dev"])
+    train_s = time.time() - t0
+    t0 = time.time()
+    test = trainer.evaluate(data["test"])
+    test_s = time.time() - t0
+    best_dev = max((h["dev_accuracy"] for h in history), default=None)
+    tuned = getattr(trainer, "tuned", None)
+    config = trainer.model.config
+    return {
+        "task": spec.name, "method": method, "k": ns.shots, "seed": seed, "model": ns.model,
+        "test_accuracy": test["accuracy"], "n_test": test["n"],
+        "dev_accuracy": tuned["dev_accuracy"] if tuned else best_dev,
+        "epochs_run": len(history), "train_seconds": round(train_s, 2), "test_seconds": round(test_s, 2),
+        "knn_lambda": config.knn_lambda, "knn_k": config.knn_k, "knn_temperature": config.knn_temperature,
+        "settings": {"lr": ns.lr, "epochs": ns.epochs, "batch_size": ns.batch_size,
+                     "max_seq_length": trainer.args.max_seq_length, "demo_topk": config.demo_topk,
+                     "loss_beta": ns.loss_beta, "patience": ns.patience},
+    }
+
+
+def run_zero_shot(task: str, method: str, seed: int, ns) -> Dict:
+    """Zero-shot prompt model, optionally with a pseudo-labeled store (no labels used anywhere)."""
+    if getattr(ns, "hf_dataset", None):
+        raise UserError(f"{method} reads its unlabeled pool from --data-root; --hf-dataset serves the trained methods")
+    import numpy as np
+    from openprompt.data_utils import InputExample
+
+    from ..core.config import RetroConfig
+    from ..core.zero_shot import remove_overlap, select_confident
+    from ..prompt.factory import build_trainer
+    from ..prompt.training_args import TrainingArgs
+    from .backbones import load_backbone
+    from .tasks import get_task, load_test, load_unlabeled_pool
+
+    spec = get_task(task)
+    test = load_test(ns.data_root, spec.name, 16, seed)
+    plm, tok, _, wrapper = load_backbone(ns.model, ns.model_type)
+    trainer = build_trainer(plm, tok, wrapper, spec.template, spec.label_words, "none", RetroConfig(knn_lambda=0.0),
+                            args=TrainingArgs(max_seq_length=ns.max_seq_length, progress=not ns.no_progress))
+    model = trainer.model
+    t0 = time.time()
+    record = {"task": spec.name, "method": method, "k": ns.shots, "seed": seed, "model": ns.model}
+    if method == "zero-shot-retro":
+        pool = remove_overlap(load_unlabeled_pool(ns.data_root, spec.name), test)
+        pool = pool[: ns.zs_pool_size] if ns.zs_pool_size else pool
+        probs = trainer.predict_proba(pool)  # labels of the pool are never read
+        idx, pseudo = select_confident(probs, ns.zs_fraction)
+        chosen = [InputExample(guid=f"pseudo-{i}", text_a=pool[i].text_a, text_b=pool[i].text_b, label=int(y))
+                  for i, y in zip(idx, pseudo)]
+        model.add_to_store(trainer.loader(chosen), progress=not ns.no_progress)
+        model.apply_config(knn_lambda=ns.zs_lambda, knn_k=ns.zs_k, knn_temperature=ns.zs_temperature)
+        true = np.array([pool[i].label for i in idx])
+        record.update({"pool_size": len(pool), "store_size": len(chosen),
+                       "pseudo_label_accuracy": float((true == pseudo).mean())})  # diagnostics only
+    build_s = time.time() - t0
+    t0 = time.time()
+    test_result = trainer.evaluate(test)
+    record.update({"test_accuracy": test_result["accuracy"], "n_test": test_result["n"], "dev_accuracy": None,
+                   "epochs_run": 0, "train_seconds": round(build_s, 2), "test_seconds": round(time.time() - t0, 2),
+                   "knn_lambda": model.config.knn_lambda, "knn_k": model.config.knn_k,
+                   "knn_temperature": model.config.knn_temperature,
+                   "settings": {"fraction": ns.zs_fraction, "pool_size_cap": ns.zs_pool_size}})
+    return record
+
+
+# ---------------------------------------------------------------------- the grid
+def run_grid(ns) -> List[Dict]:
+    """Every (task, method, seed) of ``ns`` not yet in OUT/results.jsonl (all of them with ``ns.overwrite``).
+
+    Each run's result is printed, then written; processes sharing OUT split the runs between them.
+    """
+    check_grid(ns)
+    results = ResultsFile(ns.out)
+    done = set() if ns.overwrite else results.done()
+    records = []
+    grid = [(t, m, s) for s in ns.seeds for t in ns.tasks for m in ns.methods]
+    for i, (task, method, seed) in enumerate(grid, 1):
+        from .tasks import get_task
+
+        key = (get_task(task).name, method, ns.shots, seed)
+        if key in done or (not ns.overwrite and key in results.done()):  # another process may have finished it
+            continue
+        holder = results.claim(key)
+        if holder is not None:
+            print(f"[{i}/{len(grid)}] {task} {method} K={ns.shots} seed={seed}: being run by {holder}, skipped",
+                  file=sys.stderr, flush=True)
+            continue
+        try:
+            print(f"[{i}/{len(grid)}] {task} {method} K={ns.shots} seed={seed}", file=sys.stderr, flush=True)
+            rec = run_one(task, method, seed, ns)
+            dev = "-" if rec["dev_accuracy"] is None else f"{rec['dev_accuracy']:.4f}"
+            print(f"    test accuracy {rec['test_accuracy']:.4f} (dev {dev}, lambda {rec['knn_lambda']}, "
+                  f"{rec['train_seconds']:.0f}s train, {rec['test_seconds']:.0f}s test)", file=sys.stderr, flush=True)
+            records.append(rec)
+            results.write(rec, overwrite=ns.overwrite)
+        finally:
+            results.release(key)
+    from .report import write_report
+
+    write_report(results.path, ns.out)
+    with open(os.path.join(ns.out, "table.md")) as f:
+        print(f.read())
+    return records
+
+
+__all__ = ["run_one", "run_zero_shot", "run_grid", "method_trainer", "load_split", "check_grid", "TRAINED_METHODS"]

@@ -1,0 +1,73 @@
+"""The batch-key protocol: the per-example fields RetroPrompt adds to OpenPrompt batches.
+
+=====================  ======  ==========================================================
+key                    who     what
+=====================  ======  ==========================================================
+``retro_slot_ids``     tmpl.   per token: c + 1 at the placeholder of class c's
+                               demonstration, else 0 (tensorable, from wrap_one_example)
+``retro_demo_mask``    tmpl.   per token: 1 inside the demonstration segment, else 0
+``retro_demo_embeds``  model   (B, C, D): the neural demonstrations d_c of each example
+``retro_query_keys``   model   (B, D): each example's demonstration-free store key q(x)
+``retro_exclude_ids``  model   (B,): the store id each example must not retrieve (-1: none)
+=====================  ======  ==========================================================
+
+OpenPrompt's ``InputFeatures`` silently drops keys it does not know, so
+:func:`register_batch_keys` (run on import) declares ours.
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional
+
+from openprompt.data_utils import InputFeatures
+from openprompt.utils.logging import logger as _openprompt_logger
+
+SLOT_KEY = "retro_slot_ids"
+SEGMENT_KEY = "retro_demo_mask"
+DEMO_KEY = "retro_demo_embeds"
+QUERY_KEY = "retro_query_keys"
+EXCLUDE_KEY = "retro_exclude_ids"
+ALL_KEYS = (SLOT_KEY, SEGMENT_KEY, DEMO_KEY, QUERY_KEY, EXCLUDE_KEY)
+TENSOR_KEYS = (SLOT_KEY, SEGMENT_KEY)
+
+
+def register_batch_keys() -> None:
+    """Let OpenPrompt's InputFeatures carry our per-example fields (it drops unknown keys)."""
+    for key in ALL_KEYS:
+        if key not in InputFeatures.all_keys:
+            InputFeatures.add_keys(key)
+        if not hasattr(InputFeatures, key):
+            setattr(InputFeatures, key, None)  # default for features made without it
+    for key in TENSOR_KEYS:
+        if key not in InputFeatures.tensorable_keys:
+            InputFeatures.add_tensorable_keys(key)
+
+
+class _QuietOurKeys(logging.Filter):
+    """OpenPrompt warns about every per-example key it did not define; ours are registered."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("unexpected key words" in msg and "retro_" in msg)
+
+
+register_batch_keys()
+_openprompt_logger.addFilter(_QuietOurKeys())
+
+
+def batch_get(batch, key):
+    """batch[key] for InputFeatures and dicts alike; None when absent."""
+    try:
+        return batch[key]
+    except (KeyError, AttributeError):
+        return None
+
+
+def batch_guids(batch) -> List[Optional[str]]:
+    """The guids of a batch as strings (None where an example has none)."""
+    guids = batch["guid"] if "guid" in batch else None
+    if guids is None:
+        return [None] * batch["loss_ids"].shape[0]
+    if hasattr(guids, "tolist"):
+        guids = guids.tolist()
+    return [None if g is None else str(g) for g in guids]
