@@ -2,9 +2,16 @@
 
     P(y|x) = lambda * p_kNN(y|x) + (1 - lambda) * p_PLM(y|x)      (probability space)
 
-It wraps any OpenPrompt verbalizer and returns log P, so OpenPrompt's loss and
-evaluation code keep working. With lambda = 0 (or in training mode) it returns
-the wrapped verbalizer's output unchanged.
+It wraps any OpenPrompt verbalizer and always returns log-probabilities over
+classes, so OpenPrompt's loss and evaluation code keep working and
+``exp(output)`` rows sum to 1:
+
+    mixing      log(lambda * p_kNN + (1 - lambda) * softmax(z))
+    not mixing  log_softmax(z)     (lambda = 0, or training without mix_in_training)
+
+with z the wrapped verbalizer's output (log-probabilities for ManualVerbalizer,
+where log_softmax is a no-op; raw logits for SoftVerbalizer). Cross-entropy is
+unchanged by it: CE(log_softmax(z), y) = CE(z, y).
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ class KnnVerbalizer(Verbalizer):
         store: the knowledge store (may be attached later: ``verbalizer.store = ...``).
         plm: the PLM, to turn mask hidden states into store keys.
         k, temperature, lam: p_kNN's neighbours and temperature, and the mixing weight.
+        mix_in_training: mix p_kNN in during training too (default: in eval mode only).
 
     The query key is ``batch["retro_query_keys"]`` when the caller provides it
     (RetroPromptForClassification does, from its demonstration-free pass);
@@ -69,7 +77,7 @@ class KnnVerbalizer(Verbalizer):
         base_outputs, hidden_at_mask = outputs
         plm_out = self.base.process_outputs(base_outputs, batch=batch, **kwargs)
         if self.lam == 0.0 or (self.training and not self.mix_in_training):
-            return plm_out
+            return torch.log_softmax(plm_out, dim=-1)
         query = batch_get(batch, QUERY_KEY)
         if query is None:
             query = self.key_head(hidden_at_mask)
