@@ -23,7 +23,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from ..core.config import RetroConfig
 from ..core.demonstrations import neural_demonstrations
-from ..core.knn import mix
+from ..core.knn import knn_label_distribution, knn_weights, mix
 from ..core.loss import knn_guided_loss
 from ..core.store import KnowledgeStore
 from ..core.text import example_text
@@ -218,9 +218,13 @@ class RetroPromptForClassification(PromptForClassification):
         batch = self.prepare_batch(batch)
         logits, query = self.forward_with_keys(batch)
         labels = batch["label"].to(logits.device)
-        if self.config.loss == "ce" or len(self.store) == 0:
+        if self.config.loss == "ce":
             p_gold = torch.ones(labels.shape[0], device=logits.device)
             kind = "ce"
+        elif len(self.store) == 0:
+            raise ValueError(f"the kNN-guided loss (config.loss={self.config.loss!r}) needs p_kNN from a built "
+                             "store, but the store is empty: call refresh_store(train_loader) first "
+                             "(RetroTrainer.fit does), or set config.loss='ce'")
         else:
             p_knn = self.verbalizer.knn_probs(query, batch[EXCLUDE_KEY], self.config.train_knn_k,
                                               self.config.train_knn_temperature)
@@ -241,26 +245,31 @@ class RetroPromptForClassification(PromptForClassification):
     # ---------------------------------------------------------------- explain
     @torch.no_grad()
     def explain_batch(self, batch, top: int = 5) -> List[Dict]:
-        """For each example: prediction, p_PLM, p_kNN and the neighbours behind it."""
+        """For each example: prediction, p_PLM, p_kNN and the neighbours behind p_kNN.
+
+        The k = ``config.knn_k`` nearest entries carry the weights of p_kNN,
+        w_j = softmax_j(s_j / T) over those k (:func:`~openprompt_retro.core.knn.knn_weights`);
+        the ``top`` best of them are listed with these weights (not renormalised over
+        the listed ones, so they sum to at most 1).
+        """
         was = self.training
         self.eval()
         try:
             p_plm, query = self.plm_probs_and_queries(batch)
-            res = self.store.search(query, min(top, len(self.store)))
-            weights = res.scores / self.config.knn_temperature
+            exclude = self._own_ids(batch) if self.exclude_self_in_eval else None
+            k, t = self.config.knn_k, self.config.knn_temperature
+            res = self.store.search(query, k, exclude)
+            weights = knn_weights(res.scores, t, res.ids >= 0)
+            p_knn = torch.from_numpy(knn_label_distribution(res.scores, res.labels, self.num_classes, t)).to(p_plm)
+            p = mix(p_plm, p_knn, self.config.knn_lambda)
             out = []
-            p_knn = self.verbalizer.knn_probs(query)
-            lam = self.config.knn_lambda
-            p = mix(p_plm, p_knn, lam)
             for i in range(query.shape[0]):
-                w = np.exp(weights[i] - weights[i].max())
-                w = w / w.sum()
                 out.append({
                     "prediction": int(p[i].argmax()), "probs": p[i].tolist(),
                     "p_plm": p_plm[i].tolist(), "p_knn": p_knn[i].tolist(),
                     "neighbours": [{"id": int(j), "guid": self.store.guids[j], "text": self.store.texts[j],
                                     "label": int(self.store.labels[j]), "score": float(s), "weight": float(wj)}
-                                   for j, s, wj in zip(res.ids[i], res.scores[i], w) if j >= 0],
+                                   for j, s, wj in list(zip(res.ids[i], res.scores[i], weights[i]))[:top] if j >= 0],
                 })
             return out
         finally:
