@@ -6,7 +6,7 @@
                      predict P = lambda p_kNN + (1 - lambda) softmax(l)
     zero-shot + kNN  the same mixture with hand-written prompts, no training
     Tip-Adapter      l + alpha * exp(-beta (1 - f @ K^T)) @ onehot(V)
-    Tip-Adapter-F    the same with the cache keys K trained
+    Tip-Adapter-F    the same with the cache keys K trained (AdamW, cosine learning rate over all steps)
 
 Every mixing / cache hyper-parameter is chosen on a validation split.
 """
@@ -178,6 +178,7 @@ class TipAdapter(nn.Module):
         self.keys = nn.Parameter(cache.keys.clone().float(), requires_grad=train_keys)
         self.scale, self.alpha, self.beta = logit_scale, alpha, beta
         self.num_classes = int(text_features.shape[0])
+        self.history = []  # Tip-Adapter-F epochs (fit)
 
     def forward(self, feats: torch.Tensor, alpha: Optional[float] = None, beta: Optional[float] = None):
         a = self.alpha if alpha is None else alpha
@@ -187,22 +188,40 @@ class TipAdapter(nn.Module):
 
     def fit(self, feats: np.ndarray, labels: np.ndarray, epochs: int = 20, lr: float = 1e-3,
             batch_size: int = 32, seed: int = 0, progress: bool = True) -> "TipAdapter":
-        """Tip-Adapter-F: train the cache keys with cross-entropy (everything else frozen)."""
+        """Tip-Adapter-F: train the cache keys with cross-entropy (everything else frozen).
+
+        As in Tip-Adapter's official code: AdamW (eps 1e-4) and a cosine learning rate
+        over all steps, stepped after every batch,
+
+            lr_s = lr * (1 + cos(pi * s / S)) / 2,   S = epochs * batches per epoch,
+
+        so the rate reaches 0 at the last step. ``self.history`` records each epoch's
+        mean loss and the rate its last batch used.
+        """
         self.keys.requires_grad_(True)
         x, y = torch.from_numpy(feats), torch.from_numpy(np.asarray(labels, dtype=np.int64))
         opt = torch.optim.AdamW([self.keys], lr=lr, eps=1e-4)
+        batches = -(-len(y) // batch_size)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * batches)
         gen = torch.Generator().manual_seed(seed)
-        for _ in tqdm(range(epochs), desc="Tip-Adapter-F epochs", disable=not progress):
+        self.history = []
+        for epoch in tqdm(range(epochs), desc="Tip-Adapter-F epochs", disable=not progress):
+            losses = []
             for idx in torch.randperm(len(y), generator=gen).split(batch_size):
                 loss = F.cross_entropy(self(x[idx]), y[idx])
                 opt.zero_grad()
                 loss.backward()
+                lr_used = opt.param_groups[0]["lr"]
                 opt.step()
+                sched.step()
+                losses.append(loss.item())
+            self.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "lr": lr_used})
         return self
 
     @torch.no_grad()
     def tune(self, val_feats: np.ndarray, val_labels: np.ndarray, alphas=(0.5, 1.0, 2.0, 5.0, 10.0),
              betas=(1.0, 3.0, 5.0, 7.0, 10.0)) -> Dict:
+        """Set alpha and beta to the pair with the best validation accuracy (ties: the first in grid order)."""
         x, best = torch.from_numpy(val_feats), None
         for a, b in itertools.product(alphas, betas):
             acc = accuracy(self(x, a, b).numpy(), val_labels)
