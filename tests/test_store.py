@@ -39,7 +39,10 @@ def test_leave_one_out_is_exact_with_duplicate_keys():
     res = s.search(s.keys, k=1, exclude_ids=[0, 1, 2])
     assert res.ids[:2, 0].tolist() == [1, 0]  # each duplicate finds its twin, never itself
     assert res.labels[:2, 0].tolist() == [1, 0]
-    assert res.ids[2, 0] in (0, 1)  # a tie between the two duplicates
+    # entry 2 scores 0 with both duplicates: k = 2 takes both, with equal weights
+    tie = s.search(s.keys[2:], k=2, exclude_ids=[2])
+    assert sorted(tie.ids[0].tolist()) == [0, 1] and tie.scores[0].tolist() == [0.0, 0.0]
+    np.testing.assert_allclose(s.knn_distribution(s.keys[2:], k=2, exclude_ids=[2]), [[0.5, 0.5]])
     full = s.search(s.keys, k=10, exclude_ids=np.arange(3))
     assert full.ids.shape == (3, 2)  # clipped to len(store) - 1
     for i in range(3):
