@@ -127,8 +127,9 @@ class RetroTrainer:
             run.sampler.set_epoch(epoch)
         self.model.train()
         for batch in tqdm(run.train_loader, desc=f"epoch {epoch}", leave=False, disable=not self.args.progress):
+            lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
             losses.append(self._train_step(run, batch))
-        return {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.time() - t0}
+        return {"epoch": epoch, "loss": float(np.mean(losses)), "lr": lr, "seconds": time.time() - t0}
 
     def _train_step(self, run: "_Run", batch) -> float:
         loss = run.step_model(self._to_device(batch))
@@ -223,12 +224,19 @@ class RetroTrainer:
 
 
 def linear_schedule(optimizer, total_steps: int, warmup_ratio: float = 0.0):
-    """Linear warm-up over ``warmup_ratio * total_steps`` steps, then linear decay to 0."""
+    """Linear warm-up to the full rate, then linear decay to 0, with W = int(warmup_ratio * total_steps):
+
+        factor(s) = (s + 1) / W                 for s < W
+        factor(s) = (S - s) / (S - W)           for s >= W     (S = total_steps)
+    """
     warmup = int(warmup_ratio * total_steps)
-    if not warmup:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, (total_steps - s) / total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass
