@@ -168,3 +168,48 @@ def test_clip_example_runs_end_to_end(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "RetroCoOp" in out.stdout and (tmp_path / "r.json").exists()
+
+
+def test_tip_adapter_tune_picks_the_alpha_beta_with_the_best_validation_accuracy():
+    # one cache entry k (class 0); A = k (label 0), B orthogonal to k (label 1); CLIP favours class 1 by
+    # 1.5 on A and 0.15 on B. Cache logit of class 0: alpha exp(-beta (1 - cos)) = alpha on A, alpha e^-beta on B.
+    # A right iff alpha > 1.5; B right iff alpha e^-beta < 0.15: only (2, 3) and (2.5, 3), tied: the first wins.
+    cache = ImageCache(np.array([[1.0, 0.0, 0.0]], dtype=np.float32), np.array([0]), 2)
+    text = torch.tensor([[0.0, 0.0, 0.0], [1.5, 0.15, 0.0]])
+    tip = TipAdapter(text, 1.0, cache)
+    val = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=np.float32)
+    best = tip.tune(val, np.array([0, 1]), alphas=(1.0, 2.0, 2.5, 4.0), betas=(0.1, 3.0))
+    assert best == {"val_accuracy": 1.0, "alpha": 2.0, "beta": 3.0}
+    assert (tip.alpha, tip.beta) == (2.0, 3.0)
+    assert tip.predict_proba(val).argmax(1).tolist() == [0, 1]
+
+
+def test_image_cache_leaves_each_image_out_of_its_own_p_knn():
+    feats = np.eye(3, dtype=np.float32)[[0, 0, 1, 2]] + np.float32(0.01) * np.arange(4)[:, None]
+    cache = ImageCache(feats, np.array([0, 1, 1, 2]), 3)  # images 0 and 1 nearly equal, labels differ
+    own = cache.p_knn(feats, k=1, temperature=0.1)
+    np.testing.assert_allclose(own, np.eye(3)[[0, 1, 1, 2]], atol=1e-6)
+    loo = cache.p_knn(feats, k=1, temperature=0.1, exclude_self=True)
+    np.testing.assert_allclose(loo[:2], np.eye(3)[[1, 0]], atol=1e-6)  # each finds its twin, never itself
+
+
+def test_retro_coop_loss_weights_leave_each_image_out(tiny_clip):
+    from openprompt_retro.clip import clip_logits
+    from openprompt_retro.core.loss import knn_guided_loss
+
+    clip, proc = tiny_clip
+    feats = ClipFeatures(clip, proc, progress=False)
+    f_train, labels = feats.image_features(images(9)), np.array([0, 1, 2] * 3)
+    config = RetroCoOpConfig(n_ctx=2, epochs=1, batch_size=16, train_knn_k=2, train_knn_temperature=0.05,
+                             progress=False)
+    m = RetroCoOp(clip, proc.tokenizer, CLASSES, config)
+    with torch.no_grad():  # one batch per epoch: the epoch's loss is taken at the initial context
+        logits = clip_logits(torch.from_numpy(f_train), m.learner(), m.logit_scale)
+    m.fit(f_train, labels)
+    cache, y = m.cache, torch.from_numpy(labels)
+    p_loo = cache.p_knn(f_train, 2, 0.05, exclude_self=True)[np.arange(9), labels]
+    p_self = cache.p_knn(f_train, 2, 0.05)[np.arange(9), labels]
+    want = knn_guided_loss(logits, y, torch.from_numpy(p_loo), "knn", 1.0)
+    leaky = knn_guided_loss(logits, y, torch.from_numpy(p_self), "knn", 1.0)
+    assert m.history[0]["loss"] == pytest.approx(float(want), rel=1e-5)
+    assert float(leaky) != pytest.approx(float(want), rel=1e-3)

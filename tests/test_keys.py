@@ -85,3 +85,20 @@ def test_streaming_build_matches_build_store(tiny_plm, examples, capsys):
     np.testing.assert_allclose(streamed.keys, full.keys, atol=1e-5)
     assert streamed.guids == full.guids and streamed.texts == full.texts
     assert streamed.labels.tolist() == full.labels.tolist()
+
+
+@pytest.mark.parametrize("train_size", [4, 100])  # trained mid-stream / only at the end
+def test_streaming_build_with_a_trained_index_matches_in_memory_build(tiny_bert, examples, train_size):
+    from openprompt_retro import build_store_streaming
+
+    plm, tok, _, wrapper = tiny_bert
+    model, loader = _pipeline(("bert", plm, tok, None, wrapper), examples)
+    full = build_store(model, loader, progress=False, index_factory="IVF4,Flat", nprobe=4)
+    streamed = build_store_streaming(model, iter(examples), tok, wrapper, num_classes=2, max_seq_length=32,
+                                     batch_size=3, chunk_size=3, train_size=train_size, progress=False,
+                                     index_factory="IVF4,Flat", nprobe=4)
+    assert streamed.index.is_trained and streamed.index.ntotal == len(streamed) == len(examples)
+    assert streamed.guids == full.guids and streamed.labels.tolist() == full.labels.tolist()
+    a, b = streamed.search(full.keys, 5, exclude_ids=np.arange(8)), full.search(full.keys, 5, exclude_ids=np.arange(8))
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4)

@@ -207,3 +207,26 @@ def test_train_on_sample_then_stream_and_mmap_load(tmp_path):
     m = KnowledgeStore.load(str(tmp_path), mmap=True)
     assert isinstance(m.keys, np.memmap)
     np.testing.assert_array_equal(m.search(keys[:5], 10).ids, exact)
+
+
+def test_exclusion_of_minus_one_excludes_nothing():
+    s = small_store()
+    for exclude in (None, [-1], [[-1, -1]], np.array([-1])):
+        res = s.search([[2.0, 1.0]], k=3, exclude_ids=exclude)
+        assert res.ids.tolist() == [[2, 0, 1]], exclude  # all three entries (scores 3, 2, 1), best first
+
+
+def test_ids_of_counts_from_the_first_entry_across_adds():
+    s = small_store()
+    assert s.add([[2, 2], [3, 0]], [1, 0], guids=["d", "e"]).tolist() == [3, 4]
+    assert s.ids_of(["a", "c", "d", "e"]).tolist() == [0, 2, 3, 4]
+    assert s.search([[3.0, 0.0]], k=1, exclude_ids=s.ids_of(["e"])).ids.tolist() == [[3]]  # d: 6 beats a: 3
+
+
+def test_search_per_class_keeps_m_slots_for_the_largest_class():
+    s = KnowledgeStore(dim=2, num_classes=3)
+    s.add([[1, 0], [0, 1], [0, 2], [0, 3]], [0, 1, 1, 1])  # class 0: one entry, class 2: none
+    res = s.search_per_class([[0.0, 1.0]], m=3)
+    assert res.ids.shape == (1, 3, 3)
+    assert res.ids[0].tolist() == [[0, -1, -1], [3, 2, 1], [-1, -1, -1]]
+    assert np.isneginf(res.scores[0, 0, 1:]).all() and res.labels[0, 2].tolist() == [-1, -1, -1]

@@ -1,0 +1,59 @@
+"""The retrieval math of core/ on hand-computed cases: kNN weights, the (lambda, k, T) selection,
+loss weights and demonstration weights at their edges."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from openprompt_retro.core.demonstrations import demonstration_weights
+from openprompt_retro.core.knn import MixtureGrid, knn_label_distribution, knn_weights, select_mixture
+from openprompt_retro.core.loss import knn_loss_weights
+
+
+def test_knn_weights_stay_finite_for_large_scores():
+    # raw inner products of real mask keys reach the hundreds: exp(s / T) alone would overflow
+    w = knn_weights(np.array([[1000.0, 999.0, -np.inf]]), temperature=1.0)
+    e = math.exp(-1.0)
+    np.testing.assert_allclose(w, [[1 / (1 + e), e / (1 + e), 0.0]], rtol=1e-12)
+
+
+def test_missing_neighbours_take_no_part_in_p_knn():
+    scores = np.array([[2.0, 1.0, 5.0]])
+    labels = np.array([[1, 0, -1]])  # the third slot is empty (id -1): ignored whatever its score
+    p = knn_label_distribution(scores, labels, num_classes=3, temperature=1.0)
+    e = math.exp(-1.0)
+    np.testing.assert_allclose(p, [[e / (1 + e), 1 / (1 + e), 0.0]], rtol=1e-6)
+
+
+def test_select_mixture_ties_go_to_the_smaller_lambda_then_the_first_k_t():
+    labels = np.array([0, 0])
+    p_model = np.array([[0.4, 0.6], [0.4, 0.6]])  # lambda = 0 gets both wrong
+    # k = 1: P(0) = 0.4 + 0.3 lambda > P(1) = 0.6 - 0.3 lambda  iff  lambda > 1/3
+    # k = 2: P(0) = 0.4 + 0.6 lambda > P(1) = 0.6 - 0.6 lambda  iff  lambda > 1/6
+    p_knn = {1: np.array([[0.7, 0.3]] * 2), 2: np.array([[1.0, 0.0]] * 2)}
+    best = select_mixture(p_model, labels, lambda k, t: p_knn[k], (1.0, 0.5, 0.0, 0.2), (1, 2), (1.0,))
+    # accuracy 1 at lambda 0.5 and 1 (k = 1), 0.2, 0.5 and 1 (k = 2): the smallest lambda wins, though its k is later
+    assert best == {"accuracy": 1.0, "lambda": 0.2, "k": 2, "temperature": 1.0}
+    # the same p_kNN for every (k, T): the first (k, T) in grid order
+    best = MixtureGrid((0.0, 0.5, 1.0), (4, 2), (3.0, 1.0)).select(p_model, labels, lambda k, t: p_knn[2])
+    assert best == {"accuracy": 1.0, "lambda": 0.5, "k": 4, "temperature": 3.0}
+
+
+def test_mixture_grid_refuses_lambdas_outside_0_1():
+    with pytest.raises(ValueError, match=r"lambdas must lie in \[0, 1\]"):
+        MixtureGrid(lambdas=(0.0, 1.5))
+    with pytest.raises(ValueError, match="ks must be >= 1"):
+        MixtureGrid(ks=(0,))
+
+
+def test_knn_loss_weight_is_finite_when_the_store_gives_the_gold_label_nothing():
+    w = knn_loss_weights(torch.tensor([0.0, 1.0]), "knn", beta=2.0)
+    assert torch.allclose(w, torch.tensor([1.0 + 2.0 * -math.log(1e-6), 1.0]))
+
+
+def test_demonstration_weights_ignore_missing_neighbours():
+    # two of three slots filled: z over the two only, (s - mean) / std = -1, +1
+    w = demonstration_weights(np.array([[[1.0, 3.0, -np.inf]]]))
+    z = 1 / math.sqrt(1 + 1e-6)
+    np.testing.assert_allclose(w[0, 0], [1 / (1 + math.exp(2 * z)), 1 / (1 + math.exp(-2 * z)), 0.0], rtol=1e-5)

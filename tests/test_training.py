@@ -1,0 +1,181 @@
+"""Training and inference behaviours of RetroPromptForClassification / RetroTrainer: the best dev epoch
+is kept (weights and store), the store follows the encoder, the tuned mixture is the one applied,
+leave-one-out where it is asked for, and mixing in training only when asked for."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import openprompt_retro as R
+from openprompt_retro.prompt.batch import EXCLUDE_KEY, QUERY_KEY
+from openprompt_retro.prompt.trainer import linear_schedule
+
+from helpers import first_batch, retro_model, trainer
+
+
+# ------------------------------------------------------------------ fit
+def test_fit_keeps_the_best_dev_epoch_weights_and_store_and_stops_on_patience(tiny_bert, examples):
+    torch.manual_seed(0)
+    model = retro_model(tiny_bert, demonstrations="none", loss="knn", knn_lambda=0.0)
+    tr = trainer(model, tiny_bert, epochs=6, patience=2, lr=1e-2, tune_inference=False, shuffle=False)
+    dev_accuracy = iter([0.5, 0.9, 0.9, 0.7, 0.95, 0.95])  # epoch 1 is best; a tie (epoch 2) keeps the earlier
+    seen = []
+
+    def scripted_evaluate(data):  # the state fit sees when it scores each epoch
+        seen.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, model.store.keys.copy()))
+        return {"accuracy": next(dev_accuracy), "n": 2}
+
+    tr.evaluate = scripted_evaluate
+    history = tr.fit(examples[:6], examples[6:])
+    # epochs 2 and 3 do not improve on epoch 1: patience 2 stops after epoch 3
+    assert [h["dev_accuracy"] for h in history] == [0.5, 0.9, 0.9, 0.7]
+    best_state, best_keys = seen[1]
+    last_state, last_keys = seen[3]
+    assert any(not torch.equal(best_state[k], last_state[k]) for k in best_state)  # training moved on ...
+    assert not np.allclose(best_keys, last_keys)
+    for k, v in model.state_dict().items():  # ... and fit went back to epoch 1: weights and store
+        assert torch.equal(v, best_state[k]), k
+    np.testing.assert_array_equal(model.store.keys, best_keys)
+    assert model.store.guids == [e.guid for e in examples[:6]]
+
+
+def test_learning_rate_decays_linearly_to_zero_over_all_steps(tiny_bert, examples):
+    model = retro_model(tiny_bert, demonstrations="none", loss="ce", knn_lambda=0.0)
+    tr = trainer(model, tiny_bert, epochs=2, lr=1e-3, tune_inference=False)
+    history = tr.fit(examples)  # 2 batches per epoch, S = 4 steps; last step of epoch e: s = 2 e + 1
+    assert [h["lr"] for h in history] == pytest.approx([1e-3 * (4 - 1) / 4, 1e-3 * (4 - 3) / 4])
+
+
+def test_store_holds_the_trained_encoders_keys_after_fit(tiny_bert, examples):
+    torch.manual_seed(0)
+    model = retro_model(tiny_bert, demonstrations="none", loss="knn")
+    tr = trainer(model, tiny_bert, epochs=1, lr=1e-2, tune_inference=False)
+    loader = tr.loader(examples)
+    model.refresh_store(loader, progress=False)
+    before = model.store.keys.copy()
+    tr.fit(examples)
+    now, _, _ = R.extract_keys(model, loader, progress=False)
+    assert not np.allclose(now, before, atol=1e-3)  # the encoder moved
+    np.testing.assert_allclose(model.store.keys, now, atol=1e-5)
+
+
+def test_tuned_mixture_is_the_one_applied_and_reproduces_its_dev_accuracy(tiny_bert, examples):
+    torch.manual_seed(0)
+    model = retro_model(tiny_bert, demonstrations="none")
+    tr = trainer(model, tiny_bert, ks=(2, 3), temperatures=(0.5, 2.0))
+    tr.model.refresh_store(tr.loader(examples[:6]), progress=False)
+    dev = examples[2:]
+    tuned = tr.tune_inference(dev)
+    p_plm, queries, labels = tr.collect(dev)
+    want = R.select_mixture(p_plm, labels, lambda k, t: model.store.knn_distribution(queries, k, t),
+                            tr.grid.lambdas, tr.grid.ks, tr.grid.temperatures)
+    assert (tuned["knn_lambda"], tuned["knn_k"], tuned["knn_temperature"]) == (want["lambda"], want["k"],
+                                                                              want["temperature"])
+    c, v = model.config, model.verbalizer
+    assert (c.knn_lambda, c.knn_k, c.knn_temperature) == (v.lam, v.k, v.temperature) == (
+        want["lambda"], want["k"], want["temperature"])
+    assert tr.evaluate(dev)["accuracy"] == tuned["dev_accuracy"]
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero():
+    def rates(total, warmup_ratio):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        sched = linear_schedule(opt, total, warmup_ratio)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    assert rates(4, 0.0) == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    # 2 warm-up steps reach the full rate, then (total - s) / (total - warmup)
+    assert rates(6, 1 / 3) == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+
+
+# ------------------------------------------------------------------ the kNN-guided loss
+def test_loss_uses_the_training_k_and_temperature(tiny_bert, examples):
+    model = retro_model(tiny_bert, demonstrations="none", loss="knn", knn_k=3, knn_temperature=1.0,
+                        train_knn_k=2, train_knn_temperature=5.0)
+    loader, batch = first_batch(trainer(model, tiny_bert), examples)
+    model.refresh_store(loader, progress=False)
+    model.train()
+    prepared = model.prepare_batch(batch)
+    logits, query = model.forward_with_keys(prepared)
+    p = model.store.knn_distribution(query, 2, 5.0, exclude_ids=np.arange(len(examples)))
+    p_gold = torch.from_numpy(p[np.arange(len(examples)), prepared["label"].numpy()])
+    want = (F.cross_entropy(logits, prepared["label"], reduction="none") * (1 - torch.log(p_gold.clamp_min(1e-6)))).mean()
+    assert torch.allclose(model.loss(batch), want, atol=1e-6)
+
+
+# ------------------------------------------------------------------ inference
+def test_exclude_self_in_eval_never_lets_an_entry_answer_for_itself(tiny_bert, examples):
+    model = retro_model(tiny_bert, demonstrations="none", metric="cosine", knn_lambda=1.0, knn_k=1)
+    loader, batch = first_batch(trainer(model, tiny_bert), examples)
+    model.refresh_store(loader, progress=False)
+    model.eval()
+    own = np.arange(len(examples))
+    with torch.no_grad():
+        # by default a stored example is its own nearest neighbour (cosine 1): p_kNN is its own label
+        assert [r["neighbours"][0]["id"] for r in model.explain_batch(batch, top=1)] == own.tolist()
+        np.testing.assert_allclose(torch.exp(model(batch)).numpy(), np.eye(2)[model.store.labels], atol=1e-6)
+        model.exclude_self_in_eval = True
+        assert model.prepare_batch(batch)[EXCLUDE_KEY].tolist() == own.tolist()
+        want = model.store.knn_distribution(model.store.keys, 1, 1.0, exclude_ids=own)
+        np.testing.assert_allclose(torch.exp(model(batch)).numpy(), want, atol=1e-5)
+        assert all(r["neighbours"][0]["id"] != i for i, r in enumerate(model.explain_batch(batch, top=1)))
+
+
+def test_training_queries_are_the_stores_own_keys(tiny_bert, examples):
+    """In training q(x) is x's store entry (refreshed this epoch), not a second, dropout-noisy pass."""
+    plm = tiny_bert[0]
+    model = retro_model(tiny_bert, loss="knn")
+    tr = trainer(model, tiny_bert)
+    model.refresh_store(tr.loader(examples), progress=False)
+    for m in plm.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    model.train()
+    _, batch = first_batch(tr, examples[2:6])
+    torch.manual_seed(0)
+    assert torch.equal(model.prepare_batch(batch)[QUERY_KEY], torch.from_numpy(model.store.keys[2:6]))
+
+
+def test_plm_probabilities_for_tuning_leave_the_knn_mixture_out(tiny_bert, examples):
+    model = retro_model(tiny_bert, demonstrations="none", knn_lambda=1.0)
+    loader, batch = first_batch(trainer(model, tiny_bert), examples)
+    model.refresh_store(loader, progress=False)
+    model.eval()
+    p_plm, _ = model.plm_probs_and_queries(batch)
+    assert model.verbalizer.lam == 1.0  # restored
+    model.apply_config(knn_lambda=0.0)
+    with torch.no_grad():
+        assert torch.allclose(p_plm, torch.exp(model(batch)), atol=1e-6)
+
+
+@pytest.mark.parametrize("mix_in_training", [False, True])
+def test_mixing_in_training_only_when_asked(tiny_bert, examples, mix_in_training):
+    model = retro_model(tiny_bert, demonstrations="none", knn_lambda=0.4, knn_k=3, knn_temperature=2.0)
+    loader, batch = first_batch(trainer(model, tiny_bert), examples)
+    model.refresh_store(loader, progress=False)
+    v = model.verbalizer
+    v.mix_in_training = mix_in_training
+    model.train()
+    prepared = model.prepare_batch(batch)
+    with torch.no_grad():
+        outputs, mask_batch = model._main_pass(prepared)
+        at_mask = [model.extract_at_mask(o, mask_batch) for o in v.gather_outputs(outputs)]
+        p_plm = torch.softmax(v.base.process_outputs(at_mask[0], batch=prepared), -1)
+        query = v.key_head(at_mask[1])
+        train_out = torch.exp(v.process_outputs(at_mask, batch=prepared))
+    own = np.arange(len(examples))  # in training the own entry is left out of p_kNN
+    p_knn = torch.from_numpy(model.store.knn_distribution(query, 3, 2.0, exclude_ids=own))
+    mixed = 0.4 * p_knn + 0.6 * p_plm
+    assert torch.allclose(train_out, mixed if mix_in_training else p_plm, atol=1e-6)
+    assert not torch.allclose(mixed, p_plm, atol=1e-3)
+    model.eval()  # in eval mode it always mixes
+    with torch.no_grad():
+        p_knn_eval = torch.from_numpy(model.store.knn_distribution(query, 3, 2.0))
+        eval_batch = model.prepare_batch(batch)
+        assert torch.allclose(torch.exp(v.process_outputs(at_mask, batch=eval_batch)),
+                              0.4 * p_knn_eval + 0.6 * p_plm, atol=1e-6)
