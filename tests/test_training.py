@@ -77,6 +77,17 @@ def test_tuned_mixture_is_the_one_applied_and_reproduces_its_dev_accuracy(tiny_b
     assert tr.evaluate(dev)["accuracy"] == tuned["dev_accuracy"]
 
 
+def test_fit_chooses_lambda_k_t_on_the_dev_split(tiny_bert, examples):
+    model = retro_model(tiny_bert, demonstrations="none")
+    tr = trainer(model, tiny_bert, epochs=1)
+    collected = []
+    collect = tr.collect
+    tr.collect = lambda data: collected.append([e.guid for e in data.raw_dataset]) or collect(data)
+    tr.fit(examples[:6], examples[6:])
+    assert collected == [["ex6", "ex7"]]  # the dev examples only, never the training ones
+    assert model.config.knn_lambda == tr.tuned["knn_lambda"]
+
+
 def test_linear_schedule_warms_up_then_decays_to_zero():
     def rates(total, warmup_ratio):
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
