@@ -68,8 +68,8 @@ def test_model_loss_gradient_equals_weighted_ce_gradient(tiny_bert, examples):
     # the same weights, applied by hand to plain CE
     prepared = model.prepare_batch(batch)
     logits, query = model.forward_with_keys(prepared)
-    p = model.verbalizer.knn_probs(query, prepared[EXCLUDE_KEY], 3, 1.0)
-    w = 1 + (-torch.log(p.gather(1, prepared["label"][:, None]).squeeze(1).clamp_min(1e-6)))
+    p = model.knn_probs(query, prepared[EXCLUDE_KEY], 3, 1.0)
+    w = (1 + (-torch.log(p.gather(1, prepared["label"][:, None]).squeeze(1).clamp_min(1e-6)))).clamp_max(3.0)
     manual = (F.cross_entropy(logits, prepared["label"], reduction="none") * w).mean()
     g2 = torch.autograd.grad(manual, params, allow_unused=True)
     assert torch.allclose(loss, manual)
@@ -180,7 +180,7 @@ def test_lambda_limits(tiny_bert, examples, vname):
     with torch.no_grad():
         assert torch.equal(knn(batch), plain(batch))  # lambda = 0: the wrapped verbalizer, exactly
         knn_v.lam = 1.0
-        p_knn = knn_v.store.knn_distribution(knn_v.store.keys, 3, 2.0)
+        p_knn = knn_v.store.knn_distribution(knn_v.store.keys, 3, 2.0, scale="zscore")  # the verbalizer's default
         np.testing.assert_allclose(torch.exp(knn(batch)).numpy(), p_knn, atol=1e-6)
         knn_v.lam = 0.3
         mixed = 0.3 * torch.from_numpy(p_knn) + 0.7 * torch.softmax(plain(batch), -1)

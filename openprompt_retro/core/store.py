@@ -327,12 +327,23 @@ class KnowledgeStore:
         return self._result(scores, ids)
 
     def knn_distribution(self, queries: ArrayLike, k: int, temperature: float = 1.0,
-                         exclude_ids=None) -> np.ndarray:
-        """p_kNN(y|x) = sum_{j in kNN(x)} softmax_j(s_j / T) * 1[y_j = y], shape (B, C)."""
+                         exclude_ids=None, scale: str = "raw") -> np.ndarray:
+        """p_kNN(y|x) = sum_{j in kNN(x)} softmax_j(z_j / T) * 1[y_j = y], shape (B, C).
+
+        ``scale``: ``"raw"`` (z_j = s_j) or ``"zscore"`` (scores standardised per query: scale-free);
+        see :mod:`openprompt_retro.core.knn`.
+        """
         if not temperature > 0:
             raise StoreError(f"temperature must be positive, got {temperature}")
         res = self.search(queries, k, exclude_ids)
-        return knn_label_distribution(res.scores, res.labels, self._num_classes, temperature)
+        return knn_label_distribution(res.scores, res.labels, self._num_classes, temperature, scale)
+
+    def leave_one_out_accuracy(self, k: int, temperature: float = 1.0, scale: str = "raw") -> float:
+        """Accuracy of argmax p_kNN for every entry, its own entry left out: does the store separate classes?"""
+        if len(self) < 2:
+            raise StoreError(f"leave-one-out needs at least 2 entries, the store has {len(self)}")
+        p = self.knn_distribution(np.asarray(self.keys), k, temperature, np.arange(len(self)), scale)
+        return float((p.argmax(1) == self.labels).mean())
 
     def search_per_class(self, queries: ArrayLike, m: int, exclude_ids=None) -> SearchResult:
         """For each class c, the top-m entries of class c: arrays of shape (B, C, m)."""

@@ -8,7 +8,7 @@ import time
 from typing import Dict, List, Optional
 
 from ..errors import UserError
-from .methods import ALL_METHODS, TRAINED_METHODS, ZERO_SHOT_METHODS
+from .methods import ALL_METHODS, BASELINE_METHODS, TRAINED_METHODS, ZERO_SHOT_METHODS
 from .results import ResultsFile
 
 
@@ -90,6 +90,7 @@ def check_grid(ns) -> None:
 def method_trainer(method: str, task: str, ns, train_examples, seed: Optional[int] = None):
     """(trainer, spec) for a fresh backbone wired for ``method`` (no training yet)."""
     from ..core.config import RetroConfig
+    from ..core.knn import MixtureGrid
     from ..prompt.factory import build_trainer, method_preset
     from ..prompt.training_args import TrainingArgs
     from .backbones import load_backbone
@@ -98,12 +99,18 @@ def method_trainer(method: str, task: str, ns, train_examples, seed: Optional[in
     spec, preset = get_task(task), method_preset(method)
     plm, tok, _, wrapper = load_backbone(ns.model, ns.model_type)
     k = len(train_examples) // spec.num_classes
-    config = RetroConfig(demo_topk=ns.demo_topk or (8 if k >= 16 else 2), loss_beta=ns.loss_beta, knn_lambda=0.0)
+    try:
+        config = RetroConfig(**{"demo_topk": ns.demo_topk or (8 if k >= 16 else 2), "loss_beta": ns.loss_beta,
+                                "knn_lambda": 0.0, **getattr(ns, "config", {})})
+    except TypeError as e:
+        raise UserError(f"--config: {e}") from None
     seq = ns.max_seq_length * (2 if preset["demonstrations"] == "text" else 1)  # room for the demonstrations
     args = TrainingArgs(epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size, max_seq_length=seq,
-                        seed=ns.seed if seed is None else seed, patience=ns.patience, progress=False)
+                        seed=ns.seed if seed is None else seed, patience=ns.patience, progress=False,
+                        max_steps=getattr(ns, "max_steps", None), eval_every=getattr(ns, "eval_every", None))
     trainer = build_trainer(plm, tok, wrapper, spec.template, spec.label_words, config=config, args=args,
-                            text_pool=train_examples if preset["demonstrations"] == "text" else None, method=method)
+                            text_pool=train_examples if preset["demonstrations"] == "text" else None, method=method,
+                            grid=MixtureGrid.named(getattr(ns, "mixture_grid", "small")))
     return trainer, spec
 
 
@@ -132,6 +139,8 @@ def run_one(task: str, method: str, seed: int, ns) -> Dict:
 
     if method in ZERO_SHOT_METHODS:
         return run_zero_shot(task, method, seed, ns)
+    if method in BASELINE_METHODS:
+        return run_baseline(task, method, seed, ns)
     data = load_split(task, seed, ns)
     torch.manual_seed(seed)
     trainer, spec = method_trainer(method, task, ns, data["train"], seed)
@@ -145,6 +154,13 @@ def run_one(task: str, method: str, seed: int, ns) -> Dict:
     best_dev = max((h["dev_accuracy"] for h in history), default=None)
     tuned = getattr(trainer, "tuned", None)
     config = trainer.model.config
+    diagnostics = {"evaluations": [{k: h.get(k) for k in ("step", "dev_accuracy", "loss", "loss_weight_mean",
+                                                           "loss_weight_max", "store_loo_accuracy", "knn_loss_active")}
+                                   for h in history]}
+    if tuned:
+        diagnostics["dev_accuracy_plm_only"] = tuned["dev_accuracy_plm_only"]
+    if trainer.model.uses_neural_demos:
+        diagnostics["demonstration_reliance"] = trainer.demonstration_reliance(data["test"])
     return {
         "task": spec.name, "method": method, "k": ns.shots, "seed": seed, "model": ns.model,
         "test_accuracy": test["accuracy"], "n_test": test["n"],
@@ -153,8 +169,42 @@ def run_one(task: str, method: str, seed: int, ns) -> Dict:
         "knn_lambda": config.knn_lambda, "knn_k": config.knn_k, "knn_temperature": config.knn_temperature,
         "settings": {"lr": ns.lr, "epochs": ns.epochs, "batch_size": ns.batch_size,
                      "max_seq_length": trainer.args.max_seq_length, "demo_topk": config.demo_topk,
-                     "loss_beta": ns.loss_beta, "patience": ns.patience},
+                     "loss_beta": ns.loss_beta, "patience": ns.patience, "max_steps": trainer.args.max_steps,
+                     "eval_every": trainer.args.eval_every, "mixture_grid": getattr(ns, "mixture_grid", "small"),
+                     "config": config.to_dict()},
+        "diagnostics": diagnostics,
     }
+
+
+def run_baseline(task: str, method: str, seed: int, ns) -> Dict:
+    """fine-tune or linear-probe on the same split and backbone as the prompt methods."""
+    import torch
+
+    from ..prompt.training_args import TrainingArgs
+    from .backbones import load_backbone
+    from .baselines import fine_tune, linear_probe
+    from .tasks import get_task
+
+    spec = get_task(task)
+    data = load_split(task, seed, ns)
+    torch.manual_seed(seed)
+    plm, tok, _, _ = load_backbone(ns.model, ns.model_type)
+    t0 = time.time()
+    if method == "linear-probe":
+        out = linear_probe(plm, tok, data["train"], data["dev"], data["test"], ns.max_seq_length, seed=seed)
+        train_s, test_s, settings = round(time.time() - t0, 2), 0.0, {"C": out["C"]}
+    else:
+        args = TrainingArgs(epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size, max_seq_length=ns.max_seq_length,
+                            seed=seed, patience=ns.patience, progress=False, max_steps=getattr(ns, "max_steps", None),
+                            eval_every=getattr(ns, "eval_every", None))
+        out = fine_tune(plm, tok, data["train"], data["dev"], data["test"], spec.num_classes, args)
+        train_s, test_s = out["train_seconds"], out["test_seconds"]
+        settings = {"lr": ns.lr, "epochs": ns.epochs, "batch_size": ns.batch_size, "patience": ns.patience,
+                    "max_seq_length": ns.max_seq_length, "max_steps": args.max_steps, "eval_every": args.eval_every}
+    return {"task": spec.name, "method": method, "k": ns.shots, "seed": seed, "model": ns.model,
+            "test_accuracy": out["test_accuracy"], "n_test": out["n_test"], "dev_accuracy": out["dev_accuracy"],
+            "epochs_run": None, "train_seconds": train_s, "test_seconds": test_s,
+            "knn_lambda": 0.0, "knn_k": None, "knn_temperature": None, "settings": settings}
 
 
 def run_zero_shot(task: str, method: str, seed: int, ns) -> Dict:

@@ -24,7 +24,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 from ..core.config import RetroConfig
 from ..core.demonstrations import neural_demonstrations
 from ..core.knn import mix
-from ..core.loss import knn_guided_loss
+from ..core.loss import knn_guided_loss, knn_loss_weights
 from ..core.store import KnowledgeStore
 from ..core.text import example_text
 from . import distributed
@@ -61,6 +61,9 @@ class RetroPromptForClassification(PromptForClassification):
         self.config = config
         self.mask_only_head = True  # see _main_pass; False runs OpenPrompt's full-sequence head
         self.exclude_self_in_eval = False  # True: store entries never answer for themselves, in eval too
+        self.knn_loss_active = True  # set per epoch by update_loss_gate()
+        self.last_loss_weights: Optional[torch.Tensor] = None
+        self.demo_ablation: Optional[str] = None  # diagnostics: "permute" d_c across classes
         self.key_head = MaskKeyHead(plm)
         self.store = KnowledgeStore(self._key_dim(), verbalizer.num_classes, metric=config.metric,
                                     index_factory=config.index_factory, built_by=self.key_head.describe())
@@ -83,6 +86,7 @@ class RetroPromptForClassification(PromptForClassification):
         self.config.validate()
         v = self.verbalizer
         v.store, v.k, v.temperature, v.lam = self.store, self.config.knn_k, self.config.knn_temperature, self.config.knn_lambda
+        v.scale = self.config.knn_score_scale
         return self.config
 
     @property
@@ -166,9 +170,29 @@ class RetroPromptForClassification(PromptForClassification):
                 query = mask_keys(self, batch, self.key_head).float()
         batch[QUERY_KEY] = query
         if self.uses_neural_demos:
-            batch[DEMO_KEY] = neural_demonstrations(self.store, query, self.config.demo_topk,
-                                                    batch[EXCLUDE_KEY]).to(device)
+            demos = neural_demonstrations(self.store, query, self.config.demo_topk, batch[EXCLUDE_KEY])
+            batch[DEMO_KEY] = self._shape_demonstrations(demos).to(device)
         return batch
+
+    def _shape_demonstrations(self, demos: torch.Tensor) -> torch.Tensor:
+        """The configured variants of d_c (B, C, D): centred, norm-matched, permuted (diagnostic), dropped."""
+        c = self.config
+        if c.demo_center:
+            demos = demos - torch.from_numpy(np.asarray(self.store.keys).mean(0)).to(demos.dtype)
+        if c.demo_norm == "match":  # |d_c| = mean |word embedding|
+            target = self.plm.get_input_embeddings().weight.detach().norm(dim=-1).mean().to(demos.dtype)
+            demos = demos * (target / demos.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        if self.demo_ablation == "permute":  # each class's slot gets the next class's demonstration
+            demos = demos.roll(1, dims=1)
+        if self.training and c.demo_dropout > 0:  # the whole demonstration set of an example, zeroed
+            keep = (torch.rand(demos.shape[0], 1, 1, generator=self._demo_generator()) >= c.demo_dropout)
+            demos = demos * keep.to(demos.dtype)
+        return demos
+
+    def _demo_generator(self) -> torch.Generator:
+        if getattr(self, "_demo_gen", None) is None:
+            self._demo_gen = torch.Generator().manual_seed(0)
+        return self._demo_gen
 
     def _lm_head(self):
         """The PLM's LM head (hidden -> vocabulary logits), or None if unknown."""
@@ -214,18 +238,42 @@ class RetroPromptForClassification(PromptForClassification):
         return logits
 
     def loss(self, batch) -> torch.Tensor:
-        """The kNN-guided training loss for a batch (config.loss / loss_beta / focal_gamma)."""
+        """The kNN-guided training loss for a batch (config.loss / loss_beta / focal_gamma / max_loss_weight).
+
+        The per-example weights of the last call are kept in ``last_loss_weights`` (diagnostics).
+        """
         batch = self.prepare_batch(batch)
         logits, query = self.forward_with_keys(batch)
         labels = batch["label"].to(logits.device)
-        if self.config.loss == "ce" or len(self.store) == 0:
+        c = self.config
+        if c.loss == "ce" or len(self.store) == 0 or not self.knn_loss_active:
             p_gold = torch.ones(labels.shape[0], device=logits.device)
             kind = "ce"
         else:
-            p_knn = self.verbalizer.knn_probs(query, batch[EXCLUDE_KEY], self.config.train_knn_k,
-                                              self.config.train_knn_temperature)
-            p_gold, kind = p_knn.gather(1, labels.unsqueeze(1)).squeeze(1), self.config.loss
-        return knn_guided_loss(logits, labels, p_gold, kind, self.config.loss_beta, self.config.focal_gamma)
+            p_knn = self.knn_probs(query, batch[EXCLUDE_KEY], c.train_knn_k, c.train_knn_temperature)
+            p_gold, kind = p_knn.gather(1, labels.unsqueeze(1)).squeeze(1), c.loss
+        self.last_loss_weights = knn_loss_weights(p_gold, kind, c.loss_beta, c.focal_gamma, c.max_loss_weight)
+        return knn_guided_loss(logits, labels, p_gold, kind, c.loss_beta, c.focal_gamma, c.max_loss_weight)
+
+    def knn_probs(self, query, exclude_ids=None, k: Optional[int] = None,
+                  temperature: Optional[float] = None) -> torch.Tensor:
+        """p_kNN(y|x) for query keys with the config's score scale (k, T default to the inference ones)."""
+        p = self.store.knn_distribution(query.detach().float().cpu(), k or self.config.knn_k,
+                                        temperature or self.config.knn_temperature, exclude_ids,
+                                        self.config.knn_score_scale)
+        return torch.from_numpy(p).to(query.device)
+
+    def update_loss_gate(self) -> float:
+        """Leave-one-out kNN accuracy of the store; the kNN loss term is active only above chance.
+
+        Chance is the majority-class rate of the store. Returns the accuracy.
+        """
+        c = self.config
+        acc = self.store.leave_one_out_accuracy(c.train_knn_k, c.train_knn_temperature, c.knn_score_scale)
+        chance = float(np.bincount(self.store.labels, minlength=self.num_classes).max() / len(self.store))
+        self.knn_loss_active = (not c.knn_loss_gate) or acc > chance
+        self.store_loo_accuracy = acc
+        return acc
 
     @torch.no_grad()
     def plm_probs_and_queries(self, batch):

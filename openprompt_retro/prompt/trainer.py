@@ -2,12 +2,12 @@
 and lambda, k, T chosen on the dev split."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..core.knn import MixtureGrid, accuracy
 from . import distributed
+from .keys import demonstrations_off
 from .model import RetroPromptForClassification
 from .store_builder import tokenizing_bar
 from .training_args import TrainingArgs
@@ -58,42 +59,35 @@ class RetroTrainer:
                                     batch_size=batch_size or self.args.eval_batch_size, shuffle=shuffle,
                                     truncate_method="tail")
 
-    @staticmethod
-    def _reload(loader: PromptDataLoader, batch_size: int, shuffle: bool, seed: int = 0) -> PromptDataLoader:
-        """Same tokenized features, another batching - no re-tokenization."""
-        other = copy.copy(loader)
-        gen = torch.Generator().manual_seed(seed)
-        other.dataloader = DataLoader(loader.tensor_dataset, batch_size=batch_size,
-                                      sampler=RandomSampler(loader.tensor_dataset, generator=gen) if shuffle else None,
-                                      collate_fn=InputFeatures.collate_fct)
-        return other
-
     def _to_device(self, batch):
         return batch.to(self.args.device) if hasattr(batch, "to") else batch
 
     # ---------------------------------------------------------------- training
     def fit(self, train, dev=None) -> List[Dict]:
-        """Train with the kNN-guided loss; refresh the store every epoch; keep the best dev epoch."""
+        """Train with the kNN-guided loss, evaluating on dev every ``eval_every`` steps (default: each epoch).
+
+        The store is refreshed at every epoch's end and before each evaluation; the best evaluation's
+        weights and store are kept. Each phase draws from its own random stream: training batches and
+        dropout from the training stream, refreshes and evaluations from none (they run under a forked RNG),
+        so adding an evaluation or a refresh changes nothing else. One record per evaluation goes to
+        ``history``, with the diagnostics of the kNN loss (weights' mean and max, the store's
+        leave-one-out accuracy, whether the kNN term was active).
+        """
         set_seed(self.args.seed)
         self._train_examples = list(train)
         run = self._start_run(train, dev)
-        if run.needs_store:
-            self.model.refresh_store(run.store_loader, progress=self.args.progress)
-        bar = tqdm(range(self.args.epochs), desc="epochs", disable=not self.args.progress or run.rank > 0)
-        for epoch in bar:
-            record = self._train_epoch(run, epoch)
-            if run.needs_store:
-                self.model.refresh_store(run.store_loader, progress=self.args.progress)  # the encoder moved
-            if run.dev_loader is not None:
-                self._evaluate_epoch(run, record)
-            self.history.append(record)
-            bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
-            if run.dev_loader is not None and run.bad_epochs >= self.args.patience:
-                break
+        self._refresh(run)
+        bar = tqdm(total=run.total_steps, desc="steps", disable=not self.args.progress or run.rank > 0)
+        epoch = 0
+        while run.step < run.total_steps and not run.stopped:
+            self._train_epoch(run, epoch, bar)
+            epoch += 1
+        bar.close()
         if run.best_state is not None:
             self._restore(run.best_state)
         if run.dev_loader is not None and self.args.tune_inference:
-            self.tune_inference(run.dev_loader)
+            with isolated_rng(self.args.device):
+                self.tune_inference(run.dev_loader)
         return self.history
 
     def _start_run(self, train, dev) -> "_Run":
@@ -101,34 +95,47 @@ class RetroTrainer:
         a, model = self.args, self.model
         store_loader = self.loader(train)
         rank, world = distributed.rank_and_world()
+        gen = torch.Generator().manual_seed(a.seed)  # the training batches' own stream
         if world > 1:  # DDP: each rank takes batch_size / world examples of every global batch
             if a.batch_size % world:
                 raise ValueError(f"batch_size {a.batch_size} must be divisible by the world size {world}")
             sampler = DistributedSampler(store_loader.tensor_dataset, world, rank, shuffle=a.shuffle, seed=a.seed)
             train_loader = DataLoader(store_loader.tensor_dataset, batch_size=a.batch_size // world,
-                                      sampler=sampler, collate_fn=InputFeatures.collate_fct)
+                                      sampler=sampler, collate_fn=InputFeatures.collate_fct, generator=gen)
             step_model = distributed.wrap_ddp(model)
         else:
             sampler = None
-            train_loader = self._reload(store_loader, a.batch_size, shuffle=a.shuffle, seed=a.seed)
+            train_loader = DataLoader(store_loader.tensor_dataset, batch_size=a.batch_size,
+                                      sampler=RandomSampler(store_loader.tensor_dataset, generator=gen)
+                                      if a.shuffle else None, collate_fn=InputFeatures.collate_fct, generator=gen)
             step_model = distributed.LossModule(model)
         dev_loader = self.loader(dev) if dev else None
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
-        scheduler = linear_schedule(optimizer, a.epochs * len(train_loader), a.warmup_ratio)
+        total = a.max_steps or a.epochs * len(train_loader)
+        scheduler = linear_schedule(optimizer, total, a.warmup_ratio)
         needs_store = model.uses_store or (a.tune_inference and dev_loader is not None)
         return _Run(store_loader, train_loader, dev_loader, sampler, step_model, params, optimizer, scheduler,
-                    needs_store, rank)
+                    needs_store, rank, total_steps=total, eval_every=a.eval_every or len(train_loader))
 
-    def _train_epoch(self, run: "_Run", epoch: int) -> Dict:
-        """One pass over the training batches; returns the epoch's record."""
-        t0, losses = time.time(), []
+    def _train_epoch(self, run: "_Run", epoch: int, bar=None) -> None:
+        """One pass over the training batches (or what is left of the step budget), evaluating on schedule."""
         if run.sampler is not None:
             run.sampler.set_epoch(epoch)
         self.model.train()
-        for batch in tqdm(run.train_loader, desc=f"epoch {epoch}", leave=False, disable=not self.args.progress):
-            losses.append(self._train_step(run, batch))
-        return {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.time() - t0}
+        for batch in run.train_loader:
+            run.losses.append(self._train_step(run, batch))
+            run.step += 1
+            if bar is not None:
+                bar.update(1)
+            last = run.step >= run.total_steps
+            if run.step % run.eval_every == 0 or last:
+                self._checkpoint(run, epoch, bar)
+                self.model.train()
+            if last or run.stopped:
+                return
+        self._refresh(run)  # the encoder moved: new keys for the next epoch
+        self.model.train()
 
     def _train_step(self, run: "_Run", batch) -> float:
         loss = run.step_model(self._to_device(batch))
@@ -137,16 +144,43 @@ class RetroTrainer:
         torch.nn.utils.clip_grad_norm_(run.params, self.args.max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
+        w = self.model.last_loss_weights
+        if w is not None:
+            run.weights.append(w.detach().float().cpu())
         return loss.item()
 
-    def _evaluate_epoch(self, run: "_Run", record: Dict) -> None:
-        """Dev accuracy into ``record``; keep a snapshot of the best epoch (ties: the earlier one)."""
-        record["dev_accuracy"] = self.evaluate(run.dev_loader)["accuracy"]
-        if record["dev_accuracy"] > run.best:
-            run.best, run.bad_epochs = record["dev_accuracy"], 0
-            run.best_state = self._snapshot()
-        else:
-            run.bad_epochs += 1
+    def _refresh(self, run: "_Run") -> None:
+        """Recompute the store's keys (isolated RNG) and the kNN loss gate; once per training step."""
+        if not run.needs_store or run.refreshed_at == run.step:
+            return
+        with isolated_rng(self.args.device):
+            self.model.refresh_store(run.store_loader, progress=False)
+            if len(self.model.store) >= 2:
+                self.model.update_loss_gate()
+        run.refreshed_at = run.step
+
+    def _checkpoint(self, run: "_Run", epoch: int, bar=None) -> None:
+        """Refresh, evaluate on dev, record the diagnostics, keep the best state (ties: the earlier one)."""
+        self._refresh(run)
+        weights = torch.cat(run.weights) if run.weights else torch.ones(1)
+        record = {"epoch": epoch, "step": run.step, "loss": float(np.mean(run.losses)),
+                  "seconds": time.time() - run.t0, "loss_weight_mean": float(weights.mean()),
+                  "loss_weight_max": float(weights.max()),
+                  "knn_loss_active": bool(self.model.knn_loss_active),
+                  "store_loo_accuracy": getattr(self.model, "store_loo_accuracy", None)}
+        run.losses, run.weights, run.t0 = [], [], time.time()
+        if run.dev_loader is not None:
+            with isolated_rng(self.args.device):
+                record["dev_accuracy"] = self.evaluate(run.dev_loader)["accuracy"]
+            if record["dev_accuracy"] > run.best:
+                run.best, run.bad_evals = record["dev_accuracy"], 0
+                run.best_state = self._snapshot()
+            else:
+                run.bad_evals += 1
+            run.stopped = run.bad_evals >= self.args.patience
+        self.history.append(record)
+        if bar is not None:
+            bar.set_postfix({k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
 
     def _snapshot(self):
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -178,6 +212,22 @@ class RetroTrainer:
         probs = self.predict_proba(loader)
         labels = np.array([int(f["label"]) for f in loader.tensor_dataset])
         return {"accuracy": accuracy(probs, labels), "n": int(len(labels))}
+
+    def demonstration_reliance(self, data) -> Dict[str, float]:
+        """How much predictions read the neural demonstrations: accuracy as is, with each example's d_c
+        permuted across classes (class c's slot gets class c-1's demonstration), and with none."""
+        loader = self._as_loader(data)
+        out = {"accuracy": self.evaluate(loader)["accuracy"]}
+        self.model.demo_ablation = "permute"
+        try:
+            out["permuted"] = self.evaluate(loader)["accuracy"]
+        finally:
+            self.model.demo_ablation = None
+        with demonstrations_off(self.model.template):
+            out["removed"] = self.evaluate(loader)["accuracy"]
+        out["permuted_change"] = out["permuted"] - out["accuracy"]
+        out["removed_change"] = out["removed"] - out["accuracy"]
+        return out
 
     @torch.no_grad()
     def collect(self, data) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -231,9 +281,17 @@ def linear_schedule(optimizer, total_steps: int, warmup_ratio: float = 0.0):
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
 
 
+@contextmanager
+def isolated_rng(device: str = "cpu"):
+    """Run a phase (refresh, evaluation, tuning) without touching the global random streams it may draw from."""
+    devices = [torch.device(device).index or 0] if str(device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
 @dataclass
 class _Run:
-    """What one :meth:`RetroTrainer.fit` call carries from epoch to epoch."""
+    """What one :meth:`RetroTrainer.fit` call carries from step to step."""
 
     store_loader: Any
     train_loader: Any
@@ -245,6 +303,14 @@ class _Run:
     scheduler: Any
     needs_store: bool
     rank: int
+    total_steps: int = 0
+    eval_every: int = 1
+    step: int = 0
+    refreshed_at: int = -1
+    losses: List[float] = field(default_factory=list)
+    weights: List[torch.Tensor] = field(default_factory=list)
+    t0: float = field(default_factory=time.time)
     best: float = -1.0
     best_state: Any = None
-    bad_epochs: int = 0
+    bad_evals: int = 0
+    stopped: bool = False

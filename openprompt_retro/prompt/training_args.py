@@ -3,21 +3,25 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 
 @dataclass
 class TrainingArgs:
     """How to train (the method's own hyper-parameters live in :class:`RetroConfig`).
 
-    epochs: maximum epochs; the best dev epoch is kept.
-    patience: epochs without dev improvement before stopping.
+    epochs: epochs to train (ignored when ``max_steps`` is set).
+    max_steps: optimisation steps to train (the reference protocol counts steps, not epochs).
+    eval_every: steps between dev evaluations (default: one per epoch); the best evaluation is kept.
+    patience: evaluations without dev improvement before stopping.
     tune_inference: choose lambda, k and T on dev after training (grid: :class:`MixtureGrid`).
     shuffle: shuffle training batches (seeded by ``seed``).
     device: where the model runs ("cpu", "cuda", "cuda:1", ...).
     """
 
     epochs: int = 20
+    max_steps: Optional[int] = None
+    eval_every: Optional[int] = None
     batch_size: int = 8
     eval_batch_size: int = 32
     lr: float = 5e-5
@@ -40,6 +44,10 @@ class TrainingArgs:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainingArgs.{name} must be an integer >= 1, got {value!r}")
+        for name in ("max_steps", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"TrainingArgs.{name} must be None or an integer >= 1, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"TrainingArgs.lr must be positive, got {self.lr!r}")
         if self.weight_decay < 0 or self.max_grad_norm <= 0:

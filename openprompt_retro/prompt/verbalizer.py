@@ -29,6 +29,7 @@ class KnnVerbalizer(Verbalizer):
         store: the knowledge store (may be attached later: ``verbalizer.store = ...``).
         plm: the PLM, to turn mask hidden states into store keys.
         k, temperature, lam: p_kNN's neighbours and temperature, and the mixing weight.
+        scale: "zscore" (scores standardised per query, scale-free) or "raw" (see core/knn.py).
 
     The query key is ``batch["retro_query_keys"]`` when the caller provides it
     (RetroPromptForClassification does, from its demonstration-free pass);
@@ -36,14 +37,15 @@ class KnnVerbalizer(Verbalizer):
     """
 
     def __init__(self, base: Verbalizer, plm: torch.nn.Module, store: Optional[KnowledgeStore] = None,
-                 k: int = 16, temperature: float = 1.0, lam: float = 0.5, mix_in_training: bool = False):
+                 k: int = 16, temperature: float = 1.0, lam: float = 0.5, mix_in_training: bool = False,
+                 scale: str = "zscore"):
         super().__init__(tokenizer=base.tokenizer, classes=base.classes, num_classes=base.num_classes)
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must lie in [0, 1], got {lam}")
         self.base = base
         self.key_head = MaskKeyHead(plm)
         self.store = store
-        self.k, self.temperature, self.lam = int(k), float(temperature), float(lam)
+        self.k, self.temperature, self.lam, self.scale = int(k), float(temperature), float(lam), scale
         self.mix_in_training = mix_in_training
 
     @property
@@ -61,8 +63,8 @@ class KnnVerbalizer(Verbalizer):
                   temperature: Optional[float] = None) -> torch.Tensor:
         if self.store is None:
             raise ValueError("KnnVerbalizer has no knowledge store: build one (build_store) and set .store")
-        p = self.store.knn_distribution(query_keys.detach().float(), k or self.k,
-                                        temperature or self.temperature, exclude_ids)
+        p = self.store.knn_distribution(query_keys.detach().float().cpu(), k or self.k,
+                                        temperature or self.temperature, exclude_ids, self.scale)
         return torch.from_numpy(p).to(query_keys.device)
 
     def process_outputs(self, outputs, batch, **kwargs):
