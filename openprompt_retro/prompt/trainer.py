@@ -3,6 +3,7 @@ and lambda, k, T chosen on the dev split."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -212,14 +213,84 @@ class RetroTrainer:
         return self.model.add_to_store(self.loader(examples), progress=self.args.progress)
 
     # ---------------------------------------------------------------- disk
-    def save(self, directory: str) -> None:
-        self.model.save(directory)
-        with open(os.path.join(directory, "training_args.json"), "w") as f:
+    def save(self, directory: str, save_plm: bool = False) -> None:
+        """The model's run folder (see :meth:`RetroPromptForClassification.save`) plus training_args.json
+        and trainer.json (the lambda/k/T grid, the tuned values and the history)."""
+        from .saved_run import TRAINER_FILE, TRAINING_ARGS
+
+        self.model.save(directory, save_plm=save_plm)
+        with open(os.path.join(directory, TRAINING_ARGS), "w") as f:
             json.dump(self.args.to_dict(), f, indent=2)
+        state = {"grid": {k: list(v) for k, v in dataclasses.asdict(self.grid).items()},
+                 "tuned": getattr(self, "tuned", None), "history": self.history}
+        with open(os.path.join(directory, TRAINER_FILE), "w") as f:
+            json.dump(state, f, indent=2)
 
     def load(self, directory: str) -> "RetroTrainer":
+        """Load a saved run into this trainer's (identically built) model; see :meth:`RetroPromptForClassification.load`."""
         self.model.load(directory)
         return self
+
+    @classmethod
+    def from_pretrained(cls, directory: str, plm_path: Optional[str] = None, model_type: Optional[str] = None,
+                        text_pool=None, **training_args) -> "RetroTrainer":
+        """A trainer rebuilt from a folder that :meth:`save` wrote, with nothing else needed.
+
+        The model comes from :meth:`RetroPromptForClassification.from_pretrained`
+        (``plm_path`` / ``model_type`` / ``text_pool`` go there); the training
+        args from training_args.json, with ``training_args`` overriding fields
+        (e.g. ``device="cpu"``); the grid, tuned values and history from trainer.json.
+        """
+        from . import saved_run
+
+        model, tokenizer, wrapper = saved_run.rebuild(directory, cls=RetroPromptForClassification, plm_path=plm_path,
+                                                      model_type=model_type, text_pool=text_pool)
+        args, grid, state = _read_trainer_files(directory, training_args)
+        trainer = cls(model, tokenizer, wrapper, args, grid)
+        if state.get("tuned") is not None:
+            trainer.tuned = state["tuned"]
+        trainer.history = list(state.get("history") or [])
+        return trainer
+
+
+def _read_trainer_files(directory: str, overrides: Dict) -> Tuple[TrainingArgs, MixtureGrid, Dict]:
+    """TrainingArgs (training_args.json + overrides), MixtureGrid and the rest of trainer.json; defaults if absent."""
+    import warnings
+
+    from .saved_run import TRAINER_FILE, TRAINING_ARGS, SavedRunError
+
+    def read(name):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            return {}
+        try:
+            with open(path) as f:
+                value = json.load(f)
+        except ValueError as e:
+            raise SavedRunError(f"corrupt {path}: {e}") from None
+        if not isinstance(value, dict):
+            raise SavedRunError(f"corrupt {path}: expected a JSON object")
+        return value
+
+    saved = read(TRAINING_ARGS)
+    known = {f.name for f in dataclasses.fields(TrainingArgs)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        warnings.warn(f"{os.path.join(directory, TRAINING_ARGS)}: ignoring fields this version does not know: {unknown}",
+                      stacklevel=3)
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise TypeError(f"unknown TrainingArgs fields: {bad}")
+    try:
+        args = TrainingArgs(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
+    except (TypeError, ValueError) as e:
+        raise SavedRunError(f"invalid {os.path.join(directory, TRAINING_ARGS)}: {e}") from None
+    state = read(TRAINER_FILE)
+    try:
+        grid = MixtureGrid(**{k: tuple(v) for k, v in (state.get("grid") or {}).items()})
+    except (TypeError, ValueError) as e:
+        raise SavedRunError(f"invalid grid in {os.path.join(directory, TRAINER_FILE)}: {e}") from None
+    return args, grid, state
 
 
 def linear_schedule(optimizer, total_steps: int, warmup_ratio: float = 0.0):
