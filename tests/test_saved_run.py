@@ -205,11 +205,14 @@ def test_trainer_from_pretrained_is_bit_identical(saved):
     assert model.template.label_words == WORDS and len(model.store) == 6
 
 
-def test_from_pretrained_with_save_plm_needs_nothing_but_the_folder(tmp_path, examples):
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_from_pretrained_with_save_plm_needs_nothing_but_the_folder(tmp_path, examples, kind):
+    from openprompt.plms import load_plm
     from openprompt_retro.testing import make_tiny_mlm
 
-    src = make_tiny_mlm("bert", str(tmp_path / "plm-src"))
-    tiny = load_tiny(src)
+    src = make_tiny_mlm(kind, str(tmp_path / "plm-src"))
+    torch.manual_seed(0)
+    tiny = load_plm(kind, src)
     tr = trainer(model_for(tiny, demonstrations="none"), tiny, lr=1e-2, tune_inference=False)
     tr.fit(examples[:6])
     tr.save(str(tmp_path / "run"), save_plm=True)
@@ -217,7 +220,8 @@ def test_from_pretrained_with_save_plm_needs_nothing_but_the_folder(tmp_path, ex
     shutil.rmtree(src)  # the original PLM is gone
     again = R.RetroTrainer.from_pretrained(str(tmp_path / "run"), device="cpu")
     np.testing.assert_array_equal(again.predict_proba(examples), probs)
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["plm"]["saved"] is True
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["plm"] == {"model_type": kind, "name_or_path": src, "saved": True}
 
 
 @pytest.mark.parametrize("template,verbalizer,demos", [("mixed", "soft", "text"), ("soft", "manual", "neural")])
@@ -261,3 +265,18 @@ def test_from_pretrained_refuses_a_store_from_another_run(saved, tmp_path):
     other.save(str(d / "store"))
     with pytest.raises(SavedRunError, match="store in .* has 3 classes, this model has 2"):
         R.RetroTrainer.from_pretrained(str(d))
+
+
+def test_template_text_is_recovered_when_the_template_was_built_before_the_hook(tiny_bert):
+    from openprompt.prompts import ManualTemplate
+    from openprompt_retro.prompt.saved_run import canonical_template_text, template_text
+
+    raw = '{"placeholder":"text_a", "shortenable": False} {"meta":"word", "post_processing": lambda s: s.lower()} ' \
+          'so it was {"mask"} !'
+    t = ManualTemplate(tokenizer=tiny_bert[1], text=raw)
+    assert template_text(t) == raw
+    t.__dict__.pop("_retro_raw_text")  # as if built before openprompt_retro.prompt was imported
+    again = ManualTemplate(tokenizer=tiny_bert[1], text=template_text(t))
+    assert canonical_template_text(again) == canonical_template_text(t)
+    assert [{k: v for k, v in d.items() if k != "post_processing"} for d in again.text] == \
+        [{k: v for k, v in d.items() if k != "post_processing"} for d in t.text]

@@ -459,8 +459,8 @@ def rebuild(directory: str, cls=None, plm_path: Optional[str] = None, model_type
         raise SavedRunError(f"the template text of the run at {directory!r} was not recorded (the template was built "
                             "before openprompt_retro.prompt was imported); build the model as before and call "
                             "model.load(dir) instead")
-    if v_info.get("label_words") is None:
-        raise SavedRunError(f"{RUN_FILE} in {directory!r} records no verbalizer label words")
+    if v_info.get("label_words") is None and v_info["class"] == "ManualVerbalizer":
+        raise SavedRunError(f"{RUN_FILE} in {directory!r} records no label words for its ManualVerbalizer")
     demonstrations = t_info.get("demonstrations", "none")
     if demonstrations == "text" and text_pool is None:
         text_pool = _load_text_pool(directory, run)
@@ -499,7 +499,7 @@ def rebuild(directory: str, cls=None, plm_path: Optional[str] = None, model_type
     template = RetroTemplate(base, t_info["label_words"], demonstrations=demonstrations, plm=plm,
                              text_pool=text_pool, placeholder=t_info.get("placeholder"))
     n = int(run["fingerprint"]["num_classes"])
-    words = _escaped(v_info["label_words"])
+    words = _escaped(v_info["label_words"]) if v_info.get("label_words") is not None else None
     prefix = v_info.get("prefix") if v_info.get("prefix") is not None else " "
     handler = v_info.get("multi_token_handler") or "first"
     if v_info["class"] == "ManualVerbalizer":
