@@ -238,6 +238,12 @@ def test_from_pretrained_rebuilds_other_templates_and_verbalizers(tiny_dirs, tmp
     assert type(again.model.template.base).__name__ == type(model.template.base).__name__
 
 
+def test_from_pretrained_names_a_plm_that_is_not_the_runs(saved, tiny_dirs):
+    with pytest.raises(SavedRunError, match="PLM architecture differs: saved 'BertForMaskedLM', model "
+                                            "'RobertaForMaskedLM'.*vocabulary size differs"):
+        R.RetroTrainer.from_pretrained(str(saved[0]), plm_path=tiny_dirs["roberta"], model_type="roberta")
+
+
 def test_from_pretrained_refuses_other_folders(saved, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing prompt_model.safetensors, retro_config.json, store/"):
         R.RetroTrainer.from_pretrained(str(tmp_path))

@@ -425,9 +425,9 @@ class KnowledgeStore:
             for name in _DATA_FILES:  # before any parser sees the bytes
                 got, want = _sha256_file(paths[name]), meta["checksums"][name]
                 if got != want:
-                    raise StoreError(f"knowledge store at {directory!r} has a corrupt {name}: checksum mismatch (sha256 "
-                                     f"{got[:12]}..., {_META_FILE} records {want[:12]}...): the file was damaged or "
-                                     "changed after saving")
+                    raise StoreError(f"knowledge store at {directory!r} has a corrupt {name}: checksum mismatch "
+                                     f"(sha256 {got[:12]}..., {_META_FILE} records {want[:12]}...): the file was "
+                                     "damaged or changed after saving")
         elif meta["format_version"] < 2:
             warnings.warn(f"knowledge store at {directory!r} was saved in format {meta['format_version']}, without "
                           "checksums: file corruption cannot be detected; save it again to add them", stacklevel=2)
@@ -474,8 +474,8 @@ class KnowledgeStore:
             dup = sorted({g for g in named if named.count(g) > 1})[:5]
             raise StoreError(f"knowledge store at {directory!r}: duplicate guids in {_META_FILE}: {dup}")
         if meta["format_version"] >= 2 and _meta_checksum(meta) != meta["checksums"][_META_FILE]:
-            raise StoreError(f"knowledge store at {directory!r}: {_META_FILE} was edited after saving (its fields, e.g. "
-                             "num_classes or metric, no longer match the checksum recorded in it)")
+            raise StoreError(f"knowledge store at {directory!r}: {_META_FILE} was edited after saving (its fields, "
+                             "e.g. num_classes or metric, no longer match the checksum recorded in it)")
         try:
             store = cls(dim, num_classes, metric, meta["index_factory"], meta.get("nprobe"),
                         meta.get("ef_search"), meta.get("built_by"), use_gpu=use_gpu)
@@ -539,7 +539,8 @@ def _read_meta(directory: str, path: str) -> Dict:
         sums = meta.get("checksums")
         names = list(_DATA_FILES) + [_META_FILE]
         if not isinstance(sums, dict) or not all(isinstance(sums.get(k), str) for k in names):
-            raise StoreError(f"{where} has a corrupt {_META_FILE}: field 'checksums' must hold a sha256 for each of {names}")
+            raise StoreError(f"{where} has a corrupt {_META_FILE}: field 'checksums' must hold a sha256 "
+                             f"for each of {names}")
     return meta
 
 
@@ -564,7 +565,10 @@ def _stored_and_fresh_codes(index, keys: np.ndarray, ids: np.ndarray):
         ccs, size, inv = index.coarse_code_size(), index.code_size, index.invlists
         stored = np.zeros((len(ids), ccs + size), dtype=np.uint8)
         row_of = {int(i): r for r, i in enumerate(ids)}  # an id in no list keeps all-zero codes: a mismatch
+        found = 0
         for lst in range(index.nlist):
+            if found == len(ids):
+                break
             m = inv.list_size(lst)
             if not m:
                 continue
@@ -576,6 +580,7 @@ def _stored_and_fresh_codes(index, keys: np.ndarray, ids: np.ndarray):
                 for h in hits:
                     r = row_of[int(list_ids[h])]
                     stored[r, :ccs], stored[r, ccs:] = prefix, codes[h]
+                    found += 1
         return stored, index.sa_encode(x)
     return None
 
@@ -595,7 +600,8 @@ def _check_index_against_keys(directory: str, index, keys: np.ndarray, metric: s
         norms = np.linalg.norm(np.asarray(keys[ids], dtype=np.float64), axis=1)
         if not np.allclose(norms, 1.0, atol=1e-3):
             raise StoreError(f"{where}: metric is 'cosine' in {_META_FILE} but the keys in {_KEYS_FILE} are not "
-                             f"unit-length (norms {np.round(norms[:3], 4).tolist()}...): the metric or the keys were changed")
+                             f"unit-length (norms {np.round(norms[:3], 4).tolist()}...): the metric or the keys "
+                             "were changed")
     try:
         codes = _stored_and_fresh_codes(index, keys, ids)
     except RuntimeError as e:

@@ -11,7 +11,6 @@ One forward pass does all three retrievals:
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -28,9 +27,9 @@ from ..core.loss import knn_guided_loss
 from ..core.store import KnowledgeStore
 from ..core.text import example_text
 from . import distributed
-from .saved_run import install_raw_text_hook
 from .batch import DEMO_KEY, EXCLUDE_KEY, QUERY_KEY, batch_guids
 from .keys import MaskKeyHead, encode_last_hidden, extract_keys, hidden_at_mask, mask_keys, trim_padding
+from .saved_run import install_raw_text_hook
 from .store_builder import build_store
 from .template import RetroTemplate
 from .verbalizer import KnnVerbalizer

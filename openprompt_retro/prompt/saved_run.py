@@ -216,7 +216,8 @@ def describe_run(model, save_plm: bool, model_type: Optional[str], name_or_path:
                 "name_or_path": name_or_path or plm_name_or_path(model.plm),
                 "saved": bool(save_plm)},
         "template": {"class": type(base_t).__name__, "text": template_text(base_t),
-                     "num_tokens": getattr(base_t, "num_tokens", None) if type(base_t).__name__ == "SoftTemplate" else None,
+                     "num_tokens": (getattr(base_t, "num_tokens", None)
+                                    if type(base_t).__name__ == "SoftTemplate" else None),
                      "placeholder": getattr(template, "placeholder", None),
                      "label_words": fp["label_words"], "demonstrations": fp["demonstrations"],
                      "text_pool": TEXT_POOL if text_pool_saved else None},
@@ -386,8 +387,8 @@ def read_checked(model, directory: str) -> Loaded:
         for name in (WEIGHTS, CONFIG):
             want = run["checksums"].get(name)
             if want is not None and sha256_file(os.path.join(directory, name)) != want:
-                raise SavedRunError(f"corrupt {os.path.join(directory, name)}: its sha256 does not match the checksum in "
-                                    f"{RUN_FILE} (the file was damaged or changed after saving); nothing was loaded")
+                raise SavedRunError(f"corrupt {os.path.join(directory, name)}: its sha256 does not match the checksum "
+                                    f"in {RUN_FILE} (the file was damaged or changed after saving); nothing was loaded")
     config_path = os.path.join(directory, CONFIG)
     try:
         config = RetroConfig.load(config_path)
@@ -486,6 +487,15 @@ def rebuild(directory: str, cls=None, plm_path: Optional[str] = None, model_type
         raise SavedRunError(f"cannot load the PLM of the run at {directory!r} ({model_type!r} from {path!r}): "
                             f"{type(e).__name__}: {e}. Pass plm_path=... (a local copy), or save the run with "
                             "save_plm=True") from None
+    from .keys import MaskKeyHead
+
+    plm_side = {"model_type": infer_model_type(plm), "architecture": type(plm).__name__,
+                "key_type": MaskKeyHead(plm).kind, "key_dim": int(plm.config.hidden_size),
+                "tokenizer": type(tokenizer).__name__, "vocab_size": len(tokenizer)}
+    diffs = differences({k: run["fingerprint"][k] for k in plm_side}, plm_side)
+    if diffs:
+        raise SavedRunError(f"the PLM loaded from {path!r} is not the one the run at {directory!r} was trained on: "
+                            + "; ".join(diffs))
     from openprompt.prompts import (ManualTemplate, ManualVerbalizer, MixedTemplate, SoftTemplate,
                                     SoftVerbalizer)
 

@@ -227,7 +227,9 @@ class RetroTrainer:
             json.dump(state, f, indent=2)
 
     def load(self, directory: str) -> "RetroTrainer":
-        """Load a saved run into this trainer's (identically built) model; see :meth:`RetroPromptForClassification.load`."""
+        """Load a saved run into this trainer's (identically built) model.
+
+        See :meth:`RetroPromptForClassification.load`: all or nothing, every difference named."""
         self.model.load(directory)
         return self
 
@@ -276,8 +278,8 @@ def _read_trainer_files(directory: str, overrides: Dict) -> Tuple[TrainingArgs, 
     known = {f.name for f in dataclasses.fields(TrainingArgs)}
     unknown = sorted(set(saved) - known)
     if unknown:
-        warnings.warn(f"{os.path.join(directory, TRAINING_ARGS)}: ignoring fields this version does not know: {unknown}",
-                      stacklevel=3)
+        warnings.warn(f"{os.path.join(directory, TRAINING_ARGS)}: ignoring fields this version does not know: "
+                      f"{unknown}", stacklevel=3)
     bad = sorted(set(overrides) - known)
     if bad:
         raise TypeError(f"unknown TrainingArgs fields: {bad}")
