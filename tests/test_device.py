@@ -21,6 +21,9 @@ def test_device_defaults_to_cuda_when_available_else_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert TrainingArgs().device == "cuda"
     assert TrainingArgs(device="cpu").device == "cpu"  # an explicit choice wins
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # under torchrun: one GPU per process
+    assert TrainingArgs().device == "cuda:1"
 
 
 def test_unknown_or_unavailable_devices_are_clear_errors(monkeypatch):

@@ -68,5 +68,7 @@ class LossModule(nn.Module):
 def wrap_ddp(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
+    device = next(model.parameters()).device
+    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None
     return DDP(LossModule(model), device_ids=device_ids, find_unused_parameters=True)

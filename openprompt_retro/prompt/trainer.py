@@ -49,7 +49,10 @@ class RetroTrainer:
         self.model, self.tokenizer, self.wrapper_class = model, tokenizer, wrapper_class
         self.args = (args or TrainingArgs()).validate()
         self.grid = grid or MixtureGrid()
-        self.model.to(self.args.device)
+        device = torch.device(self.args.device)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # nccl collectives and DDP use the current device
+        self.model.to(device)
         self.history: List[Dict] = []
         self._train_examples = None
 

@@ -11,10 +11,17 @@ _DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
 def default_device() -> str:
-    """``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    """``"cuda"`` when torch sees a GPU (``"cuda:<LOCAL_RANK>"`` under torchrun), else ``"cpu"``."""
+    import os
+
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and local_rank.isdigit():  # one GPU per process
+        return f"cuda:{int(local_rank) % max(torch.cuda.device_count(), 1)}"
+    return "cuda"
 
 
 def check_device(device: str) -> str:
