@@ -57,8 +57,9 @@ def test_amp_is_validated():
 
 
 # ---------------------------------------------------------------------- bf16 autocast on CPU
-def test_bf16_autocast_trains_and_predicts_float32(tiny_bert, examples):
-    model = retro_model(tiny_bert)
+@pytest.mark.parametrize("demonstrations", ["neural", "none"])
+def test_bf16_autocast_trains_and_predicts_float32(tiny_bert, examples, demonstrations):
+    model = retro_model(tiny_bert, demonstrations=demonstrations)
     tr = trainer(model, tiny_bert, device="cpu", amp="bf16")
     seen = {"loss": [], "forward": []}
     loss, forward = model.loss, model.forward
@@ -84,6 +85,11 @@ def test_bf16_autocast_trains_and_predicts_float32(tiny_bert, examples):
     assert np.allclose(probs.sum(1), 1.0, atol=2e-2)
     p_plm, queries, _ = tr.collect(examples)
     assert p_plm.dtype == np.float32 and queries.dtype == np.float32
+    model.apply_config(knn_lambda=0.5)  # bf16 query keys reach the store (numpy has no bfloat16)
+    assert tr.predict_proba(examples[:2]).dtype == np.float32
+    assert len(tr.explain(examples[0])["neighbours"]) > 0
+    tr.add_examples([type(examples[0])(guid="added", text_a="a fine film", label=1)])
+    assert len(model.store) == len(examples) + 1 and model.store.keys.dtype == np.float32
 
 
 def test_fp16_branch_steps_through_the_grad_scaler(tiny_bert, examples, monkeypatch):

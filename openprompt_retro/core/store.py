@@ -49,7 +49,7 @@ class SearchResult:
 
 def _as_float32(x: ArrayLike, what: str) -> np.ndarray:
     if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu().float().numpy()  # float(): numpy has no bfloat16 (autocast outputs)
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x[None, :]
