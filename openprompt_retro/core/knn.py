@@ -17,12 +17,21 @@ import numpy as np
 
 
 def knn_weights(scores: np.ndarray, temperature: float, valid: Optional[np.ndarray] = None) -> np.ndarray:
-    """w_j = softmax_j(s_j / T) per row of ``scores`` (B, k); slots where ``valid`` is False get 0."""
+    """w_j = softmax_j(s_j / T) per row of ``scores`` (B, k); slots where ``valid`` is False (default: -inf
+    or NaN scores) get 0.
+
+    Computed in float64 after subtracting each row's maximum, so no finite score overflows; a row with
+    +inf scores (an overflowed inner product) shares its weight among those slots instead of giving NaN.
+    """
     scores = np.asarray(scores)
     if valid is None:
-        valid = np.isfinite(scores)
+        valid = scores > -np.inf  # missing slots are -inf (NaN is never valid)
     logits = np.where(valid, scores.astype(np.float64) / temperature, -np.inf)
-    logits = logits - logits.max(axis=1, keepdims=True)
+    top = logits.max(axis=1, keepdims=True)
+    if np.isposinf(top).any():  # the limit of softmax as those scores grow
+        logits = np.where(np.isposinf(top), np.where(np.isposinf(logits), 0.0, -np.inf), logits)
+        top = np.where(np.isposinf(top), 0.0, top)
+    logits = logits - top
     w = np.where(valid, np.exp(logits), 0.0)
     return w / w.sum(axis=1, keepdims=True)
 

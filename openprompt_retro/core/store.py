@@ -41,6 +41,8 @@ ArrayLike = Union[np.ndarray, Sequence, "torch.Tensor"]  # noqa: F821 (torch ten
 #: 2 adds checksums; format-1 stores (no checksums) still load, with a warning.
 FORMAT_VERSION = 2
 _READABLE_FORMATS = (1, 2)
+#: largest key / query norm for metric "ip": inner products stay below 1e36, far from float32's 3.4e38
+MAX_KEY_NORM = 1e18
 _INDEX_FILE, _KEYS_FILE, _LABELS_FILE, _META_FILE = "index.faiss", "keys.npy", "labels.npy", "store.json"
 _DATA_FILES = (_INDEX_FILE, _KEYS_FILE, _LABELS_FILE)
 #: store.json fields every format has, and their JSON types
@@ -65,7 +67,7 @@ class SearchResult:
 
 def _as_float32(x: ArrayLike, what: str) -> np.ndarray:
     if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu().float().numpy()  # float(): numpy has no bfloat16 (autocast outputs)
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x[None, :]
@@ -177,8 +179,14 @@ class KnowledgeStore:
         x = _as_float32(x, what)
         if x.shape[1] != self._dim:
             raise StoreError(f"{what} have dimension {x.shape[1]}, but the store's keys have dimension {self._dim}")
+        norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)  # float64: no overflow
         if self.metric == "cosine":
-            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            return np.ascontiguousarray((x / np.maximum(norms, 1e-12)).astype(np.float32))
+        if x.shape[0] and norms.max() > MAX_KEY_NORM:  # their inner products would overflow float32 to inf/NaN
+            rows = np.nonzero(norms[:, 0] > MAX_KEY_NORM)[0]
+            raise StoreError(f"{what} have norm up to {norms.max():.3g} (rows {rows[:5].tolist()}), above "
+                             f"{MAX_KEY_NORM:.0e}: their inner products overflow float32; scale them down or "
+                             "use metric='cosine'")
         return x
 
     # ------------------------------------------------------------------ writing
@@ -214,6 +222,8 @@ class KnowledgeStore:
         self.index.add(keys)
         if self._gpu_index is not None:
             self._gpu_index.add(keys)
+        else:  # flat indexes are never trained, so the first add mirrors them (with these keys) on the GPUs
+            self._to_gpu()
         self.keys = np.concatenate([self.keys, keys]) if start else keys.copy()
         self.labels = np.concatenate([self.labels, labels])
         self.guids.extend(guids)

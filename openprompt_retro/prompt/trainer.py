@@ -2,6 +2,7 @@
 and lambda, k, T chosen on the dev split."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -20,9 +21,10 @@ from tqdm.auto import tqdm
 
 from ..core.knn import MixtureGrid, accuracy
 from . import distributed
+from .checks import check_labels, check_model, check_training_set, label_words_of
 from .model import RetroPromptForClassification
 from .store_builder import tokenizing_bar
-from .training_args import TrainingArgs
+from .training_args import AMP_DTYPES, TrainingArgs
 
 
 def set_seed(seed: int) -> None:
@@ -37,6 +39,10 @@ class RetroTrainer:
     ``tokenizer`` and ``wrapper_class`` are what ``openprompt.plms.load_plm`` returns;
     ``grid`` holds the (lambda, k, T) candidates tried on dev.
     Tokenized features are made once per example list and reused across epochs.
+    Labels and the training-set size are checked (:mod:`.checks`) before anything is tokenized.
+    ``args.device`` / ``args.amp``: the model and each batch go to the device; forward passes and the loss
+    run under ``torch.autocast`` when ``amp`` is set (fp16 with a gradient scaler); store keys and the
+    returned probabilities stay float32.
     """
 
     def __init__(self, model: RetroPromptForClassification, tokenizer, wrapper_class,
@@ -44,14 +50,21 @@ class RetroTrainer:
         self.model, self.tokenizer, self.wrapper_class = model, tokenizer, wrapper_class
         self.args = (args or TrainingArgs()).validate()
         self.grid = grid or MixtureGrid()
-        self.model.to(self.args.device)
+        device = torch.device(self.args.device)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # nccl collectives and DDP use the current device
+        self.model.to(device)
         self.history: List[Dict] = []
         self._train_examples = None
 
     # ---------------------------------------------------------------- data
-    def loader(self, examples, batch_size: Optional[int] = None, shuffle: bool = False) -> PromptDataLoader:
+    def loader(self, examples, batch_size: Optional[int] = None, shuffle: bool = False, split: str = "data",
+               require_labels: bool = False) -> PromptDataLoader:
+        """Tokenized examples; their labels are checked first (class indices of this model, see :mod:`.checks`)."""
+        examples = list(examples)
         if len(examples) == 0:
-            raise ValueError("no examples given")
+            raise ValueError(f"{split}: no examples given")
+        check_labels(examples, self.model.num_classes, split, require_labels, label_words_of(self.model))
         with tokenizing_bar(self.args.progress):
             return PromptDataLoader(list(examples), self.model.template, tokenizer=self.tokenizer,
                                     tokenizer_wrapper_class=self.wrapper_class,
@@ -72,19 +85,37 @@ class RetroTrainer:
     def _to_device(self, batch):
         return batch.to(self.args.device) if hasattr(batch, "to") else batch
 
+    def _autocast(self):
+        """``torch.autocast`` for ``args.amp`` on ``args.device`` (a no-op without amp)."""
+        if not self.args.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.args.device).type,
+                              dtype=getattr(torch, AMP_DTYPES[self.args.amp]))
+
+    def _refresh_store(self, loader) -> None:
+        with self._autocast():
+            self.model.refresh_store(loader, progress=self.args.progress)
+
     # ---------------------------------------------------------------- training
     def fit(self, train, dev=None) -> List[Dict]:
         """Train with the kNN-guided loss; refresh the store every epoch; keep the best dev epoch."""
         set_seed(self.args.seed)
-        self._train_examples = list(train)
+        train, dev = list(train), (list(dev) if dev else None)
+        check_model(self.model)
+        words, n_classes = label_words_of(self.model), self.model.num_classes
+        labels = check_labels(train, n_classes, "train", True, words)
+        if dev:
+            check_labels(dev, n_classes, "dev", True, words)
+        check_training_set(labels, n_classes, self.model.uses_store, words)
+        self._train_examples = train
         run = self._start_run(train, dev)
         if run.needs_store:
-            self.model.refresh_store(run.store_loader, progress=self.args.progress)
+            self._refresh_store(run.store_loader)
         bar = tqdm(range(self.args.epochs), desc="epochs", disable=not self.args.progress or run.rank > 0)
         for epoch in bar:
             record = self._train_epoch(run, epoch)
             if run.needs_store:
-                self.model.refresh_store(run.store_loader, progress=self.args.progress)  # the encoder moved
+                self._refresh_store(run.store_loader)  # the encoder moved
             if run.dev_loader is not None:
                 self._evaluate_epoch(run, record)
             self.history.append(record)
@@ -100,7 +131,7 @@ class RetroTrainer:
     def _start_run(self, train, dev) -> "_Run":
         """Loaders, the step model (DDP-wrapped under torch.distributed), optimizer and schedule."""
         a, model = self.args, self.model
-        store_loader = self.loader(train)
+        store_loader = self.loader(train, split="train", require_labels=True)
         rank, world = distributed.rank_and_world()
         if world > 1:  # DDP: each rank takes batch_size / world examples of every global batch
             if a.batch_size % world:
@@ -113,13 +144,14 @@ class RetroTrainer:
             sampler = None
             train_loader = self._reload(store_loader, a.batch_size, shuffle=a.shuffle, seed=a.seed)
             step_model = distributed.LossModule(model)
-        dev_loader = self.loader(dev) if dev else None
+        dev_loader = self.loader(dev, split="dev", require_labels=True) if dev else None
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
         scheduler = linear_schedule(optimizer, a.epochs * len(train_loader), a.warmup_ratio)
         needs_store = model.uses_store or (a.tune_inference and dev_loader is not None)
+        scaler = torch.amp.GradScaler("cuda") if a.amp == "fp16" else None  # TrainingArgs: fp16 only on CUDA
         return _Run(store_loader, train_loader, dev_loader, sampler, step_model, params, optimizer, scheduler,
-                    needs_store, rank)
+                    needs_store, rank, scaler=scaler)
 
     def _train_epoch(self, run: "_Run", epoch: int) -> Dict:
         """One pass over the training batches; returns the epoch's record."""
@@ -132,11 +164,19 @@ class RetroTrainer:
         return {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.time() - t0}
 
     def _train_step(self, run: "_Run", batch) -> float:
-        loss = run.step_model(self._to_device(batch))
+        with self._autocast():
+            loss = run.step_model(self._to_device(batch))
         run.optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(run.params, self.args.max_grad_norm)
-        run.optimizer.step()
+        if run.scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(run.params, self.args.max_grad_norm)
+            run.optimizer.step()
+        else:  # fp16: scaled loss, unscaled gradients clipped, steps with inf/NaN gradients skipped
+            run.scaler.scale(loss).backward()
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.params, self.args.max_grad_norm)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
         run.scheduler.step()
         return loss.item()
 
@@ -160,22 +200,39 @@ class RetroTrainer:
         self.model.store.build(keys, labels, guids, texts)
 
     # ---------------------------------------------------------------- inference
-    def _as_loader(self, data):
-        return data if isinstance(data, PromptDataLoader) else self.loader(data)
+    def _as_loader(self, data, split: str = "data", require_labels: bool = False):
+        if isinstance(data, PromptDataLoader):
+            if require_labels:
+                self._check_loader_labels(data, split)
+            return data
+        return self.loader(data, split=split, require_labels=require_labels)
+
+    def _check_loader_labels(self, loader: PromptDataLoader, split: str) -> None:
+        """Labels of an already tokenized loader: its raw examples when it kept them, else its features."""
+        raw = getattr(loader, "raw_dataset", None)
+        if raw is not None and len(raw) == len(loader.tensor_dataset):
+            check_labels(raw, self.model.num_classes, split, True, label_words_of(self.model))
+        else:
+            check_labels([{"label": f["label"]} for f in loader.tensor_dataset], self.model.num_classes, split, True,
+                         label_words_of(self.model))
 
     @torch.no_grad()
     def predict_proba(self, data) -> np.ndarray:
-        """P(y|x) for each example (kNN-mixed with the current lambda)."""
+        """P(y|x) for each example (kNN-mixed with the current lambda), float32."""
         self.model.eval()
-        out = [torch.exp(self.model(self._to_device(b))).cpu().numpy()
-               for b in tqdm(self._as_loader(data), desc="predict", leave=False, disable=not self.args.progress)]
+        out = []
+        for b in tqdm(self._as_loader(data), desc="predict", leave=False, disable=not self.args.progress):
+            with self._autocast():
+                log_p = self.model(self._to_device(b))
+            out.append(torch.exp(log_p.float()).cpu().numpy())
         return np.concatenate(out)
 
     def predict(self, data) -> np.ndarray:
         return self.predict_proba(data).argmax(-1)
 
-    def evaluate(self, data) -> Dict[str, float]:
-        loader = self._as_loader(data)
+    def evaluate(self, data, split: str = "eval") -> Dict[str, float]:
+        """Accuracy on labeled ``data``; a label outside the model's classes is an error naming ``split``."""
+        loader = self._as_loader(data, split, require_labels=True)
         probs = self.predict_proba(loader)
         labels = np.array([int(f["label"]) for f in loader.tensor_dataset])
         return {"accuracy": accuracy(probs, labels), "n": int(len(labels))}
@@ -184,12 +241,13 @@ class RetroTrainer:
     def collect(self, data) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(p_PLM, query keys, labels) for every example - one pass."""
         self.model.eval()
-        loader = self._as_loader(data)
+        loader = self._as_loader(data, "dev", require_labels=True)
         p, q = [], []
         for b in tqdm(loader, desc="collect", leave=False, disable=not self.args.progress):
-            pp, qq = self.model.plm_probs_and_queries(self._to_device(b))
-            p.append(pp.cpu().numpy())
-            q.append(qq.cpu().numpy())
+            with self._autocast():
+                pp, qq = self.model.plm_probs_and_queries(self._to_device(b))
+            p.append(pp.float().cpu().numpy())
+            q.append(qq.float().cpu().numpy())
         labels = np.array([int(f["label"]) for f in loader.tensor_dataset])
         return np.concatenate(p), np.concatenate(q), labels
 
@@ -206,11 +264,14 @@ class RetroTrainer:
     def explain(self, example, top: int = 5) -> Dict:
         """The prediction for one InputExample and the neighbours behind it (text, label, weight)."""
         loader = self.loader([example], batch_size=1)
-        return self.model.explain_batch(self._to_device(next(iter(loader))), top=top)[0]
+        with self._autocast():
+            return self.model.explain_batch(self._to_device(next(iter(loader))), top=top)[0]
 
     def add_examples(self, examples) -> np.ndarray:
         """Add labeled examples to the store now; later predictions use them (no retraining)."""
-        return self.model.add_to_store(self.loader(examples), progress=self.args.progress)
+        loader = self.loader(examples, split="added", require_labels=True)
+        with self._autocast():
+            return self.model.add_to_store(loader, progress=self.args.progress)
 
     # ---------------------------------------------------------------- disk
     def save(self, directory: str, save_plm: bool = False) -> None:
@@ -318,6 +379,7 @@ class _Run:
     scheduler: Any
     needs_store: bool
     rank: int
+    scaler: Any = None  # torch.amp.GradScaler for fp16
     best: float = -1.0
     best_state: Any = None
     bad_epochs: int = 0
