@@ -44,6 +44,12 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
                    help="examples per class: an LM-BFF split's K, or fewer drawn from it (--k: old spelling)")
     g.add_argument("--max-seq-length", type=int, default=128,
                    help="tokens per input (text demonstrations get 2x) (default: %(default)s)")
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")
+    g.add_argument("--amp", default=None, choices=["bf16", "fp16"],
+                   help="mixed precision under torch.autocast: bf16 (CPU or GPU) or fp16 (GPU, with a gradient "
+                        "scaler); weights and store keys stay float32 (default: off)")
     if not training:
         return
     g.add_argument("--hf-dataset", default=None, metavar="NAME[:CONFIG]",

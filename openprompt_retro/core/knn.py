@@ -30,25 +30,33 @@ def standardize_scores(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
     n = np.maximum(valid.sum(1, keepdims=True), 1)
     mean = s.sum(1, keepdims=True) / n
     var = np.where(valid, (s - mean) ** 2, 0.0).sum(1, keepdims=True) / n
-    floor = 1e-6 * np.maximum(np.abs(np.where(valid, s, 0.0)).max(1, keepdims=True), 1e-30)
+    floor = 1e-6 * np.maximum(np.abs(s).max(1, keepdims=True), 1e-30)
     return np.where(valid, (s - mean) / np.maximum(np.sqrt(var), floor), 0.0)
 
 
 def knn_weights(scores: np.ndarray, temperature: float, valid: Optional[np.ndarray] = None,
                 scale: str = "raw") -> np.ndarray:
-    """w_j = softmax_j(z_j / T) per row of ``scores`` (B, k); slots where ``valid`` is False get 0.
+    """w_j = softmax_j(z_j / T) per row of ``scores`` (B, k); slots where ``valid`` is False (default: -inf
+    or NaN scores) get 0.
 
     ``scale="zscore"`` standardises each row's scores first (scale-free), ``"raw"`` uses them as they are.
+    Computed in float64 after subtracting each row's maximum, so no finite score overflows; a row with
+    +inf scores (an overflowed inner product) shares its weight among those slots instead of giving NaN.
     """
     if scale not in SCORE_SCALES:
         raise ValueError(f"scale must be one of {SCORE_SCALES}, got {scale!r}")
     scores = np.asarray(scores)
     if valid is None:
-        valid = np.isfinite(scores)
+        valid = scores > -np.inf  # missing slots are -inf (NaN is never valid)
     if scale == "zscore":
-        scores = standardize_scores(scores, valid)
+        finite = np.isfinite(np.where(valid, scores, 0.0)).all(1, keepdims=True)
+        scores = np.where(finite, standardize_scores(np.where(finite, scores, 0.0), valid), scores)
     logits = np.where(valid, scores.astype(np.float64) / temperature, -np.inf)
-    logits = logits - logits.max(axis=1, keepdims=True)
+    top = logits.max(axis=1, keepdims=True)
+    if np.isposinf(top).any():  # the limit of softmax as those scores grow
+        logits = np.where(np.isposinf(top), np.where(np.isposinf(logits), 0.0, -np.inf), logits)
+        top = np.where(np.isposinf(top), 0.0, top)
+    logits = logits - top
     w = np.where(valid, np.exp(logits), 0.0)
     return w / w.sum(axis=1, keepdims=True)
 

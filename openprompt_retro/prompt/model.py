@@ -11,7 +11,6 @@ One forward pass does all three retrievals:
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -30,12 +29,13 @@ from ..core.text import example_text
 from . import distributed
 from .batch import DEMO_KEY, EXCLUDE_KEY, QUERY_KEY, batch_guids
 from .keys import MaskKeyHead, encode_last_hidden, extract_keys, hidden_at_mask, mask_keys, trim_padding
+from .saved_run import install_raw_text_hook
 from .store_builder import build_store
 from .template import RetroTemplate
 from .verbalizer import KnnVerbalizer
 
 _FAST_TEMPLATES = (ManualTemplate, MixedTemplate, SoftTemplate)
-_WEIGHTS, _CONFIG, _STORE = "prompt_model.safetensors", "retro_config.json", "store"
+install_raw_text_hook()  # run.json records the text each template was built from
 
 
 class RetroPromptForClassification(PromptForClassification):
@@ -315,27 +315,53 @@ class RetroPromptForClassification(PromptForClassification):
             self.train(was)
 
     # ---------------------------------------------------------------- disk
-    def save(self, directory: str) -> None:
-        """Save all weights (safetensors), the config (JSON) and the store (FAISS + npz + JSON)."""
-        from safetensors.torch import save_model
+    def save(self, directory: str, save_plm: bool = False, model_type: Optional[str] = None,
+             plm_name_or_path: Optional[str] = None) -> None:
+        """Save the run: weights (safetensors), config (JSON), store, and run.json describing it.
 
-        os.makedirs(directory, exist_ok=True)
-        save_model(self, os.path.join(directory, _WEIGHTS))
-        self.config.save(os.path.join(directory, _CONFIG))
-        self.store.save(os.path.join(directory, _STORE))
+        run.json records the fingerprint that :meth:`load` checks and what
+        :meth:`from_pretrained` needs to rebuild the model from the folder alone:
+        the PLM's OpenPrompt model type and name/path (inferred; override with
+        ``model_type`` / ``plm_name_or_path``), template class and text, label
+        words, verbalizer, demonstration mode. ``save_plm=True`` also writes the
+        PLM and tokenizer to ``plm/`` (``save_pretrained``), so the folder needs
+        nothing else - for tiny or local models. Text demonstrations also save
+        their pool (``text_pool.json``).
+        """
+        from . import saved_run
+
+        saved_run.save_run(self, directory, save_plm=save_plm, model_type=model_type, name_or_path=plm_name_or_path)
 
     def load(self, directory: str) -> "RetroPromptForClassification":
-        """Load what :meth:`save` wrote into this (identically constructed) model."""
-        from safetensors.torch import load_model
+        """Load what :meth:`save` wrote into this (identically built) model - all or nothing.
 
-        path = os.path.join(directory, _WEIGHTS)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no saved RetroPrompt model at {directory!r} (missing {_WEIGHTS})")
-        missing, unexpected = load_model(self, path, strict=False)
-        if unexpected or [m for m in missing if "raw_embedding" not in m]:
-            raise ValueError(f"saved model does not match this one: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.config = RetroConfig.load(os.path.join(directory, _CONFIG))
-        self.store = KnowledgeStore.load(os.path.join(directory, _STORE), expected_dim=self._key_dim(),
-                                         expected_built_by={"key_type": self.key_head.kind})
-        self.apply_config()
+        Everything is read and checked first: the files are there; run.json's
+        fingerprint (template text, label words, classes, demonstrations, PLM
+        architecture, key type and dimension, tokenizer) matches this model,
+        every difference named; checksums; the config; the store (its own checks,
+        its dimension and classes); weight names and shapes. Only then are the
+        weights, config and store swapped in, so a failed load leaves the model
+        as it was. Raises ``FileNotFoundError`` for missing parts, ``SavedRunError``
+        (a ``ValueError``) or ``StoreError`` otherwise.
+        """
+        from . import saved_run
+
+        loaded = saved_run.read_checked(self, directory)
+        saved_run.swap_in(self, loaded)
         return self
+
+    @classmethod
+    def from_pretrained(cls, directory: str, plm_path: Optional[str] = None, model_type: Optional[str] = None,
+                        text_pool=None) -> "RetroPromptForClassification":
+        """Rebuild a saved run from its folder alone: PLM, tokenizer, template, verbalizer, config, store, weights.
+
+        The PLM comes from ``plm/`` when the run was saved with ``save_plm=True``,
+        else from the name/path in run.json (``plm_path`` overrides it, e.g. a
+        local copy). Rebuilds ManualTemplate / MixedTemplate / SoftTemplate with
+        ManualVerbalizer / SoftVerbalizer (what the factory builds is
+        ManualTemplate + ManualVerbalizer); for other classes build the model as
+        before and call :meth:`load`. Predictions are bit-identical to the saved model's.
+        """
+        from . import saved_run
+
+        return saved_run.rebuild(directory, cls=cls, plm_path=plm_path, model_type=model_type, text_pool=text_pool)[0]

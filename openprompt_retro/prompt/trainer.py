@@ -2,6 +2,8 @@
 and lambda, k, T chosen on the dev split."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -20,9 +22,10 @@ from tqdm.auto import tqdm
 from ..core.knn import MixtureGrid, accuracy
 from . import distributed
 from .keys import demonstrations_off
+from .checks import check_labels, check_model, check_training_set, label_words_of
 from .model import RetroPromptForClassification
 from .store_builder import tokenizing_bar
-from .training_args import TrainingArgs
+from .training_args import AMP_DTYPES, TrainingArgs
 
 
 def set_seed(seed: int) -> None:
@@ -37,6 +40,10 @@ class RetroTrainer:
     ``tokenizer`` and ``wrapper_class`` are what ``openprompt.plms.load_plm`` returns;
     ``grid`` holds the (lambda, k, T) candidates tried on dev.
     Tokenized features are made once per example list and reused across epochs.
+    Labels and the training-set size are checked (:mod:`.checks`) before anything is tokenized.
+    ``args.device`` / ``args.amp``: the model and each batch go to the device; forward passes and the loss
+    run under ``torch.autocast`` when ``amp`` is set (fp16 with a gradient scaler); store keys and the
+    returned probabilities stay float32.
     """
 
     def __init__(self, model: RetroPromptForClassification, tokenizer, wrapper_class,
@@ -44,14 +51,21 @@ class RetroTrainer:
         self.model, self.tokenizer, self.wrapper_class = model, tokenizer, wrapper_class
         self.args = (args or TrainingArgs()).validate()
         self.grid = grid or MixtureGrid()
-        self.model.to(self.args.device)
+        device = torch.device(self.args.device)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # nccl collectives and DDP use the current device
+        self.model.to(device)
         self.history: List[Dict] = []
         self._train_examples = None
 
     # ---------------------------------------------------------------- data
-    def loader(self, examples, batch_size: Optional[int] = None, shuffle: bool = False) -> PromptDataLoader:
+    def loader(self, examples, batch_size: Optional[int] = None, shuffle: bool = False, split: str = "data",
+               require_labels: bool = False) -> PromptDataLoader:
+        """Tokenized examples; their labels are checked first (class indices of this model, see :mod:`.checks`)."""
+        examples = list(examples)
         if len(examples) == 0:
-            raise ValueError("no examples given")
+            raise ValueError(f"{split}: no examples given")
+        check_labels(examples, self.model.num_classes, split, require_labels, label_words_of(self.model))
         with tokenizing_bar(self.args.progress):
             return PromptDataLoader(list(examples), self.model.template, tokenizer=self.tokenizer,
                                     tokenizer_wrapper_class=self.wrapper_class,
@@ -61,6 +75,13 @@ class RetroTrainer:
 
     def _to_device(self, batch):
         return batch.to(self.args.device) if hasattr(batch, "to") else batch
+
+    def _autocast(self):
+        """``torch.autocast`` for ``args.amp`` on ``args.device`` (a no-op without amp)."""
+        if not self.args.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.args.device).type,
+                              dtype=getattr(torch, AMP_DTYPES[self.args.amp]))
 
     # ---------------------------------------------------------------- training
     def fit(self, train, dev=None) -> List[Dict]:
@@ -74,7 +95,14 @@ class RetroTrainer:
         leave-one-out accuracy, whether the kNN term was active).
         """
         set_seed(self.args.seed)
-        self._train_examples = list(train)
+        train, dev = list(train), (list(dev) if dev else None)
+        check_model(self.model)
+        words, n_classes = label_words_of(self.model), self.model.num_classes
+        labels = check_labels(train, n_classes, "train", True, words)
+        if dev:
+            check_labels(dev, n_classes, "dev", True, words)
+        check_training_set(labels, n_classes, self.model.uses_store, words)
+        self._train_examples = train
         run = self._start_run(train, dev)
         self._refresh(run)
         bar = tqdm(total=run.total_steps, desc="steps", disable=not self.args.progress or run.rank > 0)
@@ -93,7 +121,7 @@ class RetroTrainer:
     def _start_run(self, train, dev) -> "_Run":
         """Loaders, the step model (DDP-wrapped under torch.distributed), optimizer and schedule."""
         a, model = self.args, self.model
-        store_loader = self.loader(train)
+        store_loader = self.loader(train, split="train", require_labels=True)
         rank, world = distributed.rank_and_world()
         gen = torch.Generator().manual_seed(a.seed)  # the training batches' own stream
         if world > 1:  # DDP: each rank takes batch_size / world examples of every global batch
@@ -109,14 +137,16 @@ class RetroTrainer:
                                       sampler=RandomSampler(store_loader.tensor_dataset, generator=gen)
                                       if a.shuffle else None, collate_fn=InputFeatures.collate_fct, generator=gen)
             step_model = distributed.LossModule(model)
-        dev_loader = self.loader(dev) if dev else None
+        dev_loader = self.loader(dev, split="dev", require_labels=True) if dev else None
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
         total = a.max_steps or a.epochs * len(train_loader)
         scheduler = linear_schedule(optimizer, total, a.warmup_ratio)
         needs_store = model.uses_store or (a.tune_inference and dev_loader is not None)
+        scaler = torch.amp.GradScaler("cuda") if a.amp == "fp16" else None  # TrainingArgs: fp16 only on CUDA
         return _Run(store_loader, train_loader, dev_loader, sampler, step_model, params, optimizer, scheduler,
-                    needs_store, rank, total_steps=total, eval_every=a.eval_every or len(train_loader))
+                    needs_store, rank, total_steps=total, eval_every=a.eval_every or len(train_loader),
+                    scaler=scaler)
 
     def _train_epoch(self, run: "_Run", epoch: int, bar=None) -> None:
         """One pass over the training batches (or what is left of the step budget), evaluating on schedule."""
@@ -138,11 +168,19 @@ class RetroTrainer:
         self.model.train()
 
     def _train_step(self, run: "_Run", batch) -> float:
-        loss = run.step_model(self._to_device(batch))
+        with self._autocast():
+            loss = run.step_model(self._to_device(batch))
         run.optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(run.params, self.args.max_grad_norm)
-        run.optimizer.step()
+        if run.scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(run.params, self.args.max_grad_norm)
+            run.optimizer.step()
+        else:  # fp16: scaled loss, unscaled gradients clipped, steps with inf/NaN gradients skipped
+            run.scaler.scale(loss).backward()
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.params, self.args.max_grad_norm)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
         run.scheduler.step()
         w = self.model.last_loss_weights
         if w is not None:
@@ -153,7 +191,7 @@ class RetroTrainer:
         """Recompute the store's keys (isolated RNG) and the kNN loss gate; once per training step."""
         if not run.needs_store or run.refreshed_at == run.step:
             return
-        with isolated_rng(self.args.device):
+        with isolated_rng(self.args.device), self._autocast():
             self.model.refresh_store(run.store_loader, progress=False)
             if len(self.model.store) >= 2:
                 self.model.update_loss_gate()
@@ -193,22 +231,39 @@ class RetroTrainer:
         self.model.store.build(keys, labels, guids, texts)
 
     # ---------------------------------------------------------------- inference
-    def _as_loader(self, data):
-        return data if isinstance(data, PromptDataLoader) else self.loader(data)
+    def _as_loader(self, data, split: str = "data", require_labels: bool = False):
+        if isinstance(data, PromptDataLoader):
+            if require_labels:
+                self._check_loader_labels(data, split)
+            return data
+        return self.loader(data, split=split, require_labels=require_labels)
+
+    def _check_loader_labels(self, loader: PromptDataLoader, split: str) -> None:
+        """Labels of an already tokenized loader: its raw examples when it kept them, else its features."""
+        raw = getattr(loader, "raw_dataset", None)
+        if raw is not None and len(raw) == len(loader.tensor_dataset):
+            check_labels(raw, self.model.num_classes, split, True, label_words_of(self.model))
+        else:
+            check_labels([{"label": f["label"]} for f in loader.tensor_dataset], self.model.num_classes, split, True,
+                         label_words_of(self.model))
 
     @torch.no_grad()
     def predict_proba(self, data) -> np.ndarray:
-        """P(y|x) for each example (kNN-mixed with the current lambda)."""
+        """P(y|x) for each example (kNN-mixed with the current lambda), float32."""
         self.model.eval()
-        out = [torch.exp(self.model(self._to_device(b))).cpu().numpy()
-               for b in tqdm(self._as_loader(data), desc="predict", leave=False, disable=not self.args.progress)]
+        out = []
+        for b in tqdm(self._as_loader(data), desc="predict", leave=False, disable=not self.args.progress):
+            with self._autocast():
+                log_p = self.model(self._to_device(b))
+            out.append(torch.exp(log_p.float()).cpu().numpy())
         return np.concatenate(out)
 
     def predict(self, data) -> np.ndarray:
         return self.predict_proba(data).argmax(-1)
 
-    def evaluate(self, data) -> Dict[str, float]:
-        loader = self._as_loader(data)
+    def evaluate(self, data, split: str = "eval") -> Dict[str, float]:
+        """Accuracy on labeled ``data``; a label outside the model's classes is an error naming ``split``."""
+        loader = self._as_loader(data, split, require_labels=True)
         probs = self.predict_proba(loader)
         labels = np.array([int(f["label"]) for f in loader.tensor_dataset])
         return {"accuracy": accuracy(probs, labels), "n": int(len(labels))}
@@ -233,12 +288,13 @@ class RetroTrainer:
     def collect(self, data) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(p_PLM, query keys, labels) for every example - one pass."""
         self.model.eval()
-        loader = self._as_loader(data)
+        loader = self._as_loader(data, "dev", require_labels=True)
         p, q = [], []
         for b in tqdm(loader, desc="collect", leave=False, disable=not self.args.progress):
-            pp, qq = self.model.plm_probs_and_queries(self._to_device(b))
-            p.append(pp.cpu().numpy())
-            q.append(qq.cpu().numpy())
+            with self._autocast():
+                pp, qq = self.model.plm_probs_and_queries(self._to_device(b))
+            p.append(pp.float().cpu().numpy())
+            q.append(qq.float().cpu().numpy())
         labels = np.array([int(f["label"]) for f in loader.tensor_dataset])
         return np.concatenate(p), np.concatenate(q), labels
 
@@ -255,21 +311,96 @@ class RetroTrainer:
     def explain(self, example, top: int = 5) -> Dict:
         """The prediction for one InputExample and the neighbours behind it (text, label, weight)."""
         loader = self.loader([example], batch_size=1)
-        return self.model.explain_batch(self._to_device(next(iter(loader))), top=top)[0]
+        with self._autocast():
+            return self.model.explain_batch(self._to_device(next(iter(loader))), top=top)[0]
 
     def add_examples(self, examples) -> np.ndarray:
         """Add labeled examples to the store now; later predictions use them (no retraining)."""
-        return self.model.add_to_store(self.loader(examples), progress=self.args.progress)
+        loader = self.loader(examples, split="added", require_labels=True)
+        with self._autocast():
+            return self.model.add_to_store(loader, progress=self.args.progress)
 
     # ---------------------------------------------------------------- disk
-    def save(self, directory: str) -> None:
-        self.model.save(directory)
-        with open(os.path.join(directory, "training_args.json"), "w") as f:
+    def save(self, directory: str, save_plm: bool = False) -> None:
+        """The model's run folder (see :meth:`RetroPromptForClassification.save`) plus training_args.json
+        and trainer.json (the lambda/k/T grid, the tuned values and the history)."""
+        from .saved_run import TRAINER_FILE, TRAINING_ARGS
+
+        self.model.save(directory, save_plm=save_plm)
+        with open(os.path.join(directory, TRAINING_ARGS), "w") as f:
             json.dump(self.args.to_dict(), f, indent=2)
+        state = {"grid": {k: list(v) for k, v in dataclasses.asdict(self.grid).items()},
+                 "tuned": getattr(self, "tuned", None), "history": self.history}
+        with open(os.path.join(directory, TRAINER_FILE), "w") as f:
+            json.dump(state, f, indent=2)
 
     def load(self, directory: str) -> "RetroTrainer":
+        """Load a saved run into this trainer's (identically built) model.
+
+        See :meth:`RetroPromptForClassification.load`: all or nothing, every difference named."""
         self.model.load(directory)
         return self
+
+    @classmethod
+    def from_pretrained(cls, directory: str, plm_path: Optional[str] = None, model_type: Optional[str] = None,
+                        text_pool=None, **training_args) -> "RetroTrainer":
+        """A trainer rebuilt from a folder that :meth:`save` wrote, with nothing else needed.
+
+        The model comes from :meth:`RetroPromptForClassification.from_pretrained`
+        (``plm_path`` / ``model_type`` / ``text_pool`` go there); the training
+        args from training_args.json, with ``training_args`` overriding fields
+        (e.g. ``device="cpu"``); the grid, tuned values and history from trainer.json.
+        """
+        from . import saved_run
+
+        model, tokenizer, wrapper = saved_run.rebuild(directory, cls=RetroPromptForClassification, plm_path=plm_path,
+                                                      model_type=model_type, text_pool=text_pool)
+        args, grid, state = _read_trainer_files(directory, training_args)
+        trainer = cls(model, tokenizer, wrapper, args, grid)
+        if state.get("tuned") is not None:
+            trainer.tuned = state["tuned"]
+        trainer.history = list(state.get("history") or [])
+        return trainer
+
+
+def _read_trainer_files(directory: str, overrides: Dict) -> Tuple[TrainingArgs, MixtureGrid, Dict]:
+    """TrainingArgs (training_args.json + overrides), MixtureGrid and the rest of trainer.json; defaults if absent."""
+    import warnings
+
+    from .saved_run import TRAINER_FILE, TRAINING_ARGS, SavedRunError
+
+    def read(name):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            return {}
+        try:
+            with open(path) as f:
+                value = json.load(f)
+        except ValueError as e:
+            raise SavedRunError(f"corrupt {path}: {e}") from None
+        if not isinstance(value, dict):
+            raise SavedRunError(f"corrupt {path}: expected a JSON object")
+        return value
+
+    saved = read(TRAINING_ARGS)
+    known = {f.name for f in dataclasses.fields(TrainingArgs)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        warnings.warn(f"{os.path.join(directory, TRAINING_ARGS)}: ignoring fields this version does not know: "
+                      f"{unknown}", stacklevel=3)
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise TypeError(f"unknown TrainingArgs fields: {bad}")
+    try:
+        args = TrainingArgs(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
+    except (TypeError, ValueError) as e:
+        raise SavedRunError(f"invalid {os.path.join(directory, TRAINING_ARGS)}: {e}") from None
+    state = read(TRAINER_FILE)
+    try:
+        grid = MixtureGrid(**{k: tuple(v) for k, v in (state.get("grid") or {}).items()})
+    except (TypeError, ValueError) as e:
+        raise SavedRunError(f"invalid grid in {os.path.join(directory, TRAINER_FILE)}: {e}") from None
+    return args, grid, state
 
 
 def linear_schedule(optimizer, total_steps: int, warmup_ratio: float = 0.0):
@@ -310,6 +441,7 @@ class _Run:
     losses: List[float] = field(default_factory=list)
     weights: List[torch.Tensor] = field(default_factory=list)
     t0: float = field(default_factory=time.time)
+    scaler: Any = None  # torch.amp.GradScaler for fp16
     best: float = -1.0
     best_state: Any = None
     bad_evals: int = 0
