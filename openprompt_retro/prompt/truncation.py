@@ -9,13 +9,19 @@ the input plus the tokenizer's special tokens fits ``max_seq_length``:
 
 1. the demonstrations' shortenable text, longest part first (LM-BFF's rule:
    demonstrations give way before the query);
-2. the query's shortenable text, by the loader's ``truncate_method`` with
+2. whole demonstrations, the last first (then the separator in front of
+   them), as long as cutting the query's text could not make the room while
+   keeping at least one of its tokens;
+3. the query's shortenable text, by the loader's ``truncate_method`` with
    OpenPrompt's rules ("tail": the last text part first, "head": the first
    part first, "balanced": every part in proportion to its length; a part
    loses tokens at its end);
-3. whole demonstrations, the last first, then the separator in front of them;
 4. if the query's fixed parts and the special tokens still exceed
    ``max_seq_length``, a ``ValueError`` names the lengths.
+
+So a long query keeps its (short) neural demonstration segment and gives up a
+few tokens of text, and an input with no demonstrations left is token for token
+what the plain template gives.
 
 Other inputs go to OpenPrompt's own truncation unchanged.
 """
@@ -88,24 +94,26 @@ def retro_truncate(wrapper, inputs):
     demo_text = [i for i in range(query_end + 1, n) if _flag(shortenable, i)]
     while excess > 0 and any(new[i] for i in demo_text):
         excess -= cut(max(demo_text, key=lambda i: (new[i], i)), 1)
-    # 2. query text, by the loader's truncate_method
+    # 2. whole demonstrations, the last first, while the query's text cannot make the room and keep a token
     query_text = [i for i in range(query_end) if _flag(shortenable, i) and lengths[i]]
-    need = min(excess, sum(new[i] for i in query_text))
-    if need > 0:
-        for i, k in _query_cuts(new, query_text, need, _method(wrapper)).items():
-            excess -= cut(i, k)
-    # 3. whole demonstrations, the last first (a demonstration starts at a slot or a separator)
-    if excess > 0 and sep is not None:
+    query_left = sum(new[i] for i in query_text)
+    if sep is not None:
         starts = [i for i in range(query_end + 1, n) if i == query_end + 1 or (slots[i] and slots[i][0] > 0)
-                  or (lengths[i] and ids[i] == ids[sep])]
-        ends = starts[1:] + [n]
-        for start, end in reversed(list(zip(starts, ends))):
-            if excess <= 0:
+                  or (lengths[i] and ids[i] == ids[sep])]  # a demonstration starts at a slot or a separator
+        kept = len(starts)
+        for start, end in reversed(list(zip(starts, starts[1:] + [n]))):
+            if excess <= 0 or excess < query_left:
                 break
             for i in range(start, end):
                 excess -= cut(i, new[i])
-        if excess > 0:
+            kept -= 1
+        if kept == 0:
             excess -= cut(sep, new[sep])
+    # 3. query text, by the loader's truncate_method
+    need = min(excess, query_left)
+    if need > 0:
+        for i, k in _query_cuts(new, query_text, need, _method(wrapper)).items():
+            excess -= cut(i, k)
     if excess > 0:
         fixed = sum(new)
         raise ValueError(f"the input cannot fit max_seq_length={wrapper.max_seq_length}: with every shortenable "
