@@ -494,7 +494,7 @@ class RetroPromptForClassification(PromptForClassification):
             self.verbalizer.mixing = None
         query = batch[QUERY_KEY]
         if query is None:
-            query = self.key_head(at_mask[1])
+            query = self.key_head(at_mask[-1])  # KnnVerbalizer gathers the hidden states last
         return logits, query
 
     def _knn_gold(self, batch, query, labels) -> torch.Tensor:

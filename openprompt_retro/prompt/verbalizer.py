@@ -103,11 +103,16 @@ class KnnVerbalizer(Verbalizer):
         return not (self.training and torch.is_grad_enabled()) or self.mix_in_training
 
     def gather_outputs(self, outputs):
+        """(what the base gathers, last hidden states): one flat tuple, so that OpenPrompt's
+        ``PromptForClassification`` extracts every element at the mask (a base that gathers a
+        tuple itself, like ProtoVerbalizer, has its elements spliced in)."""
         hidden = outputs.hidden_states[-1]
         logits = getattr(outputs, "logits", None)
         if logits is not None and hidden.shape[1] > logits.shape[1]:
             hidden = hidden[:, hidden.shape[1] - logits.shape[1]:]  # SoftTemplate's prefix was stripped from logits
-        return self.base.gather_outputs(outputs), hidden
+        gathered = self.base.gather_outputs(outputs)
+        self._base_gathers_tuple = isinstance(gathered, tuple)
+        return (*gathered, hidden) if self._base_gathers_tuple else (gathered, hidden)
 
     def knn_probs(self, query_keys: torch.Tensor, exclude_ids=None, k: Optional[int] = None,
                   temperature: Optional[float] = None) -> torch.Tensor:
@@ -118,7 +123,8 @@ class KnnVerbalizer(Verbalizer):
         return torch.from_numpy(p).to(query_keys.device)
 
     def process_outputs(self, outputs, batch, **kwargs):
-        base_outputs, hidden_at_mask = outputs
+        *base_outputs, hidden_at_mask = outputs
+        base_outputs = tuple(base_outputs) if getattr(self, "_base_gathers_tuple", False) else base_outputs[0]
         plm_out = self.base.process_outputs(base_outputs, batch=batch, **kwargs)
         if not self._mixes():
             return plm_out
