@@ -82,17 +82,26 @@ class _AfterImport(importlib.abc.MetaPathFinder):
             return None
         if self in sys.meta_path:
             sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        exec_module, fix = spec.loader.exec_module, self.fix
+        fix = self.fix
+        return spec_then(fullname, lambda: fix(sys.modules[fullname]))
 
-        def exec_and_fix(module):
-            exec_module(module)
-            fix(module)
 
-        spec.loader.exec_module = exec_and_fix
+def spec_then(fullname: str, after):
+    """The module spec of ``fullname``, set to call ``after()`` once the module has been executed.
+
+    For a meta-path finder that has stepped aside (it must no longer be on ``sys.meta_path``).
+    """
+    spec = importlib.util.find_spec(fullname)
+    if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
         return spec
+    exec_module = spec.loader.exec_module
+
+    def exec_then(module):
+        exec_module(module)
+        after()
+
+    spec.loader.exec_module = exec_then
+    return spec
 
 
 def _after_import(name: str, fix) -> None:

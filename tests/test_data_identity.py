@@ -1,5 +1,7 @@
 """Examples as OpenPrompt users build them: without guids (OpenPrompt's default), with guids that repeat
 across splits (Hugging Face's ``idx``), or with duplicate guids by mistake."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -65,13 +67,16 @@ def test_dev_examples_with_training_guids_get_their_own_keys(tiny_bert):
 def test_a_training_loader_built_again_from_the_same_data_stays_training_data(tiny_bert):
     data = splits(guids=False)
     model = retro_model(tiny_bert)
-    model.attach(loader(data["train"], model.template, tiny_bert))
+    first = loader(data["train"], model.template, tiny_bert)
+    model.attach(first)
     again = loader(data["train"], model.template, tiny_bert)
     model.train()
     assert model.is_training_forward(next(iter(again)))
-    with spy_store() as calls:
+    with spy_store() as calls, warnings.catch_warnings():
+        warnings.simplefilter("error")  # not a fresh auto-attach: the new loader replaces the attached one
         model(next(iter(again)))
     assert assert_no_self_retrieval(calls) == 2 * 4
+    assert model._source is again
 
 
 def test_duplicate_guids_are_named(tiny_bert):

@@ -428,3 +428,36 @@ def test_prompt_model_called_directly_gets_demonstrations(tiny_bert):
         want = model.prompt_model(prepared)
     assert prepared[DEMO_KEY] is not None and prepared[EXCLUDE_KEY] is None and prepared[QUERY_KEY] is not None
     torch.testing.assert_close(out.logits, want.logits)
+
+
+def test_the_tutorial_import_order_tags_every_loader(tiny_dirs):
+    """``import openprompt_retro`` at the top, then OpenPrompt's imports and loaders, and the model class
+    only at the end (the one-line edit): the loaders carry example identities, so the model finds its
+    training data by itself."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import warnings
+import openprompt_retro as R
+from openprompt.plms import load_plm
+from openprompt.data_utils import InputExample
+from openprompt import PromptDataLoader, PromptForClassification
+from openprompt.prompts import ManualTemplate, ManualVerbalizer
+plm, tok, _, W = load_plm("bert", {tiny_dirs["bert"]!r})
+data = [InputExample(text_a=t, label=i % 2) for i, t in enumerate(["a great movie", "a bad film", "fun", "dull"])]
+template = ManualTemplate(tokenizer=tok, text={TEXT!r})
+train_loader = PromptDataLoader(data, template, tokenizer=tok, tokenizer_wrapper_class=W, max_seq_length=32,
+                                batch_size=2)
+verbalizer = ManualVerbalizer(tok, num_classes=2, label_words={WORDS!r})
+model = R.RetroPromptForClassification(plm, template, verbalizer)
+warnings.simplefilter("ignore")
+for batch in train_loader:
+    model(batch).sum().backward()
+print(len(model.store))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "4"

@@ -12,7 +12,9 @@ One forward pass does all three retrievals:
 from __future__ import annotations
 
 import os
+import sys
 import warnings
+import weakref
 from collections import Counter
 from typing import Dict, List, Optional
 
@@ -72,6 +74,22 @@ class _RetroPromptModel(PromptModel):
         if owner.uses_neural_demos and batch_get(batch, DEMO_KEY) is None:
             batch = owner.prepare_batch(batch)
         return super().forward(batch)
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside this package and torch."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("openprompt_retro", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _weak(obj):
+    """A weak reference to ``obj`` (a strong one where it cannot be weakly referenced), called to dereference."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
 
 
 def _verbalizer_words(verbalizer) -> Optional[List[str]]:
@@ -152,10 +170,10 @@ class RetroPromptForClassification(PromptForClassification):
         self.key_head = MaskKeyHead(plm)
         self.store = KnowledgeStore(self._key_dim(), verbalizer.num_classes, metric=config.metric,
                                     index_factory=config.index_factory, built_by=self.key_head.describe())
-        self._source: list = []  # [the training data the store is built from]
+        self._source_ref = None  # weak reference to the training data the store is built from
         self._source_serials: set = set()  # serials of the loaders whose examples are that training data
         self._source_passes: Optional[int] = None  # passes over the source at the last build (None: rebuild)
-        self._added: list = []  # loaders given to add_to_store since, re-added at each automatic rebuild
+        self._added: list = []  # weak references to the loaders given to add_to_store since (re-added on rebuilds)
         self._entry_of_uid: Dict[int, int] = {}  # example identity -> store id
         self._stale = False  # training forwards ran since the last build
         self.apply_config()
@@ -211,6 +229,11 @@ class RetroPromptForClassification(PromptForClassification):
         return self.template.demonstrations == "neural" and self.template.demonstrations_enabled
 
     # ---------------------------------------------------------------- store
+    @property
+    def _source(self):
+        """The training data the store is built from, while it is alive (else None)."""
+        return self._source_ref() if self._source_ref is not None else None
+
     def attach(self, dataloader, progress: bool = False) -> KnowledgeStore:
         """Make ``dataloader``'s examples the training data and build the store from them now.
 
@@ -218,6 +241,7 @@ class RetroPromptForClassification(PromptForClassification):
         of each pass over ``dataloader`` and before inference that follows training.
         Only needed when the model should not pick the loader of its first training
         batch, or when that loader was built before ``openprompt_retro`` was imported.
+        The model holds the loader weakly: it is the training loop's to keep.
         """
         return self.refresh_store(dataloader, progress=progress)
 
@@ -231,9 +255,9 @@ class RetroPromptForClassification(PromptForClassification):
         its shard and the keys are all-gathered: every rank then holds the same store.
         """
         if dataloader is None:
-            if not self._source:
+            if self._source is None:
                 raise ValueError("no training data attached: call refresh_store(train_loader) or attach(train_loader)")
-            self._rebuild(self._source[0], progress, list(self._added))
+            self._rebuild(self._source, progress, list(self._added))
         else:
             self._rebuild(dataloader, progress, [])
         return self.store
@@ -241,12 +265,14 @@ class RetroPromptForClassification(PromptForClassification):
     def add_to_store(self, dataloader, progress: bool = True) -> np.ndarray:
         """Add labeled examples to the store without retraining; returns their ids.
 
-        They stay in the store when it is rebuilt automatically (not after ``refresh_store(loader)``).
+        While ``dataloader`` is alive (a reference is kept by the caller), its examples are
+        encoded again whenever the store is rebuilt automatically; ``refresh_store(loader)``
+        starts over from ``loader`` alone.
         """
-        if self._stale and self._source:  # the old keys must come from the encoder that encodes the new ones
-            self._rebuild(self._source[0], progress=False, added=list(self._added))
+        if self._stale and self._source is not None:  # old keys must come from the encoder of the new ones
+            self._rebuild(self._source, progress=False, added=list(self._added))
         ids = self._add(dataloader, progress)
-        self._added.append(dataloader)
+        self._added.append(_weak(dataloader))
         return ids
 
     def _encode(self, dataloader, progress: bool):
@@ -297,13 +323,18 @@ class RetroPromptForClassification(PromptForClassification):
         self.store.build(keys, labels, guids, texts)
         self._entry_of_uid = {int(u): i for i, u in enumerate(uids) if u >= 0}
         serial = loaders.serial_of(dataloader)
-        self._source, self._added = [dataloader], []
+        self._source_ref, self._added = _weak(dataloader), []
         self._source_serials = set(loaders.serials(uids[uids >= 0]).tolist()) | ({serial} if serial else set())
         self._source_passes = loaders.passes(dataloader)
         self._stale = False
-        for extra in added:
+        for ref in added:
+            extra = ref()
+            if extra is None:
+                warnings.warn("examples added with add_to_store are no longer in the store: their data loader was "
+                              "garbage-collected before the store was rebuilt; keep a reference to it")
+                continue
             self._add(extra, progress=False)
-            self._added.append(extra)
+            self._added.append(ref)
 
     def _add(self, dataloader, progress: bool) -> np.ndarray:
         keys, labels, guids, texts, uids = self._encode(dataloader, progress)
@@ -345,8 +376,8 @@ class RetroPromptForClassification(PromptForClassification):
                              "cannot be built: call model.attach(train_loader) before training")
         warnings.warn(f"RetroPromptForClassification: building the knowledge store from the PromptDataLoader of the "
                       f"first training batch ({len(loader.tensor_dataset)} examples); call model.attach(train_loader) "
-                      "to choose the training data yourself", stacklevel=4)
-        self._source, self._added = [loader], []
+                      "to choose the training data yourself", stacklevel=_callers_level())
+        self._source_ref, self._added = _weak(loader), []
         self._source_serials = {loaders.serial_of(loader)}
         self._source_passes = None
 
@@ -358,17 +389,17 @@ class RetroPromptForClassification(PromptForClassification):
         if uids is None or not (uids >= 0).any():
             return True  # no identities: trust the mode
         batch_serials = set(loaders.serials(uids[uids >= 0]).tolist())
-        if not self._source:
+        if self._source is None:
             if self.uses_store:
                 self._attach_from_batch(batch_serials)
             return True
         if batch_serials <= self._source_serials:
             return True
         # a training loader built again from the same dataset object replaces the old one
-        raw = getattr(self._source[0], "raw_dataset", None)
+        raw = getattr(self._source, "raw_dataset", None)
         other = loaders.loader_of(next(iter(batch_serials))) if len(batch_serials) == 1 else None
         if raw is not None and other is not None and getattr(other, "raw_dataset", None) is raw:
-            self._source, self._source_serials, self._source_passes = [other], batch_serials, None
+            self._source_ref, self._source_serials, self._source_passes = _weak(other), batch_serials, None
             return True
         return False
 
@@ -381,8 +412,8 @@ class RetroPromptForClassification(PromptForClassification):
         """
         if not needed:
             return
-        if self._source:
-            source = self._source[0]
+        source = self._source
+        if source is not None:
             passes = loaders.passes(source)
             rebuild = len(self.store) == 0 or self._source_passes is None
             if training:
