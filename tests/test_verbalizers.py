@@ -12,15 +12,18 @@ from helpers import WORDS, base_template
 from store_spy import spy_store
 from test_tutorial_loops import evaluate, loader, splits, train_loop
 
-VERBALIZERS = ["manual", "soft", "knowledgeable", "proto"]
+VERBALIZERS = ["manual", "one2one", "soft", "knowledgeable", "proto"]
 
 
 def make_verbalizer(kind, plm, tok):
-    from openprompt.prompts import KnowledgeableVerbalizer, ManualVerbalizer, ProtoVerbalizer, SoftVerbalizer
+    from openprompt.prompts import (KnowledgeableVerbalizer, ManualVerbalizer, One2oneVerbalizer, ProtoVerbalizer,
+                                    SoftVerbalizer)
 
     words = [[w] for w in WORDS]
     if kind == "manual":
         return ManualVerbalizer(tok, num_classes=2, label_words=words)
+    if kind == "one2one":
+        return One2oneVerbalizer(tok, num_classes=2, label_words=list(WORDS))
     if kind == "soft":
         return SoftVerbalizer(tok, plm, num_classes=2, label_words=words)
     if kind == "knowledgeable":  # label words in the constructor: OpenPrompt's ordering bug, fixed by compat
@@ -94,3 +97,24 @@ def test_knowledgeable_verbalizer_constructor_keeps_its_settings(tiny_bert):
         later = KnowledgeableVerbalizer(tok, classes=["n", "p"])
         later.label_words = [["terrible"], ["great"]]  # the path that always worked still does
     assert later.max_token_split == -1
+
+
+def test_knn_verbalizer_alone_mixes_outside_training_forwards(tiny_bert):
+    """In OpenPrompt's own PromptForClassification: no mixture in model.train() with gradients, a mixture
+    after eval() and under torch.no_grad() (a tutorial that forgets eval() still gets kNN inference)."""
+    from openprompt import PromptForClassification
+
+    plm, tok, _, _ = tiny_bert
+    template = base_template("manual", plm, tok)
+    base = make_verbalizer("manual", plm, tok)
+    knn = R.KnnVerbalizer(base, plm, k=3, lam=0.5)
+    train_loader = loader(splits()["train"], template, tiny_bert)
+    knn.store = R.build_store(PromptForClassification(plm, template, base), train_loader, progress=False)
+    model, plain = PromptForClassification(plm, template, knn), PromptForClassification(plm, template, base)
+    batch = lambda: next(iter(train_loader))  # noqa: E731
+    model.train()
+    assert torch.allclose(model(batch()), plain(batch()))
+    with torch.no_grad():
+        assert not torch.allclose(model(batch()), plain(batch()))
+    model.eval()
+    assert not torch.allclose(model(batch()), plain(batch()))
