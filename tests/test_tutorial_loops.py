@@ -31,7 +31,8 @@ def splits(guids=True):
     from openprompt.data_utils import InputExample
 
     def make(texts, labels):
-        return [InputExample(guid=i if guids else None, text_a=t, label=y) for i, (t, y) in enumerate(zip(texts, labels))]
+        return [InputExample(guid=i if guids else None, text_a=t, label=y)
+                for i, (t, y) in enumerate(zip(texts, labels))]
 
     return {"train": make(TRAIN, [1, 0, 1, 0, 1, 0, 1, 0]), "validation": make(VALID, [1, 0, 1, 0])}
 
@@ -166,9 +167,9 @@ def test_mixed_template_tutorial_two_optimizers(tiny_bert):
     train_loader = loader(data["train"], template, tiny_bert, shuffle=True)
     model.attach(train_loader)
     no_decay = ["bias", "LayerNorm.weight"]
-    groups1 = [
-        {"params": [p for n, p in model.plm.named_parameters() if not any(nd in n for nd in no_decay)], "weight_decay": 0.01},
-        {"params": [p for n, p in model.plm.named_parameters() if any(nd in n for nd in no_decay)], "weight_decay": 0.0}]
+    named = list(model.plm.named_parameters())
+    groups1 = [{"params": [p for n, p in named if not any(nd in n for nd in no_decay)], "weight_decay": 0.01},
+               {"params": [p for n, p in named if any(nd in n for nd in no_decay)], "weight_decay": 0.0}]
     groups2 = [{"params": [p for n, p in model.template.named_parameters() if "raw_embedding" not in n]}]
     assert groups2[0]["params"]  # the soft tokens, reached through the wrapper
     soft_before = model.template.soft_embedding.weight.detach().clone()

@@ -155,7 +155,8 @@ class RetroPromptForClassification(PromptForClassification):
             raise TypeError(f"config must be a RetroConfig, got {type(config).__name__}")
         config = (config or RetroConfig()).validate()
         if getattr(verbalizer, "num_classes", None) is None:
-            raise ValueError("the verbalizer does not know its number of classes: give it num_classes=... or classes=...")
+            raise ValueError("the verbalizer does not know its number of classes: "
+                             "give it num_classes=... or classes=...")
         if not isinstance(template, RetroTemplate):
             template = RetroTemplate(template, demonstrations="none")
         self._fill_template(template, verbalizer, plm)
@@ -166,7 +167,7 @@ class RetroPromptForClassification(PromptForClassification):
         self.prompt_model._owner = [self]
         self.config = config
         self.mask_only_head = True  # see _main_pass; False runs OpenPrompt's full-sequence head
-        self.exclude_self_in_eval = False  # True: store entries never answer for an example of the same guid, in eval too
+        self.exclude_self_in_eval = False  # True: an entry never answers for an example of its guid, in eval too
         self.key_head = MaskKeyHead(plm)
         self.store = KnowledgeStore(self._key_dim(), verbalizer.num_classes, metric=config.metric,
                                     index_factory=config.index_factory, built_by=self.key_head.describe())
@@ -292,7 +293,8 @@ class RetroPromptForClassification(PromptForClassification):
             keys, labels, guids, uids = extract_keys(self, loaders.in_order(dataloader), progress=progress,
                                                      example_ids=True)
         serial = loaders.serial_of(dataloader)
-        by_guid = {str(e.guid): example_text(e) for e in (raw if raw is not None else []) if getattr(e, "guid", None) is not None}
+        by_guid = {str(e.guid): example_text(e) for e in (raw if raw is not None else [])
+                   if getattr(e, "guid", None) is not None}
         texts = []
         for g, u in zip(guids, uids):
             if raw is not None and serial is not None and u >= 0 and int(loaders.serials(u)) == serial:

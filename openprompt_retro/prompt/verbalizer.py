@@ -56,6 +56,7 @@ class KnnVerbalizer(Verbalizer):
         self.k, self.temperature, self.lam = int(k), float(temperature), float(lam)
         self.mix_in_training = mix_in_training
         self.mixing: Optional[bool] = None  # set by RetroPromptForClassification for each of its forwards
+        self._base_gathers_tuple = False  # set by gather_outputs for process_outputs
 
     def __getattr__(self, name):
         try:
@@ -124,7 +125,7 @@ class KnnVerbalizer(Verbalizer):
 
     def process_outputs(self, outputs, batch, **kwargs):
         *base_outputs, hidden_at_mask = outputs
-        base_outputs = tuple(base_outputs) if getattr(self, "_base_gathers_tuple", False) else base_outputs[0]
+        base_outputs = tuple(base_outputs) if self._base_gathers_tuple else base_outputs[0]
         plm_out = self.base.process_outputs(base_outputs, batch=batch, **kwargs)
         if not self._mixes():
             return plm_out
