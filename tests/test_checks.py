@@ -97,7 +97,7 @@ def _three_word_model(tiny, template_words=("terrible", "great", "fine")):
     t = R.RetroTemplate(ManualTemplate(tokenizer=tok, text=TEXT), list(template_words), demonstrations="neural",
                         plm=plm)
     v = ManualVerbalizer(tok, num_classes=3, label_words=[["terrible"], ["great"], ["fine"]])
-    return R.RetroPromptForClassification(plm, t, v, R.RetroConfig(demo_topk=2, knn_k=3, train_knn_k=3))
+    return R.RetroPromptForClassification(plm, t, v, config=R.RetroConfig(demo_topk=2, knn_k=3, train_knn_k=3))
 
 
 def test_three_label_words_on_binary_data_warn(tiny_bert, examples):
@@ -113,7 +113,11 @@ def test_three_label_words_on_binary_data_warn(tiny_bert, examples):
 
 
 def test_template_words_and_verbalizer_classes_must_agree(tiny_bert, examples, monkeypatch):
-    tr = trainer(_three_word_model(tiny_bert, WORDS), tiny_bert)
+    with pytest.raises(ValueError, match=r"RetroTemplate has 2 label words \['terrible', 'great'\] but the "
+                                         r"verbalizer has 3 classes"):
+        _three_word_model(tiny_bert, WORDS)  # refused when the model is built, before any data
+    tr = trainer(_three_word_model(tiny_bert, WORDS + ["okay"]), tiny_bert)
+    tr.model.template.label_words = WORDS  # changed afterwards: fit checks again before tokenizing
     _no_tokenizing(tr, monkeypatch)
     with pytest.raises(ValueError, match=r"the template shows 2 label words \['terrible', 'great'\] but the "
                                          r"verbalizer has 3 classes"):

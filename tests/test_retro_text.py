@@ -252,8 +252,11 @@ def test_added_examples_change_neighbours_and_predictions(tiny_bert, examples):
 def test_neural_demonstrations_need_a_store(tiny_bert, examples):
     model = retro_model(tiny_bert)
     _, batch = first_batch(trainer(model, tiny_bert), examples, 2)
-    with pytest.raises(ValueError, match="call refresh_store"):
-        model(batch)
+    with pytest.raises(ValueError, match=r"attach\(train_loader\)"):  # inference, and no training data seen
+        model.eval()(batch)
+    with pytest.warns(UserWarning, match="first training batch"):  # training: built from the batch's loader
+        model.train()(batch)
+    assert len(model.store) == 2
 
 
 def test_bad_config_is_refused():

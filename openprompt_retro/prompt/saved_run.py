@@ -273,7 +273,8 @@ def save_run(model, directory: str, save_plm: bool = False, model_type: Optional
     run_path = os.path.join(directory, RUN_FILE)
     if os.path.exists(run_path):  # a save that dies half-way must not leave the old run.json vouching for it
         os.remove(run_path)
-    save_model(model, os.path.join(directory, WEIGHTS))
+    with model.store_outside_state_dict():  # the store has its own folder
+        save_model(model, os.path.join(directory, WEIGHTS))
     model.config.save(os.path.join(directory, CONFIG))
     model.store.save(os.path.join(directory, STORE))
     if save_plm:
@@ -348,7 +349,8 @@ def _shared_with(state: Dict[str, torch.Tensor]) -> Dict[str, List[str]]:
 
 
 def _check_weights(model, path: str, tensors: Dict[str, torch.Tensor]) -> None:
-    state = model.state_dict()
+    with model.store_outside_state_dict():
+        state = model.state_dict()
     shared = _shared_with(state)
     unexpected = sorted(set(tensors) - set(state))
     missing = sorted(n for n in set(state) - set(tensors) if not any(m in tensors for m in shared.get(n, [])))

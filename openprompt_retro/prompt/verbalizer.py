@@ -3,8 +3,13 @@
     P(y|x) = lambda * p_kNN(y|x) + (1 - lambda) * p_PLM(y|x)      (probability space)
 
 It wraps any OpenPrompt verbalizer and returns log P, so OpenPrompt's loss and
-evaluation code keep working. With lambda = 0 (or in training mode) it returns
-the wrapped verbalizer's output unchanged.
+evaluation code keep working. With lambda = 0, or in a training forward, it
+returns the wrapped verbalizer's output unchanged.
+
+When kNN inference applies (the rule): in every forward that is not a training
+forward. On its own, a training forward is one in training mode with gradients
+enabled (``model.train()`` and not under ``torch.no_grad()``);
+``RetroPromptForClassification`` decides for its forwards (see its docstring).
 """
 from __future__ import annotations
 
@@ -34,6 +39,11 @@ class KnnVerbalizer(Verbalizer):
     The query key is ``batch["retro_query_keys"]`` when the caller provides it
     (RetroPromptForClassification does, from its demonstration-free pass);
     otherwise it comes from the same forward pass, at the ``<mask>``.
+
+    Every attribute and method of ``base`` that this class does not define is
+    reachable through it (``group_parameters_1/2``, ``label_words_ids``, ...);
+    ``label_words`` reads and sets the base's, and the calibration / projection
+    methods that OpenPrompt's ``Verbalizer`` defines act on the base.
     """
 
     def __init__(self, base: Verbalizer, plm: torch.nn.Module, store: Optional[KnowledgeStore] = None,
@@ -47,17 +57,65 @@ class KnnVerbalizer(Verbalizer):
         self.store = store
         self.k, self.temperature, self.lam, self.scale = int(k), float(temperature), float(lam), scale
         self.mix_in_training = mix_in_training
+        self.mixing: Optional[bool] = None  # set by RetroPromptForClassification for each of its forwards
+        self._base_gathers_tuple = False  # set by gather_outputs for process_outputs
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules (nn.Module)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None or name.startswith("__"):
+                raise
+            return getattr(base, name)
 
     @property
     def label_words(self):
         return self.base.label_words
 
+    @label_words.setter
+    def label_words(self, label_words):
+        if label_words is not None:
+            self.base.label_words = label_words
+
+    # Verbalizer defines these, so __getattr__ would not reach the base's versions
+    def register_calibrate_logits(self, logits: torch.Tensor):
+        return self.base.register_calibrate_logits(logits)
+
+    def generate_parameters(self, **kwargs):
+        return self.base.generate_parameters(**kwargs)
+
+    def project(self, logits: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.base.project(logits, **kwargs)
+
+    def normalize(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.base.normalize(logits)
+
+    def aggregate(self, label_words_logits: torch.Tensor) -> torch.Tensor:
+        return self.base.aggregate(label_words_logits)
+
+    def handle_multi_token(self, label_words_logits, mask):
+        return self.base.handle_multi_token(label_words_logits, mask)
+
+    def _mixes(self) -> bool:
+        """Whether this forward mixes p_kNN in (the rule in the module docstring)."""
+        if self.lam == 0.0:
+            return False
+        if self.mixing is not None:
+            return self.mixing
+        return not (self.training and torch.is_grad_enabled()) or self.mix_in_training
+
     def gather_outputs(self, outputs):
+        """(what the base gathers, last hidden states): one flat tuple, so that OpenPrompt's
+        ``PromptForClassification`` extracts every element at the mask (a base that gathers a
+        tuple itself, like ProtoVerbalizer, has its elements spliced in)."""
         hidden = outputs.hidden_states[-1]
         logits = getattr(outputs, "logits", None)
         if logits is not None and hidden.shape[1] > logits.shape[1]:
             hidden = hidden[:, hidden.shape[1] - logits.shape[1]:]  # SoftTemplate's prefix was stripped from logits
-        return self.base.gather_outputs(outputs), hidden
+        gathered = self.base.gather_outputs(outputs)
+        self._base_gathers_tuple = isinstance(gathered, tuple)
+        return (*gathered, hidden) if self._base_gathers_tuple else (gathered, hidden)
 
     def knn_probs(self, query_keys: torch.Tensor, exclude_ids=None, k: Optional[int] = None,
                   temperature: Optional[float] = None) -> torch.Tensor:
@@ -68,9 +126,10 @@ class KnnVerbalizer(Verbalizer):
         return torch.from_numpy(p).to(query_keys.device)
 
     def process_outputs(self, outputs, batch, **kwargs):
-        base_outputs, hidden_at_mask = outputs
+        *base_outputs, hidden_at_mask = outputs
+        base_outputs = tuple(base_outputs) if self._base_gathers_tuple else base_outputs[0]
         plm_out = self.base.process_outputs(base_outputs, batch=batch, **kwargs)
-        if self.lam == 0.0 or (self.training and not self.mix_in_training):
+        if not self._mixes():
             return plm_out
         query = batch_get(batch, QUERY_KEY)
         if query is None:
