@@ -17,8 +17,6 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import numpy as np  # noqa: E402
-
 import openprompt_retro  # noqa: E402,F401
 from openprompt_retro.clip import (ClipFeatures, ImageCache, RetroCoOp, RetroCoOpConfig, TipAdapter,  # noqa: E402
                                    ZeroShotKnn, k_shot_indices, load_clip, load_image_arrays,
@@ -33,26 +31,29 @@ p.add_argument("--seed", type=int, default=1)
 p.add_argument("--epochs", type=int, default=50)
 p.add_argument("--n-ctx", type=int, default=16)
 p.add_argument("--augment-views", type=int, default=0, help="cache keys averaged over this many augmentations")
-p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+p.add_argument("--test-limit", type=int, default=None,
+               help="a seeded (--seed), class-stratified subset of N test images (default: all)")
 p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "openprompt-retro-features"))
 p.add_argument("--out", default=None, help="write the results as JSON here")
 ns = p.parse_args()
 
 t_start = time.time()
 if ns.model == "tiny-clip":
-    from openprompt_retro.testing import make_tiny_clip, tiny_model_dir
+    from openprompt_retro.testing import ensure_tiny_model
 
-    path = tiny_model_dir("tiny-clip")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        make_tiny_clip(path)
-    model_id = path
+    model_id = ensure_tiny_model("tiny-clip")  # built once, atomically, safe for concurrent runs
 else:
     model_id = ns.model
 clip, processor = load_clip(model_id)
 train_pool = load_image_arrays(os.path.join(ns.data, "train_1000_per_class.npz"))
 test = load_image_arrays(os.path.join(ns.data, "test.npz"))
-if ns.test_limit:
-    test = test.subset(np.arange(ns.test_limit))
+test_subset = None
+if ns.test_limit:  # test.npz is sorted by class: its first N images would be airplanes only
+    from openprompt_retro.core.sampling import stratified_subset, subset_record
+
+    chosen = stratified_subset(test.labels, ns.test_limit, ns.seed)
+    test_subset = subset_record(test.labels, ns.test_limit, ns.seed, chosen)
+    test = test.subset(chosen)
 train_idx = k_shot_indices(train_pool.labels, ns.k, ns.seed)
 val_idx = k_shot_indices(train_pool.labels, ns.val_k, ns.seed + 1000, exclude=train_idx)
 train, val = train_pool.subset(train_idx), train_pool.subset(val_idx)
@@ -86,11 +87,12 @@ for name, loss in (("CoOp", "ce"), ("RetroCoOp", "knn")):
     m.fit(f_train, train.labels, f_val if loss == "knn" else None, val.labels)
     results[name] = (acc(m.predict_proba(f_test)), m.mixture)
 
-print(f"\nCIFAR-10, {ns.k}-shot, seed {ns.seed}, model {ns.model}, {len(test.labels)} test images")
+print(f"\nCIFAR-10, {ns.k}-shot, seed {ns.seed}, model {ns.model}, {len(test.labels)} test images"
+      + ("" if test_subset is None else f" (stratified subset, seed {ns.seed}, of {test_subset['of']})"))
 for name, r in results.items():
     a, chosen = (r if isinstance(r, tuple) else (r, None))
     print(f"  {name:22s} {100 * a:5.1f}%  {'' if chosen is None else chosen}")
 print(f"total {time.time() - t_start:.0f}s")
 if ns.out:
     with open(ns.out, "w") as f:
-        json.dump({"settings": vars(ns), "results": results}, f, indent=2)
+        json.dump({"settings": vars(ns), "test_subset": test_subset, "results": results}, f, indent=2)

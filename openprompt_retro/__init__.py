@@ -32,10 +32,12 @@ __all__: List[str] = sorted(_WHERE)
 
 
 class _ShimsBeforeOpenPrompt(importlib.abc.MetaPathFinder):
-    """Apply :mod:`.compat` the first time ``openprompt`` is imported, then step aside.
+    """Apply :mod:`.compat` the first time ``openprompt`` is imported, load the OpenPrompt layer
+    right after it, then step aside.
 
     So the OpenPrompt tutorials' order works: ``import openprompt_retro`` (cheap), then
-    ``from openprompt.plms import load_plm`` on current transformers.
+    ``from openprompt.plms import load_plm`` on current transformers; and every
+    ``PromptDataLoader`` is built with the layer's patches in place (example identities).
     """
 
     def find_spec(self, name, path=None, target=None):
@@ -45,6 +47,7 @@ class _ShimsBeforeOpenPrompt(importlib.abc.MetaPathFinder):
             from . import compat
 
             compat.apply()
+            return compat.spec_then(name, lambda: importlib.import_module(__name__ + ".prompt"))
         return None  # the usual finders load it
 
 

@@ -44,6 +44,12 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
                    help="examples per class: an LM-BFF split's K, or fewer drawn from it (--k: old spelling)")
     g.add_argument("--max-seq-length", type=int, default=128,
                    help="tokens per input (text demonstrations get 2x) (default: %(default)s)")
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")
+    g.add_argument("--amp", default=None, choices=["bf16", "fp16"],
+                   help="mixed precision under torch.autocast: bf16 (CPU or GPU) or fp16 (GPU, with a gradient "
+                        "scaler); weights and store keys stay float32 (default: off)")
     if not training:
         return
     g.add_argument("--hf-dataset", default=None, metavar="NAME[:CONFIG]",
@@ -59,7 +65,13 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
     g.add_argument("--epochs", type=int, default=20, help="maximum epochs; the best dev epoch is kept")
     g.add_argument("--lr", type=float, default=5e-5, help="learning rate")
     g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--patience", type=int, default=20, help="epochs without dev gain before stopping")
+    g.add_argument("--patience", type=int, default=20, help="evaluations without dev gain before stopping")
+    g.add_argument("--max-steps", type=int, default=None, help="train this many steps (overrides --epochs)")
+    g.add_argument("--eval-every", type=int, default=None, help="steps between dev evaluations (default: an epoch)")
+    g.add_argument("--mixture-grid", default="small", choices=["small", "wide", "fixed"],
+                   help="lambda/k/T candidates tuned on dev: lambda only, the 220-point grid, or lambda 0.5")
+    g.add_argument("--config", type=json.loads, default={}, metavar="JSON",
+                   help='RetroConfig overrides, e.g. \'{"demo_norm": "match", "max_loss_weight": 2}\'')
     g.add_argument("--demo-topk", type=int, default=None, help="m neighbours per class (default: 8 for K>=16, else 2)")
     g.add_argument("--loss-beta", type=float, default=1.0, help="beta of the kNN-guided loss")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -68,7 +80,7 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
     g.add_argument("--zs-pool-size", type=int, default=4000, help="cap on the unlabeled pool (0: all)")
     g.add_argument("--zs-lambda", type=float, default=0.5)
     g.add_argument("--zs-k", type=int, default=16)
-    g.add_argument("--zs-temperature", type=float, default=10.0)
+    g.add_argument("--zs-temperature", type=float, default=1.0, help="in standard deviations of the scores")
 
 
 def _add_grid(p, tasks, methods, seeds, out) -> None:

@@ -19,11 +19,18 @@ what OpenPrompt uses                   restored as
 ``tok.build_inputs_with_special_tokens`` rebuilt from the tokenizer's own
 ``tok.get_special_tokens_mask(ids)``   post-processor (fast tokenizers, 5.x)
 =====================================  ==========================================
+
+One OpenPrompt bug is fixed the same way (only where it shows):
+``KnowledgeableVerbalizer(..., label_words=...)`` raises ``AttributeError:
+'max_token_split'`` because its constructor sets that attribute after the base
+constructor has already used it; its settings are now in place first.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 import types
 from typing import Dict, List, Optional
@@ -55,8 +62,89 @@ def apply() -> List[str]:
     _fix_tokenization_utils_names()
     _fix_data_processors()
     _fix_special_tokens()
+    _after_import("openprompt.prompts.knowledgeable_verbalizer", _fix_knowledgeable_verbalizer)
     _applied = True
     return applied_fixes
+
+
+# ---------------------------------------------------------------------------
+# OpenPrompt's own bugs (fixed when the module that has them is imported)
+# ---------------------------------------------------------------------------
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Run ``fix(module)`` right after the module ``name`` is executed, then step aside."""
+
+    def __init__(self, name: str, fix):
+        self.name, self.fix = name, fix
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        fix = self.fix
+        return spec_then(fullname, lambda: fix(sys.modules[fullname]))
+
+
+def spec_then(fullname: str, after):
+    """The module spec of ``fullname``, set to call ``after()`` once the module has been executed.
+
+    For a meta-path finder that has stepped aside (it must no longer be on ``sys.meta_path``).
+    """
+    spec = importlib.util.find_spec(fullname)
+    if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+        return spec
+    exec_module = spec.loader.exec_module
+
+    def exec_then(module):
+        exec_module(module)
+        after()
+
+    spec.loader.exec_module = exec_then
+    return spec
+
+
+def _after_import(name: str, fix) -> None:
+    if name in sys.modules:
+        fix(sys.modules[name])
+    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, fix))
+
+
+class _ProbeTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return [1]
+
+
+def _fix_knowledgeable_verbalizer(module) -> None:
+    """Set KnowledgeableVerbalizer's own settings before its base constructor reads them (label_words=...)."""
+    import contextlib
+    import inspect
+    import io
+
+    cls = module.KnowledgeableVerbalizer
+    if getattr(cls, "_openprompt_retro_patched", False):
+        return
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its generate_parameters prints
+            cls(tokenizer=_ProbeTokenizer(), classes=["a"], label_words=[["a"]])
+        return  # constructs fine: nothing to fix
+    except AttributeError as e:
+        if "max_token_split" not in str(e):
+            return
+    original = cls.__init__
+    own = {n: p.default for n, p in inspect.signature(original).parameters.items()
+           if n in ("max_token_split", "verbalizer_lr", "candidate_frac", "pred_temp")}
+
+    def __init__(self, *args, **kwargs):
+        for name, default in own.items():
+            object.__setattr__(self, name, kwargs.get(name, default))
+        original(self, *args, **kwargs)
+
+    __init__.__doc__ = original.__doc__
+    cls.__init__ = __init__
+    cls._openprompt_retro_patched = True
+    applied_fixes.append("KnowledgeableVerbalizer(label_words=...)")
 
 
 def _fix_generation_utils(transformers) -> None:

@@ -78,8 +78,19 @@ def tiny_model_dir(name: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"openprompt-retro-{name}-tf{transformers.__version__}")
 
 
+#: the tiny models :func:`ensure_tiny_model` caches: name -> builder(directory)
+TINY_MODELS = ("tiny-bert", "tiny-roberta", "tiny-clip")
+
+
 def ensure_tiny_mlm(name: str) -> str:
-    """The cached tiny model ``tiny-bert`` / ``tiny-roberta``, built once per transformers version.
+    """The cached tiny masked LM ``tiny-bert`` / ``tiny-roberta`` (see :func:`ensure_tiny_model`)."""
+    if name not in ("tiny-bert", "tiny-roberta"):
+        raise ValueError(f"the tiny masked LMs are tiny-bert and tiny-roberta, got {name!r}")
+    return ensure_tiny_model(name)
+
+
+def ensure_tiny_model(name: str) -> str:
+    """The cached tiny model ``tiny-bert``, ``tiny-roberta`` or ``tiny-clip``, built once per transformers version.
 
     Safe for concurrent processes: the first one builds it in a temporary folder
     under a file lock and renames it into place, so nobody sees a half-written model.
@@ -88,6 +99,8 @@ def ensure_tiny_mlm(name: str) -> str:
     import shutil
     import tempfile
 
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; choose from {TINY_MODELS}")
     kind = name.split("-", 1)[1]
     path = tiny_model_dir(name)
     if os.path.isfile(os.path.join(path, "TINY_MODEL.json")):
@@ -98,7 +111,7 @@ def ensure_tiny_mlm(name: str) -> str:
             if not os.path.isfile(os.path.join(path, "TINY_MODEL.json")):  # another process may have built it
                 tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))
                 try:
-                    make_tiny_mlm(kind, tmp)
+                    make_tiny_clip(tmp) if kind == "clip" else make_tiny_mlm(kind, tmp)
                     if os.path.isdir(path):  # a half-written folder from an older version of this code
                         shutil.rmtree(path)
                     os.rename(tmp, path)

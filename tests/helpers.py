@@ -30,7 +30,7 @@ def retro_model(tiny, template="manual", verbalizer="manual", demonstrations="ne
     t = R.RetroTemplate(base_template(template, plm, tok), WORDS, demonstrations=demonstrations, plm=plm,
                         text_pool=pool)
     cfg = R.RetroConfig(**{"demo_topk": 2, "knn_k": 3, "train_knn_k": 3, **config})
-    return R.RetroPromptForClassification(plm, t, base_verbalizer(verbalizer, plm, tok), cfg)
+    return R.RetroPromptForClassification(plm, t, base_verbalizer(verbalizer, plm, tok), config=cfg)
 
 
 def trainer(model, tiny, **args):

@@ -62,7 +62,9 @@ def test_speed_reports_ratios_and_offers_only_inference_options():
     assert seconds == {"tokenize_test_s", "plain_s", "knn_s", "retro_s", "knn_search_only_s", "store_refresh_s",
                        "train_forward_s"}
     ratios = {"knn_over_plain", "retro_over_plain", "refresh_over_train_forward"}
-    assert set(out) == seconds | ratios | {"task", "n_test", "n_train", "model", "torch_threads", "repeats"}
+    assert set(out) == seconds | ratios | {"task", "n_test", "n_train", "model", "torch_threads", "repeats", "device",
+                                           "amp", "test_subset"}
+    assert out["device"] == "cpu" and out["test_subset"]["limit"] == 16
     for key in seconds | ratios:  # sub-millisecond timings must not round to 0 (4 significant digits)
         assert isinstance(out[key], float) and 0 < out[key] < 600, (key, out[key])
         assert len(f"{out[key]:.6e}".split("e")[0].replace(".", "").rstrip("0")) <= 4, (key, out[key])

@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import subprocess
@@ -168,6 +169,9 @@ def test_clip_example_runs_end_to_end(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "RetroCoOp" in out.stdout and (tmp_path / "r.json").exists()
+    subset = json.loads((tmp_path / "r.json").read_text())["test_subset"]  # test.npz is sorted by class
+    assert subset["limit"] == 500 and subset["seed"] == 1 and subset["stratified"]
+    assert subset["class_counts"] == {str(c): 50 for c in range(10)}  # before: the first 500 were all airplanes
 
 
 def test_tip_adapter_tune_picks_the_alpha_beta_with_the_best_validation_accuracy():

@@ -30,7 +30,8 @@ def test_predict_proba_rows_sum_to_one(tiny_bert, examples, vname, lam):
 def test_soft_verbalizer_training_loss_is_cross_entropy_on_its_logits(tiny_bert, examples):
     """log_softmax leaves cross-entropy unchanged: CE(log_softmax(z), y) = CE(z, y)."""
     model = retro_model(tiny_bert, verbalizer="soft", demonstrations="none", loss="ce")
-    _, batch = first_batch(trainer(model, tiny_bert), examples)
+    loader, batch = first_batch(trainer(model, tiny_bert), examples)
+    model.refresh_store(loader, progress=False)
     model.train()
     prepared = model.prepare_batch(batch)
     outputs, mask_batch = model._main_pass(prepared)
@@ -53,8 +54,11 @@ def test_explain_shows_the_weights_of_the_k_neighbours_behind_p_knn(tiny_bert, e
     out = model.explain_batch(batch, top=2)
     _, query = model.plm_probs_and_queries(batch)
     res = model.store.search(query, 4)
+    assert model.config.knn_score_scale == "zscore"
     for i, row in enumerate(out):
-        e = np.exp((res.scores[i] - res.scores[i].max()) / T)
+        s = res.scores[i].astype(np.float64)
+        z = (s - s.mean()) / s.std()  # the scores standardised over the k = 4 neighbours
+        e = np.exp((z - z.max()) / T)
         w = e / e.sum()  # softmax over the k = 4 neighbours, not over the 2 shown
         assert [n["id"] for n in row["neighbours"]] == res.ids[i, :2].tolist()
         np.testing.assert_allclose([n["weight"] for n in row["neighbours"]], w[:2], rtol=1e-5)
@@ -69,15 +73,18 @@ def test_explain_shows_the_weights_of_the_k_neighbours_behind_p_knn(tiny_bert, e
 # ------------------------------------------------------------------ a kNN loss needs a store
 @pytest.mark.parametrize("loss", ["knn", "focal"])
 def test_knn_loss_on_an_empty_store_is_a_clear_error(tiny_bert, examples, loss):
-    model = retro_model(tiny_bert, demonstrations="none", loss=loss)
+    # an inference forward (eval mode) builds no store; the loss must not quietly become plain CE
+    model = retro_model(tiny_bert, demonstrations="none", loss=loss, knn_lambda=0.0)
     _, batch = first_batch(trainer(model, tiny_bert), examples)
-    model.train()
-    with pytest.raises(ValueError, match=r"store is empty: call refresh_store\(train_loader\) first"):
+    model.eval()
+    with pytest.raises(ValueError, match=r"the store is empty: .*call model.attach\(train_loader\) / "
+                                         r"refresh_store\(train_loader\) first"):
         model.loss(batch)
+    assert len(model.store) == 0
 
 
 def test_plain_cross_entropy_needs_no_store(tiny_bert, examples):
-    model = retro_model(tiny_bert, demonstrations="none", loss="ce")
+    model = retro_model(tiny_bert, demonstrations="none", loss="ce", knn_lambda=0.0)
     _, batch = first_batch(trainer(model, tiny_bert), examples)
     model.train()
     logits, _ = model.forward_with_keys(model.prepare_batch(batch))

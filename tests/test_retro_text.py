@@ -68,8 +68,8 @@ def test_model_loss_gradient_equals_weighted_ce_gradient(tiny_bert, examples):
     # the same weights, applied by hand to plain CE
     prepared = model.prepare_batch(batch)
     logits, query = model.forward_with_keys(prepared)
-    p = model.verbalizer.knn_probs(query, prepared[EXCLUDE_KEY], 3, 1.0)
-    w = 1 + (-torch.log(p.gather(1, prepared["label"][:, None]).squeeze(1).clamp_min(1e-6)))
+    p = model.knn_probs(query, prepared[EXCLUDE_KEY], 3, 1.0)
+    w = (1 + (-torch.log(p.gather(1, prepared["label"][:, None]).squeeze(1).clamp_min(1e-6)))).clamp_max(3.0)
     manual = (F.cross_entropy(logits, prepared["label"], reduction="none") * w).mean()
     g2 = torch.autograd.grad(manual, params, allow_unused=True)
     assert torch.allclose(loss, manual)
@@ -183,7 +183,7 @@ def test_lambda_limits(tiny_bert, examples, vname):
         if vname == "manual":
             assert torch.allclose(knn(batch), plain(batch), atol=1e-6)
         knn_v.lam = 1.0
-        p_knn = knn_v.store.knn_distribution(knn_v.store.keys, 3, 2.0)
+        p_knn = knn_v.store.knn_distribution(knn_v.store.keys, 3, 2.0, scale="zscore")  # the verbalizer's default
         np.testing.assert_allclose(torch.exp(knn(batch)).numpy(), p_knn, atol=1e-6)
         knn_v.lam = 0.3
         mixed = 0.3 * torch.from_numpy(p_knn) + 0.7 * torch.softmax(plain(batch), -1)
@@ -255,8 +255,11 @@ def test_added_examples_change_neighbours_and_predictions(tiny_bert, examples):
 def test_neural_demonstrations_need_a_store(tiny_bert, examples):
     model = retro_model(tiny_bert)
     _, batch = first_batch(trainer(model, tiny_bert), examples, 2)
-    with pytest.raises(ValueError, match="call refresh_store"):
-        model(batch)
+    with pytest.raises(ValueError, match=r"attach\(train_loader\)"):  # inference, and no training data seen
+        model.eval()(batch)
+    with pytest.warns(UserWarning, match="first training batch"):  # training: built from the batch's loader
+        model.train()(batch)
+    assert len(model.store) == 2
 
 
 def test_bad_config_is_refused():

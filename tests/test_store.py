@@ -1,3 +1,4 @@
+import hashlib
 import json
 import math
 import os
@@ -230,3 +231,110 @@ def test_search_per_class_keeps_m_slots_for_the_largest_class():
     assert res.ids.shape == (1, 3, 3)
     assert res.ids[0].tolist() == [[0, -1, -1], [3, 2, 1], [-1, -1, -1]]
     assert np.isneginf(res.scores[0, 0, 1:]).all() and res.labels[0, 2].tolist() == [-1, -1, -1]
+
+
+# ---------------------------------------------------------------- corruption and tampering on disk
+def saved_store(path, factory="Flat", metric="ip", n=300, dim=16, classes=3):
+    rng = np.random.default_rng(0)
+    s = KnowledgeStore(dim, classes, metric=metric, index_factory=factory)
+    s.build(rng.normal(size=(n, dim)).astype(np.float32), rng.integers(0, classes, size=n),
+            guids=[f"g{i}" for i in range(n)])
+    s.save(str(path))
+    return s
+
+
+def edit_meta(d, rewrite_checksums=False, **changes):
+    """Edit store.json; with ``rewrite_checksums`` also recompute every checksum, as a thorough tamperer would."""
+    meta = json.loads((d / "store.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    if rewrite_checksums:  # the documented format: sha256 of each file, then of the canonical JSON of the rest
+        meta["checksums"] = {n: hashlib.sha256((d / n).read_bytes()).hexdigest()
+                             for n in ("index.faiss", "keys.npy", "labels.npy")}
+        canonical = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        meta["checksums"]["store.json"] = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    (d / "store.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("name", ["index.faiss", "keys.npy", "labels.npy"])
+def test_one_flipped_byte_in_any_file_is_refused(tmp_path, name):
+    saved_store(tmp_path)
+    data = bytearray((tmp_path / name).read_bytes())
+    data[len(data) - 37] ^= 0x01  # inside the vectors / labels, past every header
+    (tmp_path / name).write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=f"corrupt {name}: checksum mismatch"):
+        KnowledgeStore.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat", "HNSW8", "IVF4,PQ4x4", "SQ8"])
+@pytest.mark.parametrize("how", ["other keys", "rows permuted"])
+def test_keys_that_do_not_match_the_index_are_refused_even_with_rewritten_checksums(tmp_path, factory, how):
+    s = saved_store(tmp_path, factory)
+    KnowledgeStore.load(str(tmp_path))  # the untouched store loads
+    rng = np.random.default_rng(7)
+    other = rng.normal(size=s.keys.shape).astype(np.float32) if how == "other keys" else s.keys[::-1].copy()
+    np.save(tmp_path / "keys.npy", other)
+    edit_meta(tmp_path, rewrite_checksums=True)
+    with pytest.raises(StoreError, match="index.faiss and keys.npy disagree"):
+        KnowledgeStore.load(str(tmp_path))
+    with pytest.raises(StoreError, match="disagree"):  # skipping the checksums does not skip this
+        KnowledgeStore.load(str(tmp_path), verify=False)
+
+
+def test_an_l2_index_is_refused(tmp_path):
+    import faiss
+
+    s = saved_store(tmp_path)
+    l2 = faiss.IndexFlatL2(s.dim)
+    l2.add(s.keys)
+    faiss.write_index(l2, str(tmp_path / "index.faiss"))
+    edit_meta(tmp_path, rewrite_checksums=True)
+    with pytest.raises(StoreError, match="not an inner-product index"):
+        KnowledgeStore.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("field", ["metric", "dim", "num_classes", "size", "index_factory", "guids", "texts",
+                                   "format_version"])
+def test_a_missing_required_field_is_a_store_error_naming_it(tmp_path, field):
+    saved_store(tmp_path)
+    edit_meta(tmp_path, **{field: None})
+    with pytest.raises(StoreError, match=f"corrupt store.json: required field '{field}' is missing"):
+        KnowledgeStore.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("changes,msg", [
+    (dict(metric="cosine"), "metric is 'cosine' in store.json but the keys in keys.npy are not unit-length"),
+    (dict(metric="l2"), "metric must be 'ip' or 'cosine', got 'l2'"),
+    (dict(num_classes=2), r"labels \[2\] outside \[0, 2\)"),
+    (dict(num_classes=4), "store.json was edited after saving"),
+    (dict(num_classes="3"), "field 'num_classes' must be a int"),
+    (dict(metric=None, rewrite_checksums=True), "required field 'metric' is missing"),
+    (dict(checksums=None), "field 'checksums' must hold a sha256"),
+    (dict(guids=[1] * 300, rewrite_checksums=True), "guids in store.json must be strings"),
+    (dict(guids=["same"] * 300, rewrite_checksums=True), "duplicate guids"),
+])
+def test_edited_metadata_is_checked_against_the_data(tmp_path, changes, msg):
+    saved_store(tmp_path)
+    edit_meta(tmp_path, **changes)
+    with pytest.raises(StoreError, match=msg):
+        KnowledgeStore.load(str(tmp_path))
+
+
+def test_cosine_store_round_trips_and_format_1_stores_still_load(tmp_path):
+    s = saved_store(tmp_path, metric="cosine")
+    t = KnowledgeStore.load(str(tmp_path))
+    q = np.random.default_rng(3).normal(size=(4, 16))
+    np.testing.assert_array_equal(s.search(q, 5).ids, t.search(q, 5).ids)
+    meta = json.loads((tmp_path / "store.json").read_text())
+    meta["format_version"] = 1  # what the previous version wrote: no checksums
+    meta.pop("checksums")
+    (tmp_path / "store.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="without checksums"):
+        old = KnowledgeStore.load(str(tmp_path))
+    np.testing.assert_array_equal(old.search(q, 5).ids, t.search(q, 5).ids)
+    np.save(tmp_path / "keys.npy", np.ascontiguousarray(s.keys[::-1]))
+    with pytest.raises(StoreError, match="disagree"), pytest.warns(UserWarning):  # still checked against the index
+        KnowledgeStore.load(str(tmp_path))

@@ -107,13 +107,14 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
 # ------------------------------------------------------------------ the kNN-guided loss
 def test_loss_uses_the_training_k_and_temperature(tiny_bert, examples):
     model = retro_model(tiny_bert, demonstrations="none", loss="knn", knn_k=3, knn_temperature=1.0,
-                        train_knn_k=2, train_knn_temperature=5.0)
+                        train_knn_k=2, train_knn_temperature=5.0, max_loss_weight=100.0)
     loader, batch = first_batch(trainer(model, tiny_bert), examples)
     model.refresh_store(loader, progress=False)
     model.train()
     prepared = model.prepare_batch(batch)
     logits, query = model.forward_with_keys(prepared)
-    p = model.store.knn_distribution(query, 2, 5.0, exclude_ids=np.arange(len(examples)))
+    p = model.store.knn_distribution(query, 2, 5.0, exclude_ids=np.arange(len(examples)),
+                                     scale=model.config.knn_score_scale)
     p_gold = torch.from_numpy(p[np.arange(len(examples)), prepared["label"].numpy()])
     want = (F.cross_entropy(logits, prepared["label"], reduction="none") * (1 - torch.log(p_gold.clamp_min(1e-6)))).mean()
     assert torch.allclose(model.loss(batch), want, atol=1e-6)
@@ -142,14 +143,17 @@ def test_training_queries_are_the_stores_own_keys(tiny_bert, examples):
     plm = tiny_bert[0]
     model = retro_model(tiny_bert, loss="knn")
     tr = trainer(model, tiny_bert)
-    model.refresh_store(tr.loader(examples), progress=False)
+    loader = tr.loader(examples, batch_size=4)
+    model.refresh_store(loader, progress=False)
     for m in plm.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.5
     model.train()
-    _, batch = first_batch(tr, examples[2:6])
+    batches = iter(loader)
+    next(batches)
+    batch = next(batches)  # examples 4..7 of the training loader: a training forward
     torch.manual_seed(0)
-    assert torch.equal(model.prepare_batch(batch)[QUERY_KEY], torch.from_numpy(model.store.keys[2:6]))
+    assert torch.equal(model.prepare_batch(batch)[QUERY_KEY], torch.from_numpy(model.store.keys[4:8]))
 
 
 def test_plm_probabilities_for_tuning_leave_the_knn_mixture_out(tiny_bert, examples):
@@ -169,24 +173,23 @@ def test_mixing_in_training_only_when_asked(tiny_bert, examples, mix_in_training
     model = retro_model(tiny_bert, demonstrations="none", knn_lambda=0.4, knn_k=3, knn_temperature=2.0)
     loader, batch = first_batch(trainer(model, tiny_bert), examples)
     model.refresh_store(loader, progress=False)
-    v = model.verbalizer
+    v, scale = model.verbalizer, model.config.knn_score_scale
     v.mix_in_training = mix_in_training
     model.train()
-    prepared = model.prepare_batch(batch)
-    with torch.no_grad():
-        outputs, mask_batch = model._main_pass(prepared)
-        at_mask = [model.extract_at_mask(o, mask_batch) for o in v.gather_outputs(outputs)]
-        p_plm = torch.softmax(v.base.process_outputs(at_mask[0], batch=prepared), -1)
-        query = v.key_head(at_mask[1])
-        train_out = torch.exp(v.process_outputs(at_mask, batch=prepared))
+    prepared = model.prepare_batch(batch)  # a training forward: batch of the store's loader, gradients on
+    outputs, mask_batch = model._main_pass(prepared)
+    at_mask = [model.extract_at_mask(o, mask_batch) for o in v.gather_outputs(outputs)]
+    p_plm = torch.softmax(v.base.process_outputs(at_mask[0], batch=prepared), -1).detach()
+    query = v.key_head(at_mask[1]).detach()
+    train_out = torch.exp(v.process_outputs(at_mask, batch=prepared)).detach()
     own = np.arange(len(examples))  # in training the own entry is left out of p_kNN
-    p_knn = torch.from_numpy(model.store.knn_distribution(query, 3, 2.0, exclude_ids=own))
+    p_knn = torch.from_numpy(model.store.knn_distribution(query, 3, 2.0, exclude_ids=own, scale=scale))
     mixed = 0.4 * p_knn + 0.6 * p_plm
     assert torch.allclose(train_out, mixed if mix_in_training else p_plm, atol=1e-6)
     assert not torch.allclose(mixed, p_plm, atol=1e-3)
-    model.eval()  # in eval mode it always mixes
+    model.eval()  # an inference forward always mixes
     with torch.no_grad():
-        p_knn_eval = torch.from_numpy(model.store.knn_distribution(query, 3, 2.0))
+        p_knn_eval = torch.from_numpy(model.store.knn_distribution(query, 3, 2.0, scale=scale))
         eval_batch = model.prepare_batch(batch)
         assert torch.allclose(torch.exp(v.process_outputs(at_mask, batch=eval_batch)),
                               0.4 * p_knn_eval + 0.6 * p_plm, atol=1e-6)

@@ -16,25 +16,40 @@ class RetroConfig:
     Retrieval for input (neural demonstrations):
         demo_topk: m, neighbours per class averaged into one demonstration
             (8 for 16-shot, 2 for 4-shot in the paper's code).
+        demo_center: inject d_c - mean(store keys): what differs between the classes' demonstrations
+            stands out instead of the component every key shares.
+        demo_norm: "none", or "match": rescale each d_c to the mean norm of the PLM's word embeddings.
+        demo_dropout: in training, each example's demonstrations are all hidden with this probability.
+    Scores (shared by inference, the loss and ``explain``):
+        knn_score_scale: "zscore" (default: each query's k scores standardised, so p_kNN is a real
+            distribution whatever the key norm; T is in standard deviations) or "raw" (s_j / T).
     Retrieval for inference:
-        knn_k, knn_temperature: p_kNN(y|x) = sum_{j<=k} softmax_j(s_j / T) 1[y_j = y].
+        knn_k, knn_temperature: p_kNN(y|x) = sum_{j<=k} softmax_j(z_j / T) 1[y_j = y].
         knn_lambda: P = lambda p_kNN + (1 - lambda) p_PLM; 0 turns kNN inference off.
     Retrieval for training:
-        loss: "ce" (plain), "knn" (CE_i (1 + beta (-log p_kNN(y_i|x_i)))) or
+        loss: "ce" (plain), "knn" (CE_i min(1 + beta (-log p_kNN(y_i|x_i)), max_loss_weight)) or
             "focal" (CE_i (1 - p_kNN(y_i|x_i))^gamma).
-        loss_beta, focal_gamma: the weights' strength.
+        loss_beta, focal_gamma, max_loss_weight: the weights' strength and bound.
+        knn_loss_gate: apply the kNN weights only while the store's leave-one-out kNN accuracy is above
+            chance (the majority-class rate); below it the store knows nothing and the weights are noise.
         train_knn_k, train_knn_temperature: the p_kNN used for the weights.
     Store:
         metric: "ip" or "cosine"; index_factory: a FAISS factory string.
     """
 
     demo_topk: int = 8
+    demo_center: bool = False
+    demo_norm: str = "none"
+    demo_dropout: float = 0.0
+    knn_score_scale: str = "zscore"
     knn_k: int = 16
     knn_temperature: float = 1.0
     knn_lambda: float = 0.5
     loss: str = "knn"
     loss_beta: float = 1.0
     focal_gamma: float = 2.0
+    max_loss_weight: float = 3.0
+    knn_loss_gate: bool = True
     train_knn_k: int = 16
     train_knn_temperature: float = 1.0
     metric: str = "ip"
@@ -56,6 +71,14 @@ class RetroConfig:
             raise ValueError(f"knn_lambda must lie in [0, 1], got {self.knn_lambda}")
         if self.loss_beta < 0 or self.focal_gamma < 0:
             raise ValueError("loss_beta and focal_gamma must be non-negative")
+        if self.max_loss_weight < 1.0:
+            raise ValueError(f"max_loss_weight must be at least 1, got {self.max_loss_weight}")
+        if self.knn_score_scale not in ("zscore", "raw"):
+            raise ValueError(f"knn_score_scale must be 'zscore' or 'raw', got {self.knn_score_scale!r}")
+        if self.demo_norm not in ("none", "match"):
+            raise ValueError(f"demo_norm must be 'none' or 'match', got {self.demo_norm!r}")
+        if not 0.0 <= self.demo_dropout < 1.0:
+            raise ValueError(f"demo_dropout must lie in [0, 1), got {self.demo_dropout}")
         if self.metric not in ("ip", "cosine"):
             raise ValueError(f"metric must be 'ip' or 'cosine', got {self.metric!r}")
         return self

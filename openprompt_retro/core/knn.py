@@ -1,6 +1,8 @@
 """The method's central formulas: the kNN label distribution and its mixture with the PLM.
 
-    w_j        = softmax_j(s_j / T)                 over the k nearest neighbours j of x
+    w_j        = softmax_j(z_j / T)                 over the k nearest neighbours j of x
+    z_j        = (s_j - mean_l s_l) / std_l s_l     ("zscore": scale-free, the default for text)
+               = s_j                                ("raw": for scores with a fixed range, e.g. cosine)
     p_kNN(y|x) = sum_j w_j * 1[y_j = y]
     P(y|x)     = lambda * p_kNN(y|x) + (1 - lambda) * p_PLM(y|x)      (probability space)
 
@@ -16,22 +18,54 @@ from typing import Callable, Dict, Optional, Sequence
 import numpy as np
 
 
-def knn_weights(scores: np.ndarray, temperature: float, valid: Optional[np.ndarray] = None) -> np.ndarray:
-    """w_j = softmax_j(s_j / T) per row of ``scores`` (B, k); slots where ``valid`` is False get 0."""
+SCORE_SCALES = ("zscore", "raw")
+
+
+def standardize_scores(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """z_j = (s_j - mean(s)) / std(s) over each row's valid slots (std floored at 1e-6 of the scores' scale).
+
+    Multiplying every key by c multiplies inner products by c^2 and leaves z unchanged.
+    """
+    s = np.where(valid, scores.astype(np.float64), 0.0)
+    n = np.maximum(valid.sum(1, keepdims=True), 1)
+    mean = s.sum(1, keepdims=True) / n
+    var = np.where(valid, (s - mean) ** 2, 0.0).sum(1, keepdims=True) / n
+    floor = 1e-6 * np.maximum(np.abs(s).max(1, keepdims=True), 1e-30)
+    return np.where(valid, (s - mean) / np.maximum(np.sqrt(var), floor), 0.0)
+
+
+def knn_weights(scores: np.ndarray, temperature: float, valid: Optional[np.ndarray] = None,
+                scale: str = "raw") -> np.ndarray:
+    """w_j = softmax_j(z_j / T) per row of ``scores`` (B, k); slots where ``valid`` is False (default: -inf
+    or NaN scores) get 0.
+
+    ``scale="zscore"`` standardises each row's scores first (scale-free), ``"raw"`` uses them as they are.
+    Computed in float64 after subtracting each row's maximum, so no finite score overflows; a row with
+    +inf scores (an overflowed inner product) shares its weight among those slots instead of giving NaN.
+    """
+    if scale not in SCORE_SCALES:
+        raise ValueError(f"scale must be one of {SCORE_SCALES}, got {scale!r}")
     scores = np.asarray(scores)
     if valid is None:
-        valid = np.isfinite(scores)
+        valid = scores > -np.inf  # missing slots are -inf (NaN is never valid)
+    if scale == "zscore":
+        finite = np.isfinite(np.where(valid, scores, 0.0)).all(1, keepdims=True)
+        scores = np.where(finite, standardize_scores(np.where(finite, scores, 0.0), valid), scores)
     logits = np.where(valid, scores.astype(np.float64) / temperature, -np.inf)
-    logits = logits - logits.max(axis=1, keepdims=True)
+    top = logits.max(axis=1, keepdims=True)
+    if np.isposinf(top).any():  # the limit of softmax as those scores grow
+        logits = np.where(np.isposinf(top), np.where(np.isposinf(logits), 0.0, -np.inf), logits)
+        top = np.where(np.isposinf(top), 0.0, top)
+    logits = logits - top
     w = np.where(valid, np.exp(logits), 0.0)
     return w / w.sum(axis=1, keepdims=True)
 
 
 def knn_label_distribution(scores: np.ndarray, labels: np.ndarray, num_classes: int,
-                           temperature: float) -> np.ndarray:
-    """p_kNN = sum_j softmax_j(s_j / T) * onehot(y_j), shape (B, C); slots with label -1 are ignored."""
+                           temperature: float, scale: str = "raw") -> np.ndarray:
+    """p_kNN = sum_j w_j * onehot(y_j), shape (B, C); slots with label -1 are ignored."""
     valid = labels >= 0
-    w = knn_weights(scores, temperature, valid)
+    w = knn_weights(scores, temperature, valid, scale)
     out = np.zeros((scores.shape[0], num_classes), dtype=np.float64)
     flat = valid.reshape(-1)
     np.add.at(out, (np.repeat(np.arange(scores.shape[0]), scores.shape[1])[flat], labels.reshape(-1)[flat]),
@@ -70,11 +104,31 @@ def select_mixture(p_model: np.ndarray, labels: np.ndarray, p_knn_for: Callable[
 
 @dataclass
 class MixtureGrid:
-    """The (lambda, k, T) candidates that :func:`select_mixture` searches on dev."""
+    """The (lambda, k, T) candidates that :func:`select_mixture` searches on dev.
 
-    lambdas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-    ks: Sequence[int] = (4, 8, 16, 32)
-    temperatures: Sequence[float] = (1.0, 3.0, 10.0, 30.0, 100.0)
+    The default tunes lambda only: with scale-free ("zscore") scores, k = 16 and T = 1 (one standard
+    deviation of the neighbours' scores) mean the same thing on every backbone, and a 32-example dev set
+    cannot tell 220 combinations apart. :meth:`wide` is the old 11 x 4 x 5 grid; :meth:`fixed` tunes nothing.
+    """
+
+    lambdas: Sequence[float] = (0.0, 0.25, 0.5, 0.75)
+    ks: Sequence[int] = (16,)
+    temperatures: Sequence[float] = (1.0,)
+
+    @classmethod
+    def wide(cls) -> "MixtureGrid":
+        return cls(lambdas=tuple(i / 10 for i in range(11)), ks=(4, 8, 16, 32), temperatures=(0.25, 0.5, 1.0, 2.0, 4.0))
+
+    @classmethod
+    def fixed(cls, lam: float = 0.5, k: int = 16, temperature: float = 1.0) -> "MixtureGrid":
+        return cls(lambdas=(lam,), ks=(k,), temperatures=(temperature,))
+
+    @classmethod
+    def named(cls, name: str) -> "MixtureGrid":
+        """``"small"`` (the default), ``"wide"`` or ``"fixed"``."""
+        if name not in ("small", "wide", "fixed"):
+            raise ValueError(f"mixture grid must be 'small', 'wide' or 'fixed', got {name!r}")
+        return cls() if name == "small" else getattr(cls, name)()
 
     def __post_init__(self):
         if not (self.lambdas and self.ks and self.temperatures):

@@ -12,9 +12,19 @@ stores); indexes that need training are trained on the keys when built.
 
 ``k`` larger than what a query can be given is *clipped*: results have width
 ``min(k, len(store) - excluded)``; ``k < 1`` raises.
+
+On disk (:meth:`KnowledgeStore.save`) a store is a folder of ``index.faiss``
+(FAISS's own format), ``keys.npy`` / ``labels.npy`` (loaded with
+``allow_pickle=False``) and ``store.json`` (metadata, guids, texts and a sha256
+checksum of every file and of the metadata itself). :meth:`KnowledgeStore.load`
+verifies the checksums before it parses anything, validates every field, and
+checks on a sample of entries that the index holds exactly the codes of
+``keys.npy`` - so a corrupt, truncated, edited or swapped file is a
+:class:`StoreError` naming the file, never a silently different store.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -28,8 +38,18 @@ from .knn import knn_label_distribution
 
 ArrayLike = Union[np.ndarray, Sequence, "torch.Tensor"]  # noqa: F821 (torch tensors are accepted, not required)
 
-FORMAT_VERSION = 1
+#: 2 adds checksums; format-1 stores (no checksums) still load, with a warning.
+FORMAT_VERSION = 2
+_READABLE_FORMATS = (1, 2)
+#: largest key / query norm for metric "ip": inner products stay below 1e36, far from float32's 3.4e38
+MAX_KEY_NORM = 1e18
 _INDEX_FILE, _KEYS_FILE, _LABELS_FILE, _META_FILE = "index.faiss", "keys.npy", "labels.npy", "store.json"
+_DATA_FILES = (_INDEX_FILE, _KEYS_FILE, _LABELS_FILE)
+#: store.json fields every format has, and their JSON types
+_REQUIRED_FIELDS = {"format_version": int, "dim": int, "num_classes": int, "metric": str, "index_factory": str,
+                    "size": int, "guids": list, "texts": list}
+#: entries whose index codes are compared with keys.npy on load (plus the first and the last)
+AGREEMENT_SAMPLE = 64
 
 
 class StoreError(ValueError):
@@ -47,7 +67,7 @@ class SearchResult:
 
 def _as_float32(x: ArrayLike, what: str) -> np.ndarray:
     if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu().float().numpy()  # float(): numpy has no bfloat16 (autocast outputs)
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x[None, :]
@@ -159,8 +179,14 @@ class KnowledgeStore:
         x = _as_float32(x, what)
         if x.shape[1] != self._dim:
             raise StoreError(f"{what} have dimension {x.shape[1]}, but the store's keys have dimension {self._dim}")
+        norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)  # float64: no overflow
         if self.metric == "cosine":
-            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            return np.ascontiguousarray((x / np.maximum(norms, 1e-12)).astype(np.float32))
+        if x.shape[0] and norms.max() > MAX_KEY_NORM:  # their inner products would overflow float32 to inf/NaN
+            rows = np.nonzero(norms[:, 0] > MAX_KEY_NORM)[0]
+            raise StoreError(f"{what} have norm up to {norms.max():.3g} (rows {rows[:5].tolist()}), above "
+                             f"{MAX_KEY_NORM:.0e}: their inner products overflow float32; scale them down or "
+                             "use metric='cosine'")
         return x
 
     # ------------------------------------------------------------------ writing
@@ -196,6 +222,8 @@ class KnowledgeStore:
         self.index.add(keys)
         if self._gpu_index is not None:
             self._gpu_index.add(keys)
+        else:  # flat indexes are never trained, so the first add mirrors them (with these keys) on the GPUs
+            self._to_gpu()
         self.keys = np.concatenate([self.keys, keys]) if start else keys.copy()
         self.labels = np.concatenate([self.labels, labels])
         self.guids.extend(guids)
@@ -327,12 +355,23 @@ class KnowledgeStore:
         return self._result(scores, ids)
 
     def knn_distribution(self, queries: ArrayLike, k: int, temperature: float = 1.0,
-                         exclude_ids=None) -> np.ndarray:
-        """p_kNN(y|x) = sum_{j in kNN(x)} softmax_j(s_j / T) * 1[y_j = y], shape (B, C)."""
+                         exclude_ids=None, scale: str = "raw") -> np.ndarray:
+        """p_kNN(y|x) = sum_{j in kNN(x)} softmax_j(z_j / T) * 1[y_j = y], shape (B, C).
+
+        ``scale``: ``"raw"`` (z_j = s_j) or ``"zscore"`` (scores standardised per query: scale-free);
+        see :mod:`openprompt_retro.core.knn`.
+        """
         if not temperature > 0:
             raise StoreError(f"temperature must be positive, got {temperature}")
         res = self.search(queries, k, exclude_ids)
-        return knn_label_distribution(res.scores, res.labels, self._num_classes, temperature)
+        return knn_label_distribution(res.scores, res.labels, self._num_classes, temperature, scale)
+
+    def leave_one_out_accuracy(self, k: int, temperature: float = 1.0, scale: str = "raw") -> float:
+        """Accuracy of argmax p_kNN for every entry, its own entry left out: does the store separate classes?"""
+        if len(self) < 2:
+            raise StoreError(f"leave-one-out needs at least 2 entries, the store has {len(self)}")
+        p = self.knn_distribution(np.asarray(self.keys), k, temperature, np.arange(len(self)), scale)
+        return float((p.argmax(1) == self.labels).mean())
 
     def search_per_class(self, queries: ArrayLike, m: int, exclude_ids=None) -> SearchResult:
         """For each class c, the top-m entries of class c: arrays of shape (B, C, m)."""
@@ -352,7 +391,7 @@ class KnowledgeStore:
 
     # ------------------------------------------------------------------ disk
     def save(self, directory: str) -> None:
-        """Write the FAISS index, the keys/labels (.npy) and metadata (JSON); no pickle."""
+        """Write the FAISS index, the keys/labels (.npy) and metadata with checksums (JSON); no pickle."""
         os.makedirs(directory, exist_ok=True)
         faiss.write_index(self.index, os.path.join(directory, _INDEX_FILE))
         np.save(os.path.join(directory, _KEYS_FILE), np.ascontiguousarray(self.keys, dtype=np.float32))
@@ -363,19 +402,31 @@ class KnowledgeStore:
             "ef_search": self.ef_search, "built_by": self.built_by, "size": len(self),
             "guids": self.guids, "texts": self.texts,
         }
+        meta["checksums"] = {name: _sha256_file(os.path.join(directory, name)) for name in _DATA_FILES}
+        meta["checksums"][_META_FILE] = _meta_checksum(meta)
         with open(os.path.join(directory, _META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f)
 
     @classmethod
     def load(cls, directory: str, expected_dim: Optional[int] = None,
              expected_built_by: Optional[Dict] = None, mmap: bool = False,
-             use_gpu: Union[bool, str] = "auto") -> "KnowledgeStore":
+             use_gpu: Union[bool, str] = "auto", verify: bool = True) -> "KnowledgeStore":
         """Read a store written by :meth:`save`, checking that every part agrees.
 
         ``expected_dim`` / ``expected_built_by`` guard against a store saved by
         another model: each given field must match what was recorded.
         ``mmap=True`` memory-maps the keys and, for index types FAISS can map
         (IVF lists, flat codes), the index itself: for stores larger than RAM.
+
+        Checks, in order (each failure is a :class:`StoreError` naming the file):
+        every file present; ``store.json`` parses and has every required field;
+        the sha256 of each data file matches ``store.json`` (``verify=False``
+        skips only this, e.g. for a huge store read often); shapes agree; labels
+        lie in ``[0, num_classes)``; the index is an inner-product index; with
+        ``metric="cosine"`` the keys are unit-length; on a sample of entries the
+        index stores exactly the codes of ``keys.npy`` (so other keys of the same
+        shape are refused even with rewritten checksums); the metadata matches
+        its own checksum (a hand-edited ``num_classes`` or ``metric``).
         """
         if not os.path.isdir(directory):
             raise StoreError(f"no knowledge store at {directory!r}: folder does not exist")
@@ -383,27 +434,37 @@ class KnowledgeStore:
         missing = [n for n, p in paths.items() if not os.path.isfile(p)]
         if missing:
             raise StoreError(f"knowledge store at {directory!r} is incomplete: missing {missing}")
-        try:
-            with open(paths[_META_FILE], encoding="utf-8") as f:
-                meta = json.load(f)
-            dim, num_classes = int(meta["dim"]), int(meta["num_classes"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise StoreError(f"knowledge store at {directory!r} has a corrupt {_META_FILE}: {e}") from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"store format {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        meta = _read_meta(directory, paths[_META_FILE])
+        dim, num_classes, n, metric = meta["dim"], meta["num_classes"], meta["size"], meta["metric"]
         if expected_dim is not None and dim != int(expected_dim):
             raise StoreError(f"store at {directory!r} holds keys of dimension {dim}, expected {expected_dim}")
         for key, want in (expected_built_by or {}).items():
             got = meta.get("built_by", {}).get(key)
             if got != want:
                 raise StoreError(f"store at {directory!r} was built with {key}={got!r}, expected {want!r}")
+        if verify and meta["format_version"] >= 2:
+            for name in _DATA_FILES:  # before any parser sees the bytes
+                got, want = _sha256_file(paths[name]), meta["checksums"][name]
+                if got != want:
+                    raise StoreError(f"knowledge store at {directory!r} has a corrupt {name}: checksum mismatch "
+                                     f"(sha256 {got[:12]}..., {_META_FILE} records {want[:12]}...): the file was "
+                                     "damaged or changed after saving")
+        elif meta["format_version"] < 2:
+            warnings.warn(f"knowledge store at {directory!r} was saved in format {meta['format_version']}, without "
+                          "checksums: file corruption cannot be detected; save it again to add them", stacklevel=2)
         try:
             keys = np.load(paths[_KEYS_FILE], allow_pickle=False, mmap_mode="r" if mmap else None)
-            labels = np.load(paths[_LABELS_FILE], allow_pickle=False).astype(np.int64)
             if keys.dtype != np.float32:
-                raise ValueError(f"keys have dtype {keys.dtype}")
+                raise ValueError(f"keys have dtype {keys.dtype}, expected float32")
         except Exception as e:
-            raise StoreError(f"knowledge store at {directory!r} has a corrupt {_KEYS_FILE}/{_LABELS_FILE}: {e}") from None
+            raise StoreError(f"knowledge store at {directory!r} has a corrupt {_KEYS_FILE}: {e}") from None
+        try:
+            labels = np.load(paths[_LABELS_FILE], allow_pickle=False)
+            if not np.issubdtype(labels.dtype, np.integer):
+                raise ValueError(f"labels have dtype {labels.dtype}, expected integers")
+            labels = labels.astype(np.int64)
+        except Exception as e:
+            raise StoreError(f"knowledge store at {directory!r} has a corrupt {_LABELS_FILE}: {e}") from None
         try:
             index = None
             if mmap:
@@ -415,19 +476,164 @@ class KnowledgeStore:
                 index = faiss.read_index(paths[_INDEX_FILE])
         except Exception as e:
             raise StoreError(f"knowledge store at {directory!r} has a corrupt {_INDEX_FILE}: {e}") from None
-        n = int(meta.get("size", -1))
         if (keys.shape != (n, dim) or labels.shape != (n,) or index.ntotal != n or index.d != dim
-                or len(meta.get("guids", [])) != n or len(meta.get("texts", [])) != n):
+                or len(meta["guids"]) != n or len(meta["texts"]) != n):
             raise StoreError(f"knowledge store at {directory!r} is inconsistent: size {n}, dim {dim}, "
-                             f"keys {keys.shape}, labels {labels.shape}, index {index.ntotal}x{index.d}")
+                             f"keys {keys.shape}, labels {labels.shape}, index {index.ntotal}x{index.d}, "
+                             f"{len(meta['guids'])} guids, {len(meta['texts'])} texts")
         if n and (labels.min() < 0 or labels.max() >= num_classes):
-            raise StoreError(f"knowledge store at {directory!r} has labels outside [0, {num_classes})")
-        store = cls(dim, num_classes, meta["metric"], meta["index_factory"], meta.get("nprobe"),
-                    meta.get("ef_search"), meta.get("built_by"), use_gpu=use_gpu)
+            bad = np.unique(labels[(labels < 0) | (labels >= num_classes)])[:5].tolist()
+            raise StoreError(f"knowledge store at {directory!r} has labels {bad} outside [0, {num_classes}) "
+                             f"(num_classes={num_classes} in {_META_FILE}, labels in {_LABELS_FILE})")
+        _check_index_against_keys(directory, index, keys, metric)
+        guids, texts = meta["guids"], meta["texts"]
+        for what, values in (("guids", guids), ("texts", texts)):
+            if not all(v is None or isinstance(v, str) for v in values):
+                raise StoreError(f"knowledge store at {directory!r}: {what} in {_META_FILE} must be strings or null")
+        named = [g for g in guids if g is not None]
+        if len(set(named)) != len(named):
+            dup = sorted({g for g in named if named.count(g) > 1})[:5]
+            raise StoreError(f"knowledge store at {directory!r}: duplicate guids in {_META_FILE}: {dup}")
+        if meta["format_version"] >= 2 and _meta_checksum(meta) != meta["checksums"][_META_FILE]:
+            raise StoreError(f"knowledge store at {directory!r}: {_META_FILE} was edited after saving (its fields, "
+                             "e.g. num_classes or metric, no longer match the checksum recorded in it)")
+        try:
+            store = cls(dim, num_classes, metric, meta["index_factory"], meta.get("nprobe"),
+                        meta.get("ef_search"), meta.get("built_by"), use_gpu=use_gpu)
+        except StoreError as e:
+            raise StoreError(f"knowledge store at {directory!r} has an invalid {_META_FILE}: {e}") from None
         store.index, store.keys, store.labels = index, keys, labels
         store._apply_search_knobs()
         store._to_gpu()
-        store.guids, store.texts = list(meta["guids"]), list(meta["texts"])
+        store.guids, store.texts = list(guids), list(texts)
         store._guid_to_id = {g: i for i, g in enumerate(store.guids) if g is not None}
         return store
 
+
+# ---------------------------------------------------------------------- disk helpers
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _meta_checksum(meta: Dict) -> str:
+    """sha256 of store.json's fields (all but the store.json checksum itself), in a canonical form."""
+    fields = dict(meta)
+    checksums = {k: v for k, v in (fields.pop("checksums", None) or {}).items() if k != _META_FILE}
+    if checksums:
+        fields["checksums"] = checksums
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _read_meta(directory: str, path: str) -> Dict:
+    """store.json, with every required field present and of the right type."""
+    where = f"knowledge store at {directory!r}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StoreError(f"{where} has a corrupt {_META_FILE}: {e}") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"{where} has a corrupt {_META_FILE}: expected a JSON object, got {type(meta).__name__}")
+    for field, kind in _REQUIRED_FIELDS.items():
+        if field not in meta:
+            raise StoreError(f"{where} has a corrupt {_META_FILE}: required field {field!r} is missing")
+        value = meta[field]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise StoreError(f"{where} has a corrupt {_META_FILE}: field {field!r} must be a "
+                             f"{'string' if kind is str else kind.__name__}, got {value!r}")
+    if meta["format_version"] not in _READABLE_FORMATS:
+        raise StoreError(f"{where}: store format {meta['format_version']} is not supported "
+                         f"(this version reads formats {list(_READABLE_FORMATS)})")
+    if meta["metric"] not in ("ip", "cosine"):
+        raise StoreError(f"{where} has a corrupt {_META_FILE}: metric must be 'ip' or 'cosine', got {meta['metric']!r}")
+    for field, low in (("dim", 1), ("num_classes", 1), ("size", 0)):
+        if meta[field] < low:
+            raise StoreError(f"{where} has a corrupt {_META_FILE}: {field} must be >= {low}, got {meta[field]}")
+    if not isinstance(meta.get("built_by", {}), dict):
+        raise StoreError(f"{where} has a corrupt {_META_FILE}: field 'built_by' must be an object")
+    if meta["format_version"] >= 2:
+        sums = meta.get("checksums")
+        names = list(_DATA_FILES) + [_META_FILE]
+        if not isinstance(sums, dict) or not all(isinstance(sums.get(k), str) for k in names):
+            raise StoreError(f"{where} has a corrupt {_META_FILE}: field 'checksums' must hold a sha256 "
+                             f"for each of {names}")
+    return meta
+
+
+def _stored_and_fresh_codes(index, keys: np.ndarray, ids: np.ndarray):
+    """(codes the index stores for entries ``ids``, codes it gives ``keys[ids]`` now), or None if it cannot tell.
+
+    Covers flat-code indexes (Flat, PQ, SQ), HNSW over them and IVF (Flat, PQ, SQ): the
+    stored IVF code is prefixed with its list number, as ``sa_encode`` gives it.
+    """
+    index = faiss.downcast_index(index)
+    x = np.ascontiguousarray(keys[ids], dtype=np.float32)
+    if isinstance(index, faiss.IndexHNSW):
+        return _stored_and_fresh_codes(index.storage, keys, ids)
+    fast_scan = tuple(getattr(faiss, n) for n in ("IndexPQFastScan", "IndexIVFPQFastScan") if hasattr(faiss, n))
+    if isinstance(index, fast_scan):  # packed codes: no per-entry layout to compare
+        return None
+    if isinstance(index, faiss.IndexFlatCodes):
+        n, size = index.ntotal, index.code_size
+        codes = faiss.rev_swig_ptr(index.codes.data(), n * size).reshape(n, size)
+        return codes[ids], index.sa_encode(x)
+    if isinstance(index, faiss.IndexIVF):
+        ccs, size, inv = index.coarse_code_size(), index.code_size, index.invlists
+        stored = np.zeros((len(ids), ccs + size), dtype=np.uint8)
+        row_of = {int(i): r for r, i in enumerate(ids)}  # an id in no list keeps all-zero codes: a mismatch
+        found = 0
+        for lst in range(index.nlist):
+            if found == len(ids):
+                break
+            m = inv.list_size(lst)
+            if not m:
+                continue
+            list_ids = faiss.rev_swig_ptr(inv.get_ids(lst), m)
+            hits = np.nonzero(np.isin(list_ids, ids))[0]
+            if len(hits):
+                codes = faiss.rev_swig_ptr(inv.get_codes(lst), m * size).reshape(m, size)
+                prefix = np.frombuffer(int(lst).to_bytes(ccs, "little"), dtype=np.uint8)
+                for h in hits:
+                    r = row_of[int(list_ids[h])]
+                    stored[r, :ccs], stored[r, ccs:] = prefix, codes[h]
+                    found += 1
+        return stored, index.sa_encode(x)
+    return None
+
+
+def _check_index_against_keys(directory: str, index, keys: np.ndarray, metric: str) -> None:
+    """The index must be an inner-product index holding exactly the codes of ``keys`` (checked on a sample)."""
+    where = f"knowledge store at {directory!r}"
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise StoreError(f"{where}: {_INDEX_FILE} is not an inner-product index (FAISS metric {index.metric_type}); "
+                         "stores search by inner product ('ip', or 'cosine' on unit-length keys)")
+    n = keys.shape[0]
+    if n == 0:
+        return
+    ids = np.unique(np.concatenate([[0, n - 1], np.random.default_rng(0).choice(n, min(n, AGREEMENT_SAMPLE),
+                                                                                 replace=False)])).astype(np.int64)
+    if metric == "cosine":
+        norms = np.linalg.norm(np.asarray(keys[ids], dtype=np.float64), axis=1)
+        if not np.allclose(norms, 1.0, atol=1e-3):
+            raise StoreError(f"{where}: metric is 'cosine' in {_META_FILE} but the keys in {_KEYS_FILE} are not "
+                             f"unit-length (norms {np.round(norms[:3], 4).tolist()}...): the metric or the keys "
+                             "were changed")
+    try:
+        codes = _stored_and_fresh_codes(index, keys, ids)
+    except RuntimeError as e:
+        raise StoreError(f"{where}: {_INDEX_FILE} cannot encode the keys of {_KEYS_FILE}: {e}") from None
+    if codes is None:
+        warnings.warn(f"{where}: index type {type(index).__name__} cannot be compared with {_KEYS_FILE}; "
+                      "only the checksums vouch that they belong together", stacklevel=3)
+        return
+    stored, fresh = codes
+    differ = ids[~np.all(stored == fresh, axis=1)]
+    if len(differ):
+        raise StoreError(f"{where}: {_INDEX_FILE} and {_KEYS_FILE} disagree: the index does not hold the keys of "
+                         f"entries {differ[:5].tolist()} ({len(differ)} of {len(ids)} checked); one of the files was "
+                         "replaced or changed")

@@ -13,4 +13,11 @@ def load_backbone(model: str, model_type: str):
 
         kind = model.split("-", 1)[1]
         return load_plm(kind, ensure_tiny_mlm(model))
-    return load_plm(model_type, model)
+    try:
+        return load_plm(model_type, model)
+    except OSError as e:  # not a local folder, and the hub has no such model (or cannot be reached)
+        from ..errors import UserError
+
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model {model}: not a local model folder, and loading it from the Hugging Face hub "
+                        f"failed: {first} (give a local folder or hub name, or set OPENPROMPT_RETRO_MODEL)") from None

@@ -13,12 +13,13 @@ def run_big_pool(ns) -> None:
     from openprompt.data_utils import InputExample
 
     from ..core.zero_shot import remove_overlap
-    from .runs import method_trainer
-    from .tasks import get_task, load_few_shot, load_pool, read_split
+    from .runs import check_single, load_split, method_trainer
+    from .tasks import get_task, load_pool, read_split
 
+    check_single(ns)
     os.makedirs(ns.out, exist_ok=True)
     spec = get_task(ns.task)
-    data = load_few_shot(ns.data_root, spec.name, 16, ns.seed)
+    data = load_split(spec.name, ns.seed, ns)
     torch.manual_seed(ns.seed)
     trainer, _ = method_trainer("retro", spec.name, ns, data["train"])
     trainer.args.tune_inference = True

@@ -89,11 +89,15 @@ def run_figures(ns) -> None:
     import torch
 
     from ..core.knn import mix
-    from .runs import method_trainer
-    from .tasks import load_few_shot
+    from .runs import check_single, load_split, method_trainer
 
+    check_single(ns)
     os.makedirs(ns.out, exist_ok=True)
-    data = load_few_shot(ns.data_root, ns.task, 16, ns.seed)
+    data = load_split(ns.task, ns.seed, ns)
+    if not 0 <= ns.example < len(data["test"]):
+        from ..errors import UserError
+
+        raise UserError(f"--example {ns.example}: the test split has examples 0..{len(data['test']) - 1}")
     torch.manual_seed(ns.seed)
     trainer, spec = method_trainer("retro", ns.task, ns, data["train"])
     trainer.args.tune_inference = True

@@ -10,9 +10,10 @@ def run_memorization(ns) -> None:
     """Leave-one-out memorization of plain prompt tuning vs RetroPrompt at small K."""
     from ..core.memorization import leave_one_out_memorization, subsample_k, summarize_memorization
     from .figures import plot_memorization
-    from .runs import method_trainer
+    from .runs import check_single, method_trainer
     from .tasks import load_few_shot
 
+    check_single(ns, fixed_k=16)  # K = --shots drawn from the 16-shot split
     os.makedirs(ns.out, exist_ok=True)
     train = subsample_k(load_few_shot(ns.data_root, ns.task, 16, ns.seed)["train"], ns.shots, ns.seed)
     scores, summary = {}, {}

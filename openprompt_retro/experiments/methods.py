@@ -12,15 +12,19 @@ METHOD_HELP: Dict[str, str] = {
     "retro-no-knn-train": "RetroPrompt with plain cross-entropy",
     "retro-no-knn-infer": "RetroPrompt without kNN inference (lambda = 0)",
 }
+BASELINE_METHODS: Dict[str, str] = {
+    "fine-tune": "baseline: a linear head on [CLS], the whole encoder trained, the same protocol",
+    "linear-probe": "baseline: logistic regression on frozen mean-pooled embeddings, C chosen on dev",
+}
 ZERO_SHOT_METHODS: Dict[str, str] = {
     "zero-shot": "the untrained prompt model (template + label words), no labels",
     "zero-shot-retro": "zero-shot + a store of the most confident pseudo-labeled pool examples, kNN inference",
 }
 TRAINED_METHODS = list(METHOD_HELP)
-ALL_METHODS = TRAINED_METHODS + list(ZERO_SHOT_METHODS)
+ALL_METHODS = TRAINED_METHODS + list(BASELINE_METHODS) + list(ZERO_SHOT_METHODS)
 BENCH_TASKS = ["SST-2", "sst-5", "mr", "cr", "mpqa", "subj", "trec"]
 SEEDS = [13, 21, 42, 87, 100]
 
 
 def methods_help() -> str:
-    return "; ".join(f"{k}: {v}" for k, v in {**METHOD_HELP, **ZERO_SHOT_METHODS}.items())
+    return "; ".join(f"{k}: {v}" for k, v in {**METHOD_HELP, **BASELINE_METHODS, **ZERO_SHOT_METHODS}.items())

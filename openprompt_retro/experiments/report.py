@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..errors import UserError
 from .methods import ALL_METHODS, BENCH_TASKS, TRAINED_METHODS
 from .results import dedupe, read_rows
 
@@ -18,7 +19,7 @@ def read_results(path: str) -> List[Dict]:
         raise FileNotFoundError(f"no results file at {path!r}")
     rows = dedupe(read_rows(path), where=path)
     if not rows:
-        raise ValueError(f"{path!r} holds no results")
+        raise UserError(f"{path!r} holds no results")
     return rows
 
 
@@ -120,11 +121,11 @@ def write_report(results_path: str, out_dir: str, seeds: Optional[Sequence[int]]
     all_rows = read_results(results_path)
     rows = [r for r in all_rows if seeds is None or r["seed"] in set(seeds)]
     if not rows:
-        raise ValueError(f"{results_path!r} holds no results for seeds {list(seeds)}")
+        raise UserError(f"{results_path!r} holds no results for seeds {list(seeds)}")
     if dev_select:
         missing = [m for m in dev_select if m not in {r["method"] for r in rows}]
         if missing:
-            raise ValueError(f"--dev-select: no runs of {missing} in {results_path!r}")
+            raise UserError(f"--dev-select: no runs of {missing} in {results_path!r}")
         rows = rows + dev_selected(rows, dev_select)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "table.md"), "w") as f:

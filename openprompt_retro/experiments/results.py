@@ -69,7 +69,8 @@ class ResultsFile:
         return {run_key(r) for r in read_rows(self.path)}
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[None]:
+        """An exclusive lock on this folder's results (a file lock: across processes)."""
         with open(self.path + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -79,18 +80,22 @@ class ResultsFile:
 
     def write(self, row: Dict, overwrite: bool = False) -> None:
         """Add ``row`` (replacing the run's old row when ``overwrite``), atomically."""
-        with self._locked():
+        with self.locked():
             rows = read_rows(self.path)
             key = run_key(row)
             if not overwrite and any(run_key(r) == key for r in rows):
                 raise FileExistsError(f"{self.path} already holds run {key}; pass overwrite=True to replace it")
             rows = [r for r in rows if run_key(r) != key] + [row]
             tmp = f"{self.path}.tmp.{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                _remove(tmp)
+                raise
 
     # ------------------------------------------------------------------ claims
     def _claim_path(self, key: RunKey) -> str:

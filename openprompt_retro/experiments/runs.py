@@ -1,6 +1,7 @@
 """Train and evaluate one method on one split; the grid of runs behind ``run`` and ``benchmark``."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -8,7 +9,7 @@ import time
 from typing import Dict, List, Optional
 
 from ..errors import UserError
-from .methods import ALL_METHODS, TRAINED_METHODS, ZERO_SHOT_METHODS
+from .methods import ALL_METHODS, BASELINE_METHODS, TRAINED_METHODS, ZERO_SHOT_METHODS
 from .results import ResultsFile
 
 
@@ -59,18 +60,67 @@ def check_out(folder: str) -> None:
         raise UserError(f"--out {folder}: cannot write there ({e.strerror or e})") from None
 
 
-def check_grid(ns) -> None:
-    """Every user mistake of a ``run``/``benchmark`` command, found before any training starts."""
+#: TrainingArgs fields that are CLI options of the same name
+_TRAINING_OPTIONS = ("epochs", "lr", "batch_size", "max_seq_length", "patience", "device", "amp")
+
+
+def check_training(ns) -> None:
+    """The training options as :class:`TrainingArgs` validates them, reported under their option names;
+    ``--device`` is resolved here (unset: cuda when available, else cpu), so results record the real one."""
+    from ..prompt.training_args import TrainingArgs
+
+    fields = {name: getattr(ns, name) for name in _TRAINING_OPTIONS if getattr(ns, name, None) is not None}
+    try:
+        args = TrainingArgs(**fields)
+    except ValueError as e:
+        option = re.sub(r"TrainingArgs\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
+        raise UserError(option) from None
+    if hasattr(ns, "device"):
+        ns.device = args.device
+
+
+def _task_spec(task: str):
     from .tasks import get_task
 
-    unknown = [m for m in ns.methods if m not in ALL_METHODS]
+    try:
+        return get_task(task)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _check_methods(methods) -> None:
+    unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise UserError(f"unknown method(s) {unknown}; choose from {ALL_METHODS}")
+
+
+def check_single(ns, fixed_k: Optional[int] = None) -> None:
+    """The mistakes of a one-split command (speed, analyze, figures, big-pool), found before any model loads.
+
+    ``fixed_k``: the command reads that K-shot split and draws ``--shots`` from it (``analyze``).
+    """
+    spec = _task_spec(ns.task)
+    if hasattr(ns, "methods"):
+        _check_methods(ns.methods)
+    if not os.path.isdir(ns.data_root):
+        raise UserError(f"--data-root {ns.data_root}: no such folder (set --data-root or OPENPROMPT_RETRO_DATA)")
+    splits = available_splits(ns.data_root, spec.name)
+    if fixed_k is not None:
+        splits = {fixed_k: splits.get(fixed_k, [])} if splits.get(fixed_k) else {}
+    k = split_k_for(ns.shots, splits, spec.name)
+    if ns.seed not in splits[k]:
+        raise UserError(f"task {spec.name}: no {k}-shot split for seed {ns.seed}; seeds available: {splits[k]}")
+    check_model(ns.model)
+    check_training(ns)
+    if getattr(ns, "out", None):
+        check_out(ns.out)
+
+
+def check_grid(ns) -> None:
+    """Every user mistake of a ``run``/``benchmark`` command, found before any training starts."""
+    _check_methods(ns.methods)
     for task in ns.tasks:
-        try:
-            spec = get_task(task)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        spec = _task_spec(task)
         if getattr(ns, "hf_dataset", None):
             continue
         if not os.path.isdir(ns.data_root):
@@ -83,6 +133,7 @@ def check_grid(ns) -> None:
         if missing:
             raise UserError(f"task {spec.name}: no {k}-shot split for seed(s) {missing}; seeds available: {splits[k]}")
     check_model(ns.model)
+    check_training(ns)
     check_out(ns.out)
 
 
@@ -90,6 +141,7 @@ def check_grid(ns) -> None:
 def method_trainer(method: str, task: str, ns, train_examples, seed: Optional[int] = None):
     """(trainer, spec) for a fresh backbone wired for ``method`` (no training yet)."""
     from ..core.config import RetroConfig
+    from ..core.knn import MixtureGrid
     from ..prompt.factory import build_trainer, method_preset
     from ..prompt.training_args import TrainingArgs
     from .backbones import load_backbone
@@ -98,12 +150,19 @@ def method_trainer(method: str, task: str, ns, train_examples, seed: Optional[in
     spec, preset = get_task(task), method_preset(method)
     plm, tok, _, wrapper = load_backbone(ns.model, ns.model_type)
     k = len(train_examples) // spec.num_classes
-    config = RetroConfig(demo_topk=ns.demo_topk or (8 if k >= 16 else 2), loss_beta=ns.loss_beta, knn_lambda=0.0)
+    try:
+        config = RetroConfig(**{"demo_topk": ns.demo_topk or (8 if k >= 16 else 2), "loss_beta": ns.loss_beta,
+                                "knn_lambda": 0.0, **getattr(ns, "config", {})})
+    except TypeError as e:
+        raise UserError(f"--config: {e}") from None
     seq = ns.max_seq_length * (2 if preset["demonstrations"] == "text" else 1)  # room for the demonstrations
     args = TrainingArgs(epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size, max_seq_length=seq,
-                        seed=ns.seed if seed is None else seed, patience=ns.patience, progress=False)
+                        seed=ns.seed if seed is None else seed, patience=ns.patience, progress=False,
+                        max_steps=getattr(ns, "max_steps", None), eval_every=getattr(ns, "eval_every", None),
+                        device=getattr(ns, "device", None) or "auto", amp=getattr(ns, "amp", None))
     trainer = build_trainer(plm, tok, wrapper, spec.template, spec.label_words, config=config, args=args,
-                            text_pool=train_examples if preset["demonstrations"] == "text" else None, method=method)
+                            text_pool=train_examples if preset["demonstrations"] == "text" else None, method=method,
+                            grid=MixtureGrid.named(getattr(ns, "mixture_grid", "small")))
     return trainer, spec
 
 
@@ -132,6 +191,8 @@ def run_one(task: str, method: str, seed: int, ns) -> Dict:
 
     if method in ZERO_SHOT_METHODS:
         return run_zero_shot(task, method, seed, ns)
+    if method in BASELINE_METHODS:
+        return run_baseline(task, method, seed, ns)
     data = load_split(task, seed, ns)
     torch.manual_seed(seed)
     trainer, spec = method_trainer(method, task, ns, data["train"], seed)
@@ -140,11 +201,18 @@ def run_one(task: str, method: str, seed: int, ns) -> Dict:
     history = trainer.fit(data["train"], data["dev"])
     train_s = time.time() - t0
     t0 = time.time()
-    test = trainer.evaluate(data["test"])
+    test = trainer.evaluate(data["test"], split="test")
     test_s = time.time() - t0
     best_dev = max((h["dev_accuracy"] for h in history), default=None)
     tuned = getattr(trainer, "tuned", None)
     config = trainer.model.config
+    diagnostics = {"evaluations": [{k: h.get(k) for k in ("step", "dev_accuracy", "loss", "loss_weight_mean",
+                                                           "loss_weight_max", "store_loo_accuracy", "knn_loss_active")}
+                                   for h in history]}
+    if tuned:
+        diagnostics["dev_accuracy_plm_only"] = tuned["dev_accuracy_plm_only"]
+    if trainer.model.uses_neural_demos:
+        diagnostics["demonstration_reliance"] = trainer.demonstration_reliance(data["test"])
     return {
         "task": spec.name, "method": method, "k": ns.shots, "seed": seed, "model": ns.model,
         "test_accuracy": test["accuracy"], "n_test": test["n"],
@@ -153,8 +221,42 @@ def run_one(task: str, method: str, seed: int, ns) -> Dict:
         "knn_lambda": config.knn_lambda, "knn_k": config.knn_k, "knn_temperature": config.knn_temperature,
         "settings": {"lr": ns.lr, "epochs": ns.epochs, "batch_size": ns.batch_size,
                      "max_seq_length": trainer.args.max_seq_length, "demo_topk": config.demo_topk,
-                     "loss_beta": ns.loss_beta, "patience": ns.patience},
+                     "loss_beta": ns.loss_beta, "patience": ns.patience, "max_steps": trainer.args.max_steps,
+                     "eval_every": trainer.args.eval_every, "mixture_grid": getattr(ns, "mixture_grid", "small"),
+                     "device": trainer.args.device, "amp": trainer.args.amp, "config": config.to_dict()},
+        "diagnostics": diagnostics,
     }
+
+
+def run_baseline(task: str, method: str, seed: int, ns) -> Dict:
+    """fine-tune or linear-probe on the same split and backbone as the prompt methods."""
+    import torch
+
+    from ..prompt.training_args import TrainingArgs
+    from .backbones import load_backbone
+    from .baselines import fine_tune, linear_probe
+    from .tasks import get_task
+
+    spec = get_task(task)
+    data = load_split(task, seed, ns)
+    torch.manual_seed(seed)
+    plm, tok, _, _ = load_backbone(ns.model, ns.model_type)
+    t0 = time.time()
+    if method == "linear-probe":
+        out = linear_probe(plm, tok, data["train"], data["dev"], data["test"], ns.max_seq_length, seed=seed)
+        train_s, test_s, settings = round(time.time() - t0, 2), 0.0, {"C": out["C"]}
+    else:
+        args = TrainingArgs(epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size, max_seq_length=ns.max_seq_length,
+                            seed=seed, patience=ns.patience, progress=False, max_steps=getattr(ns, "max_steps", None),
+                            eval_every=getattr(ns, "eval_every", None))
+        out = fine_tune(plm, tok, data["train"], data["dev"], data["test"], spec.num_classes, args)
+        train_s, test_s = out["train_seconds"], out["test_seconds"]
+        settings = {"lr": ns.lr, "epochs": ns.epochs, "batch_size": ns.batch_size, "patience": ns.patience,
+                    "max_seq_length": ns.max_seq_length, "max_steps": args.max_steps, "eval_every": args.eval_every}
+    return {"task": spec.name, "method": method, "k": ns.shots, "seed": seed, "model": ns.model,
+            "test_accuracy": out["test_accuracy"], "n_test": out["n_test"], "dev_accuracy": out["dev_accuracy"],
+            "epochs_run": None, "train_seconds": train_s, "test_seconds": test_s,
+            "knn_lambda": 0.0, "knn_k": None, "knn_temperature": None, "settings": settings}
 
 
 def run_zero_shot(task: str, method: str, seed: int, ns) -> Dict:
@@ -175,7 +277,9 @@ def run_zero_shot(task: str, method: str, seed: int, ns) -> Dict:
     test = load_test(ns.data_root, spec.name, 16, seed)
     plm, tok, _, wrapper = load_backbone(ns.model, ns.model_type)
     trainer = build_trainer(plm, tok, wrapper, spec.template, spec.label_words, "none", RetroConfig(knn_lambda=0.0),
-                            args=TrainingArgs(max_seq_length=ns.max_seq_length, progress=not ns.no_progress))
+                            args=TrainingArgs(max_seq_length=ns.max_seq_length, progress=not ns.no_progress,
+                                              device=getattr(ns, "device", None) or "auto",
+                                              amp=getattr(ns, "amp", None)))
     model = trainer.model
     t0 = time.time()
     record = {"task": spec.name, "method": method, "k": ns.shots, "seed": seed, "model": ns.model}
@@ -193,12 +297,13 @@ def run_zero_shot(task: str, method: str, seed: int, ns) -> Dict:
                        "pseudo_label_accuracy": float((true == pseudo).mean())})  # diagnostics only
     build_s = time.time() - t0
     t0 = time.time()
-    test_result = trainer.evaluate(test)
+    test_result = trainer.evaluate(test, split="test")
     record.update({"test_accuracy": test_result["accuracy"], "n_test": test_result["n"], "dev_accuracy": None,
                    "epochs_run": 0, "train_seconds": round(build_s, 2), "test_seconds": round(time.time() - t0, 2),
                    "knn_lambda": model.config.knn_lambda, "knn_k": model.config.knn_k,
                    "knn_temperature": model.config.knn_temperature,
-                   "settings": {"fraction": ns.zs_fraction, "pool_size_cap": ns.zs_pool_size}})
+                   "settings": {"fraction": ns.zs_fraction, "pool_size_cap": ns.zs_pool_size,
+                                "device": trainer.args.device, "amp": trainer.args.amp}})
     return record
 
 
@@ -206,39 +311,46 @@ def run_zero_shot(task: str, method: str, seed: int, ns) -> Dict:
 def run_grid(ns) -> List[Dict]:
     """Every (task, method, seed) of ``ns`` not yet in OUT/results.jsonl (all of them with ``ns.overwrite``).
 
-    Each run's result is printed, then written; processes sharing OUT split the runs between them.
+    Each run's result is printed, then written; processes sharing OUT split the runs between them: a run is
+    claimed before it starts and checked again once claimed, so a run finished meanwhile is not redone.
     """
     check_grid(ns)
     results = ResultsFile(ns.out)
-    done = set() if ns.overwrite else results.done()
     records = []
     grid = [(t, m, s) for s in ns.seeds for t in ns.tasks for m in ns.methods]
     for i, (task, method, seed) in enumerate(grid, 1):
-        from .tasks import get_task
-
-        key = (get_task(task).name, method, ns.shots, seed)
-        if key in done or (not ns.overwrite and key in results.done()):  # another process may have finished it
+        key = (_task_spec(task).name, method, ns.shots, seed)
+        name = f"[{i}/{len(grid)}] {task} {method} K={ns.shots} seed={seed}"
+        if not ns.overwrite and key in results.done():
+            print(f"{name}: already in {results.path}, skipped (--overwrite re-runs it)", file=sys.stderr, flush=True)
             continue
         holder = results.claim(key)
         if holder is not None:
-            print(f"[{i}/{len(grid)}] {task} {method} K={ns.shots} seed={seed}: being run by {holder}, skipped",
-                  file=sys.stderr, flush=True)
+            print(f"{name}: being run by {holder}, skipped", file=sys.stderr, flush=True)
             continue
         try:
-            print(f"[{i}/{len(grid)}] {task} {method} K={ns.shots} seed={seed}", file=sys.stderr, flush=True)
+            if not ns.overwrite and key in results.done():  # finished by another process before our claim
+                continue
+            print(name, file=sys.stderr, flush=True)
             rec = run_one(task, method, seed, ns)
             dev = "-" if rec["dev_accuracy"] is None else f"{rec['dev_accuracy']:.4f}"
             print(f"    test accuracy {rec['test_accuracy']:.4f} (dev {dev}, lambda {rec['knn_lambda']}, "
                   f"{rec['train_seconds']:.0f}s train, {rec['test_seconds']:.0f}s test)", file=sys.stderr, flush=True)
             records.append(rec)
-            results.write(rec, overwrite=ns.overwrite)
+            try:
+                results.write(rec, overwrite=ns.overwrite)
+            except OSError as e:  # the result is not lost: print the row that could not be written
+                print(f"    result: {json.dumps(rec)}", file=sys.stderr, flush=True)
+                raise UserError(f"cannot write {results.path} ({e.strerror or e}); the result above was not "
+                                "saved") from None
         finally:
             results.release(key)
     from .report import write_report
 
-    write_report(results.path, ns.out)
-    with open(os.path.join(ns.out, "table.md")) as f:
-        print(f.read())
+    with results.locked():  # processes sharing OUT do not write the report files over each other
+        write_report(results.path, ns.out)
+        with open(os.path.join(ns.out, "table.md")) as f:
+            print(f.read())
     return records
 
 

@@ -26,17 +26,23 @@ def _median_time(fn, repeats: int) -> float:
 
 def measure_speed(ns) -> Dict:
     from ..core.config import RetroConfig
+    from ..core.sampling import stratified_subset, subset_record
     from ..prompt.factory import build_trainer
     from ..prompt.training_args import TrainingArgs
     from .backbones import load_backbone
-    from .tasks import get_task, load_few_shot
+    from .runs import check_single, load_split
+    from .tasks import get_task
 
+    check_single(ns)
     spec = get_task(ns.task)
-    data = load_few_shot(ns.data_root, spec.name, ns.shots, ns.seed)
-    test = data["test"][: ns.limit] if ns.limit else data["test"]
+    data = load_split(spec.name, ns.seed, ns)
+    labels = [e.label for e in data["test"]]
+    chosen = stratified_subset(labels, ns.limit, ns.seed)  # test files are often sorted by class
+    test = [data["test"][i] for i in chosen]
     torch.manual_seed(ns.seed)
     plm, tok, _, wrapper = load_backbone(ns.model, ns.model_type)
-    args = TrainingArgs(max_seq_length=ns.max_seq_length, progress=False, eval_batch_size=32)
+    args = TrainingArgs(max_seq_length=ns.max_seq_length, progress=False, eval_batch_size=32,
+                        device=ns.device or "auto", amp=ns.amp)
 
     def model_for(demonstrations: str):
         return build_trainer(plm, tok, wrapper, spec.template, spec.label_words, demonstrations,
@@ -52,7 +58,8 @@ def measure_speed(ns) -> Dict:
     full.model.refresh_store(full_train, progress=False)
 
     out = {"task": spec.name, "n_test": len(test), "n_train": len(data["train"]), "model": ns.model,
-           "torch_threads": torch.get_num_threads(), "repeats": ns.repeats}
+           "torch_threads": torch.get_num_threads(), "repeats": ns.repeats, "device": args.device, "amp": args.amp,
+           "test_subset": subset_record(labels, ns.limit, ns.seed, chosen) if ns.limit else None}
     out["tokenize_test_s"] = tokenize_s
     out["plain_s"] = _median_time(lambda: plain.predict_proba(plain_test), ns.repeats)
     plain.model.apply_config(knn_lambda=0.5)

@@ -9,6 +9,8 @@ key                    who     what
 ``retro_demo_embeds``  model   (B, C, D): the neural demonstrations d_c of each example
 ``retro_query_keys``   model   (B, D): each example's demonstration-free store key q(x)
 ``retro_exclude_ids``  model   (B,): the store id each example must not retrieve (-1: none)
+``retro_example_ids``  loader  per example: its identity, (loader serial << 32) | position in
+                               the loader's dataset (tensorable; see :mod:`.loaders`)
 =====================  ======  ==========================================================
 
 OpenPrompt's ``InputFeatures`` silently drops keys it does not know, so
@@ -27,8 +29,9 @@ SEGMENT_KEY = "retro_demo_mask"
 DEMO_KEY = "retro_demo_embeds"
 QUERY_KEY = "retro_query_keys"
 EXCLUDE_KEY = "retro_exclude_ids"
-ALL_KEYS = (SLOT_KEY, SEGMENT_KEY, DEMO_KEY, QUERY_KEY, EXCLUDE_KEY)
-TENSOR_KEYS = (SLOT_KEY, SEGMENT_KEY)
+EXAMPLE_KEY = "retro_example_ids"
+ALL_KEYS = (SLOT_KEY, SEGMENT_KEY, DEMO_KEY, QUERY_KEY, EXCLUDE_KEY, EXAMPLE_KEY)
+TENSOR_KEYS = (SLOT_KEY, SEGMENT_KEY, EXAMPLE_KEY)
 
 
 def register_batch_keys() -> None:
@@ -71,3 +74,13 @@ def batch_guids(batch) -> List[Optional[str]]:
     if hasattr(guids, "tolist"):
         guids = guids.tolist()
     return [None if g is None else str(g) for g in guids]
+
+
+def batch_example_ids(batch) -> Optional["np.ndarray"]:
+    """The example identities of a batch (int64, see :mod:`.loaders`), or None for untagged batches."""
+    ids = batch_get(batch, EXAMPLE_KEY)
+    if ids is None:
+        return None
+    import numpy as np
+
+    return np.asarray(ids.detach().cpu() if hasattr(ids, "detach") else ids, dtype=np.int64).reshape(-1)

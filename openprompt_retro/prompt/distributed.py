@@ -22,23 +22,36 @@ def rank_and_world() -> Tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
-def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's (n_r, ...) tensor in rank order (n_r may differ)."""
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long))
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((longest,) + tuple(x.shape[1:]), dtype=x.dtype)
-    padded[: x.shape[0]] = x
-    parts = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+def gather_device(group=None) -> torch.device:
+    """Where collective buffers must live for the process group's backend: the current GPU for nccl
+    (it cannot use CPU tensors), the CPU otherwise (gloo, mpi)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate every rank's (n_r, ...) tensor in rank order (n_r may differ).
+
+    Every buffer is allocated on :func:`gather_device` (cuda for nccl); the result comes back on ``x``'s device.
+    """
+    device = gather_device(group)
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=device), group=group)
+    counts = [int(s.item()) for s in sizes]
+    padded = torch.zeros((max(counts),) + tuple(x.shape[1:]), dtype=x.dtype, device=device)
+    padded[: x.shape[0]] = x.to(device)
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]).to(x.device)
 
 
 def gather_in_order(local: np.ndarray, local_index: np.ndarray) -> np.ndarray:
     """All ranks' rows, arranged by their global index."""
     rows = all_gather_rows(torch.from_numpy(np.ascontiguousarray(local)))
     index = all_gather_rows(torch.from_numpy(np.ascontiguousarray(local_index)))
-    return rows[torch.argsort(index)].numpy()
+    return rows[torch.argsort(index)].cpu().numpy()
 
 
 class LossModule(nn.Module):
@@ -55,5 +68,7 @@ class LossModule(nn.Module):
 def wrap_ddp(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
+    device = next(model.parameters()).device
+    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None
     return DDP(LossModule(model), device_ids=device_ids, find_unused_parameters=True)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .batch import SEGMENT_KEY, batch_guids
+from .batch import SEGMENT_KEY, batch_example_ids, batch_guids
 
 
 class MaskKeyHead:
@@ -138,16 +138,17 @@ def mask_keys(model, batch, key_head: Optional[MaskKeyHead] = None) -> torch.Ten
 
 
 @torch.no_grad()
-def extract_keys(model, dataloader, desc: str = "store keys", progress: bool = True
-                 ) -> Tuple[np.ndarray, np.ndarray, List[Optional[str]]]:
+def extract_keys(model, dataloader, desc: str = "store keys", progress: bool = True, example_ids: bool = False
+                 ) -> Tuple[np.ndarray, ...]:
     """Keys, labels and guids for every example of an OpenPrompt ``PromptDataLoader``.
 
-    The model is put in eval mode for the pass and restored afterwards.
+    With ``example_ids=True`` also the examples' identities (see :mod:`.loaders`; -1 where a
+    batch carries none). The model is put in eval mode for the pass and restored afterwards.
     """
     key_head = MaskKeyHead(model.plm)
     was_training = model.training
     model.eval()
-    keys, labels, guids = [], [], []
+    keys, labels, guids, uids = [], [], [], []
     device = next(model.parameters()).device
     try:
         for batch in tqdm(dataloader, desc=desc, disable=not progress, leave=False):
@@ -157,8 +158,12 @@ def extract_keys(model, dataloader, desc: str = "store keys", progress: bool = T
                 raise ValueError("building a store needs labeled examples: the batch has no 'label'")
             labels.append(batch["label"].cpu().numpy())
             guids.extend(batch_guids(batch))
+            ids = batch_example_ids(batch)
+            uids.append(np.full(len(keys[-1]), -1, dtype=np.int64) if ids is None else ids)
     finally:
         model.train(was_training)
     if not keys:
         raise ValueError("the dataloader is empty: no examples to build a store from")
+    if example_ids:
+        return np.concatenate(keys), np.concatenate(labels), guids, np.concatenate(uids)
     return np.concatenate(keys), np.concatenate(labels), guids

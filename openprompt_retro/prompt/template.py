@@ -24,6 +24,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from openprompt.prompt_base import Template
 
+from . import loaders, truncation  # noqa: F401  (OpenPrompt patches: example identity, safe truncation)
 from .batch import DEMO_KEY, SEGMENT_KEY, SLOT_KEY, batch_get
 from .text_demos import TfidfDemoRetriever
 
@@ -35,39 +36,55 @@ class RetroTemplate(Template):
 
     Args:
         base: the OpenPrompt template that formats the query.
-        label_words: one word per class, shown after each demonstration.
+        label_words: one word per class, shown after each demonstration. Optional:
+            ``RetroPromptForClassification`` fills them in from its verbalizer
+            (then build the PromptDataLoader after the model).
         demonstrations: ``"neural"``, ``"text"`` or ``"none"``.
-        plm: the PLM (needed for ``"neural"``: its input embeddings).
+        plm: the PLM whose input embeddings the neural slots replace (optional:
+            ``RetroPromptForClassification`` fills it in).
         text_pool / text_retriever: labeled examples to draw text demonstrations
             from (TF-IDF similarity), or any callable example -> [(class, example)].
         placeholder: the token whose embedding each slot replaces (default: unk).
+
+    Every attribute and method of ``base`` that this class does not define is
+    reachable through it (``soft_embeds``, ``num_tokens``, ``raw_embedding``, ...).
     """
 
-    def __init__(self, base: Template, label_words: Sequence[Union[str, Sequence[str]]],
+    def __init__(self, base: Template, label_words: Optional[Sequence[Union[str, Sequence[str]]]] = None,
                  demonstrations: str = "neural", plm: Optional[torch.nn.Module] = None,
                  text_pool: Optional[Sequence] = None,
                  text_retriever: Optional[Callable] = None, placeholder: Optional[str] = None):
-        super().__init__(tokenizer=base.tokenizer, placeholder_mapping=base.placeholder_mapping)
         if demonstrations not in MODES:
             raise ValueError(f"demonstrations must be one of {MODES}, got {demonstrations!r}")
         if not isinstance(base, Template):
             raise TypeError(f"base must be an OpenPrompt Template, got {type(base).__name__}")
+        if isinstance(base, RetroTemplate):
+            raise TypeError("base is already a RetroTemplate; wrap the OpenPrompt template once")
+        super().__init__(tokenizer=base.tokenizer, placeholder_mapping=base.placeholder_mapping)
         self.base = base
-        self.label_words = [w if isinstance(w, str) else w[0] for w in label_words]
-        self.num_classes = len(self.label_words)
+        self.label_words: Optional[List[str]] = None
+        self.num_classes: Optional[int] = None
         self.demonstrations = demonstrations
         self.demonstrations_enabled = True
         self._plm = [plm]
         if demonstrations == "neural":
-            if plm is None:
-                raise ValueError("neural demonstrations need the PLM (plm=...) for its input embeddings")
             self.placeholder = placeholder or self.tokenizer.unk_token
             ids = self.tokenizer.encode(self.placeholder, add_special_tokens=False)
             if len(ids) != 1:
                 raise ValueError(f"placeholder {self.placeholder!r} must be one token, got {len(ids)}")
         self.text_retriever = text_retriever
-        if demonstrations == "text" and text_retriever is None and text_pool is not None:
-            self.set_text_pool(text_pool)
+        self._text_pool = text_pool if demonstrations == "text" and text_retriever is None else None
+        if label_words is not None:
+            self.set_label_words(label_words)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules (nn.Module)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None or name.startswith("__"):
+                raise
+            return getattr(base, name)
 
     # --------------------------------------------------------------- plumbing
     @property
@@ -86,8 +103,27 @@ class RetroTemplate(Template):
     def registered_inputflag_names(self) -> List[str]:
         return list(self.base.registered_inputflag_names)
 
+    def set_label_words(self, label_words: Sequence[Union[str, Sequence[str]]]) -> None:
+        """One label word per class (the first of each list is shown after the class's demonstration).
+
+        Surrounding spaces are dropped (verbalizers store " great"; the template adds the space itself).
+        """
+        words = [(w if isinstance(w, str) else w[0]).strip() for w in label_words]
+        if not words:
+            raise ValueError("label_words is empty: give one label word per class")
+        self.label_words, self.num_classes = words, len(words)
+        if self._text_pool is not None:
+            self.set_text_pool(self._text_pool)
+
+    def set_plm(self, plm: torch.nn.Module) -> None:
+        self._plm[0] = plm
+
     def set_text_pool(self, pool: Sequence) -> None:
         """Draw text demonstrations from these labeled examples (TF-IDF similarity)."""
+        if self.num_classes is None:  # built once the label words (hence the classes) are known
+            self._text_pool = pool
+            return
+        self._text_pool = None
         self.text_retriever = TfidfDemoRetriever(pool, self.num_classes)
 
     # --------------------------------------------------------------- wrapping
@@ -103,11 +139,16 @@ class RetroTemplate(Template):
             p[SLOT_KEY], p[SEGMENT_KEY] = 0, 0
         if self.demonstrations == "none":
             return [parts, others]
+        if self.label_words is None:
+            raise ValueError(f"RetroTemplate(demonstrations={self.demonstrations!r}) does not know the label words "
+                             "yet, and demonstrations show them: pass label_words=[...], or build "
+                             "RetroPromptForClassification(plm, template, verbalizer) (it takes them from the "
+                             "verbalizer) before the PromptDataLoader")
         # "<s> query </s>" stays exactly as without demonstrations; the segment follows it
         sep = self._piece(flags, "<sep>")
         sep[SEGMENT_KEY] = 0
-        parts.append(sep)
         if self.demonstrations == "neural":
+            parts.append(sep)
             for c, word in enumerate(self.label_words):
                 parts.append(self._piece(flags, " " + self.placeholder, slot=c + 1))
                 parts.append(self._piece(flags, " " + word))
@@ -115,8 +156,7 @@ class RetroTemplate(Template):
             if self.text_retriever is None:
                 raise ValueError("text demonstrations need a pool: pass text_pool=... or call set_text_pool()")
             for i, (c, demo) in enumerate(self.text_retriever(example)):
-                if i:
-                    parts.append(self._piece(flags, "<sep>"))
+                parts.append(self._piece(flags, "<sep>") if i else sep)
                 demo_parts, _ = self.base.wrap_one_example(demo)
                 for p in demo_parts:
                     if p.get("loss_ids") == 1:  # the demo shows its label word where the query has <mask>
@@ -129,6 +169,10 @@ class RetroTemplate(Template):
     def process_batch(self, batch):
         slots, segment = batch_get(batch, SLOT_KEY), batch_get(batch, SEGMENT_KEY)
         demos = batch_get(batch, DEMO_KEY)
+        if segment is None and self.demonstrations != "none":
+            raise ValueError(f"this batch has no demonstration segment (no '{SEGMENT_KEY}'): its PromptDataLoader "
+                             "was built with the template that RetroTemplate wraps, so the demonstrations would be "
+                             "dropped; build the PromptDataLoader with the RetroTemplate itself")
         batch = self.base.process_batch(batch)
         if segment is None or self.demonstrations == "none":
             return batch
@@ -147,6 +191,9 @@ class RetroTemplate(Template):
                              "through RetroPromptForClassification, or set demonstrations_enabled = False")
         embeds = batch_get(batch, "inputs_embeds")
         if embeds is None:
+            if self._plm[0] is None:
+                raise ValueError("neural demonstrations need the PLM's input embeddings: pass plm=... to "
+                                 "RetroTemplate or use it inside RetroPromptForClassification")
             embeds = self._plm[0].get_input_embeddings()(batch["input_ids"])
         off = embeds.shape[1] - slots.shape[1]
         is_slot = slots > 0

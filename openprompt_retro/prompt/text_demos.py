@@ -1,7 +1,7 @@
 """Retrieval for input, LM-BFF style: the most similar labeled example of each class, as text."""
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -11,8 +11,11 @@ from ..core.text import example_text
 class TfidfDemoRetriever:
     """For a query, the most similar labeled example of each class (TF-IDF cosine).
 
-    The query's own example (same guid) is never returned. Classes with no
-    example in the pool are skipped.
+    The query's own example is never returned: the pool entry that *is* the
+    query (the same object, as when the pool is the training list), or a copy
+    of it (same guid and same text). A guid alone never excludes: guid-less
+    examples all share ``None``, and dev/test guids repeat training guids
+    (Hugging Face's ``idx``). Classes with no example in the pool are skipped.
     """
 
     def __init__(self, pool: Sequence, num_classes: int):
@@ -26,12 +29,26 @@ class TfidfDemoRetriever:
         self.pool, self.labels, self.num_classes = list(pool), labels, num_classes
         self.vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
         self.matrix = self.vectorizer.fit_transform([example_text(e) for e in pool])
-        self.guids = np.array([str(e.guid) for e in pool])
+        self.texts = [example_text(e) for e in pool]
+        self._position = {id(e): i for i, e in enumerate(self.pool)}
+        self._by_guid: Dict[str, List[int]] = {}
+        for i, e in enumerate(self.pool):
+            if getattr(e, "guid", None) is not None:
+                self._by_guid.setdefault(str(e.guid), []).append(i)
+
+    def own_entries(self, example) -> List[int]:
+        """Pool positions that are ``example`` itself (see the class docstring)."""
+        own = [self._position[id(example)]] if id(example) in self._position else []
+        guid = getattr(example, "guid", None)
+        if guid is not None:
+            text = example_text(example)
+            own += [i for i in self._by_guid.get(str(guid), []) if self.texts[i] == text and i not in own]
+        return own
 
     def __call__(self, example) -> List[Tuple[int, object]]:
         q = self.vectorizer.transform([example_text(example)])
         sims = (self.matrix @ q.T).toarray().ravel()
-        sims[self.guids == str(example.guid)] = -np.inf
+        sims[self.own_entries(example)] = -np.inf
         out = []
         for c in range(self.num_classes):
             members = np.nonzero((self.labels == c) & np.isfinite(sims))[0]

@@ -7,11 +7,16 @@ classes, so OpenPrompt's loss and evaluation code keep working and
 ``exp(output)`` rows sum to 1:
 
     mixing      log(lambda * p_kNN + (1 - lambda) * softmax(z))
-    not mixing  log_softmax(z)     (lambda = 0, or training without mix_in_training)
+    not mixing  log_softmax(z)     (lambda = 0, or a training forward)
 
 with z the wrapped verbalizer's output (log-probabilities for ManualVerbalizer,
 where log_softmax is a no-op; raw logits for SoftVerbalizer). Cross-entropy is
 unchanged by it: CE(log_softmax(z), y) = CE(z, y).
+
+When kNN inference applies (the rule): in every forward that is not a training
+forward. On its own, a training forward is one in training mode with gradients
+enabled (``model.train()`` and not under ``torch.no_grad()``);
+``RetroPromptForClassification`` decides for its forwards (see its docstring).
 """
 from __future__ import annotations
 
@@ -36,47 +41,103 @@ class KnnVerbalizer(Verbalizer):
         store: the knowledge store (may be attached later: ``verbalizer.store = ...``).
         plm: the PLM, to turn mask hidden states into store keys.
         k, temperature, lam: p_kNN's neighbours and temperature, and the mixing weight.
-        mix_in_training: mix p_kNN in during training too (default: in eval mode only).
+        mix_in_training: mix p_kNN in during training forwards too (default: inference forwards only).
+        scale: "zscore" (scores standardised per query, scale-free) or "raw" (see core/knn.py).
 
     The query key is ``batch["retro_query_keys"]`` when the caller provides it
     (RetroPromptForClassification does, from its demonstration-free pass);
     otherwise it comes from the same forward pass, at the ``<mask>``.
+
+    Every attribute and method of ``base`` that this class does not define is
+    reachable through it (``group_parameters_1/2``, ``label_words_ids``, ...);
+    ``label_words`` reads and sets the base's, and the calibration / projection
+    methods that OpenPrompt's ``Verbalizer`` defines act on the base.
     """
 
     def __init__(self, base: Verbalizer, plm: torch.nn.Module, store: Optional[KnowledgeStore] = None,
-                 k: int = 16, temperature: float = 1.0, lam: float = 0.5, mix_in_training: bool = False):
+                 k: int = 16, temperature: float = 1.0, lam: float = 0.5, mix_in_training: bool = False,
+                 scale: str = "zscore"):
         super().__init__(tokenizer=base.tokenizer, classes=base.classes, num_classes=base.num_classes)
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must lie in [0, 1], got {lam}")
         self.base = base
         self.key_head = MaskKeyHead(plm)
         self.store = store
-        self.k, self.temperature, self.lam = int(k), float(temperature), float(lam)
+        self.k, self.temperature, self.lam, self.scale = int(k), float(temperature), float(lam), scale
         self.mix_in_training = mix_in_training
+        self.mixing: Optional[bool] = None  # set by RetroPromptForClassification for each of its forwards
+        self._base_gathers_tuple = False  # set by gather_outputs for process_outputs
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules (nn.Module)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None or name.startswith("__"):
+                raise
+            return getattr(base, name)
 
     @property
     def label_words(self):
         return self.base.label_words
 
+    @label_words.setter
+    def label_words(self, label_words):
+        if label_words is not None:
+            self.base.label_words = label_words
+
+    # Verbalizer defines these, so __getattr__ would not reach the base's versions
+    def register_calibrate_logits(self, logits: torch.Tensor):
+        return self.base.register_calibrate_logits(logits)
+
+    def generate_parameters(self, **kwargs):
+        return self.base.generate_parameters(**kwargs)
+
+    def project(self, logits: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.base.project(logits, **kwargs)
+
+    def normalize(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.base.normalize(logits)
+
+    def aggregate(self, label_words_logits: torch.Tensor) -> torch.Tensor:
+        return self.base.aggregate(label_words_logits)
+
+    def handle_multi_token(self, label_words_logits, mask):
+        return self.base.handle_multi_token(label_words_logits, mask)
+
+    def _mixes(self) -> bool:
+        """Whether this forward mixes p_kNN in (the rule in the module docstring)."""
+        if self.lam == 0.0:
+            return False
+        if self.mixing is not None:
+            return self.mixing
+        return not (self.training and torch.is_grad_enabled()) or self.mix_in_training
+
     def gather_outputs(self, outputs):
+        """(what the base gathers, last hidden states): one flat tuple, so that OpenPrompt's
+        ``PromptForClassification`` extracts every element at the mask (a base that gathers a
+        tuple itself, like ProtoVerbalizer, has its elements spliced in)."""
         hidden = outputs.hidden_states[-1]
         logits = getattr(outputs, "logits", None)
         if logits is not None and hidden.shape[1] > logits.shape[1]:
             hidden = hidden[:, hidden.shape[1] - logits.shape[1]:]  # SoftTemplate's prefix was stripped from logits
-        return self.base.gather_outputs(outputs), hidden
+        gathered = self.base.gather_outputs(outputs)
+        self._base_gathers_tuple = isinstance(gathered, tuple)
+        return (*gathered, hidden) if self._base_gathers_tuple else (gathered, hidden)
 
     def knn_probs(self, query_keys: torch.Tensor, exclude_ids=None, k: Optional[int] = None,
                   temperature: Optional[float] = None) -> torch.Tensor:
         if self.store is None:
             raise ValueError("KnnVerbalizer has no knowledge store: build one (build_store) and set .store")
-        p = self.store.knn_distribution(query_keys.detach().float(), k or self.k,
-                                        temperature or self.temperature, exclude_ids)
+        p = self.store.knn_distribution(query_keys.detach().float().cpu(), k or self.k,
+                                        temperature or self.temperature, exclude_ids, self.scale)
         return torch.from_numpy(p).to(query_keys.device)
 
     def process_outputs(self, outputs, batch, **kwargs):
-        base_outputs, hidden_at_mask = outputs
+        *base_outputs, hidden_at_mask = outputs
+        base_outputs = tuple(base_outputs) if self._base_gathers_tuple else base_outputs[0]
         plm_out = self.base.process_outputs(base_outputs, batch=batch, **kwargs)
-        if self.lam == 0.0 or (self.training and not self.mix_in_training):
+        if not self._mixes():
             return torch.log_softmax(plm_out, dim=-1)
         query = batch_get(batch, QUERY_KEY)
         if query is None:

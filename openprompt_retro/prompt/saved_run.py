@@ -1,0 +1,535 @@
+"""The saved-run folder: what :meth:`RetroPromptForClassification.save` writes, and checked loading.
+
+A run folder holds::
+
+    run.json                  what the run is (fingerprint, PLM, template, verbalizer, flags) + file checksums
+    prompt_model.safetensors  every weight of the model (PLM, soft tokens, verbalizer head ...)
+    retro_config.json         RetroConfig, including the tuned lambda / k / T
+    store/                    the knowledge store (see KnowledgeStore.save)
+    text_pool.json            text demonstrations only: the labeled pool they are drawn from
+    plm/                      with save_plm=True: the PLM and tokenizer (save_pretrained)
+    training_args.json        written by RetroTrainer.save
+    trainer.json              written by RetroTrainer.save: (lambda, k, T) grid, tuned values, history
+
+Loading (:func:`read_checked`) reads and validates everything into temporaries
+first - fingerprint, checksums, config, store, weight names and shapes - and
+only then swaps it in (:func:`swap_in`), so a failed load changes nothing.
+Nothing is unpickled: JSON, ``.npy`` with ``allow_pickle=False``, safetensors
+and FAISS's own index format.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+
+from ..core.config import RetroConfig
+from ..core.store import KnowledgeStore
+
+RUN_FILE, WEIGHTS, CONFIG, STORE = "run.json", "prompt_model.safetensors", "retro_config.json", "store"
+PLM_DIR, TEXT_POOL, TRAINING_ARGS, TRAINER_FILE = "plm", "text_pool.json", "training_args.json", "trainer.json"
+RUN_FORMAT, RUN_FORMAT_VERSION = "openprompt-retro run", 1
+
+#: fingerprint field -> how an error message names it
+FINGERPRINT_FIELDS = {
+    "template_class": "template class",
+    "template_text": "template text",
+    "label_words": "label words",
+    "verbalizer_class": "verbalizer class",
+    "verbalizer_label_words": "verbalizer label words",
+    "num_classes": "number of classes",
+    "demonstrations": "demonstration mode",
+    "model_type": "model type",
+    "architecture": "PLM architecture",
+    "key_type": "key type",
+    "key_dim": "key dimension",
+    "tokenizer": "tokenizer",
+    "vocab_size": "vocabulary size",
+}
+#: templates / verbalizers that from_pretrained can rebuild from run.json alone
+REBUILDABLE_TEMPLATES = ("ManualTemplate", "MixedTemplate", "SoftTemplate")
+REBUILDABLE_VERBALIZERS = ("ManualVerbalizer", "SoftVerbalizer")
+
+
+class SavedRunError(ValueError):
+    """A saved run that does not fit the model it is loaded into, or is damaged; nothing was changed."""
+
+
+# ---------------------------------------------------------------------- template text
+def install_raw_text_hook() -> None:
+    """Remember the string each OpenPrompt template's text was set from (``_retro_raw_text``).
+
+    OpenPrompt parses the text on assignment and keeps only the parsed form, from
+    which a MixedTemplate cannot be rebuilt; the raw string is what run.json records.
+    """
+    from openprompt.prompt_base import Template
+
+    prop = Template.__dict__.get("text")
+    if not isinstance(prop, property) or getattr(prop.fset, "_retro_raw_text", False):
+        return
+
+    def fset(self, text):
+        if isinstance(text, str):
+            self.__dict__["_retro_raw_text"] = text
+        prop.fset(self, text)
+
+    fset._retro_raw_text = True
+    Template.text = property(prop.fget, fset, prop.fdel, prop.__doc__)
+
+
+def _unparse(parsed: Sequence[Dict]) -> str:
+    """A template string that OpenPrompt's ``parse_text`` turns back into ``parsed``."""
+    out = []
+    for d in parsed:
+        d = dict(d)
+        prefix = d.pop("add_prefix_space", "")
+        if set(d) == {"text"}:
+            out.append(prefix + d["text"])
+        else:
+            out.append(prefix + "{" + ", ".join(f"{json.dumps(k)}: {v!r}" for k, v in d.items()) + "}")
+    return "".join(out)
+
+
+def _without_post_processing(parsed):
+    """Parsed template text minus ``post_processing``: OpenPrompt replaces it by a function on first use."""
+    return [{k: v for k, v in d.items() if k != "post_processing"} for d in parsed]
+
+
+def _is_parsed(text) -> bool:
+    return isinstance(text, list) and all(isinstance(d, dict) for d in text)
+
+
+def template_text(base) -> Optional[str]:
+    """The text ``base`` was built from, or None when it cannot be recovered exactly."""
+    parsed = getattr(base, "text", None)
+    raw = base.__dict__.get("_retro_raw_text")
+    mixed = type(base).__name__ == "MixedTemplate"  # its parsed text is rewritten by prepare(): trust the raw text
+    if raw is not None:
+        try:
+            if mixed or (_is_parsed(parsed) and _without_post_processing(base.parse_text(raw))
+                         == _without_post_processing(parsed)):
+                return raw
+        except Exception:  # noqa: BLE001 - fall back to the parsed form
+            pass
+    if _is_parsed(parsed) and not mixed:
+        try:
+            text = _unparse(_without_post_processing(parsed))
+            if _without_post_processing(base.parse_text(text)) == _without_post_processing(parsed):
+                return text
+        except Exception:  # noqa: BLE001
+            pass
+    return None
+
+
+def canonical_template_text(base):
+    """The template text in one canonical spelling (from OpenPrompt's parsed form), for comparisons."""
+    parsed = getattr(base, "text", None)
+    if _is_parsed(parsed):
+        return _unparse(_without_post_processing(parsed))
+    return _json_safe(parsed)
+
+
+def _json_safe(value):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    return repr(value)
+
+
+# ---------------------------------------------------------------------- what a run is
+def infer_model_type(plm) -> Optional[str]:
+    """OpenPrompt's ``load_plm`` name for this PLM ("bert", "roberta" ...), or None if it is not one of them."""
+    try:
+        from openprompt.plms import _MODEL_CLASSES
+    except ImportError:  # pragma: no cover
+        return None
+    matches = [name for name, mc in _MODEL_CLASSES.items() if type(plm) is mc.model]
+    hf_type = getattr(getattr(plm, "config", None), "model_type", None)
+    if hf_type in matches:
+        return hf_type
+    return matches[0] if len(matches) == 1 else None
+
+
+def plm_name_or_path(plm) -> Optional[str]:
+    path = getattr(getattr(plm, "config", None), "_name_or_path", None) or None
+    if path and os.path.isdir(path):
+        path = os.path.abspath(path)
+    return path
+
+
+def fingerprint(model) -> Dict[str, Any]:
+    """What a run must share with a model to be loaded into it (compared field by field)."""
+    template, verbalizer = model.template, model.verbalizer
+    base_t, base_v = getattr(template, "base", template), getattr(verbalizer, "base", verbalizer)
+    tok = template.tokenizer
+    try:
+        v_words = _json_safe(base_v.label_words)
+    except (AttributeError, RuntimeError):  # a verbalizer without label words
+        v_words = None
+    return {
+        "template_class": type(base_t).__name__,
+        "template_text": canonical_template_text(base_t),
+        "label_words": list(getattr(template, "label_words", []) or []),
+        "verbalizer_class": type(base_v).__name__,
+        "verbalizer_label_words": v_words,
+        "num_classes": int(model.num_classes),
+        "demonstrations": getattr(template, "demonstrations", "none"),
+        "model_type": infer_model_type(model.plm),
+        "architecture": type(model.plm).__name__,
+        "key_type": model.key_head.kind,
+        "key_dim": int(model._key_dim()),
+        "tokenizer": type(tok).__name__,
+        "vocab_size": len(tok),
+    }
+
+
+def differences(saved: Dict, current: Dict) -> List[str]:
+    """One line per fingerprint field that differs, e.g. "label words differ: saved [...], model [...]"."""
+    out = []
+    for field, name in FINGERPRINT_FIELDS.items():
+        if field in saved and saved[field] != current.get(field):
+            out.append(f"{name} differ{'s' if not name.endswith('words') else ''}: "
+                       f"saved {saved[field]!r}, model {current.get(field)!r}")
+    return out
+
+
+def describe_run(model, save_plm: bool, model_type: Optional[str], name_or_path: Optional[str],
+                 text_pool_saved: bool) -> Dict[str, Any]:
+    """The content of run.json (without the file checksums)."""
+    template, verbalizer = model.template, model.verbalizer
+    base_t, base_v = getattr(template, "base", template), getattr(verbalizer, "base", verbalizer)
+    pm = model.prompt_model
+    fp = fingerprint(model)
+    from .. import __version__
+
+    return {
+        "format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "library_version": __version__,
+        "fingerprint": fp,
+        "plm": {"model_type": model_type or fp["model_type"],
+                "name_or_path": name_or_path or plm_name_or_path(model.plm),
+                "saved": bool(save_plm)},
+        "template": {"class": type(base_t).__name__, "text": template_text(base_t),
+                     "num_tokens": (getattr(base_t, "num_tokens", None)
+                                    if type(base_t).__name__ == "SoftTemplate" else None),
+                     "placeholder": getattr(template, "placeholder", None),
+                     "label_words": fp["label_words"], "demonstrations": fp["demonstrations"],
+                     "text_pool": TEXT_POOL if text_pool_saved else None},
+        "verbalizer": {"class": type(base_v).__name__, "label_words": fp["verbalizer_label_words"],
+                       "prefix": getattr(base_v, "prefix", None),
+                       "multi_token_handler": getattr(base_v, "multi_token_handler", None),
+                       "post_log_softmax": getattr(base_v, "post_log_softmax", None)},
+        "model": {"freeze_plm": bool(getattr(pm, "freeze_plm", False)),
+                  "plm_eval_mode": bool(getattr(pm, "plm_eval_mode", False)),
+                  "mask_only_head": bool(model.mask_only_head),
+                  "exclude_self_in_eval": bool(model.exclude_self_in_eval)},
+    }
+
+
+# ---------------------------------------------------------------------- saving
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _example_record(e) -> Dict:
+    return {"guid": e.guid, "text_a": e.text_a, "text_b": e.text_b, "label": e.label, "meta": e.meta or {},
+            "tgt_text": e.tgt_text}
+
+
+def save_text_pool(template, directory: str) -> bool:
+    """Write the text-demonstration pool (TfidfDemoRetriever's examples) as JSON; False if there is none to write."""
+    from .text_demos import TfidfDemoRetriever
+
+    retriever = getattr(template, "text_retriever", None)
+    if getattr(template, "demonstrations", None) != "text" or not isinstance(retriever, TfidfDemoRetriever):
+        return False
+    try:
+        text = json.dumps([_example_record(e) for e in retriever.pool])
+    except (TypeError, ValueError) as e:
+        warnings.warn(f"the text-demonstration pool cannot be written as JSON ({e}); from_pretrained will need "
+                      "text_pool=...", stacklevel=3)
+        return False
+    with open(os.path.join(directory, TEXT_POOL), "w", encoding="utf-8") as f:
+        f.write(text)
+    return True
+
+
+def save_run(model, directory: str, save_plm: bool = False, model_type: Optional[str] = None,
+             name_or_path: Optional[str] = None) -> None:
+    """Weights, config, store, optional PLM/tokenizer and text pool, then run.json (last: it vouches for the rest)."""
+    from safetensors.torch import save_model
+
+    os.makedirs(directory, exist_ok=True)
+    run_path = os.path.join(directory, RUN_FILE)
+    if os.path.exists(run_path):  # a save that dies half-way must not leave the old run.json vouching for it
+        os.remove(run_path)
+    with model.store_outside_state_dict():  # the store has its own folder
+        save_model(model, os.path.join(directory, WEIGHTS))
+    model.config.save(os.path.join(directory, CONFIG))
+    model.store.save(os.path.join(directory, STORE))
+    if save_plm:
+        model.plm.save_pretrained(os.path.join(directory, PLM_DIR))
+        model.template.tokenizer.save_pretrained(os.path.join(directory, PLM_DIR))
+    pool_saved = save_text_pool(model.template, directory)
+    run = describe_run(model, save_plm, model_type, name_or_path, pool_saved)
+    run["checksums"] = {name: sha256_file(os.path.join(directory, name)) for name in (WEIGHTS, CONFIG)}
+    with open(run_path, "w", encoding="utf-8") as f:
+        json.dump(run, f, indent=2)
+
+
+# ---------------------------------------------------------------------- loading
+class Loaded(NamedTuple):
+    """Everything a load swaps in, read and validated."""
+
+    config: RetroConfig
+    store: KnowledgeStore
+    tensors: Dict[str, torch.Tensor]
+
+
+def read_run_json(directory: str, required: bool = False) -> Optional[Dict]:
+    """run.json, validated as a RetroPrompt run; None if absent and not ``required``."""
+    path = os.path.join(directory, RUN_FILE)
+    if not os.path.isfile(path):
+        if required:
+            present = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+            raise SavedRunError(f"{directory!r} is not a saved RetroPrompt run: it has no {RUN_FILE} (it holds "
+                                f"{present[:8]}); folders saved before {RUN_FILE} existed can only be loaded with "
+                                "model.load(dir) into an identically built model")
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SavedRunError(f"corrupt {RUN_FILE} in {directory!r}: {e}") from None
+    if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
+        got = run.get("format") if isinstance(run, dict) else type(run).__name__
+        raise SavedRunError(f"{RUN_FILE} in {directory!r} does not describe a RetroPrompt run (format {got!r}, "
+                            f"expected {RUN_FORMAT!r})")
+    if run.get("format_version") != RUN_FORMAT_VERSION:
+        raise SavedRunError(f"{RUN_FILE} in {directory!r} has format version {run.get('format_version')!r}; this "
+                            f"version reads {RUN_FORMAT_VERSION}")
+    for key in ("fingerprint", "plm", "template", "verbalizer", "model", "checksums"):
+        if not isinstance(run.get(key), dict):
+            raise SavedRunError(f"corrupt {RUN_FILE} in {directory!r}: field {key!r} is missing or not an object")
+    missing = [f for f in FINGERPRINT_FIELDS if f not in run["fingerprint"]]
+    if missing:
+        raise SavedRunError(f"corrupt {RUN_FILE} in {directory!r}: the fingerprint lacks {missing}")
+    return run
+
+
+def check_files(directory: str) -> None:
+    """Every part a load needs is there - before anything is read."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no saved RetroPrompt model at {directory!r}: the folder does not exist")
+    missing = [n for n in (WEIGHTS, CONFIG) if not os.path.isfile(os.path.join(directory, n))]
+    if not os.path.isdir(os.path.join(directory, STORE)):
+        missing.append(STORE + "/")
+    if missing:
+        raise FileNotFoundError(f"no saved RetroPrompt model at {directory!r}: missing {', '.join(missing)}; "
+                                "nothing was loaded")
+
+
+def _shared_with(state: Dict[str, torch.Tensor]) -> Dict[str, List[str]]:
+    """name -> the other names whose tensor shares its storage (tied weights; safetensors saves one of them)."""
+    by_storage: Dict[Any, List[str]] = {}
+    for name, t in state.items():
+        if t.numel():
+            by_storage.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(name)
+    return {n: [m for m in names if m != n] for names in by_storage.values() for n in names}
+
+
+def _check_weights(model, path: str, tensors: Dict[str, torch.Tensor]) -> None:
+    with model.store_outside_state_dict():
+        state = model.state_dict()
+    shared = _shared_with(state)
+    unexpected = sorted(set(tensors) - set(state))
+    missing = sorted(n for n in set(state) - set(tensors) if not any(m in tensors for m in shared.get(n, [])))
+    wrong = sorted(f"{n}: saved {tuple(tensors[n].shape)}, model {tuple(state[n].shape)}"
+                   for n in set(tensors) & set(state) if tuple(tensors[n].shape) != tuple(state[n].shape))
+    if unexpected or missing or wrong:
+        def some(names):
+            return f"{names[:8]}{f' and {len(names) - 8} more' if len(names) > 8 else ''}"
+
+        parts = [f"{len(missing)} missing: {some(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected: {some(unexpected)}" if unexpected else "",
+                 f"{len(wrong)} with another shape: {some(wrong)}" if wrong else ""]
+        raise SavedRunError(f"{path} does not match this model's weights ({'; '.join(p for p in parts if p)}); "
+                            "nothing was loaded")
+
+
+def read_checked(model, directory: str) -> Loaded:
+    """Read and validate a saved run for ``model`` without changing anything."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..core.store import StoreError
+
+    check_files(directory)
+    run = read_run_json(directory)
+    if run is None:
+        warnings.warn(f"{directory!r} has no {RUN_FILE} (saved by an older version): its template text and label "
+                      "words cannot be checked against this model; save it again to record them", stacklevel=3)
+    else:
+        diffs = differences(run["fingerprint"], fingerprint(model))
+        if diffs:
+            raise SavedRunError(f"the run saved at {directory!r} does not fit this model ({len(diffs)} "
+                                f"difference{'s' if len(diffs) > 1 else ''} with its {RUN_FILE}): "
+                                + "; ".join(diffs) + ". Nothing was loaded: build the model as the run was built, "
+                                "or rebuild it from the folder with from_pretrained(dir)")
+        for name in (WEIGHTS, CONFIG):
+            want = run["checksums"].get(name)
+            if want is not None and sha256_file(os.path.join(directory, name)) != want:
+                raise SavedRunError(f"corrupt {os.path.join(directory, name)}: its sha256 does not match the checksum "
+                                    f"in {RUN_FILE} (the file was damaged or changed after saving); nothing was loaded")
+    config_path = os.path.join(directory, CONFIG)
+    try:
+        config = RetroConfig.load(config_path)
+    except (ValueError, TypeError) as e:
+        raise SavedRunError(f"corrupt {config_path}: {e}; nothing was loaded") from None
+    try:
+        store = KnowledgeStore.load(os.path.join(directory, STORE), expected_dim=model._key_dim(),
+                                    expected_built_by={"key_type": model.key_head.kind})
+    except StoreError as e:
+        raise StoreError(f"{e}; nothing was loaded") from None
+    if store.num_classes != model.num_classes:
+        raise SavedRunError(f"the store in {os.path.join(directory, STORE)!r} has {store.num_classes} classes, this "
+                            f"model has {model.num_classes}; nothing was loaded")
+    path = os.path.join(directory, WEIGHTS)
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SavedRunError(f"corrupt {path}: {e}; nothing was loaded") from None
+    _check_weights(model, path, tensors)
+    return Loaded(config, store, tensors)
+
+
+def swap_in(model, loaded: Loaded) -> None:
+    """Put validated parts in place (names and shapes were checked: this cannot fail half-way)."""
+    model.load_state_dict(loaded.tensors, strict=False)
+    model.config = loaded.config
+    model.store = loaded.store
+    model.apply_config()
+
+
+# ---------------------------------------------------------------------- rebuilding
+def _escaped(words) -> List[List[str]]:
+    """Verbalizer label words as saved (prefix already applied), escaped so OpenPrompt adds no second prefix."""
+    return [["<!>" + w for w in ([ws] if isinstance(ws, str) else ws)] for ws in words]
+
+
+def _load_text_pool(directory: str, run: Dict):
+    from openprompt.data_utils import InputExample
+
+    name = run["template"].get("text_pool")
+    if not name:
+        return None
+    path = os.path.join(directory, name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+        return [InputExample(guid=r["guid"], text_a=r["text_a"], text_b=r.get("text_b") or "", label=r["label"],
+                             meta=r.get("meta") or {}, tgt_text=r.get("tgt_text")) for r in records]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SavedRunError(f"cannot read the text-demonstration pool {path}: {e}") from None
+
+
+def rebuild(directory: str, cls=None, plm_path: Optional[str] = None, model_type: Optional[str] = None,
+            text_pool: Optional[Sequence] = None):
+    """(model, tokenizer, wrapper_class) rebuilt from a run folder alone, then loaded with every check."""
+    from .model import RetroPromptForClassification
+    from .template import RetroTemplate
+
+    cls = cls or RetroPromptForClassification
+    check_files(directory)
+    run = read_run_json(directory, required=True)
+    t_info, v_info, p_info = run["template"], run["verbalizer"], run["plm"]
+    if t_info.get("class") not in REBUILDABLE_TEMPLATES or v_info.get("class") not in REBUILDABLE_VERBALIZERS:
+        raise SavedRunError(f"from_pretrained rebuilds {'/'.join(REBUILDABLE_TEMPLATES)} with "
+                            f"{'/'.join(REBUILDABLE_VERBALIZERS)}; the run at {directory!r} used "
+                            f"{t_info.get('class')} with {v_info.get('class')}. Build that model as before and call "
+                            "model.load(dir) (or trainer.load(dir)) instead")
+    if not isinstance(t_info.get("text"), str):
+        raise SavedRunError(f"the template text of the run at {directory!r} was not recorded (the template was built "
+                            "before openprompt_retro.prompt was imported); build the model as before and call "
+                            "model.load(dir) instead")
+    if v_info.get("label_words") is None and v_info["class"] == "ManualVerbalizer":
+        raise SavedRunError(f"{RUN_FILE} in {directory!r} records no label words for its ManualVerbalizer")
+    demonstrations = t_info.get("demonstrations", "none")
+    if demonstrations == "text" and text_pool is None:
+        text_pool = _load_text_pool(directory, run)
+        if text_pool is None:
+            raise SavedRunError(f"the run at {directory!r} uses text demonstrations but saved no pool "
+                                f"({TEXT_POOL}): pass text_pool=[...labeled InputExamples...]")
+    model_type = model_type or p_info.get("model_type")
+    saved_plm = os.path.join(directory, PLM_DIR)
+    path = plm_path or (saved_plm if p_info.get("saved") and os.path.isdir(saved_plm) else p_info.get("name_or_path"))
+    if not model_type:
+        raise SavedRunError(f"{RUN_FILE} in {directory!r} records no OpenPrompt model type for its "
+                            f"{run['fingerprint']['architecture']}: pass model_type='bert' / 'roberta' / ...")
+    if not path:
+        raise SavedRunError(f"{RUN_FILE} in {directory!r} records no PLM path: pass plm_path=...")
+    if (os.path.isabs(path) or path.startswith(".")) and not os.path.isdir(path):
+        raise SavedRunError(f"the PLM of the run at {directory!r} is the folder {path!r}, which does not exist here: "
+                            "pass plm_path=... (a local copy), or save the run with save_plm=True")
+    from openprompt.plms import load_plm
+
+    try:
+        plm, tokenizer, _, wrapper = load_plm(model_type, path)
+    except Exception as e:  # noqa: BLE001 - any loader failure gets the same advice
+        raise SavedRunError(f"cannot load the PLM of the run at {directory!r} ({model_type!r} from {path!r}): "
+                            f"{type(e).__name__}: {e}. Pass plm_path=... (a local copy), or save the run with "
+                            "save_plm=True") from None
+    from .keys import MaskKeyHead
+
+    plm_side = {"model_type": infer_model_type(plm), "architecture": type(plm).__name__,
+                "key_type": MaskKeyHead(plm).kind, "key_dim": int(plm.config.hidden_size),
+                "tokenizer": type(tokenizer).__name__, "vocab_size": len(tokenizer)}
+    diffs = differences({k: run["fingerprint"][k] for k in plm_side}, plm_side)
+    if diffs:
+        raise SavedRunError(f"the PLM loaded from {path!r} is not the one the run at {directory!r} was trained on: "
+                            + "; ".join(diffs))
+    from openprompt.prompts import (ManualTemplate, ManualVerbalizer, MixedTemplate, SoftTemplate,
+                                    SoftVerbalizer)
+
+    text = t_info["text"]
+    if t_info["class"] == "ManualTemplate":
+        base = ManualTemplate(tokenizer=tokenizer, text=text)
+    elif t_info["class"] == "MixedTemplate":
+        base = MixedTemplate(model=plm, tokenizer=tokenizer, text=text)
+    else:
+        base = SoftTemplate(model=plm, tokenizer=tokenizer, text=text, num_tokens=int(t_info.get("num_tokens") or 0))
+    template = RetroTemplate(base, t_info["label_words"], demonstrations=demonstrations, plm=plm,
+                             text_pool=text_pool, placeholder=t_info.get("placeholder"))
+    n = int(run["fingerprint"]["num_classes"])
+    words = _escaped(v_info["label_words"]) if v_info.get("label_words") is not None else None
+    prefix = v_info.get("prefix") if v_info.get("prefix") is not None else " "
+    handler = v_info.get("multi_token_handler") or "first"
+    if v_info["class"] == "ManualVerbalizer":
+        post = v_info.get("post_log_softmax")
+        verbalizer = ManualVerbalizer(tokenizer, num_classes=n, label_words=words, prefix=prefix,
+                                      multi_token_handler=handler,
+                                      post_log_softmax=True if post is None else bool(post))
+    else:
+        verbalizer = SoftVerbalizer(tokenizer, plm, num_classes=n, label_words=words, prefix=prefix,
+                                    multi_token_handler=handler)
+    try:
+        config = RetroConfig.load(os.path.join(directory, CONFIG))
+    except (ValueError, TypeError) as e:
+        raise SavedRunError(f"corrupt {os.path.join(directory, CONFIG)}: {e}") from None
+    flags = run["model"]
+    model = cls(plm, template, verbalizer, config=config, freeze_plm=bool(flags.get("freeze_plm")),
+                plm_eval_mode=bool(flags.get("plm_eval_mode")))
+    model.mask_only_head = bool(flags.get("mask_only_head", True))
+    model.exclude_self_in_eval = bool(flags.get("exclude_self_in_eval", False))
+    model.load(directory)
+    return model, tokenizer, wrapper

@@ -1,0 +1,125 @@
+"""results.jsonl: one row per run, shared safely between processes, nothing lost."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from openprompt_retro.cli import main
+from openprompt_retro.experiments.results import ResultsFile, read_rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "..", "shared", "data", "text")
+needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "k-shot")), reason="../shared data not present")
+TINY_RUN = ["--model", "tiny-bert", "--tasks", "SST-2", "--methods", "prompt", "--epochs", "1", "--no-progress"]
+
+
+def rows_of(folder):
+    with open(os.path.join(folder, "results.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def row(seed=13, acc=0.5, method="prompt"):
+    return {"task": "SST-2", "method": method, "k": 16, "seed": seed, "test_accuracy": acc, "dev_accuracy": None}
+
+
+@needs_data
+def test_defaults_from_another_folder_then_rerun_skips_and_overwrite_replaces(tmp_path, capsys):
+    """From a folder outside the checkout, with no env vars, the data default is found; --device is recorded."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENPROMPT_RETRO_")}
+    env["PYTHONPATH"] = ROOT  # this checkout's package; the data and model defaults are not given
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "openprompt_retro", "run", *TINY_RUN, "--device", "cpu",
+                           "--out", str(out)], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (first,) = rows_of(out)
+    assert (first["task"], first["method"], first["k"], first["seed"]) == ("SST-2", "prompt", 16, 42)
+    assert first["settings"]["device"] == "cpu" and first["settings"]["amp"] is None
+    # the same run again: skipped, no duplicate row (before: a second row for the same run)
+    main(["run", *TINY_RUN, "--data-root", DATA, "--out", str(out)])
+    assert "already in" in capsys.readouterr().err and rows_of(out) == [first]
+    # --overwrite re-runs it and replaces its row
+    marked = {**first, "marker": "old"}
+    (out / "results.jsonl").write_text(json.dumps(marked) + "\n")
+    main(["run", *TINY_RUN, "--data-root", DATA, "--out", str(out), "--overwrite"])
+    (replaced,) = rows_of(out)
+    assert "marker" not in replaced and replaced["test_accuracy"] == first["test_accuracy"]
+
+
+@needs_data
+def test_two_processes_on_one_folder_do_each_run_once(tmp_path):
+    out = tmp_path / "shared-out"
+    cmd = [sys.executable, "-m", "openprompt_retro", "run", *TINY_RUN, "--seeds", "13,21", "--data-root", DATA,
+           "--out", str(out)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errs = []
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        errs.append(err)
+    keys = [(r["task"], r["method"], r["k"], r["seed"]) for r in rows_of(out)]
+    assert sorted(keys) == [("SST-2", "prompt", 16, s) for s in (13, 21)]
+    assert sum(e.count("test accuracy") for e in errs) == 2  # each run trained once, by one of the two
+    assert not os.listdir(out / ".claims")  # every claim released
+
+
+def test_a_run_finished_by_another_process_before_our_claim_is_not_redone(tmp_path, monkeypatch):
+    """The window between 'not done yet' and taking the claim: the other process wrote and released meanwhile."""
+    from argparse import Namespace
+
+    from openprompt_retro.experiments import runs
+
+    results = ResultsFile(str(tmp_path))
+    claim = ResultsFile.claim
+
+    def claim_after_the_other_process_finished(self, key):
+        if not read_rows(self.path):
+            self.write(row(seed=key[3]))  # the other process: wrote its row, then released its claim
+        return claim(self, key)
+
+    monkeypatch.setattr(ResultsFile, "claim", claim_after_the_other_process_finished)
+    monkeypatch.setattr(runs, "check_grid", lambda ns: None)
+    monkeypatch.setattr(runs, "run_one", lambda *a: pytest.fail("re-ran a finished run"))
+    ns = Namespace(tasks=["SST-2"], methods=["prompt"], seeds=[13], shots=16, out=str(tmp_path), overwrite=False)
+    runs.run_grid(ns)
+    assert len(read_rows(results.path)) == 1
+
+
+@needs_data
+def test_the_result_is_printed_before_a_failed_write(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "results.jsonl").mkdir(parents=True)  # passes the folder check; the write itself fails
+    with pytest.raises(SystemExit) as e:
+        main(["run", *TINY_RUN, "--data-root", DATA, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "test accuracy " in err  # the accuracy is on stderr ...
+    saved = json.loads(err.split("    result: ", 1)[1].splitlines()[0])  # ... and the whole row, to recover it
+    assert saved["method"] == "prompt" and 0.0 <= saved["test_accuracy"] <= 1.0
+    assert f"error: cannot write {out / 'results.jsonl'}" in err and "the result above was not saved" in err
+    assert [p.name for p in out.iterdir() if ".tmp." in p.name] == []  # no temporary file left behind
+
+
+def test_a_partial_last_line_is_skipped_with_a_warning_naming_file_and_line(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(row(13)) + "\n" + '{"task": "SST-2", "meth')  # a writer died mid-line
+    with pytest.warns(UserWarning, match=rf"{path}, line 2: skipped a malformed row"):
+        assert ResultsFile(str(tmp_path)).done() == {("SST-2", "prompt", 16, 13)}
+    with pytest.warns(UserWarning, match="line 2"):
+        ResultsFile(str(tmp_path)).write(row(21))
+    assert [r["seed"] for r in rows_of(tmp_path)] == [13, 21]  # rewritten whole, without the partial line
+    with pytest.raises(FileExistsError, match="already holds run"):
+        ResultsFile(str(tmp_path)).write(row(21))
+
+
+def test_report_deduplicates_rows_with_a_warning(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [row(13, 0.5), row(42, 0.7), row(13, 0.9)]))
+    with pytest.warns(UserWarning, match=r"1 duplicate row\(s\) for the same run, kept the last of each: "
+                                         r"\[\('SST-2', 'prompt', 16, 13\)\]"):
+        main(["report", str(path)])
+    assert "| prompt | 80.0 ± 10.0 |" in (tmp_path / "table.md").read_text()  # seeds 13 (0.9) and 42 (0.7)
