@@ -59,6 +59,26 @@ def test_store_holds_the_trained_encoders_keys_after_fit(tiny_bert, examples):
     np.testing.assert_allclose(model.store.keys, now, atol=1e-5)
 
 
+def test_store_is_refreshed_between_epochs_without_an_evaluation(tiny_bert, examples):
+    torch.manual_seed(0)
+    model = retro_model(tiny_bert, demonstrations="none", loss="knn", knn_lambda=0.0)
+    tr = trainer(model, tiny_bert, epochs=2, eval_every=4, lr=1e-2, tune_inference=False, shuffle=False)
+    seen = []  # (store keys, the current encoder's keys) before each of the 4 steps (2 per epoch)
+    step = tr._train_step
+
+    def spy(run, batch):
+        seen.append((model.store.keys.copy(), R.extract_keys(model, run.store_loader, progress=False)[0]))
+        return step(run, batch)
+
+    tr._train_step = spy
+    tr.fit(examples)
+    assert len(seen) == 4
+    np.testing.assert_allclose(seen[0][0], seen[0][1], atol=1e-5)  # built before training
+    np.testing.assert_array_equal(seen[1][0], seen[0][0])  # not within an epoch
+    assert not np.allclose(seen[2][0], seen[0][0], atol=1e-3)  # after epoch 0: the encoder's new keys
+    np.testing.assert_allclose(seen[2][0], seen[2][1], atol=1e-5)
+
+
 def test_tuned_mixture_is_the_one_applied_and_reproduces_its_dev_accuracy(tiny_bert, examples):
     torch.manual_seed(0)
     model = retro_model(tiny_bert, demonstrations="none")
