@@ -402,7 +402,7 @@ class KnowledgeStore:
             "ef_search": self.ef_search, "built_by": self.built_by, "size": len(self),
             "guids": self.guids, "texts": self.texts,
         }
-        meta["checksums"] = {name: _sha256_file(os.path.join(directory, name)) for name in _DATA_FILES}
+        meta["checksums"] = {name: sha256_file(os.path.join(directory, name)) for name in _DATA_FILES}
         meta["checksums"][_META_FILE] = _meta_checksum(meta)
         with open(os.path.join(directory, _META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f)
@@ -444,7 +444,7 @@ class KnowledgeStore:
                 raise StoreError(f"store at {directory!r} was built with {key}={got!r}, expected {want!r}")
         if verify and meta["format_version"] >= 2:
             for name in _DATA_FILES:  # before any parser sees the bytes
-                got, want = _sha256_file(paths[name]), meta["checksums"][name]
+                got, want = sha256_file(paths[name]), meta["checksums"][name]
                 if got != want:
                     raise StoreError(f"knowledge store at {directory!r} has a corrupt {name}: checksum mismatch "
                                      f"(sha256 {got[:12]}..., {_META_FILE} records {want[:12]}...): the file was "
@@ -511,7 +511,8 @@ class KnowledgeStore:
 
 
 # ---------------------------------------------------------------------- disk helpers
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

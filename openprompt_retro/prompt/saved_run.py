@@ -19,7 +19,6 @@ and FAISS's own index format.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -28,7 +27,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 import torch
 
 from ..core.config import RetroConfig
-from ..core.store import KnowledgeStore
+from ..core.store import KnowledgeStore, sha256_file
 
 RUN_FILE, WEIGHTS, CONFIG, STORE = "run.json", "prompt_model.safetensors", "retro_config.json", "store"
 PLM_DIR, TEXT_POOL, TRAINING_ARGS, TRAINER_FILE = "plm", "text_pool.json", "training_args.json", "trainer.json"
@@ -233,14 +232,6 @@ def describe_run(model, save_plm: bool, model_type: Optional[str], name_or_path:
 
 
 # ---------------------------------------------------------------------- saving
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _example_record(e) -> Dict:
     return {"guid": e.guid, "text_a": e.text_a, "text_b": e.text_b, "label": e.label, "meta": e.meta or {},
             "tgt_text": e.tgt_text}

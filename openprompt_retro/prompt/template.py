@@ -27,11 +27,12 @@ from openprompt.prompt_base import Template
 from . import loaders, truncation  # noqa: F401  (OpenPrompt patches: example identity, safe truncation)
 from .batch import DEMO_KEY, SEGMENT_KEY, SLOT_KEY, batch_get
 from .text_demos import TfidfDemoRetriever
+from .wrapping import PassThroughToBase
 
 MODES = ("neural", "text", "none")
 
 
-class RetroTemplate(Template):
+class RetroTemplate(PassThroughToBase, Template):
     """Wrap ``base`` (ManualTemplate, MixedTemplate, SoftTemplate, ...) with demonstrations.
 
     Args:
@@ -76,15 +77,6 @@ class RetroTemplate(Template):
         self._text_pool = text_pool if demonstrations == "text" and text_retriever is None else None
         if label_words is not None:
             self.set_label_words(label_words)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)  # parameters, buffers and submodules (nn.Module)
-        except AttributeError:
-            base = self.__dict__.get("_modules", {}).get("base")
-            if base is None or name.startswith("__"):
-                raise
-            return getattr(base, name)
 
     # --------------------------------------------------------------- plumbing
     @property

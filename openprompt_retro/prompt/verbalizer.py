@@ -29,11 +29,12 @@ from ..core.knn import mix
 from ..core.store import KnowledgeStore
 from .batch import EXCLUDE_KEY, QUERY_KEY, batch_get
 from .keys import MaskKeyHead
+from .wrapping import PassThroughToBase
 
 _EPS = 1e-12
 
 
-class KnnVerbalizer(Verbalizer):
+class KnnVerbalizer(PassThroughToBase, Verbalizer):
     """Wrap ``base`` (ManualVerbalizer, SoftVerbalizer, ...) with kNN inference.
 
     Args:
@@ -67,15 +68,6 @@ class KnnVerbalizer(Verbalizer):
         self.mix_in_training = mix_in_training
         self.mixing: Optional[bool] = None  # set by RetroPromptForClassification for each of its forwards
         self._base_gathers_tuple = False  # set by gather_outputs for process_outputs
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)  # parameters, buffers and submodules (nn.Module)
-        except AttributeError:
-            base = self.__dict__.get("_modules", {}).get("base")
-            if base is None or name.startswith("__"):
-                raise
-            return getattr(base, name)
 
     @property
     def label_words(self):
