@@ -7,8 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import openprompt_retro as R
-from openprompt_retro.prompt.batch import EXCLUDE_KEY
 
 from helpers import first_batch, retro_model, trainer
 

@@ -12,8 +12,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = "openprompt_retro"
 HEAVY = ("torch", "openprompt", "transformers", "faiss")

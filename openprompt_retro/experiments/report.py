@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence
