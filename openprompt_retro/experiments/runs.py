@@ -143,7 +143,6 @@ def method_trainer(method: str, task: str, ns, train_examples, seed: Optional[in
     from ..core.config import RetroConfig
     from ..core.knn import MixtureGrid
     from ..prompt.factory import build_trainer, method_preset
-    from ..prompt.training_args import TrainingArgs
     from .backbones import load_backbone
     from .tasks import get_task
 
@@ -156,14 +155,22 @@ def method_trainer(method: str, task: str, ns, train_examples, seed: Optional[in
     except TypeError as e:
         raise UserError(f"--config: {e}") from None
     seq = ns.max_seq_length * (2 if preset["demonstrations"] == "text" else 1)  # room for the demonstrations
-    args = TrainingArgs(epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size, max_seq_length=seq,
-                        seed=ns.seed if seed is None else seed, patience=ns.patience, progress=False,
-                        max_steps=getattr(ns, "max_steps", None), eval_every=getattr(ns, "eval_every", None),
-                        device=getattr(ns, "device", None) or "auto", amp=getattr(ns, "amp", None))
+    args = training_args(ns, ns.seed if seed is None else seed, seq)
     trainer = build_trainer(plm, tok, wrapper, spec.template, spec.label_words, config=config, args=args,
                             text_pool=train_examples if preset["demonstrations"] == "text" else None, method=method,
                             grid=MixtureGrid.named(getattr(ns, "mixture_grid", "small")))
     return trainer, spec
+
+
+def training_args(ns, seed: int, max_seq_length: int, **overrides):
+    """The run's TrainingArgs from the CLI options (the same protocol for every trained method)."""
+    from ..prompt.training_args import TrainingArgs
+
+    fields = dict(epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size, max_seq_length=max_seq_length, seed=seed,
+                  patience=ns.patience, progress=False, max_steps=getattr(ns, "max_steps", None),
+                  eval_every=getattr(ns, "eval_every", None), device=getattr(ns, "device", None) or "auto",
+                  amp=getattr(ns, "amp", None))
+    return TrainingArgs(**{**fields, **overrides})
 
 
 def load_split(task: str, seed: int, ns) -> Dict:
@@ -232,7 +239,6 @@ def run_baseline(task: str, method: str, seed: int, ns) -> Dict:
     """fine-tune or linear-probe on the same split and backbone as the prompt methods."""
     import torch
 
-    from ..prompt.training_args import TrainingArgs
     from .backbones import load_backbone
     from .baselines import fine_tune, linear_probe
     from .tasks import get_task
@@ -246,13 +252,12 @@ def run_baseline(task: str, method: str, seed: int, ns) -> Dict:
         out = linear_probe(plm, tok, data["train"], data["dev"], data["test"], ns.max_seq_length, seed=seed)
         train_s, test_s, settings = round(time.time() - t0, 2), 0.0, {"C": out["C"]}
     else:
-        args = TrainingArgs(epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size, max_seq_length=ns.max_seq_length,
-                            seed=seed, patience=ns.patience, progress=False, max_steps=getattr(ns, "max_steps", None),
-                            eval_every=getattr(ns, "eval_every", None))
+        args = training_args(ns, seed, ns.max_seq_length, amp=None)  # fine_tune runs in float32
         out = fine_tune(plm, tok, data["train"], data["dev"], data["test"], spec.num_classes, args)
         train_s, test_s = out["train_seconds"], out["test_seconds"]
         settings = {"lr": ns.lr, "epochs": ns.epochs, "batch_size": ns.batch_size, "patience": ns.patience,
-                    "max_seq_length": ns.max_seq_length, "max_steps": args.max_steps, "eval_every": args.eval_every}
+                    "max_seq_length": ns.max_seq_length, "max_steps": args.max_steps, "eval_every": args.eval_every,
+                    "device": args.device}
     return {"task": spec.name, "method": method, "k": ns.shots, "seed": seed, "model": ns.model,
             "test_accuracy": out["test_accuracy"], "n_test": out["n_test"], "dev_accuracy": out["dev_accuracy"],
             "epochs_run": None, "train_seconds": train_s, "test_seconds": test_s,

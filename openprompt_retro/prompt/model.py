@@ -623,10 +623,8 @@ class RetroPromptForClassification(PromptForClassification):
     def knn_probs(self, query, exclude_ids=None, k: Optional[int] = None,
                   temperature: Optional[float] = None) -> torch.Tensor:
         """p_kNN(y|x) for query keys with the config's score scale (k, T default to the inference ones)."""
-        p = self.store.knn_distribution(query.detach().float().cpu(), k or self.config.knn_k,
-                                        temperature or self.config.knn_temperature, exclude_ids,
-                                        self.config.knn_score_scale)
-        return torch.from_numpy(p).to(query.device)
+        return self.verbalizer.knn_probs(query, exclude_ids, k or self.config.knn_k,
+                                         temperature or self.config.knn_temperature)
 
     def update_loss_gate(self) -> float:
         """Leave-one-out kNN accuracy of the store; the kNN loss term is active only above chance.
