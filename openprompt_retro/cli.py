@@ -22,6 +22,7 @@ COMMANDS = {
     "speed": ("speed", "run_speed"), "store-benchmark": ("store_bench", "run_store_benchmark_cli"),
     "analyze": ("memorization", "run_memorization"), "figures": ("figures", "run_figures"),
     "plot-k": ("figures", "run_plot_k"), "big-pool": ("big_pool", "run_big_pool"),
+    "protocol": ("protocol", "run_protocol"),
 }
 
 
@@ -160,6 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(c)
         if extra == "memorization":  # K = 4 drawn from the 16-shot split, 10 epochs per retraining
             c.set_defaults(epochs=10, shots=4)
+
+    pr = command("protocol", "choose lr/steps and the retro variant on dev, then run the grid with them",
+                 "Phases: protocol (lr x steps, prompt and retro), variants (retro), grid (every method, 7 tasks "
+                 "x 5 seeds). Each is resumable and decided on dev only; see experiments/protocol.py.")
+    pr.add_argument("--phase", default="grid", choices=["protocol", "variants", "grid"], help="run up to this phase")
+    pr.add_argument("--workers", type=int, default=1, help="parallel run processes (they share the folders)")
+    pr.add_argument("--choose-only", action="store_true", help="only read finished search runs and choose")
+    pr.add_argument("--out", default=os.path.join("benchmarks", "protocol", "search"), help="search runs and choices")
+    pr.add_argument("--grid-out", default=os.path.join("benchmarks", "results"), help="the grid's folder")
+    pr.add_argument("--grid-tasks", type=_csv(str), default=BENCH_TASKS)
+    pr.add_argument("--grid-seeds", type=_csv(int), default=SEEDS)
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--patience", type=int, default=20, help="evaluations without dev gain before stopping")
+    pr.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_common(pr, training=False)
 
     pk = command("plot-k", "accuracy against K from a results.jsonl of runs with --shots 4/8/16")
     pk.add_argument("results")

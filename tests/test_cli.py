@@ -40,6 +40,12 @@ def test_smoke_run_writes_well_formed_outputs(tmp_path):
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["n_test"] == 872
         assert 0.0 <= r["knn_lambda"] <= 1.0
     assert rows[0]["knn_lambda"] == 0.0  # plain prompt tuning never mixes
+    diag = rows[1]["diagnostics"]  # retro: the same weights under other inference settings, reliance on dev too
+    assert set(diag["test_accuracy_by_inference"]) == {"plm_only", "fixed"}
+    if rows[1]["knn_lambda"] == 0.0:
+        assert diag["test_accuracy_by_inference"]["plm_only"] == rows[1]["test_accuracy"]
+    assert {"permuted_change", "removed_change"} <= set(diag["demonstration_reliance_dev"])
+    assert "test_accuracy_by_inference" not in rows[0].get("diagnostics", {})
     with open(out_dir / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
     table = (out_dir / "table.md").read_text()

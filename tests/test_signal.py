@@ -149,6 +149,27 @@ def test_demonstration_variants_norm_and_centre(tiny_bert, examples):
     assert torch.allclose(demos.norm(dim=-1), target.expand(demos.shape[:2]), rtol=1e-4)
 
 
+def test_warm_start_hides_demonstrations_for_the_first_steps_only(tiny_bert, examples):
+    """demo_warmup 0.5 over 6 steps: the PLM sees zero d_c in steps 0-2 and the real ones from step 3."""
+    model = retro_model(tiny_bert, demonstrations="neural", demo_warmup=0.5)
+    tr = trainer(model, tiny_bert, batch_size=2, max_steps=6, eval_every=6, tune_inference=False)
+    seen = []
+    shape = model._shape_demonstrations
+
+    def spy(demos):
+        out = shape(demos)
+        if model.training:
+            seen.append(bool(out.abs().sum() == 0))
+        return out
+
+    model._shape_demonstrations = spy
+    tr.fit(examples)
+    assert seen == [True, True, True, False, False, False]
+    assert model.demos_hidden is False  # after training, evaluation sees the demonstrations
+    with pytest.raises(ValueError, match="demo_warmup"):
+        R.RetroConfig(demo_warmup=1.0)
+
+
 # ------------------------------------------------------------------ the grid and the baselines
 def test_mixture_grids():
     assert R.MixtureGrid().ks == (16,) and len(R.MixtureGrid().lambdas) == 4

@@ -20,6 +20,8 @@ class RetroConfig:
             stands out instead of the component every key shares.
         demo_norm: "none", or "match": rescale each d_c to the mean norm of the PLM's word embeddings.
         demo_dropout: in training, each example's demonstrations are all hidden with this probability.
+        demo_warmup: a warm start: demonstrations are hidden in the first ``demo_warmup`` fraction of the
+            training steps, so the prompt is learned first and d_c added to a model that already works.
     Scores (shared by inference, the loss and ``explain``):
         knn_score_scale: "zscore" (default: each query's k scores standardised, so p_kNN is a real
             distribution whatever the key norm; T is in standard deviations) or "raw" (s_j / T).
@@ -41,6 +43,7 @@ class RetroConfig:
     demo_center: bool = False
     demo_norm: str = "none"
     demo_dropout: float = 0.0
+    demo_warmup: float = 0.0
     knn_score_scale: str = "zscore"
     knn_k: int = 16
     knn_temperature: float = 1.0
@@ -79,6 +82,8 @@ class RetroConfig:
             raise ValueError(f"demo_norm must be 'none' or 'match', got {self.demo_norm!r}")
         if not 0.0 <= self.demo_dropout < 1.0:
             raise ValueError(f"demo_dropout must lie in [0, 1), got {self.demo_dropout}")
+        if not 0.0 <= self.demo_warmup < 1.0:
+            raise ValueError(f"demo_warmup must lie in [0, 1), got {self.demo_warmup}")
         if self.metric not in ("ip", "cosine"):
             raise ValueError(f"metric must be 'ip' or 'cosine', got {self.metric!r}")
         return self

@@ -208,7 +208,8 @@ def run_one(task: str, method: str, seed: int, ns) -> Dict:
     history = trainer.fit(data["train"], data["dev"])
     train_s = time.time() - t0
     t0 = time.time()
-    test = trainer.evaluate(data["test"], split="test")
+    test_loader = trainer.loader(data["test"], split="test", require_labels=True)  # tokenized once
+    test = trainer.evaluate(test_loader, split="test")
     test_s = time.time() - t0
     best_dev = max((h["dev_accuracy"] for h in history), default=None)
     tuned = getattr(trainer, "tuned", None)
@@ -218,8 +219,10 @@ def run_one(task: str, method: str, seed: int, ns) -> Dict:
                                    for h in history]}
     if tuned:
         diagnostics["dev_accuracy_plm_only"] = tuned["dev_accuracy_plm_only"]
+        diagnostics["test_accuracy_by_inference"] = inference_settings_on(trainer, test_loader)
     if trainer.model.uses_neural_demos:
-        diagnostics["demonstration_reliance"] = trainer.demonstration_reliance(data["test"])
+        diagnostics["demonstration_reliance"] = trainer.demonstration_reliance(test_loader)
+        diagnostics["demonstration_reliance_dev"] = trainer.demonstration_reliance(data["dev"])
     return {
         "task": spec.name, "method": method, "k": ns.shots, "seed": seed, "model": ns.model,
         "test_accuracy": test["accuracy"], "n_test": test["n"],
@@ -233,6 +236,26 @@ def run_one(task: str, method: str, seed: int, ns) -> Dict:
                      "device": trainer.args.device, "amp": trainer.args.amp, "config": config.to_dict()},
         "diagnostics": diagnostics,
     }
+
+
+def inference_settings_on(trainer, loader) -> Dict[str, float]:
+    """Test accuracy of the trained model under the tuned lambda/k/T, with the PLM alone (lambda = 0) and
+    with the fixed mixture (lambda 0.5, k 16, T 1): the effect of tuning inference on dev, same weights."""
+    from ..core.knn import MixtureGrid
+
+    model, cfg = trainer.model, trainer.model.config
+    tuned = dict(knn_lambda=cfg.knn_lambda, knn_k=cfg.knn_k, knn_temperature=cfg.knn_temperature)
+    fixed = MixtureGrid.fixed()
+    out = {}
+    try:
+        for name, setting in (("plm_only", dict(knn_lambda=0.0)),
+                              ("fixed", dict(knn_lambda=fixed.lambdas[0], knn_k=fixed.ks[0],
+                                             knn_temperature=fixed.temperatures[0]))):
+            model.apply_config(**setting)
+            out[name] = trainer.evaluate(loader, split="test")["accuracy"]
+    finally:
+        model.apply_config(**tuned)
+    return out
 
 
 def run_baseline(task: str, method: str, seed: int, ns) -> Dict:

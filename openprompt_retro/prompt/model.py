@@ -172,6 +172,7 @@ class RetroPromptForClassification(PromptForClassification):
         self.knn_loss_active = True  # set per epoch by update_loss_gate()
         self.last_loss_weights: Optional[torch.Tensor] = None
         self.demo_ablation: Optional[str] = None  # diagnostics: "permute" d_c across classes
+        self.demos_hidden = False  # set by the trainer during the warm start (RetroConfig.demo_warmup)
         self.key_head = MaskKeyHead(plm)
         self.store = KnowledgeStore(self._key_dim(), verbalizer.num_classes, metric=config.metric,
                                     index_factory=config.index_factory, built_by=self.key_head.describe())
@@ -506,6 +507,8 @@ class RetroPromptForClassification(PromptForClassification):
             demos = demos * (target / demos.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         if self.demo_ablation == "permute":  # each class's slot gets the next class's demonstration
             demos = demos.roll(1, dims=1)
+        if self.training and self.demos_hidden:  # warm start: no demonstrations yet
+            return torch.zeros_like(demos)
         if self.training and c.demo_dropout > 0:  # the whole demonstration set of an example, zeroed
             keep = (torch.rand(demos.shape[0], 1, 1, generator=self._demo_generator()) >= c.demo_dropout)
             demos = demos * keep.to(demos.dtype)

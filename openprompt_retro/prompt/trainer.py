@@ -111,6 +111,7 @@ class RetroTrainer:
             self._train_epoch(run, epoch, bar)
             epoch += 1
         bar.close()
+        self.model.demos_hidden = False
         if run.best_state is not None:
             self._restore(run.best_state)
         if run.dev_loader is not None and self.args.tune_inference:
@@ -169,6 +170,7 @@ class RetroTrainer:
         self.model.train()
 
     def _train_step(self, run: "_Run", batch) -> float:
+        self.model.demos_hidden = run.step < self.model.config.demo_warmup * run.total_steps
         with self._autocast():
             loss = run.step_model(self._to_device(batch))
         run.optimizer.zero_grad()
