@@ -15,7 +15,7 @@ for mode in ("neural", "text"):
                             args=TrainingArgs(max_seq_length=256, progress=False))
     model = trainer.model
     loader = trainer.loader(data["test"][:4])
-    batch = next(iter(loader))
+    batch = next(iter(loader)).to(trainer.args.device)  # where the trainer put the model
     ids = batch["input_ids"][0][batch["attention_mask"][0] == 1]
     print(f"\n[{mode}] input the PLM sees:\n  {tok.decode(ids)}")
     if mode == "neural":

@@ -31,7 +31,7 @@ def main(tiny_dir, out_dir):
     model = retro_model(tiny, demonstrations="neural", loss="knn", loss_beta=1.0, knn_lambda=0.0)
     examples = [InputExample(guid=f"ex{i}", text_a=t, label=y) for i, (t, y) in enumerate(SENTENCES)]
     args = R.TrainingArgs(epochs=2, batch_size=4, lr=1e-3, shuffle=False, progress=False, tune_inference=False,
-                          max_seq_length=64)
+                          max_seq_length=64, device="cpu")
     R.RetroTrainer(model, tiny[1], tiny[3], args).fit(examples)
     tensors = {n: p.detach().clone() for n, p in model.named_parameters()}
     tensors["__store_keys__"] = torch.from_numpy(model.store.keys.copy())

@@ -35,7 +35,7 @@ def retro_model(tiny, template="manual", verbalizer="manual", demonstrations="ne
 
 def trainer(model, tiny, **args):
     _, tok, _, wrapper = tiny
-    defaults = dict(epochs=1, batch_size=4, progress=False, max_seq_length=64)
+    defaults = dict(epochs=1, batch_size=4, progress=False, max_seq_length=64, device="cpu")  # CPU math, also on GPU hosts
     grid = R.MixtureGrid(ks=args.pop("ks", (2, 3)), temperatures=args.pop("temperatures", (1.0,)))
     return R.RetroTrainer(model, tok, wrapper, R.TrainingArgs(**{**defaults, **args}), grid)
 

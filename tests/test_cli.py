@@ -62,7 +62,8 @@ def test_smoke_run_writes_well_formed_outputs(tmp_path):
 def test_speed_reports_ratios_and_offers_only_inference_options():
     help_text = run("speed", "--help").stdout
     assert "--max-seq-length" in help_text and "--epochs" not in help_text and "--zs-k" not in help_text
-    out = json.loads(run("speed", "--model", "tiny-bert", "--limit", "16", "--repeats", "1", "--data-root", DATA).stdout)
+    out = json.loads(run("speed", "--model", "tiny-bert", "--limit", "16", "--repeats", "1", "--data-root", DATA,
+                          "--device", "cpu").stdout)
     assert out["n_test"] == 16 and out["n_train"] == 32 and out["task"] == "SST-2" and out["repeats"] == 1
     seconds = {k for k in out if k.endswith("_s")}
     assert seconds == {"tokenize_test_s", "plain_s", "knn_s", "retro_s", "knn_search_only_s", "store_refresh_s",

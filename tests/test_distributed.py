@@ -40,3 +40,27 @@ def test_two_process_ddp_matches_single_process(tiny_dirs, tmp_path):
     initial = dict(retro_model(load_plm("bert", tiny_dirs["bert"])).named_parameters())
     moved = [n for n in initial if (single[n] - initial[n].detach()).abs().max() > 1e-4]
     assert len(moved) > 10
+
+
+def test_ddp_wrapper_never_lets_ddp_rebuild_the_batch(monkeypatch):
+    """With device_ids, DDP moves inputs by rebuilding each dict as type(obj)(pairs); OpenPrompt's InputFeatures
+    takes keywords, so the batch came out empty (seen on a GPU under nccl). wrap_ddp gives no device_ids:
+    the trainer has already moved the batch."""
+    from openprompt.data_utils import InputFeatures
+    from torch.distributed.utils import _to_kwargs
+
+    from openprompt_retro.prompt import distributed
+
+    batch = InputFeatures(input_ids=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3, dtype=torch.long))
+    moved = _to_kwargs((batch,), {}, torch.device("cpu"), False)[0][0][0]
+    assert moved["attention_mask"] is None  # what DDP's input moving does to the batch
+    seen = {}
+
+    class RecordingDDP(torch.nn.Module):
+        def __init__(self, module, **kwargs):
+            super().__init__()
+            seen.update(kwargs)
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", RecordingDDP)
+    distributed.wrap_ddp(torch.nn.Linear(2, 2))
+    assert "device_ids" in seen and seen["device_ids"] is None

@@ -273,7 +273,7 @@ def test_three_line_entry_point(tiny_dirs, examples):
     from openprompt_retro.quick import retroprompt
 
     trainer = retroprompt("bert", tiny_dirs["bert"], '{"placeholder":"text_a"} it was {"mask"} .', WORDS,
-                          epochs=1, progress=False, grid=R.MixtureGrid(ks=(2,), temperatures=(1.0,)))
+                          epochs=1, progress=False, device="cpu", grid=R.MixtureGrid(ks=(2,), temperatures=(1.0,)))
     trainer.fit(examples[:6], examples[6:])
     assert trainer.predict(examples).shape == (len(examples),)
     assert isinstance(trainer.model, R.RetroPromptForClassification)

@@ -40,7 +40,7 @@ def test_speed_limit_is_stratified_and_recorded(capsys):
     from openprompt_retro.cli import main
 
     main(["speed", "--task", "mr", "--model", "tiny-bert", "--limit", "20", "--repeats", "1", "--data-root", DATA,
-          "--seed", "13"])
+          "--seed", "13", "--device", "cpu"])
     out = json.loads(capsys.readouterr().out)
     assert out["n_test"] == 20 and out["device"] == "cpu"
     assert out["test_subset"] == {"limit": 20, "seed": 13, "stratified": True, "n": 20, "of": 2000,

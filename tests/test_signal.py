@@ -198,7 +198,7 @@ def test_fine_tune_learns_its_training_set(tiny_bert, examples):
     from openprompt_retro.experiments.baselines import fine_tune
 
     plm, tok, _, _ = tiny_bert
-    args = R.TrainingArgs(lr=3e-3, batch_size=4, max_steps=40, eval_every=10, progress=False)
+    args = R.TrainingArgs(lr=3e-3, batch_size=4, max_steps=40, eval_every=10, progress=False, device="cpu")
     out = fine_tune(plm, tok, examples, examples, examples, 2, args)
     assert out["dev_accuracy"] == 1.0 and out["test_accuracy"] == 1.0
     assert [h["step"] for h in out["history"]][:2] == [10, 20]

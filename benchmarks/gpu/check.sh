@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED=1
 {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, faiss, openprompt_retro, openprompt; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0), 'transformers', transformers.__version__, 'faiss', faiss.__version__)"
-timeout 300 python3 -m pytest -q -n 4 -p no:cacheprovider tests/ > "$LOG/pytest.log" 2>&1; echo "pytest rc $?"
+timeout 300 python3 -m pytest -q -n 4 -p no:cacheprovider -rs tests/ > "$LOG/pytest.log" 2>&1; echo "pytest rc $?"
 tail -30 "$LOG/pytest.log"
 for amp in none fp16 bf16; do
   flag=(); [ "$amp" != none ] && flag=(--amp "$amp")

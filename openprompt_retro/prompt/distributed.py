@@ -68,7 +68,7 @@ class LossModule(nn.Module):
 def wrap_ddp(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    device = next(model.parameters()).device
-    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else None
-    return DDP(LossModule(model), device_ids=device_ids, find_unused_parameters=True)
+    # device_ids stays None on GPU too: with device_ids DDP re-builds the inputs to move them, and that
+    # turns OpenPrompt's InputFeatures batch (a dict whose constructor takes keywords) into garbage. The
+    # trainer has already put the batch on the model's device.
+    return DDP(LossModule(model), device_ids=None, find_unused_parameters=True)

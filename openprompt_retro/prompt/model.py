@@ -503,7 +503,8 @@ class RetroPromptForClassification(PromptForClassification):
         if c.demo_center:
             demos = demos - torch.from_numpy(np.asarray(self.store.keys).mean(0)).to(demos.dtype)
         if c.demo_norm == "match":  # |d_c| = mean |word embedding|
-            target = self.plm.get_input_embeddings().weight.detach().norm(dim=-1).mean().to(demos.dtype)
+            target = self.plm.get_input_embeddings().weight.detach().norm(dim=-1).mean()
+            target = target.to(device=demos.device, dtype=demos.dtype)  # d_c are built on the store's CPU side
             demos = demos * (target / demos.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         if self.demo_ablation == "permute":  # each class's slot gets the next class's demonstration
             demos = demos.roll(1, dims=1)
