@@ -20,7 +20,8 @@ def row(task, method, seed, dev, test=0.5):
 def test_dev_table_averages_dev_only_and_waits_for_every_run():
     rows = [row("A", "prompt", 1, 0.5, test=0.99), row("A", "retro", 1, 0.7, test=0.0)]
     t = dev_table(rows, ["prompt", "retro"], ["A"], [1])
-    assert t == {"dev_mean": pytest.approx(0.6), "dev_std": pytest.approx(0.1), "n": 2}
+    assert (t["dev_mean"], t["dev_std"], t["n"]) == (pytest.approx(0.6), pytest.approx(0.1), 2)
+    assert "test_accuracy" not in str(sorted(t))  # diagnostics may be added; test accuracy never is
     assert dev_table(rows, ["prompt", "retro"], ["A"], [1, 2]) is None  # seed 2 not run yet
 
 
@@ -75,3 +76,14 @@ def test_protocol_command_chooses_on_dev_and_runs_the_grid_with_the_choice(tmp_p
     assert prompt_row["settings"]["max_steps"] == protocol.PROTOCOLS[expected]["max_steps"]
     assert prompt_row["settings"]["lr"] == protocol.PROTOCOLS[expected]["lr"]
     assert prompt_row["settings"]["loss_beta"] == (2.0 if choices["variant"]["chosen"] == "beta-2" else 1.0)
+
+
+def test_retro_diagnostics_are_averaged_beside_the_choice():
+    rows = [dict(row("A", "retro", s, dev), knn_lambda=lam,
+                 diagnostics={"dev_accuracy_plm_only": plm, "demonstration_reliance_dev": {"permuted_change": pc,
+                                                                                          "removed_change": -0.1}})
+            for s, dev, lam, plm, pc in [(1, 0.6, 0.0, 0.6, 0.0), (2, 0.8, 0.5, 0.7, -0.2)]]
+    t = dev_table(rows, ["retro"], ["A"], [1, 2])
+    assert t["dev_plm_only"] == pytest.approx(0.65) and t["dev_permuted_change"] == pytest.approx(-0.1)
+    assert t["dev_removed_change"] == pytest.approx(-0.1) and t["lambda_positive"] == 0.5
+    assert "test_permuted_change" not in t  # no test reliance recorded: nothing averaged

@@ -61,7 +61,28 @@ def dev_table(rows: Sequence[Dict], methods: Sequence[str], tasks: Sequence[str]
                 if r is None or r.get("dev_accuracy") is None:
                     return None
                 values.append(float(r["dev_accuracy"]))
-    return {"dev_mean": mean(values), "dev_std": pstdev(values), "n": len(values)}
+    table = {"dev_mean": mean(values), "dev_std": pstdev(values), "n": len(values)}
+    table.update(_diagnostic_means([by_key[(t, m, k, s)] for t in tasks for s in seeds for m in methods
+                                    if m not in ("prompt", "demo-text")]))
+    return table
+
+
+def _diagnostic_means(rows: Sequence[Dict]) -> Dict:
+    """Means of the retro diagnostics (reported beside the choice, never used to make it)."""
+    out: Dict = {}
+    diags = [r.get("diagnostics") or {} for r in rows]
+
+    def avg(name, values):
+        values = [v for v in values if v is not None]
+        if values:
+            out[name] = mean(values)
+
+    avg("dev_plm_only", [d.get("dev_accuracy_plm_only") for d in diags])
+    for split, key in (("dev", "demonstration_reliance_dev"), ("test", "demonstration_reliance")):
+        avg(f"{split}_permuted_change", [(d.get(key) or {}).get("permuted_change") for d in diags])
+        avg(f"{split}_removed_change", [(d.get(key) or {}).get("removed_change") for d in diags])
+    avg("lambda_positive", [float(r.get("knn_lambda", 0) > 0) for r in rows])
+    return out
 
 
 def choose(tables: Dict[str, Optional[Dict]], order: Sequence[str]) -> Tuple[str, Dict]:
@@ -177,12 +198,22 @@ def _summary(choices: Dict) -> str:
     for phase, label in (("protocol", "protocol (prompt and retro)"), ("variant", "retro variant")):
         if phase not in choices:
             continue
-        lines += [f"## {label}", "", "| candidate | dev mean | dev std | runs |", "|---|---|---|---|"]
+        lines += [f"## {label}", "", "| candidate | dev mean | dev std | runs | retro dev, PLM alone | "
+                  "d_c permuted: dev / test | d_c removed: dev / test | lambda > 0 |", "|---|---|---|---|---|---|---|---|"]
         for name, t in choices[phase]["tables"].items():
             mark = " **(chosen)**" if name == choices[phase]["chosen"] else ""
-            lines.append(f"| {name}{mark} | {100 * t['dev_mean']:.1f} | {100 * t['dev_std']:.1f} | {t['n']} |"
-                         if t else f"| {name} | - | - | unfinished |")
-        lines.append("")
+            if not t:
+                lines.append(f"| {name} | - | - | unfinished | | | | |")
+                continue
+
+            def pct(key, signed=False):
+                return "-" if key not in t else (f"{100 * t[key]:+.1f}" if signed else f"{100 * t[key]:.1f}")
+            lines.append(f"| {name}{mark} | {100 * t['dev_mean']:.1f} | {100 * t['dev_std']:.1f} | {t['n']} | "
+                         f"{pct('dev_plm_only')} | {pct('dev_permuted_change', True)} / "
+                         f"{pct('test_permuted_change', True)} | {pct('dev_removed_change', True)} / "
+                         f"{pct('test_removed_change', True)} | {pct('lambda_positive')}% |")
+        lines += ["", "Diagnostics are retro means (changes in accuracy points); they are reported, not used to "
+                  "choose. Test accuracy is never read by the choice.", ""]
     return "\n".join(lines)
 
 
