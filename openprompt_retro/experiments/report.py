@@ -68,6 +68,49 @@ def markdown_table(rows: List[Dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def diagnostics_table(rows: List[Dict]) -> str:
+    """The retrieval diagnostics of the runs that use a store, averaged per method (empty when none has them).
+
+    Test accuracy with lambda tuned on dev, with the PLM alone (lambda = 0) and with the fixed mixture
+    (lambda 0.5, k 16, T 1), all of the same trained weights; how often dev chose lambda > 0; the change in test
+    accuracy when each example's neural demonstrations are permuted across classes or removed; and the
+    store's leave-one-out kNN accuracy and the mean kNN loss weight at the first and last evaluation."""
+    groups = defaultdict(list)
+    for r in rows:
+        if (r.get("diagnostics") or {}).get("test_accuracy_by_inference") or \
+                (r.get("diagnostics") or {}).get("demonstration_reliance"):
+            groups[r["method"]].append(r)
+    if not groups:
+        return ""
+
+    def avg(values, scale=100.0, signed=False):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "-"
+        value = scale * float(np.mean(values))
+        return f"{value:+.1f}" if signed else (f"{value:.1f}" if scale == 100.0 else f"{value:.2f}")
+
+    lines = ["| method | runs | test: tuned | lambda 0 | lambda 0.5 | lambda > 0 chosen | d_c permuted | d_c removed "
+             "| store LOO first / last | loss weight first / last |", "|" + "---|" * 10]
+    for m in _ordered(set(groups), ALL_METHODS):
+        g = groups[m]
+        d = [r.get("diagnostics") or {} for r in g]
+        inf = [x.get("test_accuracy_by_inference") or {} for x in d]
+        rel = [x.get("demonstration_reliance") or {} for x in d]
+        evs = [x.get("evaluations") or [{}] for x in d]
+        lines.append(
+            f"| {m} | {len(g)} | {avg([r['test_accuracy'] for r in g])} | {avg([i.get('plm_only') for i in inf])} | "
+            f"{avg([i.get('fixed') for i in inf])} | {avg([float(r.get('knn_lambda') or 0) > 0 for r in g])}% | "
+            f"{avg([x.get('permuted_change') for x in rel], signed=True)} | "
+            f"{avg([x.get('removed_change') for x in rel], signed=True)} | "
+            f"{avg([e[0].get('store_loo_accuracy') for e in evs])} / "
+            f"{avg([e[-1].get('store_loo_accuracy') for e in evs])} | "
+            f"{avg([e[0].get('loss_weight_mean') for e in evs], 1)} / {avg([e[-1].get('loss_weight_mean') for e in evs], 1)} |")
+    lines += ["", "Accuracies in %, changes in points, means over the runs; LOO = the store's leave-one-out kNN "
+              "accuracy on its training keys."]
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: List[Dict], path: str) -> None:
     import matplotlib
 
@@ -129,6 +172,9 @@ def write_report(results_path: str, out_dir: str, seeds: Optional[Sequence[int]]
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(markdown_table(rows))
+        diagnostics = diagnostics_table([r for r in rows if not r["method"].startswith("dev-select")])
+        if diagnostics:
+            f.write("\nRetrieval diagnostics (from each run's record):\n\n" + diagnostics)
     keys = ["task", "method", "k", "seed", "test_accuracy", "dev_accuracy", "n_test", "epochs_run",
             "train_seconds", "test_seconds", "knn_lambda", "knn_k", "knn_temperature", "model"]
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
