@@ -202,3 +202,35 @@ def test_fine_tune_learns_its_training_set(tiny_bert, examples):
     out = fine_tune(plm, tok, examples, examples, examples, 2, args)
     assert out["dev_accuracy"] == 1.0 and out["test_accuracy"] == 1.0
     assert [h["step"] for h in out["history"]][:2] == [10, 20]
+
+
+def test_lambda_is_tuned_on_the_distribution_inference_uses(tiny_bert, examples):
+    """The dev accuracy tune_inference reports is the accuracy the tuned model then gets on dev, and the
+    one-pass fixed / PLM-only accuracies match the model's own predictions under those settings."""
+    from openprompt_retro.experiments.runs import inference_settings_on
+
+    torch.manual_seed(0)
+    model = retro_model(tiny_bert, demonstrations="none", knn_lambda=0.0)
+    tr = trainer(model, tiny_bert, epochs=2, lr=5e-3, ks=(2, 4), temperatures=(0.5, 1.0))
+    tr.grid = R.MixtureGrid(lambdas=(0.0, 0.25, 0.5, 0.75, 1.0), ks=(2, 4), temperatures=(0.5, 1.0))
+    dev = examples[2:]
+    tr.fit(examples, dev)
+    model.store.keys[:] *= 50.0  # large key norms: raw scores would make p_kNN one-hot, z-scores do not
+    tr.model.store.build(model.store.keys, model.store.labels, model.store.guids, model.store.texts)
+    scales = []
+    search = model.store.knn_distribution
+
+    def spy(*args, **kwargs):
+        scales.append(kwargs.get("scale", args[4] if len(args) > 4 else "raw"))
+        return search(*args, **kwargs)
+
+    model.store.knn_distribution = spy
+    tuned = tr.tune_inference(dev)
+    assert scales and set(scales) == {"zscore"}  # the config's scale, as in the verbalizer
+    assert tuned["dev_accuracy"] == tr.evaluate(dev)["accuracy"]
+    loader = tr.loader(dev)
+    settings = inference_settings_on(tr, loader)
+    model.apply_config(knn_lambda=0.5, knn_k=16, knn_temperature=1.0)
+    assert settings["fixed"] == tr.evaluate(loader)["accuracy"]
+    model.apply_config(knn_lambda=0.0)
+    assert settings["plm_only"] == tr.evaluate(loader)["accuracy"]

@@ -34,7 +34,7 @@ def run_big_pool(ns) -> None:
         seconds = time.perf_counter() - t0
         q = np.random.default_rng(0).normal(size=(256, model.store.dim)).astype(np.float32)
         t1 = time.perf_counter()
-        model.store.knn_distribution(q, tuned["knn_k"], tuned["knn_temperature"])
+        model.knn_distribution(q, tuned["knn_k"], tuned["knn_temperature"])
         search_ms = 1000 * (time.perf_counter() - t1) / 256
         row = {"store": name, "entries": len(model.store), "test_accuracy": acc, "dev_accuracy": tuned["dev_accuracy"],
                "knn_lambda": tuned["knn_lambda"], "knn_k": tuned["knn_k"], "knn_temperature": tuned["knn_temperature"],

@@ -104,7 +104,7 @@ def run_figures(ns) -> None:
     trainer.fit(data["train"], data["dev"])
     tuned = trainer.tuned
     p_plm, queries, labels = trainer.collect(data["dev"])
-    p_knn = trainer.model.store.knn_distribution(queries, tuned["knn_k"], tuned["knn_temperature"])
+    p_knn = trainer.model.knn_distribution(queries, tuned["knn_k"], tuned["knn_temperature"])
     lambdas = [round(x, 2) for x in np.linspace(0, 1, 21)]
     accs = [float((mix(p_plm, p_knn, lam).argmax(1) == labels).mean()) for lam in lambdas]
     plot_lambda_sweep(lambdas, accs, tuned["knn_lambda"], os.path.join(ns.out, "lambda_sweep.png"),

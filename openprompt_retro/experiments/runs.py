@@ -241,21 +241,12 @@ def run_one(task: str, method: str, seed: int, ns) -> Dict:
 def inference_settings_on(trainer, loader) -> Dict[str, float]:
     """Test accuracy of the trained model under the tuned lambda/k/T, with the PLM alone (lambda = 0) and
     with the fixed mixture (lambda 0.5, k 16, T 1): the effect of tuning inference on dev, same weights."""
-    from ..core.knn import MixtureGrid
+    from ..core.knn import MixtureGrid, accuracy, mix
 
-    model, cfg = trainer.model, trainer.model.config
-    tuned = dict(knn_lambda=cfg.knn_lambda, knn_k=cfg.knn_k, knn_temperature=cfg.knn_temperature)
+    p_plm, queries, labels = trainer.collect(loader)  # one pass; P = lambda p_kNN + (1 - lambda) p_PLM
     fixed = MixtureGrid.fixed()
-    out = {}
-    try:
-        for name, setting in (("plm_only", dict(knn_lambda=0.0)),
-                              ("fixed", dict(knn_lambda=fixed.lambdas[0], knn_k=fixed.ks[0],
-                                             knn_temperature=fixed.temperatures[0]))):
-            model.apply_config(**setting)
-            out[name] = trainer.evaluate(loader, split="test")["accuracy"]
-    finally:
-        model.apply_config(**tuned)
-    return out
+    p_knn = trainer.model.knn_distribution(queries, fixed.ks[0], fixed.temperatures[0])
+    return {"plm_only": accuracy(p_plm, labels), "fixed": accuracy(mix(p_plm, p_knn, fixed.lambdas[0]), labels)}
 
 
 def run_baseline(task: str, method: str, seed: int, ns) -> Dict:

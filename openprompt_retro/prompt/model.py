@@ -630,6 +630,14 @@ class RetroPromptForClassification(PromptForClassification):
         return self.verbalizer.knn_probs(query, exclude_ids, k or self.config.knn_k,
                                          temperature or self.config.knn_temperature)
 
+    def knn_distribution(self, queries, k: Optional[int] = None, temperature: Optional[float] = None,
+                         exclude_ids=None) -> np.ndarray:
+        """p_kNN(y|x) for numpy query keys with the config's score scale: the distribution inference mixes in,
+        so lambda is tuned on dev against exactly what the model will use."""
+        return self.store.knn_distribution(np.asarray(queries, dtype=np.float32), k or self.config.knn_k,
+                                           temperature or self.config.knn_temperature, exclude_ids,
+                                           self.config.knn_score_scale)
+
     def update_loss_gate(self) -> float:
         """Leave-one-out kNN accuracy of the store; the kNN loss term is active only above chance.
 
