@@ -13,7 +13,8 @@ import sys
 from typing import List, Optional
 
 from .errors import UserError
-from .experiments.methods import ALL_METHODS, BENCH_TASKS, SEEDS, TRAINED_METHODS, methods_help
+from .experiments.methods import (ALL_METHODS, BENCH_TASKS, GRID_METHODS, LOCKED_PROTOCOL, LOCKED_VARIANT, SEEDS,
+                                  methods_help)
 from .experiments.paths import DEFAULT_DATA_ROOT, DEFAULT_MODEL
 
 #: command -> (module in experiments, function), imported only when the command runs
@@ -111,9 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_grid(command("run", "train and evaluate methods on few-shot splits", f"Methods - {methods_help()}."),
               ["SST-2"], ["retro"], [42], os.path.join("runs", "default"))
-    _add_grid(command("benchmark", "all 7 single-sentence tasks x all methods x 5 seeds (resumable)",
-                      f"Methods - {methods_help()}."), BENCH_TASKS, TRAINED_METHODS, SEEDS,
-              os.path.join("benchmarks", "results"))
+    bench = command("benchmark", "7 tasks x every method x 5 seeds with the protocol chosen on dev (resumable)",
+                    f"Methods - {methods_help()}. Defaults: the protocol and RetroPrompt variant that `protocol` "
+                    f"chose on dev: {LOCKED_PROTOCOL}, {LOCKED_VARIANT}.")
+    _add_grid(bench, BENCH_TASKS, GRID_METHODS, SEEDS, os.path.join("benchmarks", "results"))
+    bench.set_defaults(**LOCKED_PROTOCOL, **LOCKED_VARIANT)
 
     rp = command("report", "table and plot from a results.jsonl")
     rp.add_argument("results", help="path to results.jsonl")

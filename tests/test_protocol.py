@@ -87,3 +87,17 @@ def test_retro_diagnostics_are_averaged_beside_the_choice():
     assert t["dev_plm_only"] == pytest.approx(0.65) and t["dev_permuted_change"] == pytest.approx(-0.1)
     assert t["dev_removed_change"] == pytest.approx(-0.1) and t["lambda_positive"] == 0.5
     assert "test_permuted_change" not in t  # no test reliance recorded: nothing averaged
+
+
+def test_benchmark_runs_with_what_the_committed_search_chose():
+    """The benchmark command's defaults are the protocol and variant in benchmarks/protocol/search/choices.json."""
+    from openprompt_retro.cli import build_parser
+    from openprompt_retro.experiments.methods import GRID_METHODS, LOCKED_PROTOCOL, LOCKED_VARIANT
+
+    with open(os.path.join(ROOT, "benchmarks", "protocol", "search", "choices.json")) as f:
+        choices = json.load(f)
+    assert choices["protocol"]["settings"] == LOCKED_PROTOCOL
+    assert choices["variant"]["settings"] == LOCKED_VARIANT
+    ns = build_parser().parse_args(["benchmark"])
+    assert (ns.lr, ns.max_steps, ns.eval_every) == (5e-5, 200, 20) and ns.config == {"demo_center": True}
+    assert ns.methods == GRID_METHODS and len(ns.tasks) * len(ns.seeds) * len(ns.methods) == 280

@@ -22,7 +22,12 @@ ZERO_SHOT_METHODS: Dict[str, str] = {
 }
 TRAINED_METHODS = list(METHOD_HELP)
 ALL_METHODS = TRAINED_METHODS + list(BASELINE_METHODS) + list(ZERO_SHOT_METHODS)
+#: the benchmark grid: every trained method and both baselines
+GRID_METHODS = TRAINED_METHODS + list(BASELINE_METHODS)
 BENCH_TASKS = ["SST-2", "sst-5", "mr", "cr", "mpqa", "subj", "trec"]
+#: what ``protocol`` chose on dev (benchmarks/protocol/search/choices.json); ``benchmark`` runs with it
+LOCKED_PROTOCOL = {"lr": 5e-5, "max_steps": 200, "eval_every": 20}
+LOCKED_VARIANT = {"config": {"demo_center": True}}
 SEEDS = [13, 21, 42, 87, 100]
 
 

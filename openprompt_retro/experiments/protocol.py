@@ -25,7 +25,7 @@ from statistics import mean, pstdev
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import UserError
-from .methods import BASELINE_METHODS, BENCH_TASKS, SEEDS, TRAINED_METHODS
+from .methods import BENCH_TASKS, GRID_METHODS, SEEDS
 from .results import dedupe, read_rows
 
 SEARCH_TASKS = ["SST-2", "subj", "trec"]
@@ -45,7 +45,6 @@ VARIANTS: Dict[str, Dict] = {
     "beta-0.5": {"loss_beta": 0.5},
     "beta-2": {"loss_beta": 2.0},
 }
-GRID_METHODS = TRAINED_METHODS + list(BASELINE_METHODS)
 
 
 # ---------------------------------------------------------------------- choices (pure functions of the rows)
