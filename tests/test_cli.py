@@ -41,7 +41,7 @@ def test_smoke_run_writes_well_formed_outputs(tmp_path):
         assert 0.0 <= r["knn_lambda"] <= 1.0
     assert rows[0]["knn_lambda"] == 0.0  # plain prompt tuning never mixes
     diag = rows[1]["diagnostics"]  # retro: the same weights under other inference settings, reliance on dev too
-    assert set(diag["test_accuracy_by_inference"]) == {"plm_only", "fixed"}
+    assert set(diag["test_accuracy_by_inference"]) == {"plm_only", "fixed", "knn_only", "knn_plm_agreement"}
     if rows[1]["knn_lambda"] == 0.0:
         assert diag["test_accuracy_by_inference"]["plm_only"] == rows[1]["test_accuracy"]
     assert {"permuted_change", "removed_change"} <= set(diag["demonstration_reliance_dev"])

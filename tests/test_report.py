@@ -4,7 +4,8 @@ from openprompt_retro.experiments.report import diagnostics_table
 
 def _row(method, seed, test, lam, plm, fixed, permuted, loo, weights):
     return {"task": "A", "method": method, "k": 16, "seed": seed, "test_accuracy": test, "knn_lambda": lam,
-            "diagnostics": {"test_accuracy_by_inference": {"plm_only": plm, "fixed": fixed},
+            "diagnostics": {"test_accuracy_by_inference": {"plm_only": plm, "fixed": fixed, "knn_only": fixed - 0.1,
+                                                          "knn_plm_agreement": 0.9},
                             "demonstration_reliance": {"permuted_change": permuted, "removed_change": -0.02},
                             "evaluations": [{"store_loo_accuracy": loo[0], "loss_weight_mean": weights[0]},
                                             {"store_loo_accuracy": loo[1], "loss_weight_mean": weights[1]}]}}
@@ -16,6 +17,6 @@ def test_diagnostics_table_averages_each_method_by_hand():
             {"task": "A", "method": "prompt", "k": 16, "seed": 1, "test_accuracy": 0.9, "knn_lambda": 0.0}]
     table = diagnostics_table(rows)
     line = next(x for x in table.splitlines() if x.startswith("| retro |"))
-    assert line == "| retro | 2 | 75.0 | 73.0 | 76.0 | 50.0% | -1.0 | -2.0 | 60.0 / 100.0 | 1.75 / 1.00 |"
+    assert line == "| retro | 2 | 75.0 | 73.0 | 76.0 | 66.0 | 90.0% | 50.0% | -1.0 | -2.0 | 60.0 / 100.0 | 1.75 / 1.00 |"
     assert "| prompt |" not in table  # no store, no row
     assert diagnostics_table(rows[2:]) == ""

@@ -234,3 +234,6 @@ def test_lambda_is_tuned_on_the_distribution_inference_uses(tiny_bert, examples)
     assert settings["fixed"] == tr.evaluate(loader)["accuracy"]
     model.apply_config(knn_lambda=0.0)
     assert settings["plm_only"] == tr.evaluate(loader)["accuracy"]
+    model.apply_config(knn_lambda=1.0)
+    assert settings["knn_only"] == tr.evaluate(loader)["accuracy"]
+    assert 0.0 <= settings["knn_plm_agreement"] <= 1.0

@@ -71,8 +71,9 @@ def markdown_table(rows: List[Dict]) -> str:
 def diagnostics_table(rows: List[Dict]) -> str:
     """The retrieval diagnostics of the runs that use a store, averaged per method (empty when none has them).
 
-    Test accuracy with lambda tuned on dev, with the PLM alone (lambda = 0) and with the fixed mixture
-    (lambda 0.5, k 16, T 1), all of the same trained weights; how often dev chose lambda > 0; the change in test
+    Test accuracy with lambda tuned on dev, with the PLM alone (lambda = 0), the fixed mixture (lambda 0.5,
+    k 16, T 1) and the store alone (lambda 1), all of the same trained weights; how often the store's and the
+    PLM's predictions agree; how often dev chose lambda > 0; the change in test
     accuracy when each example's neural demonstrations are permuted across classes or removed; and the
     store's leave-one-out kNN accuracy and the mean kNN loss weight at the first and last evaluation."""
     groups = defaultdict(list)
@@ -90,8 +91,8 @@ def diagnostics_table(rows: List[Dict]) -> str:
         value = scale * float(np.mean(values))
         return f"{value:+.1f}" if signed else (f"{value:.1f}" if scale == 100.0 else f"{value:.2f}")
 
-    lines = ["| method | runs | test: tuned | lambda 0 | lambda 0.5 | lambda > 0 chosen | d_c permuted | d_c removed "
-             "| store LOO first / last | loss weight first / last |", "|" + "---|" * 10]
+    lines = ["| method | runs | test: tuned | lambda 0 | lambda 0.5 | lambda 1 | kNN = PLM | lambda > 0 chosen "
+             "| d_c permuted | d_c removed | store LOO first / last | loss weight first / last |", "|" + "---|" * 12]
     for m in _ordered(set(groups), ALL_METHODS):
         g = groups[m]
         d = [r.get("diagnostics") or {} for r in g]
@@ -100,7 +101,8 @@ def diagnostics_table(rows: List[Dict]) -> str:
         evs = [x.get("evaluations") or [{}] for x in d]
         lines.append(
             f"| {m} | {len(g)} | {avg([r['test_accuracy'] for r in g])} | {avg([i.get('plm_only') for i in inf])} | "
-            f"{avg([i.get('fixed') for i in inf])} | {avg([float(r.get('knn_lambda') or 0) > 0 for r in g])}% | "
+            f"{avg([i.get('fixed') for i in inf])} | {avg([i.get('knn_only') for i in inf])} | "
+            f"{avg([i.get('knn_plm_agreement') for i in inf])}% | {avg([float(r.get('knn_lambda') or 0) > 0 for r in g])}% | "
             f"{avg([x.get('permuted_change') for x in rel], signed=True)} | "
             f"{avg([x.get('removed_change') for x in rel], signed=True)} | "
             f"{avg([e[0].get('store_loo_accuracy') for e in evs])} / "

@@ -239,14 +239,17 @@ def run_one(task: str, method: str, seed: int, ns) -> Dict:
 
 
 def inference_settings_on(trainer, loader) -> Dict[str, float]:
-    """Test accuracy of the trained model under the tuned lambda/k/T, with the PLM alone (lambda = 0) and
-    with the fixed mixture (lambda 0.5, k 16, T 1): the effect of tuning inference on dev, same weights."""
+    """Test accuracy of the same trained weights with the PLM alone (lambda = 0), the fixed mixture (lambda 0.5,
+    k 16, T 1) and the store alone (lambda 1), and how often the store's and the PLM's predictions agree: the
+    effect of tuning inference on dev, and whether p_kNN can add anything to p_PLM."""
     from ..core.knn import MixtureGrid, accuracy, mix
 
     p_plm, queries, labels = trainer.collect(loader)  # one pass; P = lambda p_kNN + (1 - lambda) p_PLM
     fixed = MixtureGrid.fixed()
     p_knn = trainer.model.knn_distribution(queries, fixed.ks[0], fixed.temperatures[0])
-    return {"plm_only": accuracy(p_plm, labels), "fixed": accuracy(mix(p_plm, p_knn, fixed.lambdas[0]), labels)}
+    return {"plm_only": accuracy(p_plm, labels), "fixed": accuracy(mix(p_plm, p_knn, fixed.lambdas[0]), labels),
+            "knn_only": accuracy(p_knn, labels),
+            "knn_plm_agreement": float((p_knn.argmax(-1) == p_plm.argmax(-1)).mean())}
 
 
 def run_baseline(task: str, method: str, seed: int, ns) -> Dict:
