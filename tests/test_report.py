@@ -19,4 +19,8 @@ def test_diagnostics_table_averages_each_method_by_hand():
     line = next(x for x in table.splitlines() if x.startswith("| retro |"))
     assert line == "| retro | 2 | 75.0 | 73.0 | 76.0 | 66.0 | 90.0% | 50.0% | -1.0 | -2.0 | 60.0 / 100.0 | 1.75 / 1.00 |"
     assert "| prompt |" not in table  # no store, no row
+    no_infer = dict(rows[0], method="retro-no-knn-infer")
+    no_infer["diagnostics"] = {k: v for k, v in rows[0]["diagnostics"].items() if k != "test_accuracy_by_inference"}
+    line = next(x for x in diagnostics_table([no_infer]).splitlines() if x.startswith("| retro-no-knn-infer"))
+    assert line.startswith("| retro-no-knn-infer | 1 | 70.0 | - | - | - | - | 0.0% | +0.0 |")
     assert diagnostics_table(rows[2:]) == ""

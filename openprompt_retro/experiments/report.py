@@ -84,12 +84,12 @@ def diagnostics_table(rows: List[Dict]) -> str:
     if not groups:
         return ""
 
-    def avg(values, scale=100.0, signed=False):
+    def avg(values, scale=100.0, signed=False, unit=""):
         values = [v for v in values if v is not None]
         if not values:
             return "-"
         value = scale * float(np.mean(values))
-        return f"{value:+.1f}" if signed else (f"{value:.1f}" if scale == 100.0 else f"{value:.2f}")
+        return (f"{value:+.1f}" if signed else (f"{value:.1f}" if scale == 100.0 else f"{value:.2f}")) + unit
 
     lines = ["| method | runs | test: tuned | lambda 0 | lambda 0.5 | lambda 1 | kNN = PLM | lambda > 0 chosen "
              "| d_c permuted | d_c removed | store LOO first / last | loss weight first / last |", "|" + "---|" * 12]
@@ -102,7 +102,8 @@ def diagnostics_table(rows: List[Dict]) -> str:
         lines.append(
             f"| {m} | {len(g)} | {avg([r['test_accuracy'] for r in g])} | {avg([i.get('plm_only') for i in inf])} | "
             f"{avg([i.get('fixed') for i in inf])} | {avg([i.get('knn_only') for i in inf])} | "
-            f"{avg([i.get('knn_plm_agreement') for i in inf])}% | {avg([float(r.get('knn_lambda') or 0) > 0 for r in g])}% | "
+            f"{avg([i.get('knn_plm_agreement') for i in inf], unit='%')} | "
+            f"{avg([float(r.get('knn_lambda') or 0) > 0 for r in g], unit='%')} | "
             f"{avg([x.get('permuted_change') for x in rel], signed=True)} | "
             f"{avg([x.get('removed_change') for x in rel], signed=True)} | "
             f"{avg([e[0].get('store_loo_accuracy') for e in evs])} / "
