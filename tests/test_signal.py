@@ -136,6 +136,11 @@ def test_permuted_demonstrations_are_the_next_class(tiny_bert, examples):
     reliance = tr.demonstration_reliance(examples)
     assert reliance["accuracy"] == tr.evaluate(examples)["accuracy"]
     assert reliance["permuted_change"] == pytest.approx(reliance["permuted"] - reliance["accuracy"])
+    calls = []
+    evaluate = tr.evaluate
+    tr.evaluate = lambda *a, **k: calls.append(1) or evaluate(*a, **k)
+    again = tr.demonstration_reliance(examples, known_accuracy=reliance["accuracy"])
+    assert again == reliance and len(calls) == 2  # permuted and removed only: the known accuracy is not redone
 
 
 def test_demonstration_variants_norm_and_centre(tiny_bert, examples):

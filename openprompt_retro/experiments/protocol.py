@@ -25,7 +25,7 @@ from statistics import mean, pstdev
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import UserError
-from .methods import BENCH_TASKS, GRID_METHODS, SEEDS
+from .methods import GRID_METHODS
 from .results import dedupe, read_rows
 
 SEARCH_TASKS = ["SST-2", "subj", "trec"]
@@ -157,30 +157,29 @@ def _rows(folder: str) -> List[Dict]:
     return read_rows(os.path.join(folder, "results.jsonl"))
 
 
-def phase_protocol(ns) -> Tuple[str, Dict]:
-    folder = os.path.join(ns.out, "protocol")
+def _search(ns, phase: str, candidate_args: Dict[str, List[str]], methods: Sequence[str],
+            order: Sequence[str]) -> Tuple[str, Dict]:
+    """Run ``methods`` on the search splits once per candidate (OUT/<phase>/<candidate>), then choose on dev."""
+    folder = os.path.join(ns.out, phase)
     commands = [["--tasks", ",".join(SEARCH_TASKS), "--seeds", ",".join(map(str, SEARCH_SEEDS)),
-                 "--methods", ",".join(SEARCH_METHODS), "--out", os.path.join(folder, name),
-                 *_protocol_args(p), *_passthrough(ns)] for name, p in PROTOCOLS.items()]
+                 "--methods", ",".join(methods), "--out", os.path.join(folder, name), *args, *_passthrough(ns)]
+                for name, args in candidate_args.items()]
     if not ns.choose_only:
         run_parallel(commands, ns.workers, os.path.join(ns.out, "logs"))
-    tables = {name: dev_table(_rows(os.path.join(folder, name)), SEARCH_METHODS, SEARCH_TASKS, SEARCH_SEEDS,
-                              ns.shots) for name in PROTOCOLS}
-    name, _ = choose(tables, protocol_order())
+    tables = {name: dev_table(_rows(os.path.join(folder, name)), methods, SEARCH_TASKS, SEARCH_SEEDS, ns.shots)
+              for name in candidate_args}
+    name, _ = choose(tables, order)
     return name, tables
+
+
+def phase_protocol(ns) -> Tuple[str, Dict]:
+    return _search(ns, "protocol", {name: _protocol_args(p) for name, p in PROTOCOLS.items()}, SEARCH_METHODS,
+                   protocol_order())
 
 
 def phase_variants(ns, protocol: Dict) -> Tuple[str, Dict]:
-    folder = os.path.join(ns.out, "variants")
-    commands = [["--tasks", ",".join(SEARCH_TASKS), "--seeds", ",".join(map(str, SEARCH_SEEDS)),
-                 "--methods", "retro", "--out", os.path.join(folder, name), *_protocol_args(protocol),
-                 *_variant_args(v), *_passthrough(ns)] for name, v in VARIANTS.items()]
-    if not ns.choose_only:
-        run_parallel(commands, ns.workers, os.path.join(ns.out, "logs"))
-    tables = {name: dev_table(_rows(os.path.join(folder, name)), ["retro"], SEARCH_TASKS, SEARCH_SEEDS, ns.shots)
-              for name in VARIANTS}
-    name, _ = choose(tables, list(VARIANTS))
-    return name, tables
+    return _search(ns, "variants", {name: [*_protocol_args(protocol), *_variant_args(v)]
+                                    for name, v in VARIANTS.items()}, ["retro"], list(VARIANTS))
 
 
 def phase_grid(ns, protocol: Dict, variant: Dict) -> None:
@@ -238,5 +237,4 @@ def run_protocol(ns) -> Dict:
     return choices
 
 
-__all__ = ["run_protocol", "dev_table", "choose", "PROTOCOLS", "VARIANTS", "SEARCH_TASKS", "SEARCH_SEEDS",
-           "BENCH_TASKS", "SEEDS"]
+__all__ = ["run_protocol", "dev_table", "choose", "PROTOCOLS", "VARIANTS", "SEARCH_TASKS", "SEARCH_SEEDS"]

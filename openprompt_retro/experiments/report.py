@@ -78,8 +78,8 @@ def diagnostics_table(rows: List[Dict]) -> str:
     store's leave-one-out kNN accuracy and the mean kNN loss weight at the first and last evaluation."""
     groups = defaultdict(list)
     for r in rows:
-        if (r.get("diagnostics") or {}).get("test_accuracy_by_inference") or \
-                (r.get("diagnostics") or {}).get("demonstration_reliance"):
+        d = r.get("diagnostics") or {}
+        if d.get("test_accuracy_by_inference") or d.get("demonstration_reliance"):
             groups[r["method"]].append(r)
     if not groups:
         return ""

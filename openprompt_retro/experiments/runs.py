@@ -221,7 +221,8 @@ def run_one(task: str, method: str, seed: int, ns) -> Dict:
         diagnostics["dev_accuracy_plm_only"] = tuned["dev_accuracy_plm_only"]
         diagnostics["test_accuracy_by_inference"] = inference_settings_on(trainer, test_loader)
     if trainer.model.uses_neural_demos:
-        diagnostics["demonstration_reliance"] = trainer.demonstration_reliance(test_loader)
+        diagnostics["demonstration_reliance"] = trainer.demonstration_reliance(test_loader,
+                                                                               known_accuracy=test["accuracy"])
         diagnostics["demonstration_reliance_dev"] = trainer.demonstration_reliance(data["dev"])
     return {
         "task": spec.name, "method": method, "k": ns.shots, "seed": seed, "model": ns.model,

@@ -84,4 +84,3 @@ def batch_example_ids(batch) -> Optional["np.ndarray"]:
     import numpy as np
 
     return np.asarray(ids.detach().cpu() if hasattr(ids, "detach") else ids, dtype=np.int64).reshape(-1)
-

@@ -271,11 +271,13 @@ class RetroTrainer:
         labels = np.array([int(f["label"]) for f in loader.tensor_dataset])
         return {"accuracy": accuracy(probs, labels), "n": int(len(labels))}
 
-    def demonstration_reliance(self, data) -> Dict[str, float]:
+    def demonstration_reliance(self, data, known_accuracy: Optional[float] = None) -> Dict[str, float]:
         """How much predictions read the neural demonstrations: accuracy as is, with each example's d_c
-        permuted across classes (class c's slot gets class c-1's demonstration), and with none."""
+        permuted across classes (class c's slot gets class c-1's demonstration), and with none.
+
+        ``known_accuracy``: the accuracy on ``data`` as is, when already measured (not evaluated again)."""
         loader = self._as_loader(data)
-        out = {"accuracy": self.evaluate(loader)["accuracy"]}
+        out = {"accuracy": self.evaluate(loader)["accuracy"] if known_accuracy is None else known_accuracy}
         self.model.demo_ablation = "permute"
         try:
             out["permuted"] = self.evaluate(loader)["accuracy"]
