@@ -90,6 +90,59 @@ def test_a_run_finished_by_another_process_before_our_claim_is_not_redone(tmp_pa
 
 
 @needs_data
+def test_the_no_knn_infer_ablation_is_measured_on_retros_weights_as_if_trained_alone(tmp_path, capsys):
+    """retro and retro-no-knn-infer train identically: in one grid the ablation reuses retro's training, and its
+    row is the row a separate training gives (lambda reset to 0 although retro's mixture uses 0.5)."""
+    tiny = ["--model", "tiny-bert", "--tasks", "SST-2", "--epochs", "1", "--no-progress", "--data-root", DATA,
+            "--mixture-grid", "fixed"]
+    main(["run", *tiny, "--methods", "retro,retro-no-knn-infer", "--out", str(tmp_path / "paired")])
+    err = capsys.readouterr().err
+    main(["run", *tiny, "--methods", "retro-no-knn-infer", "--out", str(tmp_path / "alone")])
+    retro, paired = rows_of(tmp_path / "paired")
+    (alone,) = rows_of(tmp_path / "alone")
+    assert (retro["method"], paired["method"]) == ("retro", "retro-no-knn-infer")
+    assert retro["knn_lambda"] == 0.5 and paired["knn_lambda"] == alone["knn_lambda"] == 0.0
+    assert paired["shares_training_with"] == "retro" and "shares_training_with" not in alone
+    assert err.count("retro-no-knn-infer K=16") == 0  # it never started a training of its own
+    assert paired["train_seconds"] == retro["train_seconds"]
+    for field in ("test_accuracy", "dev_accuracy", "n_test", "epochs_run", "knn_k", "knn_temperature", "settings",
+                  "diagnostics"):
+        assert paired[field] == alone[field], field
+
+
+def test_the_ablation_waits_for_its_partner_trained_by_another_process(tmp_path, monkeypatch):
+    """Another process trains retro (and so measures retro-no-knn-infer): this one defers, waits, and redoes
+    neither."""
+    from argparse import Namespace
+
+    from openprompt_retro.experiments import runs
+
+    results = ResultsFile(str(tmp_path))
+    retro_key = ("SST-2", "retro", 16, 13)
+    polls = []
+
+    def held_by_the_other_process(self, key):
+        polls.append(key)
+        if len(polls) < 3:
+            return "1@elsewhere"
+        if not read_rows(self.path):  # the other process finishes: both rows written, claims released
+            self.write(row(method="retro"))
+            self.write(row(method="retro-no-knn-infer"))
+        return None
+
+    monkeypatch.setattr(ResultsFile, "holder", held_by_the_other_process)
+    monkeypatch.setattr(ResultsFile, "claim", lambda self, key: "1@elsewhere" if key == retro_key else None)
+    monkeypatch.setattr(runs, "check_grid", lambda ns: None)
+    monkeypatch.setattr(runs.time, "sleep", lambda s: None)
+    monkeypatch.setattr(runs, "run_one", lambda *a: pytest.fail("trained a run the other process did"))
+    monkeypatch.setattr(runs, "run_trained", lambda *a, **k: pytest.fail("trained a run the other process did"))
+    ns = Namespace(tasks=["SST-2"], methods=["retro", "retro-no-knn-infer"], seeds=[13], shots=16,
+                   out=str(tmp_path), overwrite=False)
+    runs.run_grid(ns)
+    assert sorted(r["method"] for r in read_rows(results.path)) == ["retro", "retro-no-knn-infer"]
+
+
+@needs_data
 def test_the_result_is_printed_before_a_failed_write(tmp_path, capsys):
     out = tmp_path / "out"
     (out / "results.jsonl").mkdir(parents=True)  # passes the folder check; the write itself fails

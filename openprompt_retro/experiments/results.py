@@ -120,6 +120,11 @@ class ResultsFile:
             return None
         return _read(path) or "another process"
 
+    def holder(self, key: RunKey) -> Optional[str]:
+        """Who holds the run's claim now ("pid@host"), or None: unclaimed, or its process is gone."""
+        holder = _read(self._claim_path(key))
+        return holder if holder and not _dead(holder) else None
+
     def release(self, key: RunKey) -> None:
         _remove(self._claim_path(key))
 

@@ -192,21 +192,53 @@ def load_split(task: str, seed: int, ns) -> Dict:
     return data
 
 
+#: an ablation that trains exactly like another method and differs only at inference: in a grid holding both,
+#: it is measured on the other method's trained weights (one training, a paired comparison)
+SAME_TRAINING = {"retro-no-knn-infer": "retro"}
+
+
 def run_one(task: str, method: str, seed: int, ns) -> Dict:
     """Train one method on one split; evaluate on test. Returns a result record."""
-    import torch
-
     if method in ZERO_SHOT_METHODS:
         return run_zero_shot(task, method, seed, ns)
     if method in BASELINE_METHODS:
         return run_baseline(task, method, seed, ns)
+    return run_trained(task, method, seed, ns)[0]
+
+
+def run_trained(task: str, method: str, seed: int, ns, also: Optional[str] = None) -> List[Dict]:
+    """Train ``method`` on one split and evaluate it on test: its record, then, with ``also`` (a method whose
+    SAME_TRAINING is ``method``), that method's record measured on the same weights without kNN inference.
+
+    retro and retro-no-knn-infer train identically (the kNN-guided loss and its store; choosing lambda, k and T
+    runs after training under its own RNG), so retro-no-knn-infer is retro's weights with lambda = 0 and the
+    k and T it starts with. Its record marks ``shares_training_with``; its train_seconds are that training's.
+    """
+    import torch
+
+    if also is not None and SAME_TRAINING.get(also) != method:
+        raise ValueError(f"{also!r} does not train like {method!r}")
     data = load_split(task, seed, ns)
     torch.manual_seed(seed)
     trainer, spec = method_trainer(method, task, ns, data["train"], seed)
     trainer.args.progress = not ns.no_progress
+    config = trainer.model.config
+    untuned = {"knn_lambda": config.knn_lambda, "knn_k": config.knn_k, "knn_temperature": config.knn_temperature}
     t0 = time.time()
     history = trainer.fit(data["train"], data["dev"])
     train_s = time.time() - t0
+    records = [_trained_record(trainer, spec, data, history, method, seed, ns, train_s)]
+    if also is not None:
+        trainer.model.apply_config(**untuned)  # lambda = 0: the PLM alone
+        trainer.tuned = None
+        rec = _trained_record(trainer, spec, data, history, also, seed, ns, train_s)
+        rec["shares_training_with"] = method
+        records.append(rec)
+    return records
+
+
+def _trained_record(trainer, spec, data, history, method: str, seed: int, ns, train_s: float) -> Dict:
+    """Evaluate the trained model on test (and its retrieval diagnostics); the run's result record."""
     t0 = time.time()
     test_loader = trainer.loader(data["test"], split="test", require_labels=True)  # tokenized once
     test = trainer.evaluate(test_loader, split="test")
@@ -336,17 +368,38 @@ def run_grid(ns) -> List[Dict]:
 
     Each run's result is printed, then written; processes sharing OUT split the runs between them: a run is
     claimed before it starts and checked again once claimed, so a run finished meanwhile is not redone.
+    A method whose SAME_TRAINING partner is in the grid too is measured on the partner's trained weights
+    (no second training); if another process is training that partner, the run waits for it at the end.
     """
     check_grid(ns)
     results = ResultsFile(ns.out)
-    records = []
+    records, written = [], set()
     grid = [(t, m, s) for s in ns.seeds for t in ns.tasks for m in ns.methods]
-    for i, (task, method, seed) in enumerate(grid, 1):
-        key = (_task_spec(task).name, method, ns.shots, seed)
+    paired = {m: p for m, p in SAME_TRAINING.items() if m in ns.methods and p in ns.methods}
+    partner_of = {p: m for m, p in paired.items()}
+    queue, waited = [(i, *run) for i, run in enumerate(grid, 1)], set()
+    while queue:
+        i, task, method, seed = queue.pop(0)
         name = f"[{i}/{len(grid)}] {task} {method} K={ns.shots} seed={seed}"
+        key = _key(task, method, seed, ns)
+        if key in written:
+            continue
         if not ns.overwrite and key in results.done():
             print(f"{name}: already in {results.path}, skipped (--overwrite re-runs it)", file=sys.stderr, flush=True)
             continue
+        if method in paired:
+            partner = _key(task, paired[method], seed, ns)
+            holder = results.holder(partner)
+            if holder is not None and key not in waited:  # its partner is being trained elsewhere: come back later
+                print(f"{name}: measured on {paired[method]}'s weights, which {holder} is training; later",
+                      file=sys.stderr, flush=True)
+                queue.append((i, task, method, seed))
+                waited.add(key)
+                continue
+            while results.holder(partner) is not None:  # nothing else left to do: wait for that run
+                time.sleep(10)
+            if key in written or (not ns.overwrite and key in results.done()):
+                continue
         holder = results.claim(key)
         if holder is not None:
             print(f"{name}: being run by {holder}, skipped", file=sys.stderr, flush=True)
@@ -355,17 +408,22 @@ def run_grid(ns) -> List[Dict]:
             if not ns.overwrite and key in results.done():  # finished by another process before our claim
                 continue
             print(name, file=sys.stderr, flush=True)
-            rec = run_one(task, method, seed, ns)
-            dev = "-" if rec["dev_accuracy"] is None else f"{rec['dev_accuracy']:.4f}"
-            print(f"    test accuracy {rec['test_accuracy']:.4f} (dev {dev}, lambda {rec['knn_lambda']}, "
-                  f"{rec['train_seconds']:.0f}s train, {rec['test_seconds']:.0f}s test)", file=sys.stderr, flush=True)
-            records.append(rec)
+            also = partner_of.get(method)
+            if also is not None:
+                also_key = _key(task, also, seed, ns)
+                if (also_key in written or (not ns.overwrite and also_key in results.done())
+                        or results.claim(also_key) is not None):
+                    also = None
             try:
-                results.write(rec, overwrite=ns.overwrite)
-            except OSError as e:  # the result is not lost: print the row that could not be written
-                print(f"    result: {json.dumps(rec)}", file=sys.stderr, flush=True)
-                raise UserError(f"cannot write {results.path} ({e.strerror or e}); the result above was not "
-                                "saved") from None
+                if also is None:
+                    recs = [run_one(task, method, seed, ns)]
+                else:
+                    recs = run_trained(task, method, seed, ns, also=also)
+                for rec in recs:
+                    _print_and_write(rec, results, ns, records, written)
+            finally:
+                if also is not None:
+                    results.release(also_key)
         finally:
             results.release(key)
     from .report import write_report
@@ -377,4 +435,24 @@ def run_grid(ns) -> List[Dict]:
     return records
 
 
-__all__ = ["run_one", "run_zero_shot", "run_grid", "method_trainer", "load_split", "check_grid", "TRAINED_METHODS"]
+def _key(task: str, method: str, seed: int, ns):
+    return (_task_spec(task).name, method, ns.shots, seed)
+
+
+def _print_and_write(rec: Dict, results: ResultsFile, ns, records: List[Dict], written: set) -> None:
+    dev = "-" if rec["dev_accuracy"] is None else f"{rec['dev_accuracy']:.4f}"
+    shared = f" (on {rec['shares_training_with']}'s training)" if "shares_training_with" in rec else ""
+    print(f"    {rec['method']}{shared}: test accuracy {rec['test_accuracy']:.4f} (dev {dev}, lambda "
+          f"{rec['knn_lambda']}, {rec['train_seconds']:.0f}s train, {rec['test_seconds']:.0f}s test)",
+          file=sys.stderr, flush=True)
+    records.append(rec)
+    try:
+        results.write(rec, overwrite=ns.overwrite)
+    except OSError as e:  # the result is not lost: print the row that could not be written
+        print(f"    result: {json.dumps(rec)}", file=sys.stderr, flush=True)
+        raise UserError(f"cannot write {results.path} ({e.strerror or e}); the result above was not "
+                        "saved") from None
+    written.add(_key(rec["task"], rec["method"], rec["seed"], ns))
+
+
+__all__ = ["run_one", "run_trained", "run_zero_shot", "run_grid", "method_trainer", "load_split", "check_grid", "TRAINED_METHODS"]
