@@ -1,5 +1,7 @@
-"""The report's retrieval-diagnostics table: averages of what each run recorded, by hand."""
-from openprompt_retro.experiments.report import diagnostics_table
+"""The report's retrieval-diagnostics and paired-difference tables, by hand."""
+import pytest
+
+from openprompt_retro.experiments.report import diagnostics_table, paired_table, sign_flip_p
 
 
 def _row(method, seed, test, lam, plm, fixed, permuted, loo, weights):
@@ -24,3 +26,27 @@ def test_diagnostics_table_averages_each_method_by_hand():
     line = next(x for x in diagnostics_table([no_infer]).splitlines() if x.startswith("| retro-no-knn-infer"))
     assert line.startswith("| retro-no-knn-infer | 1 | 70.0 | - | - | - | - | 0.0% | +0.0 |")
     assert diagnostics_table(rows[2:]) == ""
+
+
+def test_sign_flip_p_value_by_hand():
+    # diffs 1, 2, 3 (mean 2): of the 8 sign patterns only +++ and --- reach |mean| >= 2
+    assert sign_flip_p([1, 2, 3]) == pytest.approx(2 / 8)
+    assert sign_flip_p([1, -1]) == 1.0  # mean 0: every pattern is as extreme
+    assert sign_flip_p([0.5] * 20) == pytest.approx(2 / 2 ** 20, abs=1e-3)  # sampled above n = 16: near 0
+    with pytest.raises(ValueError, match="no paired differences"):
+        sign_flip_p([])
+
+
+def test_paired_table_uses_only_the_splits_both_methods_ran():
+    def run(method, task, seed, acc):
+        return {"task": task, "method": method, "k": 16, "seed": seed, "test_accuracy": acc}
+
+    rows = [run("retro", "A", 1, 0.70), run("retro", "A", 2, 0.80), run("retro", "B", 1, 0.60),
+            run("prompt", "A", 1, 0.60), run("prompt", "A", 2, 0.80), run("prompt", "B", 1, 0.55),
+            run("linear-probe", "A", 1, 0.75)]  # one split only
+    lines = paired_table(rows).splitlines()
+    # retro - prompt: +10, 0, +5 points -> mean +5.00, std 4.08, 2 / 1 / 0; signs: only +10 +5 and -10 -5 reach
+    # |sum| 15, so 4 of the 8 patterns (the 0 takes either sign)
+    assert "| prompt | 3 | +5.00 | 4.08 | 2 / 1 / 0 | 0.500 |" in lines
+    assert "| linear-probe | 1 | -5.00 | 0.00 | 0 / 0 / 1 | 1.000 |" in lines
+    assert paired_table([r for r in rows if r["method"] != "retro"]) == ""

@@ -114,6 +114,42 @@ def diagnostics_table(rows: List[Dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sign_flip_p(diffs: Sequence[float], draws: int = 20000) -> float:
+    """Two-sided p-value of a paired sign-flip test: how often a random sign on each difference gives a mean at
+    least as far from 0 as the observed one. Exact (all 2^n signs) for n <= 16, else ``draws`` seeded draws."""
+    d = np.asarray(diffs, dtype=float)
+    n = len(d)
+    if n == 0:
+        raise ValueError("no paired differences")
+    if n <= 16:
+        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)  # every sign pattern
+    else:
+        signs = np.random.default_rng(0).choice([-1, 1], size=(draws, n))
+    observed = abs(d.mean())
+    return float(np.mean(np.abs((signs * d).mean(axis=1)) >= observed - 1e-12))
+
+
+def paired_table(rows: List[Dict], reference: str = "retro") -> str:
+    """``reference`` against every other method on the splits (task, K, seed) both ran: the mean and std of the
+    per-split differences in test accuracy (points), wins / ties / losses, and the sign-flip p-value."""
+    runs = {(r["task"], r["k"], r["seed"], r["method"]): 100.0 * r["test_accuracy"] for r in rows}
+    splits = {(t, k, s) for t, k, s, m in runs if m == reference}
+    if not splits:
+        return ""
+    lines = [f"| {reference} - method | splits | mean difference | std | wins / ties / losses | p (sign flip) |",
+             "|" + "---|" * 6]
+    for m in _ordered({key[3] for key in runs} - {reference}, ALL_METHODS):
+        d = np.array([runs[(*sp, reference)] - runs[(*sp, m)] for sp in sorted(splits) if (*sp, m) in runs])
+        if len(d) == 0:
+            continue
+        wins, ties = int((d > 1e-9).sum()), int((np.abs(d) <= 1e-9).sum())
+        lines.append(f"| {m} | {len(d)} | {d.mean():+.2f} | {d.std():.2f} | {wins} / {ties} / {len(d) - wins - ties} "
+                     f"| {sign_flip_p(d):.3f} |")
+    lines += ["", f"Per split (task, seed): {reference}'s test accuracy minus the method's, in points; p: the chance "
+              "that random signs on these differences give a mean at least this far from 0."]
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: List[Dict], path: str) -> None:
     import matplotlib
 
@@ -178,6 +214,9 @@ def write_report(results_path: str, out_dir: str, seeds: Optional[Sequence[int]]
         diagnostics = diagnostics_table([r for r in rows if not r["method"].startswith("dev-select")])
         if diagnostics:
             f.write("\nRetrieval diagnostics (from each run's record):\n\n" + diagnostics)
+        paired = paired_table(rows)
+        if paired:
+            f.write("\nPaired differences (the same splits):\n\n" + paired)
     keys = ["task", "method", "k", "seed", "test_accuracy", "dev_accuracy", "n_test", "epochs_run",
             "train_seconds", "test_seconds", "knn_lambda", "knn_k", "knn_temperature", "model"]
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
