@@ -176,3 +176,26 @@ def test_report_deduplicates_rows_with_a_warning(tmp_path):
                                          r"\[\('SST-2', 'prompt', 16, 13\)\]"):
         main(["report", str(path)])
     assert "| prompt | 80.0 ± 10.0 |" in (tmp_path / "table.md").read_text()  # seeds 13 (0.9) and 42 (0.7)
+
+
+def test_a_claim_file_holds_its_holder_from_the_moment_it_appears(tmp_path, monkeypatch):
+    """Another process reading the claim mid-creation must not see it empty (it would take an empty claim for a
+    dead one and run the same run twice)."""
+    from openprompt_retro.experiments import results as results_module
+
+    results, seen = ResultsFile(str(tmp_path)), []
+    link = os.link
+
+    def link_then_look(src, dst):
+        link(src, dst)
+        with open(dst) as f:
+            seen.append(f.read())  # what a reader sees as soon as the claim exists
+
+    monkeypatch.setattr(results_module.os, "link", link_then_look)
+    key = ("SST-2", "prompt", 16, 13)
+    assert results.claim(key) is None
+    assert seen and seen[0] == f"{os.getpid()}@{__import__('socket').gethostname()}"
+    assert results.claim(key) == seen[0]  # held: a second claim names the holder
+    assert sorted(os.listdir(tmp_path / ".claims")) == ["SST-2__prompt__16__13"]  # no temporary file left
+    results.release(key)
+    assert results.holder(key) is None

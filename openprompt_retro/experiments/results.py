@@ -106,18 +106,22 @@ class ResultsFile:
         os.makedirs(self.claims, exist_ok=True)
         path = self._claim_path(key)
         me = f"{os.getpid()}@{socket.gethostname()}"
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = _read(path)
-                if holder and not _dead(holder):
-                    return holder
-                _remove(path)  # its process is gone: take it over
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            return None
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:  # the claim appears with its holder in it, never empty
+            f.write(me)
+        try:
+            for _ in range(2):
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    holder = _read(path)
+                    if holder and not _dead(holder):
+                        return holder
+                    _remove(path)  # its process is gone: take it over
+                    continue
+                return None
+        finally:
+            _remove(tmp)
         return _read(path) or "another process"
 
     def holder(self, key: RunKey) -> Optional[str]:
