@@ -114,8 +114,8 @@ class ResultsFile:
                 try:
                     os.link(tmp, path)
                 except FileExistsError:
-                    holder = _read(path)
-                    if holder and not _dead(holder):
+                    holder = self.holder(key)
+                    if holder is not None:
                         return holder
                     _remove(path)  # its process is gone: take it over
                     continue

@@ -227,22 +227,26 @@ def run_trained(task: str, method: str, seed: int, ns, also: Optional[str] = Non
     t0 = time.time()
     history = trainer.fit(data["train"], data["dev"])
     train_s = time.time() - t0
-    records = [_trained_record(trainer, spec, data, history, method, seed, ns, train_s)]
+    t0 = time.time()
+    test_loader = trainer.loader(data["test"], split="test", require_labels=True)  # tokenized once
+    load_s = time.time() - t0
+    records = [_trained_record(trainer, spec, data, test_loader, history, method, seed, ns, train_s, load_s)]
     if also is not None:
         trainer.model.apply_config(**untuned)  # lambda = 0: the PLM alone
         trainer.tuned = None
-        rec = _trained_record(trainer, spec, data, history, also, seed, ns, train_s)
+        rec = _trained_record(trainer, spec, data, test_loader, history, also, seed, ns, train_s, load_s)
         rec["shares_training_with"] = method
         records.append(rec)
     return records
 
 
-def _trained_record(trainer, spec, data, history, method: str, seed: int, ns, train_s: float) -> Dict:
-    """Evaluate the trained model on test (and its retrieval diagnostics); the run's result record."""
+def _trained_record(trainer, spec, data, test_loader, history, method: str, seed: int, ns, train_s: float,
+                    load_s: float) -> Dict:
+    """Evaluate the trained model on test (and its retrieval diagnostics); the run's result record.
+    test_seconds: tokenizing the test split (``load_s``) and one evaluation pass."""
     t0 = time.time()
-    test_loader = trainer.loader(data["test"], split="test", require_labels=True)  # tokenized once
     test = trainer.evaluate(test_loader, split="test")
-    test_s = time.time() - t0
+    test_s = load_s + time.time() - t0
     best_dev = max((h["dev_accuracy"] for h in history), default=None)
     tuned = getattr(trainer, "tuned", None)
     config = trainer.model.config
@@ -378,14 +382,18 @@ def run_grid(ns) -> List[Dict]:
     paired = {m: p for m, p in SAME_TRAINING.items() if m in ns.methods and p in ns.methods}
     partner_of = {p: m for m, p in paired.items()}
     queue, waited = [(i, *run) for i, run in enumerate(grid, 1)], set()
+
+    def finished(k) -> bool:  # written by this process, or (unless overwriting) found in results.jsonl
+        return k in written or (not ns.overwrite and k in results.done())
+
     while queue:
         i, task, method, seed = queue.pop(0)
         name = f"[{i}/{len(grid)}] {task} {method} K={ns.shots} seed={seed}"
         key = _key(task, method, seed, ns)
-        if key in written:
-            continue
-        if not ns.overwrite and key in results.done():
-            print(f"{name}: already in {results.path}, skipped (--overwrite re-runs it)", file=sys.stderr, flush=True)
+        if finished(key):
+            if key not in written:
+                print(f"{name}: already in {results.path}, skipped (--overwrite re-runs it)", file=sys.stderr,
+                      flush=True)
             continue
         if method in paired:
             partner = _key(task, paired[method], seed, ns)
@@ -398,21 +406,20 @@ def run_grid(ns) -> List[Dict]:
                 continue
             while results.holder(partner) is not None:  # nothing else left to do: wait for that run
                 time.sleep(10)
-            if key in written or (not ns.overwrite and key in results.done()):
+            if finished(key):
                 continue
         holder = results.claim(key)
         if holder is not None:
             print(f"{name}: being run by {holder}, skipped", file=sys.stderr, flush=True)
             continue
         try:
-            if not ns.overwrite and key in results.done():  # finished by another process before our claim
+            if finished(key):  # finished by another process before our claim
                 continue
             print(name, file=sys.stderr, flush=True)
             also = partner_of.get(method)
             if also is not None:
                 also_key = _key(task, also, seed, ns)
-                if (also_key in written or (not ns.overwrite and also_key in results.done())
-                        or results.claim(also_key) is not None):
+                if finished(also_key) or results.claim(also_key) is not None:
                     also = None
             try:
                 if also is None:
@@ -455,4 +462,5 @@ def _print_and_write(rec: Dict, results: ResultsFile, ns, records: List[Dict], w
     written.add(_key(rec["task"], rec["method"], rec["seed"], ns))
 
 
-__all__ = ["run_one", "run_trained", "run_zero_shot", "run_grid", "method_trainer", "load_split", "check_grid", "TRAINED_METHODS"]
+__all__ = ["run_one", "run_trained", "run_zero_shot", "run_grid", "method_trainer", "load_split", "check_grid",
+           "TRAINED_METHODS"]
