@@ -199,3 +199,40 @@ def test_a_claim_file_holds_its_holder_from_the_moment_it_appears(tmp_path, monk
     assert sorted(os.listdir(tmp_path / ".claims")) == ["SST-2__prompt__16__13"]  # no temporary file left
     results.release(key)
     assert results.holder(key) is None
+
+
+def test_a_dead_process_claim_is_taken_over_under_the_folder_lock(tmp_path, monkeypatch):
+    """A claim left by a process that died is taken over; the check-remove-relink happens under the results lock,
+    so a second process that also found it dead waits, then sees the new live holder instead of running too."""
+    import fcntl
+    import socket
+
+    from openprompt_retro.experiments import results as results_module
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_holder = f"{gone.stdout.strip()}@{socket.gethostname()}"  # that process has exited
+    results, key = ResultsFile(str(tmp_path)), ("SST-2", "prompt", 16, 13)
+    os.makedirs(results.claims)
+    with open(results._claim_path(key), "w") as f:
+        f.write(dead_holder)
+    assert results.holder(key) is None  # a dead holder holds nothing
+
+    lock_was_held, remove = [], results_module._remove
+
+    def remove_while_probing_the_lock(path):
+        if path == results._claim_path(key):
+            with open(results.path + ".lock", "a") as probe:  # another process trying to take the lock now
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(probe, fcntl.LOCK_UN)
+                    lock_was_held.append(False)
+                except BlockingIOError:
+                    lock_was_held.append(True)
+        remove(path)
+
+    monkeypatch.setattr(results_module, "_remove", remove_while_probing_the_lock)
+    assert results.claim(key) is None
+    assert lock_was_held == [True]
+    me = f"{os.getpid()}@{socket.gethostname()}"
+    assert results.holder(key) == me
+    assert results.claim(key) == me  # now held by a live process: not taken over again

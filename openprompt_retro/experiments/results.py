@@ -110,19 +110,25 @@ class ResultsFile:
         with open(tmp, "w") as f:  # the claim appears with its holder in it, never empty
             f.write(me)
         try:
-            for _ in range(2):
+            try:
+                os.link(tmp, path)
+                return None
+            except FileExistsError:
+                pass
+            # Held, or left by a dead process. Taking a dead claim over happens under the folder lock, so two
+            # processes that both find it dead cannot both remove it and both run.
+            with self.locked():
+                holder = _read(path)
+                if holder and not _dead(holder):
+                    return holder
+                _remove(path)
                 try:
                     os.link(tmp, path)
-                except FileExistsError:
-                    holder = self.holder(key)
-                    if holder is not None:
-                        return holder
-                    _remove(path)  # its process is gone: take it over
-                    continue
-                return None
+                    return None
+                except FileExistsError:  # a fresh claim got in between (fresh claims take no lock)
+                    return _read(path) or "another process"
         finally:
             _remove(tmp)
-        return _read(path) or "another process"
 
     def holder(self, key: RunKey) -> Optional[str]:
         """Who holds the run's claim now ("pid@host"), or None: unclaimed, or its process is gone."""
