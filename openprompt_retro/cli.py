@@ -96,9 +96,19 @@ def _add_grid(p, tasks, methods, seeds, out) -> None:
     _add_common(p)
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to an option's help unless its help already says what the default is, or the
+    default is None (nothing to show)."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or "") or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="openprompt-retro", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="openprompt-retro", formatter_class=_DefaultsFormatter,
         description="Retrieval-augmented prompt learning (RetroPrompt) on OpenPrompt. Without a command: "
                     "full RetroPrompt on SST-2 16-shot, seed 42.")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -106,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name, help_text, description=None):
         c = sub.add_parser(name, help=help_text, description=description,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_DefaultsFormatter)
         c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
         return c
 

@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -25,6 +26,11 @@ def test_help_lists_commands_and_methods():
     out = run("run", "--help").stdout
     for method in ("prompt", "demo-text", "retro-no-knn-infer"):
         assert method in out
+    flat = " ".join(out.split())  # argparse wraps lines
+    assert "learning rate (default: 5e-05)" in flat
+    assert "m neighbours per class (default: 8 for K>=16, else 2)" in flat  # the help's own default, once
+    assert "(default: None)" not in flat
+    assert not re.search(r"\(default: [^)]*\) \(default:", flat)  # never two defaults on one option
 
 
 @needs_data
