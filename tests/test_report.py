@@ -32,7 +32,9 @@ def test_sign_flip_p_value_by_hand():
     # diffs 1, 2, 3 (mean 2): of the 8 sign patterns only +++ and --- reach |mean| >= 2
     assert sign_flip_p([1, 2, 3]) == pytest.approx(2 / 8)
     assert sign_flip_p([1, -1]) == 1.0  # mean 0: every pattern is as extreme
-    assert sign_flip_p([0.5] * 20) == pytest.approx(2 / 2 ** 20, abs=1e-3)  # sampled above n = 16: near 0
+    # sampled above n = 16: only the all-+ and all-- patterns reach the mean, about 0 of 20000 draws, and the
+    # observed pattern counts once: (0 + 1) / (20000 + 1), never 0
+    assert sign_flip_p([0.5] * 20) == pytest.approx(1 / 20001, abs=1e-4) and sign_flip_p([0.5] * 20) > 0
     with pytest.raises(ValueError, match="no paired differences"):
         sign_flip_p([])
 
@@ -50,3 +52,10 @@ def test_paired_table_uses_only_the_splits_both_methods_ran():
     assert "| prompt | 3 | +5.00 | 4.08 | 2 / 1 / 0 | 0.500 |" in lines
     assert "| linear-probe | 1 | -5.00 | 0.00 | 0 / 0 / 1 | 1.000 |" in lines
     assert paired_table([r for r in rows if r["method"] != "retro"]) == ""
+
+
+def test_paired_table_writes_tiny_p_values_as_below_one_in_a_thousand():
+    rows = [{"task": "A", "method": m, "k": 16, "seed": s, "test_accuracy": acc}
+            for s in range(20) for m, acc in (("retro", 0.70), ("prompt", 0.60))]
+    line = next(x for x in paired_table(rows).splitlines() if x.startswith("| prompt |"))
+    assert line == "| prompt | 20 | +10.00 | 0.00 | 20 / 0 / 0 | < 0.001 |"

@@ -116,17 +116,23 @@ def diagnostics_table(rows: List[Dict]) -> str:
 
 def sign_flip_p(diffs: Sequence[float], draws: int = 20000) -> float:
     """Two-sided p-value of a paired sign-flip test: how often a random sign on each difference gives a mean at
-    least as far from 0 as the observed one. Exact (all 2^n signs) for n <= 16, else ``draws`` seeded draws."""
+    least as far from 0 as the observed one. Exact (all 2^n signs) for n <= 16, else ``draws`` seeded draws,
+    counted as (hits + 1) / (draws + 1) so that a sampled p is never 0 (the observed signs are one pattern)."""
     d = np.asarray(diffs, dtype=float)
     n = len(d)
     if n == 0:
         raise ValueError("no paired differences")
+    observed = abs(d.mean())
     if n <= 16:
         signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)  # every sign pattern
-    else:
-        signs = np.random.default_rng(0).choice([-1, 1], size=(draws, n))
-    observed = abs(d.mean())
-    return float(np.mean(np.abs((signs * d).mean(axis=1)) >= observed - 1e-12))
+        return float(np.mean(np.abs((signs * d).mean(axis=1)) >= observed - 1e-12))
+    signs = np.random.default_rng(0).choice([-1, 1], size=(draws, n))
+    hits = int(np.sum(np.abs((signs * d).mean(axis=1)) >= observed - 1e-12))
+    return (hits + 1) / (draws + 1)
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def paired_table(rows: List[Dict], reference: str = "retro") -> str:
@@ -144,7 +150,7 @@ def paired_table(rows: List[Dict], reference: str = "retro") -> str:
             continue
         wins, ties = int((d > 1e-9).sum()), int((np.abs(d) <= 1e-9).sum())
         lines.append(f"| {m} | {len(d)} | {d.mean():+.2f} | {d.std():.2f} | {wins} / {ties} / {len(d) - wins - ties} "
-                     f"| {sign_flip_p(d):.3f} |")
+                     f"| {_p(sign_flip_p(d))} |")
     lines += ["", f"Per split (task, seed): {reference}'s test accuracy minus the method's, in points; p: the chance "
               "that random signs on these differences give a mean at least this far from 0."]
     return "\n".join(lines) + "\n"
