@@ -122,16 +122,16 @@ def sign_flip_p(diffs: Sequence[float], draws: int = 20000) -> float:
     n = len(d)
     if n == 0:
         raise ValueError("no paired differences")
-    observed = abs(d.mean())
-    if n <= 16:
+    exact = n <= 16
+    if exact:
         signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)  # every sign pattern
-        return float(np.mean(np.abs((signs * d).mean(axis=1)) >= observed - 1e-12))
-    signs = np.random.default_rng(0).choice([-1, 1], size=(draws, n))
-    hits = int(np.sum(np.abs((signs * d).mean(axis=1)) >= observed - 1e-12))
-    return (hits + 1) / (draws + 1)
+    else:
+        signs = np.random.default_rng(0).choice([-1, 1], size=(draws, n))
+    hits = int(np.sum(np.abs((signs * d).mean(axis=1)) >= abs(d.mean()) - 1e-12))
+    return hits / len(signs) if exact else (hits + 1) / (draws + 1)
 
 
-def _p(p: float) -> str:
+def _format_p(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
@@ -150,7 +150,7 @@ def paired_table(rows: List[Dict], reference: str = "retro") -> str:
             continue
         wins, ties = int((d > 1e-9).sum()), int((np.abs(d) <= 1e-9).sum())
         lines.append(f"| {m} | {len(d)} | {d.mean():+.2f} | {d.std():.2f} | {wins} / {ties} / {len(d) - wins - ties} "
-                     f"| {_p(sign_flip_p(d))} |")
+                     f"| {_format_p(sign_flip_p(d))} |")
     lines += ["", f"Per split (task, seed): {reference}'s test accuracy minus the method's, in points; p: the chance "
               "that random signs on these differences give a mean at least this far from 0."]
     return "\n".join(lines) + "\n"

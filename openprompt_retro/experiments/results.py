@@ -118,8 +118,8 @@ class ResultsFile:
             # Held, or left by a dead process. Taking a dead claim over happens under the folder lock, so two
             # processes that both find it dead cannot both remove it and both run.
             with self.locked():
-                holder = _read(path)
-                if holder and not _dead(holder):
+                holder = self.holder(key)
+                if holder is not None:
                     return holder
                 _remove(path)
                 try:
