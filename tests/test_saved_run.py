@@ -77,7 +77,11 @@ def test_the_folder_records_what_the_run_is(saved):
         ("bert", "BertForMaskedLM", "bert-transform", 32)
     assert run["plm"]["model_type"] == "bert" and run["plm"]["saved"] is False
     assert run["verbalizer"]["label_words"] == [[" terrible"], [" great"]]
-    assert {"prompt_model.safetensors", "retro_config.json"} == set(run["checksums"])
+    files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != "run.json")
+    assert files == ["prompt_model.safetensors", "retro_config.json", "store/index.faiss", "store/keys.npy",
+                     "store/labels.npy", "store/store.json", "trainer.json", "training_args.json"]
+    assert run["checksums"] == {f: hashlib.sha256((d / f).read_bytes()).hexdigest() for f in files}
+    assert [p.name for p in d.parent.iterdir()] == ["run"]  # no temporary folder left beside it
     assert json.loads((d / "trainer.json").read_text())["tuned"]["knn_k"] == saved[3].tuned["knn_k"]
     assert json.loads((d / "training_args.json").read_text())["lr"] == 1e-2
 
@@ -147,8 +151,10 @@ FAULTS = {
     "missing store": (lambda d: shutil.rmtree(d / "store"), FileNotFoundError, "missing store/"),
     "missing weights": (lambda d: (d / "prompt_model.safetensors").unlink(), FileNotFoundError,
                         "missing prompt_model.safetensors"),
-    "flipped byte in index.faiss": (lambda d: _flip_byte(d / "store" / "index.faiss"), R.StoreError,
-                                    "corrupt index.faiss: checksum mismatch"),
+    "flipped byte in index.faiss": (lambda d: _flip_byte(d / "store" / "index.faiss"), SavedRunError,
+                                    "corrupt .*store/index.faiss: its sha256 does not match the checksum in run.json"),
+    "missing labels.npy": (lambda d: (d / "store" / "labels.npy").unlink(), SavedRunError,
+                           "missing .*store/labels.npy, which run.json lists"),
     "flipped byte in the weights": (lambda d: _flip_byte(d / "prompt_model.safetensors", back=1000), SavedRunError,
                                     "corrupt .*prompt_model.safetensors: its sha256 does not match"),
     "edited config": (lambda d: (d / "retro_config.json").write_text(json.dumps({"knn_k": 0})), SavedRunError,
@@ -177,18 +183,15 @@ def test_a_failed_load_leaves_the_model_exactly_as_it_was(saved, tiny_dirs, tmp_
     assert_unchanged(model, snap)
 
 
-def test_old_runs_without_run_json_still_load_and_are_still_checked(saved, tiny_dirs, tmp_path):
+def test_a_folder_without_run_json_is_refused_naming_it(saved, tiny_dirs, tmp_path):
     d = copy_run(saved, tmp_path)
     (d / "run.json").unlink()
-    model = model_for(load_tiny(tiny_dirs["bert"]))
-    with pytest.warns(UserWarning, match="no run.json"):
-        model.load(str(d))
-    np.testing.assert_array_equal(trainer(model, load_tiny(tiny_dirs["bert"])).predict_proba(saved[2]), saved[1])
-    three = model_for(load_tiny(tiny_dirs["bert"]), ["terrible", "great", "fine"])
-    snap = snapshot(three)
-    with pytest.raises(SavedRunError, match="has 2 classes, this model has 3"), pytest.warns(UserWarning):
-        three.load(str(d))
-    assert_unchanged(three, snap)
+    swapped = model_for(load_tiny(tiny_dirs["bert"]), ["great", "terrible"])  # must not be overwritten
+    snap = snapshot(swapped)
+    with pytest.raises(SavedRunError, match=r"has no run.json .*prompt_model.safetensors.* a checksum of every "
+                                            r"file.* saved again with this one"):
+        swapped.load(str(d))
+    assert_unchanged(swapped, snap)
 
 
 # ------------------------------------------------------------------ from_pretrained
@@ -249,7 +252,7 @@ def test_from_pretrained_refuses_other_folders(saved, tmp_path):
         R.RetroTrainer.from_pretrained(str(tmp_path))
     d = copy_run(saved, tmp_path)
     (d / "run.json").rename(d / "other.json")
-    with pytest.raises(SavedRunError, match="not a saved RetroPrompt run: it has no run.json"):
+    with pytest.raises(SavedRunError, match="not a complete saved RetroPrompt run: it has no run.json"):
         R.RetroPromptForClassification.from_pretrained(str(d))
     run = json.loads((d / "other.json").read_text())
     (d / "run.json").write_text(json.dumps({"format": "clip-adapter run"}))
@@ -263,14 +266,35 @@ def test_from_pretrained_refuses_other_folders(saved, tmp_path):
         R.RetroPromptForClassification.from_pretrained(str(d))
 
 
-def test_from_pretrained_refuses_a_store_from_another_run(saved, tmp_path):
+@pytest.mark.parametrize("classes", [2, 3])
+def test_a_store_from_another_run_is_refused_naming_the_file(saved, tmp_path, classes):
     d = copy_run(saved, tmp_path)
-    other = R.KnowledgeStore(32, 3, built_by={"key_type": "bert-transform"})
-    other.add(np.random.default_rng(0).normal(size=(5, 32)), [0, 1, 2, 0, 1])
-    shutil.rmtree(d / "store")
-    other.save(str(d / "store"))
-    with pytest.raises(SavedRunError, match="store in .* has 3 classes, this model has 2"):
+    other = R.KnowledgeStore(32, classes, built_by=R.KnowledgeStore.load(str(d / "store")).built_by)
+    other.add(np.random.default_rng(0).normal(size=(6, 32)), [0, 1, 0, 1, 0, 1])
+    other.save(str(d / "store"))  # a complete, self-consistent store of the same shape
+    with pytest.raises(SavedRunError, match=r"corrupt .*store/index.faiss: its sha256 does not match the checksum "
+                                            r"in run.json .*another run"):
         R.RetroTrainer.from_pretrained(str(d))
+    with pytest.raises(SavedRunError, match="store/index.faiss"):
+        R.RetroPromptForClassification.from_pretrained(str(d))
+
+
+def test_replaced_trainer_files_are_refused_naming_them(saved, tmp_path):
+    d = copy_run(saved, tmp_path)
+    (d / "trainer.json").write_text(json.dumps({"tuned": None, "history": []}))
+    with pytest.raises(SavedRunError, match=r"corrupt .*trainer.json: its sha256 does not match"):
+        R.RetroTrainer.from_pretrained(str(d))
+
+
+def test_a_replaced_text_pool_is_refused_naming_it(tiny_dirs, tmp_path, examples):
+    tiny = load_tiny(tiny_dirs["bert"])
+    model = retro_model(tiny, demonstrations="text", pool=examples[:6])
+    model.save(str(tmp_path / "run"))
+    pool = tmp_path / "run" / "text_pool.json"
+    records = json.loads(pool.read_text())
+    pool.write_text(json.dumps([{**r, "label": 1 - r["label"]} for r in records]))  # labels swapped
+    with pytest.raises(SavedRunError, match=r"corrupt .*text_pool.json: its sha256 does not match"):
+        R.RetroPromptForClassification.from_pretrained(str(tmp_path / "run"))
 
 
 def test_template_text_is_recovered_when_the_template_was_built_before_the_hook(tiny_bert):

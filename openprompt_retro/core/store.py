@@ -24,12 +24,18 @@ checks on a sample of entries that the index holds exactly the codes of
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
+import io
 import json
 import os
+import shutil
+import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import faiss
 import numpy as np
@@ -54,6 +60,10 @@ AGREEMENT_SAMPLE = 64
 
 class StoreError(ValueError):
     """Raised for bad input to a :class:`KnowledgeStore`; nothing is changed."""
+
+
+class SaveFailed(OSError):
+    """A save that could not complete (full disk, no permission ...); the folder saved to was not changed."""
 
 
 @dataclass
@@ -391,32 +401,43 @@ class KnowledgeStore:
 
     # ------------------------------------------------------------------ disk
     def save(self, directory: str) -> None:
-        """Write the FAISS index, the keys/labels (.npy) and metadata with checksums (JSON); no pickle."""
-        os.makedirs(directory, exist_ok=True)
-        faiss.write_index(self.index, os.path.join(directory, _INDEX_FILE))
-        np.save(os.path.join(directory, _KEYS_FILE), np.ascontiguousarray(self.keys, dtype=np.float32))
-        np.save(os.path.join(directory, _LABELS_FILE), self.labels)
-        meta = {
-            "format_version": FORMAT_VERSION, "dim": self._dim, "num_classes": self._num_classes,
-            "metric": self.metric, "index_factory": self.index_factory, "nprobe": self.nprobe,
-            "ef_search": self.ef_search, "built_by": self.built_by, "size": len(self),
-            "guids": self.guids, "texts": self.texts,
-        }
-        meta["checksums"] = {name: sha256_file(os.path.join(directory, name)) for name in _DATA_FILES}
-        meta["checksums"][_META_FILE] = _meta_checksum(meta)
-        with open(os.path.join(directory, _META_FILE), "w", encoding="utf-8") as f:
-            json.dump(meta, f)
+        """Write the FAISS index, the keys/labels (.npy) and metadata with checksums (JSON); no pickle.
+
+        The files go to a new folder beside ``directory`` that replaces it only once
+        complete and on disk (:func:`atomic_folder`): a failed or killed save leaves
+        the old store as it was, and a store memory-mapped from ``directory`` keeps
+        reading its own (old) files.
+        """
+        with atomic_folder(directory) as tmp:
+            faiss.write_index(self.index, os.path.join(tmp, _INDEX_FILE))
+            np.save(os.path.join(tmp, _KEYS_FILE), np.ascontiguousarray(self.keys, dtype=np.float32))
+            np.save(os.path.join(tmp, _LABELS_FILE), self.labels)
+            meta = {
+                "format_version": FORMAT_VERSION, "dim": self._dim, "num_classes": self._num_classes,
+                "metric": self.metric, "index_factory": self.index_factory, "nprobe": self.nprobe,
+                "ef_search": self.ef_search, "built_by": self.built_by, "size": len(self),
+                "guids": self.guids, "texts": self.texts,
+            }
+            meta["checksums"] = {name: sha256_file(os.path.join(tmp, name)) for name in _DATA_FILES}
+            meta["checksums"][_META_FILE] = _meta_checksum(meta)
+            with open(os.path.join(tmp, _META_FILE), "w", encoding="utf-8") as f:
+                json.dump(meta, f)
 
     @classmethod
     def load(cls, directory: str, expected_dim: Optional[int] = None,
              expected_built_by: Optional[Dict] = None, mmap: bool = False,
-             use_gpu: Union[bool, str] = "auto", verify: bool = True) -> "KnowledgeStore":
+             use_gpu: Union[bool, str] = "auto", verify: bool = True,
+             files: Optional[Dict[str, bytes]] = None) -> "KnowledgeStore":
         """Read a store written by :meth:`save`, checking that every part agrees.
 
         ``expected_dim`` / ``expected_built_by`` guard against a store saved by
         another model: each given field must match what was recorded.
         ``mmap=True`` memory-maps the keys and, for index types FAISS can map
         (IVF lists, flat codes), the index itself: for stores larger than RAM.
+        ``files``: the store's files already read (file name -> bytes, e.g. as
+        verified against a saved run's checksums); they are parsed instead of
+        reading ``directory`` (which then only names the store in messages), and
+        ``mmap`` does not apply.
 
         Checks, in order (each failure is a :class:`StoreError` naming the file):
         every file present; ``store.json`` parses and has every required field;
@@ -428,13 +449,18 @@ class KnowledgeStore:
         shape are refused even with rewritten checksums); the metadata matches
         its own checksum (a hand-edited ``num_classes`` or ``metric``).
         """
-        if not os.path.isdir(directory):
+        if files is None and not os.path.isdir(directory):
             raise StoreError(f"no knowledge store at {directory!r}: folder does not exist")
         paths = {n: os.path.join(directory, n) for n in (_INDEX_FILE, _KEYS_FILE, _LABELS_FILE, _META_FILE)}
-        missing = [n for n, p in paths.items() if not os.path.isfile(p)]
+        missing = [n for n, p in paths.items() if (n not in files if files is not None else not os.path.isfile(p))]
         if missing:
             raise StoreError(f"knowledge store at {directory!r} is incomplete: missing {missing}")
-        meta = _read_meta(directory, paths[_META_FILE])
+        if files is None:
+            with open(paths[_META_FILE], "rb") as f:
+                meta = _read_meta(directory, f.read())
+        else:
+            meta = _read_meta(directory, files[_META_FILE])
+            mmap = False
         dim, num_classes, n, metric = meta["dim"], meta["num_classes"], meta["size"], meta["metric"]
         if expected_dim is not None and dim != int(expected_dim):
             raise StoreError(f"store at {directory!r} holds keys of dimension {dim}, expected {expected_dim}")
@@ -444,7 +470,8 @@ class KnowledgeStore:
                 raise StoreError(f"store at {directory!r} was built with {key}={got!r}, expected {want!r}")
         if verify and meta["format_version"] >= 2:
             for name in _DATA_FILES:  # before any parser sees the bytes
-                got, want = sha256_file(paths[name]), meta["checksums"][name]
+                got = sha256_file(paths[name]) if files is None else hashlib.sha256(files[name]).hexdigest()
+                want = meta["checksums"][name]
                 if got != want:
                     raise StoreError(f"knowledge store at {directory!r} has a corrupt {name}: checksum mismatch "
                                      f"(sha256 {got[:12]}..., {_META_FILE} records {want[:12]}...): the file was "
@@ -453,13 +480,13 @@ class KnowledgeStore:
             warnings.warn(f"knowledge store at {directory!r} was saved in format {meta['format_version']}, without "
                           "checksums: file corruption cannot be detected; save it again to add them", stacklevel=2)
         try:
-            keys = np.load(paths[_KEYS_FILE], allow_pickle=False, mmap_mode="r" if mmap else None)
+            keys = np.load(_source(paths, files, _KEYS_FILE), allow_pickle=False, mmap_mode="r" if mmap else None)
             if keys.dtype != np.float32:
                 raise ValueError(f"keys have dtype {keys.dtype}, expected float32")
         except Exception as e:
             raise StoreError(f"knowledge store at {directory!r} has a corrupt {_KEYS_FILE}: {e}") from None
         try:
-            labels = np.load(paths[_LABELS_FILE], allow_pickle=False)
+            labels = np.load(_source(paths, files, _LABELS_FILE), allow_pickle=False)
             if not np.issubdtype(labels.dtype, np.integer):
                 raise ValueError(f"labels have dtype {labels.dtype}, expected integers")
             labels = labels.astype(np.int64)
@@ -472,7 +499,9 @@ class KnowledgeStore:
                     index = faiss.read_index(paths[_INDEX_FILE], faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
                 except RuntimeError:  # this index type cannot be mapped: read it
                     index = None
-            if index is None:
+            if files is not None:
+                index = faiss.deserialize_index(np.frombuffer(files[_INDEX_FILE], dtype=np.uint8))
+            elif index is None:
                 index = faiss.read_index(paths[_INDEX_FILE])
         except Exception as e:
             raise StoreError(f"knowledge store at {directory!r} has a corrupt {_INDEX_FILE}: {e}") from None
@@ -520,6 +549,96 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+@contextmanager
+def atomic_folder(directory: str) -> Iterator[str]:
+    """Yield a new, empty folder beside ``directory``; once the block completes, it replaces ``directory``.
+
+    The new folder (same parent, unique hidden name) is fsynced, then swapped in: in
+    one step where the system can (Linux ``renameat2(RENAME_EXCHANGE)``), else the
+    old folder is renamed aside, the new one renamed in, and the old one removed.
+    If the block fails, the new folder is removed and ``directory`` is untouched; a
+    failed write is re-raised as :class:`SaveFailed` (an ``OSError``) saying so. A process killed midway
+    leaves ``directory`` as it was (and a ``.NAME.saving-*`` folder beside it, safe to delete).
+    """
+    target = os.path.realpath(directory)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise NotADirectoryError(f"cannot save to {directory!r}: it is a file, not a folder")
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _swap_in_folder(tmp, target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = e.__cause__ if isinstance(e, SaveFailed) else e  # a nested atomic_folder's failure
+        raise SaveFailed(cause.errno, f"saving to {directory!r} failed ({cause.strerror or cause}); nothing was "
+                         "changed: the folder holds what it held before") from cause
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(root: str) -> None:
+    """fsync every file and folder under ``root`` (and ``root``): their bytes are on disk before the swap."""
+    for folder, _, names in os.walk(root):
+        for n in names:
+            fd = os.open(os.path.join(folder, n), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(folder)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # systems that cannot open folders (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2``); False where the system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _swap_in_folder(new: str, target: str) -> None:
+    """Put folder ``new`` at ``target``; the folder that was there is removed."""
+    parent = os.path.dirname(target)
+    if not os.path.exists(target):
+        os.rename(new, target)
+    elif _exchange(new, target):
+        shutil.rmtree(new, ignore_errors=True)  # it holds the old folder now
+    else:
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
+        os.rmdir(old)  # a unique free name
+        os.rename(target, old)
+        try:
+            os.rename(new, target)
+        except OSError:
+            os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(parent)
+
+
 def _meta_checksum(meta: Dict) -> str:
     """sha256 of store.json's fields (all but the store.json checksum itself), in a canonical form."""
     fields = dict(meta)
@@ -530,12 +649,16 @@ def _meta_checksum(meta: Dict) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _read_meta(directory: str, path: str) -> Dict:
-    """store.json, with every required field present and of the right type."""
+def _source(paths: Dict[str, str], files: Optional[Dict[str, bytes]], name: str):
+    """What ``np.load`` reads file ``name`` from: its bytes when given, else its path."""
+    return io.BytesIO(files[name]) if files is not None else paths[name]
+
+
+def _read_meta(directory: str, data: bytes) -> Dict:
+    """store.json (its bytes), with every required field present and of the right type."""
     where = f"knowledge store at {directory!r}"
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise StoreError(f"{where} has a corrupt {_META_FILE}: {e}") from None
     if not isinstance(meta, dict):

@@ -2,7 +2,8 @@
 
 A run folder holds::
 
-    run.json                  what the run is (fingerprint, PLM, template, verbalizer, flags) + file checksums
+    run.json                  what the run is (fingerprint, PLM, template, verbalizer, flags) + the sha256
+                              of every other file in the folder
     prompt_model.safetensors  every weight of the model (PLM, soft tokens, verbalizer head ...)
     retro_config.json         RetroConfig, including the tuned lambda / k / T
     store/                    the knowledge store (see KnowledgeStore.save)
@@ -11,27 +12,38 @@ A run folder holds::
     training_args.json        written by RetroTrainer.save
     trainer.json              written by RetroTrainer.save: (lambda, k, T) grid, tuned values, history
 
-Loading (:func:`read_checked`) reads and validates everything into temporaries
-first - fingerprint, checksums, config, store, weight names and shapes - and
-only then swaps it in (:func:`swap_in`), so a failed load changes nothing.
+A save (:func:`save_run`) writes a complete new folder beside the target and
+swaps it in (:func:`~openprompt_retro.core.store.atomic_folder`): a failed or
+killed save leaves the old run loadable. Loading (:func:`read_checked`) reads
+run.json and the bytes of every file it lists, checks each against its sha256
+(one retry from scratch if a concurrent save swapped the folder meanwhile), and
+parses only those bytes - so a load is one checkpoint, never a mix - then
+validates fingerprint, config, store, weight names and shapes, and only then
+swaps it in (:func:`swap_in`), so a failed load changes nothing.
 Nothing is unpickled: JSON, ``.npy`` with ``allow_pickle=False``, safetensors
 and FAISS's own index format.
 """
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import json
 import os
+import re
 import warnings
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 
 from ..core.config import RetroConfig
-from ..core.store import KnowledgeStore, sha256_file
+from ..core.store import KnowledgeStore, atomic_folder, sha256_file
 
 RUN_FILE, WEIGHTS, CONFIG, STORE = "run.json", "prompt_model.safetensors", "retro_config.json", "store"
 PLM_DIR, TEXT_POOL, TRAINING_ARGS, TRAINER_FILE = "plm", "text_pool.json", "training_args.json", "trainer.json"
-RUN_FORMAT, RUN_FORMAT_VERSION = "openprompt-retro run", 1
+#: 2: run.json's checksums cover every file of the folder (1: the weights and the config only)
+RUN_FORMAT, RUN_FORMAT_VERSION = "openprompt-retro run", 2
+_READABLE_RUN_FORMATS = (1, 2)
 
 #: fingerprint field -> how an error message names it
 FINGERPRINT_FIELDS = {
@@ -255,27 +267,39 @@ def save_text_pool(template, directory: str) -> bool:
     return True
 
 
+def run_files(root: str) -> List[str]:
+    """Every file under ``root`` but run.json, as sorted '/'-separated relative paths."""
+    out = []
+    for folder, _, names in os.walk(root):
+        for n in names:
+            rel = os.path.relpath(os.path.join(folder, n), root).replace(os.sep, "/")
+            if rel != RUN_FILE:
+                out.append(rel)
+    return sorted(out)
+
+
 def save_run(model, directory: str, save_plm: bool = False, model_type: Optional[str] = None,
-             name_or_path: Optional[str] = None) -> None:
-    """Weights, config, store, optional PLM/tokenizer and text pool, then run.json (last: it vouches for the rest)."""
+             name_or_path: Optional[str] = None, extra_json: Optional[Dict[str, Dict]] = None) -> None:
+    """Weights, config, store, optional PLM/tokenizer, text pool and ``extra_json`` files (name -> object),
+    then run.json with the sha256 of every one of them - all in a new folder swapped in at the end."""
     from safetensors.torch import save_model
 
-    os.makedirs(directory, exist_ok=True)
-    run_path = os.path.join(directory, RUN_FILE)
-    if os.path.exists(run_path):  # a save that dies half-way must not leave the old run.json vouching for it
-        os.remove(run_path)
-    with model.store_outside_state_dict():  # the store has its own folder
-        save_model(model, os.path.join(directory, WEIGHTS))
-    model.config.save(os.path.join(directory, CONFIG))
-    model.store.save(os.path.join(directory, STORE))
-    if save_plm:
-        model.plm.save_pretrained(os.path.join(directory, PLM_DIR))
-        model.template.tokenizer.save_pretrained(os.path.join(directory, PLM_DIR))
-    pool_saved = save_text_pool(model.template, directory)
-    run = describe_run(model, save_plm, model_type, name_or_path, pool_saved)
-    run["checksums"] = {name: sha256_file(os.path.join(directory, name)) for name in (WEIGHTS, CONFIG)}
-    with open(run_path, "w", encoding="utf-8") as f:
-        json.dump(run, f, indent=2)
+    with atomic_folder(directory) as tmp:
+        with model.store_outside_state_dict():  # the store has its own folder
+            save_model(model, os.path.join(tmp, WEIGHTS))
+        model.config.save(os.path.join(tmp, CONFIG))
+        model.store.save(os.path.join(tmp, STORE))
+        if save_plm:
+            model.plm.save_pretrained(os.path.join(tmp, PLM_DIR))
+            model.template.tokenizer.save_pretrained(os.path.join(tmp, PLM_DIR))
+        pool_saved = save_text_pool(model.template, tmp)
+        for name, value in (extra_json or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                json.dump(value, f, indent=2)
+        run = describe_run(model, save_plm, model_type, name_or_path, pool_saved)
+        run["checksums"] = {name: sha256_file(os.path.join(tmp, name)) for name in run_files(tmp)}
+        with open(os.path.join(tmp, RUN_FILE), "w", encoding="utf-8") as f:
+            json.dump(run, f, indent=2)
 
 
 # ---------------------------------------------------------------------- loading
@@ -287,35 +311,163 @@ class Loaded(NamedTuple):
     tensors: Dict[str, torch.Tensor]
 
 
-def read_run_json(directory: str, required: bool = False) -> Optional[Dict]:
-    """run.json, validated as a RetroPrompt run; None if absent and not ``required``."""
-    path = os.path.join(directory, RUN_FILE)
-    if not os.path.isfile(path):
-        if required:
-            present = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
-            raise SavedRunError(f"{directory!r} is not a saved RetroPrompt run: it has no {RUN_FILE} (it holds "
-                                f"{present[:8]}); folders saved before {RUN_FILE} existed can only be loaded with "
-                                "model.load(dir) into an identically built model")
-        return None
+class Snapshot(NamedTuple):
+    """One checkpoint of a run folder, read once: run.json and the bytes of its files, checked against it.
+
+    ``files`` holds every file but those under plm/ (read later by ``from_pretrained``
+    of transformers; their checksums were verified when the snapshot was taken).
+    """
+
+    directory: str
+    run: Dict
+    files: Dict[str, bytes]
+
+    def read(self, name: str) -> Optional[bytes]:
+        """The bytes of file ``name`` ('/'-separated), or None when the run has no such file."""
+        return self.files.get(name)
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+#: the snapshot that loads of a folder use while :func:`pinned` holds it (per thread / task)
+_PINNED: contextvars.ContextVar = contextvars.ContextVar("openprompt_retro_pinned_run", default=None)
+
+
+def _no_run_json(directory: str) -> SavedRunError:
+    present = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    return SavedRunError(
+        f"{directory!r} is not a complete saved RetroPrompt run: it has no {RUN_FILE} (it holds {present[:8]}). "
+        f"{RUN_FILE} records what the run is (template, label words, PLM) and a checksum of every file; without "
+        "it nothing can be checked, so nothing is loaded. A folder written before run.json existed must be loaded "
+        "by the version that wrote it and saved again with this one")
+
+
+def _parse_run_json(directory: str, data: bytes) -> Dict:
+    """run.json's bytes, validated as a RetroPrompt run."""
     try:
-        with open(path, encoding="utf-8") as f:
-            run = json.load(f)
+        run = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise SavedRunError(f"corrupt {RUN_FILE} in {directory!r}: {e}") from None
     if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
         got = run.get("format") if isinstance(run, dict) else type(run).__name__
         raise SavedRunError(f"{RUN_FILE} in {directory!r} does not describe a RetroPrompt run (format {got!r}, "
                             f"expected {RUN_FORMAT!r})")
-    if run.get("format_version") != RUN_FORMAT_VERSION:
+    if run.get("format_version") not in _READABLE_RUN_FORMATS:
         raise SavedRunError(f"{RUN_FILE} in {directory!r} has format version {run.get('format_version')!r}; this "
-                            f"version reads {RUN_FORMAT_VERSION}")
+                            f"version reads {list(_READABLE_RUN_FORMATS)}")
     for key in ("fingerprint", "plm", "template", "verbalizer", "model", "checksums"):
         if not isinstance(run.get(key), dict):
             raise SavedRunError(f"corrupt {RUN_FILE} in {directory!r}: field {key!r} is missing or not an object")
     missing = [f for f in FINGERPRINT_FIELDS if f not in run["fingerprint"]]
     if missing:
         raise SavedRunError(f"corrupt {RUN_FILE} in {directory!r}: the fingerprint lacks {missing}")
+    for name, digest in run["checksums"].items():
+        parts = name.split("/")
+        if (not isinstance(digest, str) or not _SHA256.fullmatch(digest) or name.startswith("/")
+                or any(p in ("", ".", "..") for p in parts) or name == RUN_FILE):
+            raise SavedRunError(f"corrupt {RUN_FILE} in {directory!r}: bad checksum entry {name!r}: {digest!r}")
     return run
+
+
+def read_run_json(directory: str, required: bool = False) -> Optional[Dict]:
+    """run.json, validated as a RetroPrompt run (the pinned snapshot's, see :func:`pinned`); None if absent
+    and not ``required``."""
+    pin = _pinned_for(directory)
+    if pin is not None:
+        return pin.run
+    path = os.path.join(directory, RUN_FILE)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        if required:
+            raise _no_run_json(directory) from None
+        return None
+    return _parse_run_json(directory, data)
+
+
+class _Changed(Exception):
+    """A file does not match run.json's checksum (a concurrent save, or damage); carries the message."""
+
+
+def _read_once(directory: str) -> Snapshot:
+    try:
+        with open(os.path.join(directory, RUN_FILE), "rb") as f:
+            run = _parse_run_json(directory, f.read())
+    except FileNotFoundError:
+        raise _no_run_json(directory) from None
+    sums = run["checksums"]
+    if run["format_version"] < 2:
+        warnings.warn(f"{RUN_FILE} in {directory!r} (format 1) has checksums of {sorted(sums)} only: the store and "
+                      "the other files cannot be checked; save the run again to cover every file", stacklevel=4)
+        names = sorted(set(run_files(directory)) | set(sums))
+    else:
+        names = sorted(sums)
+    files = {}
+    for name in names:
+        path = os.path.join(directory, *name.split("/"))
+        try:
+            if name.startswith(PLM_DIR + "/"):
+                got = sha256_file(path)
+            else:
+                with open(path, "rb") as f:
+                    files[name] = f.read()
+                got = hashlib.sha256(files[name]).hexdigest()
+        except FileNotFoundError:
+            raise _Changed(f"missing {path}, which {RUN_FILE} lists: the run is incomplete") from None
+        if name in sums and got != sums[name]:
+            raise _Changed(f"corrupt {path}: its sha256 does not match the checksum in {RUN_FILE} (the file was "
+                           "damaged or replaced after saving, e.g. by the file of another run)")
+    return Snapshot(directory, run, files)
+
+
+def read_snapshot(directory: str) -> Snapshot:
+    """One checkpoint of the run at ``directory`` (the pinned one, see :func:`pinned`), every file checked.
+
+    A file that does not match the run.json read with it is read again from
+    scratch once (a concurrent save swapped the folder in between); a second
+    mismatch is a :class:`SavedRunError` naming the file.
+    """
+    pin = _pinned_for(directory)
+    if pin is not None:
+        return pin
+    check_files(directory)
+    try:
+        return _read_once(directory)
+    except _Changed:
+        pass
+    try:
+        return _read_once(directory)
+    except _Changed as e:
+        raise SavedRunError(f"{e}; nothing was loaded") from None
+
+
+def _pinned_for(directory: str) -> Optional[Snapshot]:
+    pin = _PINNED.get()
+    if pin is not None and os.path.realpath(pin.directory) == os.path.realpath(directory):
+        return pin
+    return None
+
+
+@contextmanager
+def pinned(directory: str) -> Iterator[Snapshot]:
+    """Within the block, every read of the run at ``directory`` (run.json, the model, the trainer files)
+    comes from one snapshot: a rebuild from several reads is one checkpoint even while the run is re-saved."""
+    token = _PINNED.set(read_snapshot(directory))
+    try:
+        yield _PINNED.get()
+    finally:
+        _PINNED.reset(token)
+
+
+def read_json_file(directory: str, name: str) -> Optional[Any]:
+    """The JSON value of the run's file ``name`` (checked against run.json), None when the run has none."""
+    data = read_snapshot(directory).read(name)
+    if data is None:
+        return None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SavedRunError(f"corrupt {os.path.join(directory, name)}: {e}") from None
 
 
 def check_files(directory: str) -> None:
@@ -359,37 +511,28 @@ def _check_weights(model, path: str, tensors: Dict[str, torch.Tensor]) -> None:
 
 
 def read_checked(model, directory: str) -> Loaded:
-    """Read and validate a saved run for ``model`` without changing anything."""
+    """Read and validate a saved run for ``model`` without changing anything (one snapshot, see :func:`read_snapshot`)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_tensors
 
     from ..core.store import StoreError
 
-    check_files(directory)
-    run = read_run_json(directory)
-    if run is None:
-        warnings.warn(f"{directory!r} has no {RUN_FILE} (saved by an older version): its template text and label "
-                      "words cannot be checked against this model; save it again to record them", stacklevel=3)
-    else:
-        diffs = differences(run["fingerprint"], fingerprint(model))
-        if diffs:
-            raise SavedRunError(f"the run saved at {directory!r} does not fit this model ({len(diffs)} "
-                                f"difference{'s' if len(diffs) > 1 else ''} with its {RUN_FILE}): "
-                                + "; ".join(diffs) + ". Nothing was loaded: build the model as the run was built, "
-                                "or rebuild it from the folder with from_pretrained(dir)")
-        for name in (WEIGHTS, CONFIG):
-            want = run["checksums"].get(name)
-            if want is not None and sha256_file(os.path.join(directory, name)) != want:
-                raise SavedRunError(f"corrupt {os.path.join(directory, name)}: its sha256 does not match the checksum "
-                                    f"in {RUN_FILE} (the file was damaged or changed after saving); nothing was loaded")
+    snap = read_snapshot(directory)
+    diffs = differences(snap.run["fingerprint"], fingerprint(model))
+    if diffs:
+        raise SavedRunError(f"the run saved at {directory!r} does not fit this model ({len(diffs)} "
+                            f"difference{'s' if len(diffs) > 1 else ''} with its {RUN_FILE}): "
+                            + "; ".join(diffs) + ". Nothing was loaded: build the model as the run was built, "
+                            "or rebuild it from the folder with from_pretrained(dir)")
     config_path = os.path.join(directory, CONFIG)
     try:
-        config = RetroConfig.load(config_path)
-    except (ValueError, TypeError) as e:
+        config = RetroConfig.from_dict(json.loads(snap.read(CONFIG).decode("utf-8")))
+    except (ValueError, TypeError, AttributeError) as e:
         raise SavedRunError(f"corrupt {config_path}: {e}; nothing was loaded") from None
+    store_files = {name[len(STORE) + 1:]: data for name, data in snap.files.items() if name.startswith(STORE + "/")}
     try:
         store = KnowledgeStore.load(os.path.join(directory, STORE), expected_dim=model._key_dim(),
-                                    expected_built_by={"key_type": model.key_head.kind})
+                                    expected_built_by={"key_type": model.key_head.kind}, files=store_files)
     except StoreError as e:
         raise StoreError(f"{e}; nothing was loaded") from None
     if store.num_classes != model.num_classes:
@@ -397,7 +540,7 @@ def read_checked(model, directory: str) -> Loaded:
                             f"model has {model.num_classes}; nothing was loaded")
     path = os.path.join(directory, WEIGHTS)
     try:
-        tensors = load_file(path)
+        tensors = load_tensors(snap.read(WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:
         raise SavedRunError(f"corrupt {path}: {e}; nothing was loaded") from None
     _check_weights(model, path, tensors)
@@ -425,12 +568,13 @@ def _load_text_pool(directory: str, run: Dict):
     if not name:
         return None
     path = os.path.join(directory, name)
+    records = read_json_file(directory, name)
+    if records is None:
+        raise SavedRunError(f"cannot read the text-demonstration pool {path}: {RUN_FILE} has no checksum of it")
     try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
         return [InputExample(guid=r["guid"], text_a=r["text_a"], text_b=r.get("text_b") or "", label=r["label"],
                              meta=r.get("meta") or {}, tgt_text=r.get("tgt_text")) for r in records]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise SavedRunError(f"cannot read the text-demonstration pool {path}: {e}") from None
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import random
 import time
@@ -328,16 +327,13 @@ class RetroTrainer:
     # ---------------------------------------------------------------- disk
     def save(self, directory: str, save_plm: bool = False) -> None:
         """The model's run folder (see :meth:`RetroPromptForClassification.save`) plus training_args.json
-        and trainer.json (the lambda/k/T grid, the tuned values and the history)."""
-        from .saved_run import TRAINER_FILE, TRAINING_ARGS
+        and trainer.json (the lambda/k/T grid, the tuned values and the history), swapped in as one folder."""
+        from .saved_run import TRAINER_FILE, TRAINING_ARGS, save_run
 
-        self.model.save(directory, save_plm=save_plm)
-        with open(os.path.join(directory, TRAINING_ARGS), "w") as f:
-            json.dump(self.args.to_dict(), f, indent=2)
         state = {"grid": {k: list(v) for k, v in dataclasses.asdict(self.grid).items()},
                  "tuned": getattr(self, "tuned", None), "history": self.history}
-        with open(os.path.join(directory, TRAINER_FILE), "w") as f:
-            json.dump(state, f, indent=2)
+        save_run(self.model, directory, save_plm=save_plm,
+                 extra_json={TRAINING_ARGS: self.args.to_dict(), TRAINER_FILE: state})
 
     def load(self, directory: str) -> "RetroTrainer":
         """Load a saved run into this trainer's (identically built) model.
@@ -358,9 +354,11 @@ class RetroTrainer:
         """
         from . import saved_run
 
-        model, tokenizer, wrapper = saved_run.rebuild(directory, cls=RetroPromptForClassification, plm_path=plm_path,
-                                                      model_type=model_type, text_pool=text_pool)
-        args, grid, state = _read_trainer_files(directory, training_args)
+        with saved_run.pinned(directory):  # model and trainer files from one checkpoint
+            model, tokenizer, wrapper = saved_run.rebuild(directory, cls=RetroPromptForClassification,
+                                                          plm_path=plm_path, model_type=model_type,
+                                                          text_pool=text_pool)
+            args, grid, state = _read_trainer_files(directory, training_args)
         trainer = cls(model, tokenizer, wrapper, args, grid)
         if state.get("tuned") is not None:
             trainer.tuned = state["tuned"]
@@ -369,22 +367,18 @@ class RetroTrainer:
 
 
 def _read_trainer_files(directory: str, overrides: Dict) -> Tuple[TrainingArgs, MixtureGrid, Dict]:
-    """TrainingArgs (training_args.json + overrides), MixtureGrid and the rest of trainer.json; defaults if absent."""
+    """TrainingArgs (training_args.json + overrides), MixtureGrid and the rest of trainer.json (as checked
+    against run.json); defaults if absent."""
     import warnings
 
-    from .saved_run import TRAINER_FILE, TRAINING_ARGS, SavedRunError
+    from .saved_run import TRAINER_FILE, TRAINING_ARGS, SavedRunError, read_json_file
 
     def read(name):
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
+        value = read_json_file(directory, name)
+        if value is None:
             return {}
-        try:
-            with open(path) as f:
-                value = json.load(f)
-        except ValueError as e:
-            raise SavedRunError(f"corrupt {path}: {e}") from None
         if not isinstance(value, dict):
-            raise SavedRunError(f"corrupt {path}: expected a JSON object")
+            raise SavedRunError(f"corrupt {os.path.join(directory, name)}: expected a JSON object")
         return value
 
     saved = read(TRAINING_ARGS)
