@@ -198,3 +198,23 @@ def test_loads_during_resaves_are_one_checkpoint_or_a_clear_error(saved, tmp_pat
         saver.join()
     assert seen and set(seen) <= expected, set(seen) - expected
     assert beside(d) == ["run"]
+
+
+def test_a_save_never_replaces_a_folder_of_other_files(saved, tmp_path):  # noqa: F811
+    d = tmp_path / "outputs"
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds other files \(\['notes.txt'\]\).* save to a new or empty"):
+        saved[3].save(str(d))
+    with pytest.raises(FileExistsError, match="holds other files"):
+        small_store().save(str(d))
+    assert [p.name for p in d.iterdir()] == ["notes.txt"] and beside(d) == ["outputs"]
+
+
+def test_a_saved_folder_gets_the_permissions_of_a_new_folder_or_keeps_its_own(tmp_path):
+    os.makedirs(tmp_path / "plain")
+    small_store().save(str(tmp_path / "store"))
+    assert (tmp_path / "store").stat().st_mode == (tmp_path / "plain").stat().st_mode
+    os.chmod(tmp_path / "store", 0o750)
+    small_store(1).save(str(tmp_path / "store"))
+    assert (tmp_path / "store").stat().st_mode & 0o777 == 0o750

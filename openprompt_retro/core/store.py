@@ -406,9 +406,9 @@ class KnowledgeStore:
         The files go to a new folder beside ``directory`` that replaces it only once
         complete and on disk (:func:`atomic_folder`): a failed or killed save leaves
         the old store as it was, and a store memory-mapped from ``directory`` keeps
-        reading its own (old) files.
+        reading its own (old) files. A non-empty ``directory`` that is not a store is refused.
         """
-        with atomic_folder(directory) as tmp:
+        with atomic_folder(directory, markers=(_META_FILE, _INDEX_FILE)) as tmp:
             faiss.write_index(self.index, os.path.join(tmp, _INDEX_FILE))
             np.save(os.path.join(tmp, _KEYS_FILE), np.ascontiguousarray(self.keys, dtype=np.float32))
             np.save(os.path.join(tmp, _LABELS_FILE), self.labels)
@@ -550,8 +550,12 @@ def sha256_file(path: str) -> str:
 
 
 @contextmanager
-def atomic_folder(directory: str) -> Iterator[str]:
+def atomic_folder(directory: str, markers: Sequence[str] = ()) -> Iterator[str]:
     """Yield a new, empty folder beside ``directory``; once the block completes, it replaces ``directory``.
+
+    An existing ``directory`` is replaced only if it is empty or holds one of
+    ``markers`` (the files that show it was saved like this before): a folder of
+    other files is refused, not wiped.
 
     The new folder (same parent, unique hidden name) is fsynced, then swapped in: in
     one step where the system can (Linux ``renameat2(RENAME_EXCHANGE)``), else the
@@ -563,10 +567,15 @@ def atomic_folder(directory: str) -> Iterator[str]:
     target = os.path.realpath(directory)
     if os.path.exists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"cannot save to {directory!r}: it is a file, not a folder")
+    present = sorted(os.listdir(target)) if os.path.isdir(target) else []
+    if present and not set(markers) & set(present):
+        raise FileExistsError(f"cannot save to {directory!r}: it holds other files ({present[:8]}), and a save "
+                              f"replaces the whole folder; save to a new or empty folder")
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
     try:
+        os.chmod(tmp, os.stat(target).st_mode & 0o7777 if os.path.isdir(target) else _folder_mode())
         yield tmp
         _fsync_tree(tmp)
         _swap_in_folder(tmp, target)
@@ -578,6 +587,13 @@ def atomic_folder(directory: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _folder_mode() -> int:
+    """The permissions ``os.makedirs`` gives a new folder: 0o777 minus the umask (mkdtemp's are 0o700)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o777 & ~mask
 
 
 def _fsync_tree(root: str) -> None:

@@ -281,10 +281,11 @@ def run_files(root: str) -> List[str]:
 def save_run(model, directory: str, save_plm: bool = False, model_type: Optional[str] = None,
              name_or_path: Optional[str] = None, extra_json: Optional[Dict[str, Dict]] = None) -> None:
     """Weights, config, store, optional PLM/tokenizer, text pool and ``extra_json`` files (name -> object),
-    then run.json with the sha256 of every one of them - all in a new folder swapped in at the end."""
+    then run.json with the sha256 of every one of them - all in a new folder swapped in at the end
+    (:func:`~openprompt_retro.core.store.atomic_folder`: it replaces an existing run folder, or an empty one)."""
     from safetensors.torch import save_model
 
-    with atomic_folder(directory) as tmp:
+    with atomic_folder(directory, markers=(RUN_FILE, WEIGHTS)) as tmp:
         with model.store_outside_state_dict():  # the store has its own folder
             save_model(model, os.path.join(tmp, WEIGHTS))
         model.config.save(os.path.join(tmp, CONFIG))
