@@ -194,6 +194,37 @@ def test_a_folder_without_run_json_is_refused_naming_it(saved, tiny_dirs, tmp_pa
     assert_unchanged(swapped, snap)
 
 
+def test_format_1_runs_load_with_a_warning_that_only_two_files_are_checked(saved, tiny_dirs, tmp_path):
+    d = copy_run(saved, tmp_path)
+    run = json.loads((d / "run.json").read_text())
+    run["format_version"] = 1
+    run["checksums"] = {k: run["checksums"][k] for k in ("prompt_model.safetensors", "retro_config.json")}
+    (d / "run.json").write_text(json.dumps(run))
+    model = model_for(load_tiny(tiny_dirs["bert"]))
+    with pytest.warns(UserWarning, match="format 1.*cannot be checked; save the run again"):
+        model.load(str(d))
+    np.testing.assert_array_equal(trainer(model, load_tiny(tiny_dirs["bert"])).predict_proba(saved[2]), saved[1])
+
+
+@pytest.mark.parametrize("entry", ["../outside.txt", "/etc/hostname", "store//keys.npy"])
+def test_a_checksum_entry_outside_the_folder_is_refused(saved, tiny_dirs, tmp_path, entry):
+    d = copy_run(saved, tmp_path)
+    run = json.loads((d / "run.json").read_text())
+    run["checksums"][entry] = "0" * 64
+    (d / "run.json").write_text(json.dumps(run))
+    with pytest.raises(SavedRunError, match="corrupt run.json .*bad checksum entry"):
+        model_for(load_tiny(tiny_dirs["bert"])).load(str(d))
+
+
+def test_a_run_json_that_drops_a_files_checksum_is_refused(saved, tiny_dirs, tmp_path):
+    d = copy_run(saved, tmp_path)
+    run = json.loads((d / "run.json").read_text())
+    del run["checksums"]["store/keys.npy"]
+    (d / "run.json").write_text(json.dumps(run))
+    with pytest.raises(SavedRunError, match=r"corrupt run.json .*no checksum of \['store/keys.npy'\]"):
+        model_for(load_tiny(tiny_dirs["bert"])).load(str(d))
+
+
 # ------------------------------------------------------------------ from_pretrained
 def test_trainer_from_pretrained_is_bit_identical(saved):
     d, probs, examples, tr = saved
@@ -225,6 +256,7 @@ def test_from_pretrained_with_save_plm_needs_nothing_but_the_folder(tmp_path, ex
     np.testing.assert_array_equal(again.predict_proba(examples), probs)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["plm"] == {"model_type": kind, "name_or_path": src, "saved": True}
+    assert "plm/config.json" in run["checksums"]
 
 
 @pytest.mark.parametrize("template,verbalizer,demos", [("mixed", "soft", "text"), ("soft", "manual", "neural")])

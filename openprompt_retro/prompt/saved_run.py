@@ -44,6 +44,9 @@ PLM_DIR, TEXT_POOL, TRAINING_ARGS, TRAINER_FILE = "plm", "text_pool.json", "trai
 #: 2: run.json's checksums cover every file of the folder (1: the weights and the config only)
 RUN_FORMAT, RUN_FORMAT_VERSION = "openprompt-retro run", 2
 _READABLE_RUN_FORMATS = (1, 2)
+#: files every run has, so every format-2 run.json has their checksums
+REQUIRED_FILES = (WEIGHTS, CONFIG) + tuple(f"{STORE}/{n}" for n in ("index.faiss", "keys.npy", "labels.npy",
+                                                                   "store.json"))
 
 #: fingerprint field -> how an error message names it
 FINGERPRINT_FIELDS = {
@@ -366,6 +369,9 @@ def _parse_run_json(directory: str, data: bytes) -> Dict:
         if (not isinstance(digest, str) or not _SHA256.fullmatch(digest) or name.startswith("/")
                 or any(p in ("", ".", "..") for p in parts) or name == RUN_FILE):
             raise SavedRunError(f"corrupt {RUN_FILE} in {directory!r}: bad checksum entry {name!r}: {digest!r}")
+    unlisted = [n for n in REQUIRED_FILES if n not in run["checksums"]] if run["format_version"] >= 2 else []
+    if unlisted:
+        raise SavedRunError(f"corrupt {RUN_FILE} in {directory!r}: it has no checksum of {unlisted}")
     return run
 
 
