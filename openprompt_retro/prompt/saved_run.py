@@ -440,12 +440,11 @@ def read_snapshot(directory: str) -> Snapshot:
     check_files(directory)
     try:
         return _read_once(directory)
-    except _Changed:
-        pass
-    try:
-        return _read_once(directory)
-    except _Changed as e:
-        raise SavedRunError(f"{e}; nothing was loaded") from None
+    except _Changed:  # a save may have swapped the folder in between: read it again from scratch
+        try:
+            return _read_once(directory)
+        except _Changed as e:
+            raise SavedRunError(f"{e}; nothing was loaded") from None
 
 
 def _pinned_for(directory: str) -> Optional[Snapshot]:
@@ -518,7 +517,7 @@ def _check_weights(model, path: str, tensors: Dict[str, torch.Tensor]) -> None:
 
 
 def read_checked(model, directory: str) -> Loaded:
-    """Read and validate a saved run for ``model`` without changing anything (one snapshot, see :func:`read_snapshot`)."""
+    """Read and validate a saved run for ``model`` without changing anything (one :func:`read_snapshot`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load as load_tensors
 
