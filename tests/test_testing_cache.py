@@ -9,6 +9,8 @@ import pytest
 
 from openprompt_retro import testing
 
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "text")
+
 
 @pytest.fixture
 def temp(tmp_path, monkeypatch):
@@ -95,3 +97,20 @@ def test_cache_path_that_is_a_symlink_is_refused(temp):
     with pytest.raises(PermissionError, match="is not a folder"):
         testing.ensure_tiny_model("tiny-bert")
     assert built == []
+
+
+@pytest.mark.skipif(not os.path.isdir(DATA), reason="../shared data not present")
+def test_cli_names_a_refused_cache_in_one_line(temp, capsys):
+    tmp, built = temp
+    root = os.path.join(str(tmp), f"openprompt-retro-{os.getuid()}")
+    os.mkdir(root)
+    os.chmod(root, 0o777)
+    from openprompt_retro.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["speed", "--task", "mr", "--model", "tiny-bert", "--limit", "2", "--repeats", "1", "--data-root", DATA,
+              "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip() == (f"openprompt-retro speed: error: the tiny-model cache {root} is writable by others "
+                           "(mode 777); remove it, or point TMPDIR elsewhere")
