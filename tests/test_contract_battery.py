@@ -144,14 +144,16 @@ def _tip_adapter_reloaded(tip, folder, clip, proc, text, split):
 
 
 NO_PREDICT = "has no predict(); predict_proba is its only prediction API"
-NO_SAVE = "has no save/load (no state_dict either): nothing to round-trip"
+NO_SAVE = "has no save/load and is no nn.Module: its fitted state ({}) has no way to disk to round-trip"
 #: CLIP predictor -> (build from (clip, proc, text, split), reload or None, {contract: reason it does not apply})
 CLIP_PREDICTORS = {
-    "ZeroShotKnn": (_zero_shot_knn, None, {"predict_is_argmax": NO_PREDICT, "save_load": NO_SAVE}),
+    "ZeroShotKnn": (_zero_shot_knn, None, {"predict_is_argmax": NO_PREDICT,
+                                           "save_load": NO_SAVE.format("text features, image cache, mixture")}),
     "TipAdapter": (_tip_adapter, _tip_adapter_reloaded, {"predict_is_argmax": NO_PREDICT}),
     "Tip-Adapter-F": (lambda *a: _tip_adapter(*a, train_keys=True), _tip_adapter_reloaded,
                       {"predict_is_argmax": NO_PREDICT}),
-    "RetroCoOp": (_retro_coop, None, {"predict_is_argmax": NO_PREDICT, "save_load": NO_SAVE}),
+    "RetroCoOp": (_retro_coop, None, {"predict_is_argmax": NO_PREDICT,
+                                      "save_load": NO_SAVE.format("learned context, image cache, mixture")}),
 }
 
 
