@@ -69,16 +69,50 @@ def write_roberta_tokenizer(directory: str) -> str:
     return directory
 
 
-def tiny_model_dir(name: str) -> str:
-    """A temp folder for a tiny model, per transformers version (saved formats differ between versions)."""
+def cache_root() -> str:
+    """This user's private folder for the tiny models: ``<tempdir>/openprompt-retro-<uid>``, mode 0700.
+
+    Created if missing; refused with a :class:`PermissionError` if it is not a real folder owned by the
+    current user, or if others may write to it (anything they planted there would be loaded as a model).
+    """
+    import stat
     import tempfile
 
+    root = os.path.join(tempfile.gettempdir(), f"openprompt-retro-{os.getuid()}")
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(root)
+    if not stat.S_ISDIR(info.st_mode):
+        problem = "is not a folder (a symlink or a file)"
+    elif info.st_uid != os.getuid():
+        problem = f"is owned by uid {info.st_uid}, not by you (uid {os.getuid()})"
+    elif info.st_mode & 0o022:
+        problem = f"is writable by others (mode {stat.S_IMODE(info.st_mode):o})"
+    else:
+        return root
+    raise PermissionError(f"the tiny-model cache {root} {problem}; remove it, or point TMPDIR elsewhere")
+
+
+def tiny_model_dir(name: str) -> str:
+    """The cache folder of a tiny model, per transformers version (saved formats differ between versions)."""
     import transformers
 
-    return os.path.join(tempfile.gettempdir(), f"openprompt-retro-{name}-tf{transformers.__version__}")
+    return os.path.join(cache_root(), f"{name}-tf{transformers.__version__}")
 
 
-#: the tiny models :func:`ensure_tiny_model` caches: name -> builder(directory)
+def _open_lock(path: str) -> int:
+    """Open (create, never truncate) the lock file ``path`` without following a symlink planted there."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        if os.path.islink(path):
+            raise PermissionError(f"the lock file {path} is a symlink; remove it") from err
+        raise
+
+
+#: the tiny models :func:`ensure_tiny_model` builds and caches
 TINY_MODELS = ("tiny-bert", "tiny-roberta", "tiny-clip")
 
 
@@ -92,8 +126,8 @@ def ensure_tiny_mlm(name: str) -> str:
 def ensure_tiny_model(name: str) -> str:
     """The cached tiny model ``tiny-bert``, ``tiny-roberta`` or ``tiny-clip``, built once per transformers version.
 
-    Safe for concurrent processes: the first one builds it in a temporary folder
-    under a file lock and renames it into place, so nobody sees a half-written model.
+    Kept in this user's private :func:`cache_root`. Safe for concurrent processes: the first one builds it
+    in a temporary folder under a file lock and renames it into place, so nobody sees a half-written model.
     """
     import fcntl
     import shutil
@@ -105,21 +139,21 @@ def ensure_tiny_model(name: str) -> str:
     path = tiny_model_dir(name)
     if os.path.isfile(os.path.join(path, "TINY_MODEL.json")):
         return path
-    with open(path + ".lock", "w") as lock:
+    lock = _open_lock(path + ".lock")
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not os.path.isfile(os.path.join(path, "TINY_MODEL.json")):  # another process may have built it
-                tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))
-                try:
-                    make_tiny_clip(tmp) if kind == "clip" else make_tiny_mlm(kind, tmp)
-                    if os.path.isdir(path):  # a half-written folder from an older version of this code
-                        shutil.rmtree(path)
-                    os.rename(tmp, path)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        if not os.path.isfile(os.path.join(path, "TINY_MODEL.json")):  # another process may have built it
+            tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))
+            try:
+                make_tiny_clip(tmp) if kind == "clip" else make_tiny_mlm(kind, tmp)
+                if os.path.isdir(path):  # a half-written folder (no TINY_MODEL.json) left by a killed build
+                    shutil.rmtree(path)
+                os.rename(tmp, path)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    finally:
+        os.close(lock)  # closing releases the flock
     return path
 
 

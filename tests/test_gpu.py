@@ -1,6 +1,6 @@
 """GPU code paths (skipped without CUDA). The rest of the suite pins the CPU; these run what it cannot:
 training and prediction on cuda with every neural-demonstration variant, fp16 and bf16 autocast, and the
-nccl all-gather with a DDP-wrapped training step (benchmarks/gpu/check.sh runs them with the CLI checks)."""
+nccl all-gather with a DDP-wrapped training step (benchmarks/scripts/gpu/check.sh runs them with the CLI checks)."""
 import os
 import shutil
 import subprocess
@@ -42,6 +42,6 @@ def test_mixed_precision_training_on_cuda(tiny_bert, examples, amp):
 def test_nccl_gather_and_ddp_step():
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "1",
-                          os.path.join(ROOT, "benchmarks", "gpu", "nccl_check.py"), "nccl"],
+                          os.path.join(ROOT, "benchmarks", "scripts", "gpu", "nccl_check.py"), "nccl"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0 and "nccl check ok: nccl" in out.stdout, out.stderr[-3000:]

@@ -74,7 +74,8 @@ def test_concurrent_first_use_of_the_tiny_model_cache(tmp_path):
     assert all(r == results[0] for r in results) and set(results[0]) == {"tiny-bert", "tiny-clip"}
     from openprompt_retro.testing import tiny_model_dir
 
-    left = sorted(p for p in os.listdir(tmp_path) if p.startswith("openprompt-retro-") and not p.endswith(".lock"))
+    cache = os.path.join(str(tmp_path), f"openprompt-retro-{os.getuid()}")  # the processes' TMPDIR/<private cache>
+    left = sorted(p for p in os.listdir(cache) if not p.endswith(".lock"))
     assert left == sorted(os.path.basename(tiny_model_dir(n)) for n in ("tiny-bert", "tiny-clip"))  # no temp folders
 
 

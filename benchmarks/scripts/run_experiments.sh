@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The experiments of benchmarks/README.md beyond the main benchmark, in one go (offline MiniLM, 2 CPU cores).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PY:-python}
 # zero-shot: plain vs pseudo-labeled store (no labels read)
 $PY -m openprompt_retro run --tasks SST-2,mr,cr,ag_news --methods zero-shot,zero-shot-retro --seeds 42 \

@@ -2,7 +2,7 @@
 # The protocol search and the benchmark grid on a GPU machine (experiments/protocol.py), with WORKERS
 # processes sharing one GPU. Results are tarred into RESULTS_DIR every 20 s, so a run cut short still
 # returns every finished row; resume anywhere with the same command (finished runs are skipped).
-#   BUDGET=480 WORKERS=14 bash benchmarks/gpu/grid.sh RESULTS_DIR
+#   BUDGET=480 WORKERS=14 bash benchmarks/scripts/gpu/grid.sh RESULTS_DIR
 set -u
 DEST=${1:-/tmp/gpu-grid}; mkdir -p "$DEST"
 W=${WORKERS:-14}; BUDGET=${BUDGET:-480}; WORK=${WORK:-/tmp/w}

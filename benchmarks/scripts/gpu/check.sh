@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks of the code paths a CPU cannot run: the suite with CUDA visible, CLI runs with --device cuda
 # and AMP (fp16 with its gradient scaler, bf16), and the nccl collective + a DDP-wrapped training step.
-#   bash benchmarks/gpu/check.sh LOG_DIR        (from the repository root, on a machine with one GPU)
+#   bash benchmarks/scripts/gpu/check.sh LOG_DIR        (from the repository root, on a machine with one GPU)
 set -u
 LOG=${1:-/tmp/gpu-check}; mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1
@@ -18,7 +18,7 @@ for amp in none fp16 bf16; do
   echo "cli amp=$amp rc $?"; grep -E "test accuracy|error|Error" "$LOG/cli-$amp.log" | head -12
   python3 -c "import json,sys; [print(r['method'], r['settings'].get('device'), r['settings'].get('amp'), r['test_accuracy']) for r in map(json.loads, open('/tmp/gpu-cli-$amp/results.jsonl'))]"
 done
-timeout 200 torchrun --standalone --nproc_per_node 1 benchmarks/gpu/nccl_check.py nccl > "$LOG/nccl.log" 2>&1
+timeout 200 torchrun --standalone --nproc_per_node 1 benchmarks/scripts/gpu/nccl_check.py nccl > "$LOG/nccl.log" 2>&1
 echo "nccl rc $?"; grep -E "backend|ok|Error" "$LOG/nccl.log" | head -8
 echo CHECKS-DONE
 } > "$LOG/check.log" 2>&1

@@ -1,6 +1,6 @@
 """The torch.distributed paths on one GPU with nccl (a 1-process group: NCCL refuses two ranks on one GPU).
 
-    torchrun --standalone --nproc_per_node 1 benchmarks/gpu/nccl_check.py [nccl|gloo]
+    torchrun --standalone --nproc_per_node 1 benchmarks/scripts/gpu/nccl_check.py [nccl|gloo]
 
 Checks that the store's all-gather allocates its buffers where the backend needs them and returns rows in
 global order, and that a DDP-wrapped RetroPrompt model takes a kNN-guided training step on the GPU.
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "tests"))
 
 import openprompt_retro as R  # noqa: E402,F401  (applies the OpenPrompt shims)
 from openprompt_retro.prompt import distributed  # noqa: E402
