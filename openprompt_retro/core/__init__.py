@@ -7,5 +7,6 @@ from .loss import knn_guided_loss, knn_loss_weights
 from .store import KnowledgeStore, SearchResult, StoreError
 
 __all__ = ["LossConfig", "RetroConfig", "demonstration_weights", "neural_demonstrations", "MixtureChoice",
-           "MixtureGrid", "accuracy", "knn_label_distribution", "knn_weights", "mix", "select_mixture", "knn_guided_loss", "knn_loss_weights",
+           "MixtureGrid", "accuracy", "knn_label_distribution", "knn_weights", "mix", "select_mixture",
+           "knn_guided_loss", "knn_loss_weights",
            "KnowledgeStore", "SearchResult", "StoreError"]
