@@ -101,6 +101,24 @@ def test_lambda_limits_of_the_mixture(tiny_clip):
     np.testing.assert_allclose(m.predict_proba(f_test), cache.p_knn(f_test, 4, 0.1), atol=1e-6)
 
 
+def test_zero_shot_knn_tunes_its_mixture_on_the_grid_it_is_given(tiny_clip):
+    from openprompt_retro.clip import clip_mixture_grid
+    from openprompt_retro.core.knn import MixtureGrid, select_mixture
+
+    clip, proc = tiny_clip
+    feats = ClipFeatures(clip, proc, progress=False)
+    cache = ImageCache(feats.image_features(images(12)), np.array([0, 1, 2] * 4), 3)
+    f_val, y_val = feats.image_features(images(6, seed=2)), np.array([0, 1, 2] * 2)
+    zs = ZeroShotKnn(feats.text_features([f"a photo of a {c}." for c in CLASSES]), float(clip.logit_scale.exp()),
+                     cache)
+    grid = clip_mixture_grid()
+    want = select_mixture(zs.zero_shot_probs(f_val), y_val, lambda k, t: cache.p_knn(f_val, k, t), grid.lambdas,
+                          grid.ks, grid.temperatures)
+    assert zs.tune(f_val, y_val) == want == zs.mixture  # the default grid: the CLIP one
+    fixed = zs.tune(f_val, y_val, MixtureGrid.fixed(0.3, 2, 0.02))
+    assert (fixed.lam, fixed.k, fixed.temperature) == (0.3, 2, 0.02) and zs.mixture == fixed
+
+
 def test_retro_coop_trains_only_context_and_tunes_on_validation(tiny_clip):
     clip, proc = tiny_clip
     feats = ClipFeatures(clip, proc, progress=False)
@@ -237,3 +255,13 @@ def test_retro_coop_trains_with_plain_ce_while_the_cache_is_at_chance(tiny_clip)
     m, logits, y, _ = _first_epoch_loss(tiny_clip)  # random images: leave-one-out accuracy 2/9 < 1/3
     assert m.knn_loss_active is False and m.store_loo_accuracy < 1 / 3
     assert m.history[0]["loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+
+
+def test_the_clip_package_exports_every_name_it_had_before_the_split():
+    import openprompt_retro.clip as clip_pkg
+
+    before = ["ImageSet", "check_images", "k_shot_indices", "load_image_arrays", "load_image_folder", "ClipFeatures",
+              "augment", "load_clip", "load_open_clip", "ImageCache", "RetroCoOp", "RetroCoOpConfig", "TipAdapter",
+              "ZeroShotKnn", "clip_logits", "tip_adapter_logits", "tune_mixture", "zero_shot_text_features",
+              "CoOpPromptLearner"]
+    assert set(before) <= set(clip_pkg.__all__) and all(hasattr(clip_pkg, name) for name in before)
