@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+import openprompt_retro as R
 from openprompt_retro.clip import (ClipFeatures, CoOpPromptLearner, ImageCache, ImageSet, RetroCoOp, RetroCoOpConfig,
                                    TipAdapter, ZeroShotKnn, check_images, k_shot_indices, load_clip,
                                    tip_adapter_logits)
-import openprompt_retro as R
 from openprompt_retro.core.knn import MixtureChoice
 from openprompt_retro.testing import make_tiny_clip
 
