@@ -75,7 +75,7 @@ results = {}
 zs = ZeroShotKnn(text, scale, cache)
 results["zero-shot CLIP"] = acc(zs.zero_shot_probs(f_test))
 zs.tune(f_val, val.labels)
-results["zero-shot CLIP + kNN"] = (acc(zs.predict_proba(f_test)), zs.mixture)
+results["zero-shot CLIP + kNN"] = (acc(zs.predict_proba(f_test)), zs.mixture.as_dict())
 tip = TipAdapter(text, scale, cache)
 tip_choice = tip.tune(f_val, val.labels)
 results["Tip-Adapter"] = (acc(tip.predict_proba(f_test)), tip_choice)
@@ -85,7 +85,7 @@ for name, loss in (("CoOp", "ce"), ("RetroCoOp", "knn")):
     cfg = RetroCoOpConfig(n_ctx=ns.n_ctx, epochs=ns.epochs, loss=loss, seed=ns.seed)
     m = RetroCoOp(clip, processor.tokenizer, classes, cfg)
     m.fit(f_train, train.labels, f_val if loss == "knn" else None, val.labels)
-    results[name] = (acc(m.predict_proba(f_test)), m.mixture)
+    results[name] = (acc(m.predict_proba(f_test)), m.mixture.as_dict())
 
 print(f"\nCIFAR-10, {ns.k}-shot, seed {ns.seed}, model {ns.model}, {len(test.labels)} test images"
       + ("" if test_subset is None else f" (stratified subset, seed {ns.seed}, of {test_subset['of']})"))

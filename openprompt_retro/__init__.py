@@ -21,7 +21,7 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "core": ["KnowledgeStore", "SearchResult", "StoreError", "knn_label_distribution", "knn_weights", "mix",
-             "select_mixture", "MixtureGrid", "RetroConfig", "neural_demonstrations", "demonstration_weights",
+             "select_mixture", "MixtureGrid", "MixtureChoice", "LossConfig", "RetroConfig", "neural_demonstrations", "demonstration_weights",
              "knn_guided_loss", "knn_loss_weights"],
     "prompt": ["MaskKeyHead", "build_store", "build_store_streaming", "extract_keys", "mask_keys", "RetroTemplate",
                "KnnVerbalizer", "TfidfDemoRetriever", "RetroPromptForClassification", "RetroTrainer",

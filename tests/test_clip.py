@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+import openprompt_retro as R
 from openprompt_retro.clip import (ClipFeatures, CoOpPromptLearner, ImageCache, ImageSet, RetroCoOp, RetroCoOpConfig,
                                    TipAdapter, ZeroShotKnn, check_images, k_shot_indices, load_clip,
                                    tip_adapter_logits)
+from openprompt_retro.core.knn import MixtureChoice
 from openprompt_retro.testing import make_tiny_clip
 
 CLASSES = ["cat", "dog", "ship"]
@@ -87,16 +89,34 @@ def test_lambda_limits_of_the_mixture(tiny_clip):
     f_test = feats.image_features(images(5, seed=1))
     text = feats.text_features([f"a photo of a {c}." for c in CLASSES])
     zs = ZeroShotKnn(text, float(clip.logit_scale.exp()), cache)
-    zs.mixture = {"lambda": 0.0, "k": 4, "temperature": 0.1}
+    zs.mixture = MixtureChoice(lam=0.0, k=4, temperature=0.1)
     np.testing.assert_allclose(zs.predict_proba(f_test), zs.zero_shot_probs(f_test), atol=1e-6)
-    zs.mixture["lambda"] = 1.0
+    zs.mixture = MixtureChoice(lam=1.0, k=4, temperature=0.1)
     np.testing.assert_allclose(zs.predict_proba(f_test), cache.p_knn(f_test, 4, 0.1), atol=1e-6)
     m = RetroCoOp(clip, proc.tokenizer, CLASSES, RetroCoOpConfig(n_ctx=2, epochs=2, progress=False))
     m.fit(f_train, labels)
-    m.mixture = {"lambda": 0.0, "k": 4, "temperature": 0.1}
+    m.mixture = MixtureChoice(lam=0.0, k=4, temperature=0.1)
     np.testing.assert_allclose(m.predict_proba(f_test), m.prompt_probs(f_test), atol=1e-6)
-    m.mixture["lambda"] = 1.0
+    m.mixture = MixtureChoice(lam=1.0, k=4, temperature=0.1)
     np.testing.assert_allclose(m.predict_proba(f_test), cache.p_knn(f_test, 4, 0.1), atol=1e-6)
+
+
+def test_zero_shot_knn_tunes_its_mixture_on_the_grid_it_is_given(tiny_clip):
+    from openprompt_retro.clip import clip_mixture_grid
+    from openprompt_retro.core.knn import MixtureGrid, select_mixture
+
+    clip, proc = tiny_clip
+    feats = ClipFeatures(clip, proc, progress=False)
+    cache = ImageCache(feats.image_features(images(12)), np.array([0, 1, 2] * 4), 3)
+    f_val, y_val = feats.image_features(images(6, seed=2)), np.array([0, 1, 2] * 2)
+    zs = ZeroShotKnn(feats.text_features([f"a photo of a {c}." for c in CLASSES]), float(clip.logit_scale.exp()),
+                     cache)
+    grid = clip_mixture_grid()
+    want = select_mixture(zs.zero_shot_probs(f_val), y_val, lambda k, t: cache.p_knn(f_val, k, t), grid.lambdas,
+                          grid.ks, grid.temperatures)
+    assert zs.tune(f_val, y_val) == want == zs.mixture  # the default grid: the CLIP one
+    fixed = zs.tune(f_val, y_val, MixtureGrid.fixed(0.3, 2, 0.02))
+    assert (fixed.lam, fixed.k, fixed.temperature) == (0.3, 2, 0.02) and zs.mixture == fixed
 
 
 def test_retro_coop_trains_only_context_and_tunes_on_validation(tiny_clip):
@@ -109,7 +129,7 @@ def test_retro_coop_trains_only_context_and_tunes_on_validation(tiny_clip):
     m.fit(f_train, labels, feats.image_features(images(6, seed=2)), np.array([0, 1, 2] * 2))
     assert not torch.equal(m.learner.ctx, ctx0)
     assert all(torch.equal(p, before[n]) for n, p in clip.named_parameters())
-    assert set(m.mixture) == {"val_accuracy", "lambda", "k", "temperature"}
+    assert m.mixture.accuracy is not None and m.mixture.lam in m.config.grid.lambdas
 
 
 def test_tip_adapter_f_trains_only_cache_keys(tiny_clip):
@@ -197,23 +217,51 @@ def test_image_cache_leaves_each_image_out_of_its_own_p_knn():
     np.testing.assert_allclose(loo[:2], np.eye(3)[[1, 0]], atol=1e-6)  # each finds its twin, never itself
 
 
-def test_retro_coop_loss_weights_leave_each_image_out(tiny_clip):
+def _first_epoch_loss(tiny_clip, **config):
+    """(RetroCoOp after one full-batch epoch on 9 random images, the initial logits, the labels, the features)."""
     from openprompt_retro.clip import clip_logits
-    from openprompt_retro.core.loss import knn_guided_loss
 
     clip, proc = tiny_clip
     feats = ClipFeatures(clip, proc, progress=False)
     f_train, labels = feats.image_features(images(9)), np.array([0, 1, 2] * 3)
-    config = RetroCoOpConfig(n_ctx=2, epochs=1, batch_size=16, train_knn_k=2, train_knn_temperature=0.05,
-                             progress=False)
-    m = RetroCoOp(clip, proc.tokenizer, CLASSES, config)
+    m = RetroCoOp(clip, proc.tokenizer, CLASSES, RetroCoOpConfig(
+        n_ctx=2, epochs=1, batch_size=16, train_knn_k=2, train_knn_temperature=0.05, progress=False, **config))
     with torch.no_grad():  # one batch per epoch: the epoch's loss is taken at the initial context
         logits = clip_logits(torch.from_numpy(f_train), m.learner(), m.logit_scale)
     m.fit(f_train, labels)
-    cache, y = m.cache, torch.from_numpy(labels)
-    p_loo = cache.p_knn(f_train, 2, 0.05, exclude_self=True)[np.arange(9), labels]
-    p_self = cache.p_knn(f_train, 2, 0.05)[np.arange(9), labels]
-    want = knn_guided_loss(logits, y, torch.from_numpy(p_loo), "knn", 1.0)
-    leaky = knn_guided_loss(logits, y, torch.from_numpy(p_self), "knn", 1.0)
+    return m, logits, torch.from_numpy(labels), f_train
+
+
+def test_retro_coop_loss_weights_leave_each_image_out_and_are_capped_like_text(tiny_clip):
+    from openprompt_retro.core.loss import knn_guided_loss
+
+    m, logits, y, f_train = _first_epoch_loss(tiny_clip, knn_loss_gate=False)
+    p_loo = m.cache.p_knn(f_train, 2, 0.05, exclude_self=True)[np.arange(9), y.numpy()]
+    p_self = m.cache.p_knn(f_train, 2, 0.05)[np.arange(9), y.numpy()]
+    assert m.config.max_loss_weight == R.RetroConfig().max_loss_weight == 3.0
+    want = knn_guided_loss(logits, y, torch.from_numpy(p_loo), "knn", 1.0, max_weight=3.0)
+    leaky = knn_guided_loss(logits, y, torch.from_numpy(p_self), "knn", 1.0, max_weight=3.0)
+    unbounded = knn_guided_loss(logits, y, torch.from_numpy(p_loo), "knn", 1.0)
     assert m.history[0]["loss"] == pytest.approx(float(want), rel=1e-5)
     assert float(leaky) != pytest.approx(float(want), rel=1e-3)
+    assert float(unbounded) > 2 * float(want)  # p_kNN(gold) = 0 for most images: weight 14.8 without the cap
+    m, *_ = _first_epoch_loss(tiny_clip, knn_loss_gate=False, max_loss_weight=None)
+    assert m.history[0]["loss"] == pytest.approx(float(unbounded), rel=1e-5)
+
+
+def test_retro_coop_trains_with_plain_ce_while_the_cache_is_at_chance(tiny_clip):
+    import torch.nn.functional as F
+
+    m, logits, y, _ = _first_epoch_loss(tiny_clip)  # random images: leave-one-out accuracy 2/9 < 1/3
+    assert m.knn_loss_active is False and m.store_loo_accuracy < 1 / 3
+    assert m.history[0]["loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+
+
+def test_the_clip_package_exports_every_name_it_had_before_the_split():
+    import openprompt_retro.clip as clip_pkg
+
+    before = ["ImageSet", "check_images", "k_shot_indices", "load_image_arrays", "load_image_folder", "ClipFeatures",
+              "augment", "load_clip", "load_open_clip", "ImageCache", "RetroCoOp", "RetroCoOpConfig", "TipAdapter",
+              "ZeroShotKnn", "clip_logits", "tip_adapter_logits", "tune_mixture", "zero_shot_text_features",
+              "CoOpPromptLearner"]
+    assert set(before) <= set(clip_pkg.__all__) and all(hasattr(clip_pkg, name) for name in before)

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from openprompt_retro.core.demonstrations import demonstration_weights
-from openprompt_retro.core.knn import MixtureGrid, knn_label_distribution, knn_weights, select_mixture
+from openprompt_retro.core.knn import (MixtureChoice, MixtureGrid, knn_label_distribution, knn_weights, mix,
+                                       select_mixture)
 from openprompt_retro.core.loss import knn_loss_weights
+from openprompt_retro.core.store import KnowledgeStore
 
 
 def test_knn_weights_stay_finite_for_large_scores():
@@ -34,10 +36,20 @@ def test_select_mixture_ties_go_to_the_smaller_lambda_then_the_first_k_t():
     p_knn = {1: np.array([[0.7, 0.3]] * 2), 2: np.array([[1.0, 0.0]] * 2)}
     best = select_mixture(p_model, labels, lambda k, t: p_knn[k], (1.0, 0.5, 0.0, 0.2), (1, 2), (1.0,))
     # accuracy 1 at lambda 0.5 and 1 (k = 1), 0.2, 0.5 and 1 (k = 2): the smallest lambda wins, though its k is later
-    assert best == {"accuracy": 1.0, "lambda": 0.2, "k": 2, "temperature": 1.0}
+    assert best == MixtureChoice(lam=0.2, k=2, temperature=1.0, accuracy=1.0)
+    assert best.as_dict() == {"accuracy": 1.0, "lambda": 0.2, "k": 2, "temperature": 1.0}
     # the same p_kNN for every (k, T): the first (k, T) in grid order
     best = MixtureGrid((0.0, 0.5, 1.0), (4, 2), (3.0, 1.0)).select(p_model, labels, lambda k, t: p_knn[2])
-    assert best == {"accuracy": 1.0, "lambda": 0.5, "k": 4, "temperature": 3.0}
+    assert best == MixtureChoice(lam=0.5, k=4, temperature=3.0, accuracy=1.0)
+
+
+def test_mixture_choice_is_frozen_and_refuses_impossible_values():
+    choice = MixtureChoice(lam=0.5, k=4, temperature=1.0)
+    with pytest.raises(AttributeError):
+        choice.lam = 1.0
+    for bad in (dict(lam=1.5), dict(lam=float("nan")), dict(k=0), dict(temperature=0.0)):
+        with pytest.raises(ValueError, match="MixtureChoice"):
+            MixtureChoice(**{"lam": 0.5, "k": 4, "temperature": 1.0, **bad})
 
 
 def test_mixture_grid_refuses_lambdas_outside_0_1():
@@ -57,3 +69,28 @@ def test_demonstration_weights_ignore_missing_neighbours():
     w = demonstration_weights(np.array([[[1.0, 3.0, -np.inf]]]))
     z = 1 / math.sqrt(1 + 1e-6)
     np.testing.assert_allclose(w[0, 0], [1 / (1 + math.exp(2 * z)), 1 / (1 + math.exp(-2 * z)), 0.0], rtol=1e-5)
+
+
+def test_a_query_without_neighbours_gets_the_uniform_p_knn():
+    # k clipped to 0 (no column at all), or every slot empty (label -1): no neighbour, so p_kNN = 1 / C
+    for scores, labels in ((np.zeros((2, 0)), np.zeros((2, 0), dtype=np.int64)),
+                           (np.array([[1.0, 2.0], [3.0, 0.0]]), np.array([[-1, -1], [1, -1]]))):
+        for scale in ("raw", "zscore"):
+            with np.errstate(all="raise"):
+                p = knn_label_distribution(scores, labels, num_classes=4, temperature=1.0, scale=scale)
+                w = knn_weights(scores, 1.0, labels >= 0, scale)
+            assert np.array_equal(p[0], np.full(4, 0.25, dtype=np.float32))
+            assert np.array_equal(w[0], np.zeros(scores.shape[1]))
+    assert np.array_equal(p[1], [0.0, 1.0, 0.0, 0.0])  # a row with a neighbour is untouched
+
+
+def test_a_one_entry_store_with_its_entry_left_out_gives_uniform_p_knn_to_inference_and_the_loss():
+    store = KnowledgeStore(3, 2).build(np.array([[1.0, 0.0, 0.0]], dtype=np.float32), [1])
+    for scale in ("raw", "zscore"):
+        p = store.knn_distribution(store.keys, 16, 1.0, exclude_ids=[0], scale=scale)  # leave-one-out
+        np.testing.assert_array_equal(p, [[0.5, 0.5]])
+        p_plm = np.array([[0.9, 0.1]], dtype=np.float32)
+        np.testing.assert_allclose(mix(p_plm, p, 0.5), [[0.7, 0.3]])  # inference: p_PLM flattened, not NaN
+        w = knn_loss_weights(torch.from_numpy(p[:, 1]), "knn", beta=1.0, max_weight=3.0)  # the loss weight
+        assert torch.allclose(w, torch.tensor([1.0 + math.log(2.0)]))
+    np.testing.assert_array_equal(store.knn_distribution(store.keys, 16, 1.0), [[0.0, 1.0]])  # not excluded

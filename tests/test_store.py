@@ -111,6 +111,11 @@ def test_bad_k_and_temperature():
     ([[np.nan, 0]], [0], "NaN or inf"),
     ([[np.inf, 0]], [0], "NaN or inf"),
     ([[1, 0], [0, 1]], [0], "2 keys but 1 labels"),
+    ([[1, 0]], ["pos"], r"labels must be integer class ids, got strings such as 'pos' \(map label names to ids"),
+    ([[1, 0]], ["1"], "labels must be integer class ids, got strings such as '1'"),
+    ([[1, 0]], [None], "labels must be integer class ids, got object values such as None"),
+    ([[1, 0], [0, 1]], [1.0, 0.5], r"labels must be whole numbers \(integer class ids\), got \[0\.5\]"),
+    ([[1, 0]], [np.nan], r"labels must be whole numbers \(integer class ids\), got \[nan\]"),
 ])
 def test_bad_entries_raise_and_lose_nothing(keys, labels, msg):
     s = small_store()
@@ -122,6 +127,11 @@ def test_bad_entries_raise_and_lose_nothing(keys, labels, msg):
     assert np.array_equal(s.keys, snapshot[0]) and np.array_equal(s.labels, snapshot[1])
     assert s.guids == snapshot[2] and s.index.ntotal == snapshot[3]
     assert s.search([[1, 0]], k=1).ids[0, 0] == 0  # still usable
+
+
+def test_whole_float_labels_are_class_ids():
+    s = KnowledgeStore(2, 2).build([[1, 0], [0, 1]], np.array([1.0, 0.0]))
+    assert s.labels.dtype == np.int64 and s.labels.tolist() == [1, 0]
 
 
 def test_query_dimension_and_nan_queries():

@@ -89,11 +89,10 @@ def test_tuned_mixture_is_the_one_applied_and_reproduces_its_dev_accuracy(tiny_b
     p_plm, queries, labels = tr.collect(dev)
     want = R.select_mixture(p_plm, labels, lambda k, t: model.store.knn_distribution(queries, k, t),
                             tr.grid.lambdas, tr.grid.ks, tr.grid.temperatures)
-    assert (tuned["knn_lambda"], tuned["knn_k"], tuned["knn_temperature"]) == (want["lambda"], want["k"],
-                                                                              want["temperature"])
+    assert (tuned["knn_lambda"], tuned["knn_k"], tuned["knn_temperature"]) == (want.lam, want.k, want.temperature)
     c, v = model.config, model.verbalizer
     assert (c.knn_lambda, c.knn_k, c.knn_temperature) == (v.lam, v.k, v.temperature) == (
-        want["lambda"], want["k"], want["temperature"])
+        want.lam, want.k, want.temperature)
     assert tr.evaluate(dev)["accuracy"] == tuned["dev_accuracy"]
 
 

@@ -1,17 +1,87 @@
-"""One small config for the whole method (PEFT-style)."""
+"""The method's configs (PEFT-style): :class:`LossConfig`, shared by text and CLIP, and :class:`RetroConfig`."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
-from typing import Any, Dict
+from numbers import Integral, Real
+from typing import Any, Dict, Optional
 
 LOSSES = ("ce", "knn", "focal")
 
 
+def check_int(config, name: str, low: int = 1) -> None:
+    """``config.<name>`` must be an integer >= ``low``; a ValueError naming the field otherwise."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value!r}")
+
+
+def check_float(config, name: str, low: float, high: float = math.inf, low_open: bool = False,
+                high_open: bool = False) -> None:
+    """``config.<name>`` must be a finite number in [low, high] (ends open where told); a ValueError naming
+    the field and the value otherwise."""
+    value = getattr(config, name)
+    ok = (not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
+    if not ok:
+        if high == math.inf:
+            where = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            where = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number {where}, got {value!r}")
+
+
+def check_choice(config, name: str, choices) -> None:
+    """``config.<name>`` must be one of ``choices``."""
+    value = getattr(config, name)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
 @dataclass
-class RetroConfig:
-    """Hyper-parameters of RetroPrompt.
+class LossConfig:
+    """The kNN-guided training loss: the same fields, meaning and checks for text and CLIP.
+
+        loss: "ce" (plain), "knn" (CE_i min(1 + beta (-log p_kNN(y_i|x_i)), max_loss_weight)) or
+            "focal" (CE_i (1 - p_kNN(y_i|x_i))^gamma).
+        loss_beta, focal_gamma: the weights' strength (finite, >= 0).
+        max_loss_weight: the bound of the "knn" weights (finite, >= 1), or None for no bound.
+        knn_loss_gate: apply the kNN weights only while the store's leave-one-out kNN accuracy is above
+            chance (the majority-class rate); below it the store knows nothing and the weights are noise.
+        train_knn_k, train_knn_temperature: the p_kNN used for the weights (each example's own entry left out).
+    """
+
+    loss: str = "knn"
+    loss_beta: float = 1.0
+    focal_gamma: float = 2.0
+    max_loss_weight: Optional[float] = 3.0
+    knn_loss_gate: bool = True
+    train_knn_k: int = 16
+    train_knn_temperature: float = 1.0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raise a ValueError naming the first bad field; returns self."""
+        check_choice(self, "loss", LOSSES)
+        check_float(self, "loss_beta", 0.0)
+        check_float(self, "focal_gamma", 0.0)
+        if self.max_loss_weight is not None:
+            check_float(self, "max_loss_weight", 1.0)
+        check_choice(self, "knn_loss_gate", (True, False))
+        check_int(self, "train_knn_k")
+        check_float(self, "train_knn_temperature", 0.0, low_open=True)
+        return self
+
+
+@dataclass
+class RetroConfig(LossConfig):
+    """Hyper-parameters of RetroPrompt: the loss fields of :class:`LossConfig` and these.
 
     Retrieval for input (neural demonstrations):
         demo_topk: m, neighbours per class averaged into one demonstration
@@ -28,13 +98,6 @@ class RetroConfig:
     Retrieval for inference:
         knn_k, knn_temperature: p_kNN(y|x) = sum_{j<=k} softmax_j(z_j / T) 1[y_j = y].
         knn_lambda: P = lambda p_kNN + (1 - lambda) p_PLM; 0 turns kNN inference off.
-    Retrieval for training:
-        loss: "ce" (plain), "knn" (CE_i min(1 + beta (-log p_kNN(y_i|x_i)), max_loss_weight)) or
-            "focal" (CE_i (1 - p_kNN(y_i|x_i))^gamma).
-        loss_beta, focal_gamma, max_loss_weight: the weights' strength and bound.
-        knn_loss_gate: apply the kNN weights only while the store's leave-one-out kNN accuracy is above
-            chance (the majority-class rate); below it the store knows nothing and the weights are noise.
-        train_knn_k, train_knn_temperature: the p_kNN used for the weights.
     Store:
         metric: "ip" or "cosine"; index_factory: a FAISS factory string.
     """
@@ -48,44 +111,21 @@ class RetroConfig:
     knn_k: int = 16
     knn_temperature: float = 1.0
     knn_lambda: float = 0.5
-    loss: str = "knn"
-    loss_beta: float = 1.0
-    focal_gamma: float = 2.0
-    max_loss_weight: float = 3.0
-    knn_loss_gate: bool = True
-    train_knn_k: int = 16
-    train_knn_temperature: float = 1.0
     metric: str = "ip"
     index_factory: str = "Flat"
 
-    def __post_init__(self):
-        self.validate()
-
     def validate(self) -> "RetroConfig":
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        for name in ("demo_topk", "knn_k", "train_knn_k"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("knn_temperature", "train_knn_temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.knn_lambda <= 1.0:
-            raise ValueError(f"knn_lambda must lie in [0, 1], got {self.knn_lambda}")
-        if self.loss_beta < 0 or self.focal_gamma < 0:
-            raise ValueError("loss_beta and focal_gamma must be non-negative")
-        if self.max_loss_weight < 1.0:
-            raise ValueError(f"max_loss_weight must be at least 1, got {self.max_loss_weight}")
-        if self.knn_score_scale not in ("zscore", "raw"):
-            raise ValueError(f"knn_score_scale must be 'zscore' or 'raw', got {self.knn_score_scale!r}")
-        if self.demo_norm not in ("none", "match"):
-            raise ValueError(f"demo_norm must be 'none' or 'match', got {self.demo_norm!r}")
-        if not 0.0 <= self.demo_dropout < 1.0:
-            raise ValueError(f"demo_dropout must lie in [0, 1), got {self.demo_dropout}")
-        if not 0.0 <= self.demo_warmup < 1.0:
-            raise ValueError(f"demo_warmup must lie in [0, 1), got {self.demo_warmup}")
-        if self.metric not in ("ip", "cosine"):
-            raise ValueError(f"metric must be 'ip' or 'cosine', got {self.metric!r}")
+        super().validate()
+        check_int(self, "demo_topk")
+        check_choice(self, "demo_center", (True, False))
+        check_choice(self, "demo_norm", ("none", "match"))
+        check_float(self, "demo_dropout", 0.0, 1.0, high_open=True)
+        check_float(self, "demo_warmup", 0.0, 1.0, high_open=True)
+        check_choice(self, "knn_score_scale", ("zscore", "raw"))
+        check_int(self, "knn_k")
+        check_float(self, "knn_temperature", 0.0, low_open=True)
+        check_float(self, "knn_lambda", 0.0, 1.0)
+        check_choice(self, "metric", ("ip", "cosine"))
         return self
 
     def to_dict(self) -> Dict[str, Any]:

@@ -9,12 +9,15 @@ w_max bounds the weights (a store that is wrong about one example cannot
 multiply its loss by 14, as the 1e-6 clamp of p_kNN alone would allow).
 
 p_kNN is computed with the example's own entry left out, and is a constant
-(no gradient): gradients reach the parameters through CE_i only.
+(no gradient): gradients reach the parameters through CE_i only. The gate
+(:func:`store_beats_chance`) turns the weights off while the store's
+leave-one-out kNN accuracy is at or below chance.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,3 +45,13 @@ def knn_guided_loss(logits: torch.Tensor, labels: torch.Tensor, p_knn_gold: torc
     ce = F.cross_entropy(logits, labels, reduction="none")
     w = knn_loss_weights(p_knn_gold, loss, beta, gamma, max_weight).to(ce.dtype)
     return (ce * w).mean()
+
+
+def store_beats_chance(p_knn_loo: np.ndarray, labels: np.ndarray) -> Tuple[bool, float]:
+    """(accuracy > chance, accuracy): the leave-one-out kNN accuracy, argmax p_kNN(.|x_i) == y_i over the
+    store's entries, against chance, the majority-class rate of ``labels`` (so a one-entry store never beats it).
+    """
+    labels = np.asarray(labels)
+    acc = float((np.asarray(p_knn_loo).argmax(1) == labels).mean())
+    chance = float(np.bincount(labels).max() / len(labels))
+    return acc > chance, acc

@@ -89,6 +89,21 @@ def _as_float32(x: ArrayLike, what: str) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def _integer_labels(labels: np.ndarray) -> np.ndarray:
+    """The labels as int64: integers, booleans, or floats with whole values; anything else is a StoreError."""
+    if labels.dtype.kind in "biu":
+        return labels.astype(np.int64)
+    if labels.dtype.kind != "f":
+        what = "strings" if labels.dtype.kind in "US" else f"{labels.dtype.name} values"
+        example = next((x for x in labels.tolist() if not isinstance(x, int)), None)
+        raise StoreError(f"labels must be integer class ids, got {what} such as {example!r}"
+                         " (map label names to ids 0..num_classes-1 first)")
+    bad = labels[~(np.mod(labels, 1) == 0)]
+    if bad.size:
+        raise StoreError(f"labels must be whole numbers (integer class ids), got {bad[:5].tolist()}")
+    return labels.astype(np.int64)
+
+
 class KnowledgeStore:
     """Keys, labels and metadata of labeled examples, searched with FAISS.
 
@@ -208,10 +223,7 @@ class KnowledgeStore:
         n = keys.shape[0]
         if labels.shape[0] != n:
             raise StoreError(f"got {n} keys but {labels.shape[0]} labels")
-        if n and not np.issubdtype(labels.dtype, np.integer):
-            if not np.all(np.equal(np.mod(labels, 1), 0)):
-                raise StoreError(f"labels must be integers, got dtype {labels.dtype}")
-        labels = labels.astype(np.int64)
+        labels = _integer_labels(labels)
         bad = (labels < 0) | (labels >= self._num_classes)
         if bad.any():
             raise StoreError(f"labels out of range [0, {self._num_classes}): {np.unique(labels[bad])[:5].tolist()}")

@@ -306,9 +306,9 @@ class RetroTrainer:
         """Choose lambda, k and T on the dev split (never on test); ties go to the smaller lambda."""
         p_plm, queries, labels = self.collect(dev)
         best = self.grid.select(p_plm, labels, lambda k, t: self.model.knn_distribution(queries, k, t))
-        self.model.apply_config(knn_lambda=best["lambda"], knn_k=best["k"], knn_temperature=best["temperature"])
-        self.tuned = {"dev_accuracy": best["accuracy"], "knn_lambda": best["lambda"], "knn_k": best["k"],
-                      "knn_temperature": best["temperature"], "dev_accuracy_plm_only": accuracy(p_plm, labels)}
+        self.model.apply_config(knn_lambda=best.lam, knn_k=best.k, knn_temperature=best.temperature)
+        self.tuned = {"dev_accuracy": best.accuracy, "knn_lambda": best.lam, "knn_k": best.k,
+                      "knn_temperature": best.temperature, "dev_accuracy_plm_only": accuracy(p_plm, labels)}
         return self.tuned
 
     # ---------------------------------------------------------------- open book

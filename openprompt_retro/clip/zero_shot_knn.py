@@ -1,0 +1,37 @@
+"""Zero-shot CLIP + kNN: hand-written prompts mixed with the image cache's p_kNN, no training.
+
+    P = lambda p_kNN + (1 - lambda) softmax(s * f @ t_c^T),   t_c = CLIP("a photo of a {class}.")
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..core.knn import MixtureChoice, MixtureGrid
+from .cache import UNTUNED, ImageCache, clip_logits, clip_mixture_grid, tune_mixture
+
+
+def zero_shot_text_features(features, classnames: Sequence[str], template: str = "a photo of a {}.") -> torch.Tensor:
+    return features.text_features([template.format(c.replace("_", " ")) for c in classnames])
+
+
+class ZeroShotKnn:
+    """Training-free: zero-shot CLIP mixed with the image cache's p_kNN (lambda, k, T tuned on validation)."""
+
+    def __init__(self, text_features: torch.Tensor, logit_scale: float, cache: ImageCache):
+        self.text, self.scale, self.cache = text_features, logit_scale, cache
+        self.mixture: MixtureChoice = UNTUNED
+
+    def zero_shot_probs(self, feats: np.ndarray) -> np.ndarray:
+        return torch.softmax(clip_logits(torch.from_numpy(feats), self.text, self.scale), -1).numpy()
+
+    def tune(self, val_feats, val_labels, grid: Optional[MixtureGrid] = None) -> MixtureChoice:
+        """Set ``mixture`` to the best point of ``grid`` (default :func:`clip_mixture_grid`) on validation."""
+        self.mixture = tune_mixture(self.zero_shot_probs(val_feats), self.cache, val_feats, val_labels,
+                                    grid or clip_mixture_grid())
+        return self.mixture
+
+    def predict_proba(self, feats: np.ndarray) -> np.ndarray:
+        return self.cache.mixed(self.zero_shot_probs(feats), feats, self.mixture)
