@@ -103,10 +103,11 @@ def clip_data(tmp_path_factory):
 
 
 def _zero_shot_knn(clip, proc, text, split):
-    from openprompt_retro.clip import ImageCache, ZeroShotKnn
+    from openprompt_retro import MixtureGrid
+    from openprompt_retro.clip import ImageCache, ZeroShotKnn, clip_mixture_grid
 
     zs = ZeroShotKnn(text, float(clip.logit_scale.exp()), ImageCache(*split["train"], len(CLASSES)))
-    zs.tune(*split["val"], ks=(2, 4), temperatures=(0.1,))
+    zs.tune(*split["val"], grid=MixtureGrid(lambdas=clip_mixture_grid().lambdas, ks=(2, 4), temperatures=(0.1,)))
     return zs
 
 
@@ -122,10 +123,11 @@ def _tip_adapter(clip, proc, text, split, train_keys=False):
 
 
 def _retro_coop(clip, proc, text, split):
-    from openprompt_retro.clip import RetroCoOp, RetroCoOpConfig
+    from openprompt_retro import MixtureGrid
+    from openprompt_retro.clip import RetroCoOp, RetroCoOpConfig, clip_mixture_grid
 
-    config = RetroCoOpConfig(n_ctx=2, epochs=2, batch_size=4, ks=(2, 4), temperatures=(0.1,), seed=3,
-                             progress=False)
+    grid = MixtureGrid(lambdas=clip_mixture_grid().lambdas, ks=(2, 4), temperatures=(0.1,))
+    config = RetroCoOpConfig(n_ctx=2, epochs=2, batch_size=4, grid=grid, seed=3, progress=False)
     return RetroCoOp(clip, proc.tokenizer, CLASSES, config).fit(*split["train"], *split["val"])
 
 
