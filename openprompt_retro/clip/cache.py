@@ -28,15 +28,31 @@ def clip_mixture_grid() -> MixtureGrid:
     return MixtureGrid(lambdas=wide.lambdas, ks=wide.ks, temperatures=(0.01, 0.02, 0.05, 0.1))
 
 
+BUILT_BY = {"key_type": "clip-image"}
+
+
 class ImageCache:
     """The few-shot training images' features as a cosine KnowledgeStore."""
 
     def __init__(self, features: np.ndarray, labels: np.ndarray, num_classes: int):
-        self.store = KnowledgeStore(features.shape[1], num_classes, metric="cosine",
-                                    built_by={"key_type": "clip-image"})
-        self.store.build(features, labels, guids=[str(i) for i in range(len(labels))])
-        self.keys = torch.from_numpy(np.ascontiguousarray(self.store.keys))
-        self.labels = torch.from_numpy(self.store.labels)
+        store = KnowledgeStore(features.shape[1], num_classes, metric="cosine", built_by=BUILT_BY)
+        self._attach(store.build(features, labels, guids=[str(i) for i in range(len(labels))]))
+
+    def _attach(self, store: KnowledgeStore) -> None:
+        self.store = store
+        self.keys = torch.from_numpy(np.ascontiguousarray(store.keys))
+        self.labels = torch.from_numpy(store.labels)
+
+    def save(self, directory: str) -> None:
+        """The store's folder (:meth:`KnowledgeStore.save`: keys.npy, labels.npy, index, JSON; no pickle)."""
+        self.store.save(directory)
+
+    @classmethod
+    def load(cls, directory: str) -> "ImageCache":
+        """The cache :meth:`save` wrote, its keys bit for bit (a StoreError, a ValueError, names any damage)."""
+        cache = cls.__new__(cls)
+        cache._attach(KnowledgeStore.load(directory, expected_built_by=BUILT_BY))
+        return cache
 
     def p_knn(self, queries, k: int, temperature: float, exclude_self: bool = False) -> np.ndarray:
         """p_kNN of ``queries`` (B, C); ``exclude_self``: query i is cache entry i and never its own neighbour."""

@@ -6,8 +6,10 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from ..core.config import LossConfig, check_choice, check_float, check_int
 from ..core.knn import MixtureChoice, MixtureGrid
 from ..core.loss import knn_guided_loss, store_beats_chance
 from .cache import UNTUNED, ImageCache, clip_logits, clip_mixture_grid, tune_mixture
+from .predictor import ClipPredictor, check_fits, read_predictor, saved_settings, tensor, write_predictor
 from .prompt_learner import CoOpPromptLearner
 
 
@@ -56,8 +59,30 @@ class RetroCoOpConfig(LossConfig):
             raise ValueError(f"grid must be a MixtureGrid, got {self.grid!r}")
         return self
 
+    def to_dict(self) -> Dict[str, Any]:
+        """Every field, ``grid`` as a dict of lists: JSON-ready."""
+        return dataclasses.asdict(self)
 
-class RetroCoOp:
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "RetroCoOpConfig":
+        """The config :meth:`to_dict` gave; a ValueError names unknown fields."""
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown RetroCoOpConfig fields: {unknown}")
+        grid = {name: tuple(values) for name, values in d.get("grid", {}).items()}
+        return cls(**{**d, **({"grid": MixtureGrid(**grid)} if "grid" in d else {})})
+
+
+def clip_signature(clip_model) -> Dict[str, Any]:
+    """What identifies the frozen CLIP a context was trained on: its widths, logit scale and the sha256 of its
+    text projection (float32), which differs between any two trained checkpoints."""
+    projection = clip_model.text_projection.weight.detach().float().cpu().contiguous().numpy()
+    return {"text_width": int(clip_model.text_model.embeddings.token_embedding.weight.shape[1]),
+            "projection_dim": int(projection.shape[0]), "logit_scale": float(clip_model.logit_scale.exp()),
+            "text_projection_sha256": hashlib.sha256(projection.tobytes()).hexdigest()}
+
+
+class RetroCoOp(ClipPredictor):
     """CoOp context trained with the kNN-guided loss; kNN-mixed prediction.
 
     Works on precomputed, L2-normalised image features (CLIP is frozen, so
@@ -118,3 +143,41 @@ class RetroCoOp:
 
     def predict_proba(self, feats: np.ndarray) -> np.ndarray:
         return self.cache.mixed(self.prompt_probs(feats), feats, self.mixture)
+
+    def save(self, directory: str) -> None:
+        """Write the learned context, the image cache, the config, class names, tuned mixture, the gate's verdict,
+        the history and the CLIP's :func:`clip_signature` to the folder ``directory``
+        (:mod:`~openprompt_retro.clip.predictor`). CLIP itself is not saved: :meth:`load` is given it."""
+        if self.cache is None:
+            raise ValueError("RetroCoOp has no image cache yet: fit it before saving")
+        settings = {"config": self.config.to_dict(), "classnames": self.classnames,
+                    "mixture": dataclasses.asdict(self.mixture), "knn_loss_active": self.knn_loss_active,
+                    "store_loo_accuracy": self.store_loo_accuracy, "history": self.history,
+                    "clip": clip_signature(self.clip)}
+        write_predictor(directory, "RetroCoOp", settings, {"ctx": self.learner.ctx}, self.cache)
+
+    @classmethod
+    def load(cls, directory: str, clip_model, tokenizer) -> "RetroCoOp":
+        """The RetroCoOp :meth:`save` wrote, on ``clip_model`` and ``tokenizer`` (the ones it was trained with:
+        a ValueError names what differs); it predicts bit for bit as the saved one did."""
+        settings, tensors, cache = read_predictor(directory, "RetroCoOp")
+        ctx, where = tensor(tensors, "ctx", directory), f"saved RetroCoOp at {directory!r}"
+        if cache is None:
+            raise ValueError(f"{where} is incomplete: its image cache is missing")
+        with saved_settings(directory, "RetroCoOp"):
+            check_fits(where, {f"the CLIP's {name}": (value, settings["clip"].get(name))
+                               for name, value in clip_signature(clip_model).items()}, ("CLIP given", "saved model"))
+            model = cls(clip_model, tokenizer, settings["classnames"], RetroCoOpConfig.from_dict(settings["config"]))
+            model.mixture = MixtureChoice(**settings["mixture"])
+            model.knn_loss_active = settings["knn_loss_active"]
+            model.store_loo_accuracy = settings["store_loo_accuracy"]
+            model.history = list(settings["history"])
+        check_fits(where, {"the number of classes": (len(model.classnames), cache.store.num_classes),
+                           "the feature dimension": (model.clip.config.projection_dim, cache.store.dim)},
+                   ("class names", "image cache"))
+        check_fits(where, {"the context shape": (tuple(model.learner.ctx.shape), tuple(ctx.shape))},
+                   ("config", "saved context"))
+        with torch.no_grad():
+            model.learner.ctx.copy_(ctx)
+        model.cache = cache
+        return model

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..core.knn import accuracy
 from .cache import ImageCache, clip_logits
+from .predictor import ClipPredictor, check_fits, read_predictor, saved_settings, tensor, write_predictor
 
 
 def tip_adapter_logits(image_features: torch.Tensor, cache_keys: torch.Tensor, cache_labels: torch.Tensor,
@@ -27,7 +28,7 @@ def tip_adapter_logits(image_features: torch.Tensor, cache_keys: torch.Tensor, c
     return alpha * affinity @ F.one_hot(cache_labels, num_classes).to(affinity.dtype)
 
 
-class TipAdapter(nn.Module):
+class TipAdapter(ClipPredictor, nn.Module):
     """Tip-Adapter (training-free) and, with ``train_keys=True`` + :meth:`fit`, Tip-Adapter-F."""
 
     def __init__(self, text_features: torch.Tensor, logit_scale: float, cache: ImageCache,
@@ -93,3 +94,29 @@ class TipAdapter(nn.Module):
     @torch.no_grad()
     def predict_proba(self, feats: np.ndarray) -> np.ndarray:
         return torch.softmax(self(torch.from_numpy(feats)), -1).numpy()
+
+    def save(self, directory: str) -> None:
+        """Write the text features, the cache keys (as trained, for Tip-Adapter-F) and labels, the logit scale,
+        the tuned alpha and beta and the training history to the folder ``directory``
+        (:mod:`~openprompt_retro.clip.predictor`)."""
+        settings = {"logit_scale": self.scale, "alpha": self.alpha, "beta": self.beta,
+                    "train_keys": self.keys.requires_grad, "history": self.history}
+        write_predictor(directory, "TipAdapter", settings, self.state_dict())
+
+    @classmethod
+    def load(cls, directory: str) -> "TipAdapter":
+        """The TipAdapter :meth:`save` wrote, alpha and beta included; it predicts bit for bit as the saved one."""
+        settings, tensors, _ = read_predictor(directory, "TipAdapter")
+        text, keys = tensor(tensors, "text", directory, 2), tensor(tensors, "keys", directory, 2)
+        labels = tensor(tensors, "cache_labels", directory, 1)
+        where = f"saved TipAdapter at {directory!r}"
+        check_fits(where, {"the feature dimension": (text.shape[1], keys.shape[1])}, ("text features", "cache keys"))
+        check_fits(where, {"the number of cache entries": (keys.shape[0], labels.shape[0])},
+                   ("cache keys", "cache labels"))
+        with saved_settings(directory, "TipAdapter"):
+            model = cls(text, float(settings["logit_scale"]), ImageCache(keys.numpy(), labels.numpy(), len(text)),
+                        float(settings["alpha"]), float(settings["beta"]), bool(settings["train_keys"]))
+            model.history = list(settings["history"])
+        with torch.no_grad():
+            model.keys.copy_(keys)  # the cache normalised them; Tip-Adapter-F's trained keys are not unit-length
+        return model

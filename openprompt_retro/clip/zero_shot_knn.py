@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import numpy as np
@@ -11,13 +12,14 @@ import torch
 
 from ..core.knn import MixtureChoice, MixtureGrid
 from .cache import UNTUNED, ImageCache, clip_logits, clip_mixture_grid, tune_mixture
+from .predictor import ClipPredictor, check_fits, read_predictor, saved_settings, tensor, write_predictor
 
 
 def zero_shot_text_features(features, classnames: Sequence[str], template: str = "a photo of a {}.") -> torch.Tensor:
     return features.text_features([template.format(c.replace("_", " ")) for c in classnames])
 
 
-class ZeroShotKnn:
+class ZeroShotKnn(ClipPredictor):
     """Training-free: zero-shot CLIP mixed with the image cache's p_kNN (lambda, k, T tuned on validation)."""
 
     def __init__(self, text_features: torch.Tensor, logit_scale: float, cache: ImageCache):
@@ -35,3 +37,24 @@ class ZeroShotKnn:
 
     def predict_proba(self, feats: np.ndarray) -> np.ndarray:
         return self.cache.mixed(self.zero_shot_probs(feats), feats, self.mixture)
+
+    def save(self, directory: str) -> None:
+        """Write the text features, the image cache, the logit scale and the mixture to the folder ``directory``
+        (:mod:`~openprompt_retro.clip.predictor`)."""
+        settings = {"logit_scale": self.scale, "mixture": dataclasses.asdict(self.mixture)}
+        write_predictor(directory, "ZeroShotKnn", settings, {"text": self.text}, self.cache)
+
+    @classmethod
+    def load(cls, directory: str) -> "ZeroShotKnn":
+        """The ZeroShotKnn :meth:`save` wrote; it predicts bit for bit as the saved one did."""
+        settings, tensors, cache = read_predictor(directory, "ZeroShotKnn")
+        text = tensor(tensors, "text", directory, 2)
+        if cache is None:
+            raise ValueError(f"saved ZeroShotKnn at {directory!r} is incomplete: its image cache is missing")
+        check_fits(f"saved ZeroShotKnn at {directory!r}", {
+            "the number of classes": (text.shape[0], cache.store.num_classes),
+            "the feature dimension": (text.shape[1], cache.store.dim)}, ("text features", "image cache"))
+        with saved_settings(directory, "ZeroShotKnn"):
+            model = cls(text, float(settings["logit_scale"]), cache)
+            model.mixture = MixtureChoice(**settings["mixture"])
+        return model
