@@ -265,3 +265,82 @@ def test_the_clip_package_exports_every_name_it_had_before_the_split():
               "ZeroShotKnn", "clip_logits", "tip_adapter_logits", "tune_mixture", "zero_shot_text_features",
               "CoOpPromptLearner"]
     assert set(before) <= set(clip_pkg.__all__) and all(hasattr(clip_pkg, name) for name in before)
+
+
+def _fitted(tiny_clip):
+    """(clip, proc, train / val / test features and labels, text features) on random images."""
+    clip, proc = tiny_clip
+    feats = ClipFeatures(clip, proc, progress=False)
+    data = {name: (feats.image_features(images(n, seed)), np.array([0, 1, 2] * (n // 3)))
+            for name, n, seed in (("train", 12, 0), ("val", 6, 1), ("test", 7, 2))}
+    return clip, proc, data, feats.text_features([f"a photo of a {c}." for c in CLASSES])
+
+
+def test_tip_adapter_save_load_keeps_tuned_alpha_beta_and_trained_keys(tiny_clip, tmp_path):
+    clip, proc, data, text = _fitted(tiny_clip)
+    tip = TipAdapter(text, float(clip.logit_scale.exp()), ImageCache(*data["train"], 3), train_keys=True)
+    tip.fit(*data["train"], epochs=2, batch_size=4, progress=False)
+    tip.tune(*data["val"], alphas=(3.0,), betas=(9.0,))  # not the constructor's 1.0 and 5.0
+    tip.save(str(tmp_path / "tip"))
+    loaded = TipAdapter.load(str(tmp_path / "tip"))
+    assert (loaded.alpha, loaded.beta, loaded.scale) == (3.0, 9.0, tip.scale)  # before: back to 1.0 and 5.0
+    assert torch.equal(loaded.keys, tip.keys) and loaded.keys.requires_grad and loaded.history == tip.history
+    f_test = data["test"][0]
+    np.testing.assert_array_equal(loaded.predict_proba(f_test), tip.predict_proba(f_test))
+    np.testing.assert_array_equal(loaded.predict(f_test), tip.predict_proba(f_test).argmax(1))
+
+
+def test_zero_shot_knn_and_retro_coop_save_load_round_trip_without_pickle(tiny_clip, tmp_path):
+    clip, proc, data, text = _fitted(tiny_clip)
+    f_test = data["test"][0]
+    zs = ZeroShotKnn(text, float(clip.logit_scale.exp()), ImageCache(*data["train"], 3))
+    zs.mixture = MixtureChoice(lam=0.4, k=3, temperature=0.05, accuracy=0.5)
+    zs.save(str(tmp_path / "zs"))
+    loaded = ZeroShotKnn.load(str(tmp_path / "zs"))
+    assert loaded.mixture == zs.mixture and loaded.scale == zs.scale
+    np.testing.assert_array_equal(loaded.predict_proba(f_test), zs.predict_proba(f_test))
+    grid = R.MixtureGrid(lambdas=(0.0, 0.3), ks=(2,), temperatures=(0.1,))
+    config = RetroCoOpConfig(n_ctx=2, class_specific=True, epochs=2, batch_size=4, grid=grid, progress=False)
+    coop = RetroCoOp(clip, proc.tokenizer, CLASSES, config).fit(*data["train"], *data["val"])
+    coop.save(str(tmp_path / "coop"))
+    loaded = RetroCoOp.load(str(tmp_path / "coop"), clip, proc.tokenizer)
+    assert loaded.config == coop.config and loaded.classnames == CLASSES and loaded.mixture == coop.mixture
+    assert loaded.history == coop.history and loaded.knn_loss_active == coop.knn_loss_active
+    assert torch.equal(loaded.learner.ctx, coop.learner.ctx)
+    np.testing.assert_array_equal(loaded.predict_proba(f_test), coop.predict_proba(f_test))
+    files = sorted(os.listdir(tmp_path / "coop")) + sorted(os.listdir(tmp_path / "coop" / "cache"))
+    assert files == ["cache", "predictor.json", "tensors.safetensors", "index.faiss", "keys.npy", "labels.npy",
+                     "store.json"]
+
+
+def test_loading_what_does_not_match_names_the_mismatch(tiny_clip, tmp_path):
+    clip, proc, data, text = _fitted(tiny_clip)
+    coop = RetroCoOp(clip, proc.tokenizer, CLASSES, RetroCoOpConfig(n_ctx=2, epochs=1, progress=False))
+    coop.fit(*data["train"]).save(str(tmp_path / "coop"))
+    other, other_proc = load_clip(make_tiny_clip(str(tmp_path / "other-clip"), seed=1))  # same shapes, other weights
+    with pytest.raises(ValueError, match="the CLIP's text_projection_sha256 is '[0-9a-f]+' in the CLIP given but"):
+        RetroCoOp.load(str(tmp_path / "coop"), other, other_proc.tokenizer)
+    with pytest.raises(ValueError, match="holds a saved RetroCoOp, not a TipAdapter: load it with RetroCoOp.load"):
+        TipAdapter.load(str(tmp_path / "coop"))
+    zs = ZeroShotKnn(text, float(clip.logit_scale.exp()), ImageCache(*data["train"], 3))
+    zs.save(str(tmp_path / "zs"))
+    ImageCache(data["train"][0], data["train"][1], 4).save(str(tmp_path / "zs" / "cache"))  # a 4-class cache
+    with pytest.raises(ValueError, match="the number of classes is 3 in the text features but 4 in the image cache"):
+        ZeroShotKnn.load(str(tmp_path / "zs"))
+
+
+def test_a_failed_save_keeps_the_previous_one(tiny_clip, tmp_path, monkeypatch):
+    from openprompt_retro.core.store import SaveFailed
+
+    clip, proc, data, text = _fitted(tiny_clip)
+    zs = ZeroShotKnn(text, float(clip.logit_scale.exp()), ImageCache(*data["train"], 3))
+    zs.mixture = MixtureChoice(lam=0.4, k=3, temperature=0.05)
+    zs.save(str(tmp_path / "zs"))
+    zs.mixture = MixtureChoice(lam=0.9, k=2, temperature=0.1)
+
+    def disk_full(directory):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(zs.cache, "save", disk_full)
+    with pytest.raises(SaveFailed, match="nothing was changed"):
+        zs.save(str(tmp_path / "zs"))
+    assert ZeroShotKnn.load(str(tmp_path / "zs")).mixture.lam == 0.4

@@ -3,7 +3,7 @@
 CLIP loads through transformers (`load_clip`, local folder or hub name); the
 few-shot images' features form a cosine :class:`~openprompt_retro.KnowledgeStore`.
 One module per method: :mod:`.zero_shot_knn`, :mod:`.tip_adapter`, :mod:`.retro_coop`;
-:mod:`.cache` holds what they share.
+:mod:`.cache` holds what they share, :mod:`.predictor` their ``predict`` and saved folder.
 """
 from .cache import ImageCache, clip_logits, clip_mixture_grid, tune_mixture
 from .data import ImageSet, check_images, k_shot_indices, load_image_arrays, load_image_folder

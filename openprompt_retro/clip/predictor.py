@@ -105,7 +105,7 @@ def saved_settings(directory: str, predictor: str) -> Iterator[None]:
     """Turn a missing or mistyped field met while rebuilding from the settings into one ValueError."""
     try:
         yield
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"saved {predictor} at {directory!r} has a bad {PREDICTOR_FILE}: missing or invalid "
                          f"setting {e}") from None
 

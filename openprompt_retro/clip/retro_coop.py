@@ -69,8 +69,10 @@ class RetroCoOpConfig(LossConfig):
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown RetroCoOpConfig fields: {unknown}")
-        grid = {name: tuple(values) for name, values in d.get("grid", {}).items()}
-        return cls(**{**d, **({"grid": MixtureGrid(**grid)} if "grid" in d else {})})
+        d = dict(d)
+        if "grid" in d:
+            d["grid"] = MixtureGrid(**{name: tuple(values) for name, values in d["grid"].items()})
+        return cls(**d)
 
 
 def clip_signature(clip_model) -> Dict[str, Any]:

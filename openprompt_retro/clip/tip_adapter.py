@@ -99,7 +99,7 @@ class TipAdapter(ClipPredictor, nn.Module):
         """Write the text features, the cache keys (as trained, for Tip-Adapter-F) and labels, the logit scale,
         the tuned alpha and beta and the training history to the folder ``directory``
         (:mod:`~openprompt_retro.clip.predictor`)."""
-        settings = {"logit_scale": self.scale, "alpha": self.alpha, "beta": self.beta,
+        settings = {"logit_scale": float(self.scale), "alpha": self.alpha, "beta": self.beta,
                     "train_keys": self.keys.requires_grad, "history": self.history}
         write_predictor(directory, "TipAdapter", settings, self.state_dict())
 

@@ -41,7 +41,7 @@ class ZeroShotKnn(ClipPredictor):
     def save(self, directory: str) -> None:
         """Write the text features, the image cache, the logit scale and the mixture to the folder ``directory``
         (:mod:`~openprompt_retro.clip.predictor`)."""
-        settings = {"logit_scale": self.scale, "mixture": dataclasses.asdict(self.mixture)}
+        settings = {"logit_scale": float(self.scale), "mixture": dataclasses.asdict(self.mixture)}
         write_predictor(directory, "ZeroShotKnn", settings, {"text": self.text}, self.cache)
 
     @classmethod
