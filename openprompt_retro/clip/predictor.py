@@ -53,10 +53,12 @@ def write_predictor(directory: str, predictor: str, settings: Dict, tensors: Dic
             json.dump(record, f, indent=1)
 
 
-def read_predictor(directory: str, predictor: str) -> Tuple[Dict, Dict[str, torch.Tensor], Optional[ImageCache]]:
+def read_predictor(directory: str, predictor: str,
+                   with_cache: bool = False) -> Tuple[Dict, Dict[str, torch.Tensor], Optional[ImageCache]]:
     """(settings, tensors, image cache or None) of a ``predictor`` saved by :func:`write_predictor`.
 
-    Raises a ValueError naming the problem: no saved predictor there, another class's folder, a damaged file.
+    Raises a ValueError naming the problem: no saved predictor there, another class's folder, a damaged or
+    missing file (the cache, ``with_cache``).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -76,7 +78,9 @@ def read_predictor(directory: str, predictor: str) -> Tuple[Dict, Dict[str, torc
     except SafetensorError as e:
         raise ValueError(f"saved {predictor} at {directory!r} has an unreadable {TENSORS_FILE}: {e}") from None
     cache_dir = os.path.join(directory, CACHE_DIR)
-    return record["settings"], tensors, ImageCache.load(cache_dir) if os.path.isdir(cache_dir) else None
+    if with_cache and not os.path.isdir(cache_dir):
+        raise ValueError(f"saved {predictor} at {directory!r} is incomplete: its image cache {CACHE_DIR}/ is missing")
+    return record["settings"], tensors, ImageCache.load(cache_dir) if with_cache else None
 
 
 def _read_record(directory: str) -> Dict:
@@ -110,12 +114,12 @@ def saved_settings(directory: str, predictor: str) -> Iterator[None]:
                          f"setting {e}") from None
 
 
-def check_fits(where: str, pairs: Dict[str, Tuple[object, object]], sides: Tuple[str, str]) -> None:
-    """Raise one ValueError naming every ``pairs`` entry whose two values (``sides``) differ."""
+def check_fits(where: str, pairs: Dict[str, Tuple[object, object]], sides: Tuple[str, str], hint: str = "") -> None:
+    """Raise one ValueError naming every ``pairs`` entry whose two values (``sides``) differ (then ``hint``)."""
     bad = [f"{name} is {a!r} in the {sides[0]} but {b!r} in the {sides[1]}" for name, (a, b) in pairs.items()
            if a != b]
     if bad:
-        raise ValueError(f"{where} does not match: {'; '.join(bad)}")
+        raise ValueError(f"{where} does not match: {'; '.join(bad)}{hint and ': ' + hint}")
 
 
 def tensor(tensors: Dict[str, torch.Tensor], name: str, directory: str, ndim: Optional[int] = None) -> torch.Tensor:

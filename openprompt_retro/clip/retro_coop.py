@@ -162,13 +162,12 @@ class RetroCoOp(ClipPredictor):
     def load(cls, directory: str, clip_model, tokenizer) -> "RetroCoOp":
         """The RetroCoOp :meth:`save` wrote, on ``clip_model`` and ``tokenizer`` (the ones it was trained with:
         a ValueError names what differs); it predicts bit for bit as the saved one did."""
-        settings, tensors, cache = read_predictor(directory, "RetroCoOp")
+        settings, tensors, cache = read_predictor(directory, "RetroCoOp", with_cache=True)
         ctx, where = tensor(tensors, "ctx", directory), f"saved RetroCoOp at {directory!r}"
-        if cache is None:
-            raise ValueError(f"{where} is incomplete: its image cache is missing")
         with saved_settings(directory, "RetroCoOp"):
             check_fits(where, {f"the CLIP's {name}": (value, settings["clip"].get(name))
-                               for name, value in clip_signature(clip_model).items()}, ("CLIP given", "saved model"))
+                               for name, value in clip_signature(clip_model).items()}, ("CLIP given", "saved model"),
+                       "load it with the CLIP it was trained on")
             model = cls(clip_model, tokenizer, settings["classnames"], RetroCoOpConfig.from_dict(settings["config"]))
             model.mixture = MixtureChoice(**settings["mixture"])
             model.knn_loss_active = settings["knn_loss_active"]

@@ -47,10 +47,8 @@ class ZeroShotKnn(ClipPredictor):
     @classmethod
     def load(cls, directory: str) -> "ZeroShotKnn":
         """The ZeroShotKnn :meth:`save` wrote; it predicts bit for bit as the saved one did."""
-        settings, tensors, cache = read_predictor(directory, "ZeroShotKnn")
+        settings, tensors, cache = read_predictor(directory, "ZeroShotKnn", with_cache=True)
         text = tensor(tensors, "text", directory, 2)
-        if cache is None:
-            raise ValueError(f"saved ZeroShotKnn at {directory!r} is incomplete: its image cache is missing")
         check_fits(f"saved ZeroShotKnn at {directory!r}", {
             "the number of classes": (text.shape[0], cache.store.num_classes),
             "the feature dimension": (text.shape[1], cache.store.dim)}, ("text features", "image cache"))
