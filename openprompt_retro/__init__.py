@@ -27,6 +27,7 @@ _EXPORTS = {
     "prompt": ["MaskKeyHead", "build_store", "build_store_streaming", "extract_keys", "mask_keys", "RetroTemplate",
                "KnnVerbalizer", "TfidfDemoRetriever", "RetroPromptForClassification", "RetroTrainer",
                "TrainingArgs", "build_model", "build_trainer", "retroprompt"],
+    "prompt.key_encoders": ["FrozenMeanEncoder", "SentenceEncoder"],
 }
 _WHERE = {name: layer for layer, names in _EXPORTS.items() for name in names}
 __all__: List[str] = sorted(_WHERE)
