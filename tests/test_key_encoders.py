@@ -93,3 +93,19 @@ def test_bad_arguments_are_one_clear_error(tiny_bert):
         FrozenMeanEncoder(plm, tok, batch_size=0)
     with pytest.raises(TypeError, match="needs a transformers PreTrainedModel"):
         FrozenMeanEncoder(torch.nn.Linear(2, 2), tok)
+
+
+def test_a_saved_store_records_its_encoder_and_refuses_another(tmp_path, tiny_bert, examples):
+    from openprompt_retro.core.store import KnowledgeStore, StoreError
+
+    plm, tok, _, _ = tiny_bert
+    encoder = FrozenMeanEncoder(plm, tok)
+    store = KnowledgeStore(encoder.dim, 2, metric="cosine", built_by=encoder.describe())
+    store.build(encoder.encode(examples), [ex.label for ex in examples])
+    store.save(str(tmp_path / "store"))
+    assert KnowledgeStore.load(str(tmp_path / "store"), expected_built_by=encoder.describe()).built_by == \
+        encoder.describe()
+    with torch.no_grad():
+        next(plm.parameters()).mul_(2.0)  # e.g. a fine-tuned PLM copied instead of the pre-trained one
+    with pytest.raises(StoreError, match="was built with weights_sha256="):
+        KnowledgeStore.load(str(tmp_path / "store"), expected_built_by=FrozenMeanEncoder(plm, tok).describe())
