@@ -22,10 +22,12 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "core": ["KnowledgeStore", "SearchResult", "StoreError", "knn_label_distribution", "knn_weights", "mix",
              "select_mixture", "MixtureGrid", "MixtureChoice", "LossConfig", "RetroConfig", "neural_demonstrations", "demonstration_weights",
-             "knn_guided_loss", "knn_loss_weights"],
+             "knn_guided_loss", "knn_loss_weights", "class_mean_distribution", "class_mean_scores",
+             "choose_temperature", "temperature_scale"],
     "prompt": ["MaskKeyHead", "build_store", "build_store_streaming", "extract_keys", "mask_keys", "RetroTemplate",
                "KnnVerbalizer", "TfidfDemoRetriever", "RetroPromptForClassification", "RetroTrainer",
                "TrainingArgs", "build_model", "build_trainer", "retroprompt"],
+    "prompt.key_encoders": ["FrozenMeanEncoder", "SentenceEncoder"],
 }
 _WHERE = {name: layer for layer, names in _EXPORTS.items() for name in names}
 __all__: List[str] = sorted(_WHERE)

@@ -1,5 +1,7 @@
 """The retrieval math of core/ on hand-computed cases: kNN weights, the (lambda, k, T) selection,
 loss weights and demonstration weights at their edges."""
+import dataclasses
+import json
 import math
 
 import numpy as np
@@ -7,8 +9,9 @@ import pytest
 import torch
 
 from openprompt_retro.core.demonstrations import demonstration_weights
-from openprompt_retro.core.knn import (MixtureChoice, MixtureGrid, knn_label_distribution, knn_weights, mix,
-                                       select_mixture)
+from openprompt_retro.core.knn import (PLM_TEMPERATURES, MixtureChoice, MixtureGrid, choose_temperature,
+                                       knn_label_distribution, knn_weights, log_loss, log_probs, mix, select_mixture,
+                                       temperature_scale)
 from openprompt_retro.core.loss import knn_loss_weights
 from openprompt_retro.core.store import KnowledgeStore
 
@@ -94,3 +97,73 @@ def test_a_one_entry_store_with_its_entry_left_out_gives_uniform_p_knn_to_infere
         w = knn_loss_weights(torch.from_numpy(p[:, 1]), "knn", beta=1.0, max_weight=3.0)  # the loss weight
         assert torch.allclose(w, torch.tensor([1.0 + math.log(2.0)]))
     np.testing.assert_array_equal(store.knn_distribution(store.keys, 16, 1.0), [[0.0, 1.0]])  # not excluded
+
+
+# ---------------------------------------------------------------------- the "fine" grid (issue 20)
+def test_fine_grid_breaks_accuracy_ties_by_log_loss_not_towards_the_smaller_lambda():
+    labels = np.array([0, 0, 1])
+    p_plm = np.array([[0.6, 0.4], [0.6, 0.4], [0.1, 0.9]])
+    p_knn = np.array([[1.0, 0.0], [1.0, 0.0], [0.7, 0.3]])
+    # row 3: P(1) = 0.9 - 0.6 lambda > 0.5 iff lambda < 2/3, so accuracy is 1 for lambda <= 0.6, 2/3 above;
+    # log-loss -(2 log(0.6 + 0.4 lambda) + log(0.9 - 0.6 lambda)) / 3 is smallest where 0.8 (0.9 - 0.6 lambda)
+    # = 0.6 (0.6 + 0.4 lambda): lambda = 0.5
+    fine = MixtureGrid.fine().select(p_plm, labels, lambda k, t: p_knn)
+    assert fine == MixtureChoice(lam=0.5, k=16, temperature=1.0, accuracy=1.0)
+    assert log_loss(mix(p_plm, p_knn, 0.5), labels) == pytest.approx(-(2 * math.log(0.8) + math.log(0.6)) / 3)
+    # the default grid and rule are unchanged: the smaller lambda wins the tie
+    assert MixtureGrid().select(p_plm, labels, lambda k, t: p_knn).lam == 0.0
+    assert MixtureGrid.named("wide").select(p_plm, labels, lambda k, t: p_knn).lam == 0.0
+
+
+def test_fine_grid_can_choose_retrieval_alone():
+    labels = np.array([0, 1])
+    p_plm = np.array([[0.6, 0.4], [0.4, 0.6]])  # right, but less sure than the store
+    p_knn = np.array([[1.0, 0.0], [0.0, 1.0]])
+    # every lambda is 100% accurate; the log-loss -log(0.6 + 0.4 lambda) falls to 0 at lambda = 1
+    assert MixtureGrid.named("fine").select(p_plm, labels, lambda k, t: p_knn).lam == 1.0
+    assert MixtureGrid().select(p_plm, labels, lambda k, t: p_knn).lam == 0.0
+    # exact ties in accuracy and log-loss (p_kNN = p_PLM) still go to the smaller lambda
+    assert MixtureGrid.fine().select(p_plm, labels, lambda k, t: p_plm).lam == 0.0
+
+
+def test_plm_temperature_is_chosen_on_dev_by_log_loss_and_applied_before_mixing():
+    labels = np.array([0, 0, 0, 1])
+    p_plm = np.array([[0.9, 0.1]] * 4)  # 3 of 4 right, each at 0.9: overconfident
+    # p^T(0) = 1 / (1 + 9^(-1 / T)); the log-loss is smallest where p^T(0) = 3 / 4, i.e. 9^(1 / T) = 3: T = 2
+    t = choose_temperature(log_probs(p_plm), labels, PLM_TEMPERATURES)
+    assert t.temperature == 2.0
+    assert t.log_loss == pytest.approx(-(3 * math.log(0.75) + math.log(0.25)) / 4)
+    np.testing.assert_allclose(temperature_scale(p_plm, 2.0), [[0.75, 0.25]] * 4)
+    p_knn = np.array([[0.5, 0.5]] * 3 + [[0.2, 0.8]])
+    # lambda 0.5, row 4: P(1) = (0.1 + 0.8) / 2 = 0.45 unscaled (wrong), (0.25 + 0.8) / 2 = 0.525 scaled (right)
+    plain = MixtureGrid.fixed(0.5).select(p_plm, labels, lambda k, tt: p_knn)
+    scaled = MixtureGrid.named("fixed", plm_temperature=True).select(p_plm, labels, lambda k, tt: p_knn)
+    assert (plain.accuracy, plain.plm_temperature) == (0.75, 1.0)
+    assert (scaled.accuracy, scaled.plm_temperature) == (1.0, 2.0)
+    assert scaled.as_dict() == {"accuracy": 1.0, "lambda": 0.5, "k": 16, "temperature": 1.0, "plm_temperature": 2.0}
+    assert MixtureGrid.fine(plm_temperature=True).select(p_plm, labels, lambda k, tt: p_knn).plm_temperature == 2.0
+
+
+def test_choose_temperature_ties_go_to_the_smaller_t():
+    scores = np.array([[0.0, 0.0], [1.0, 1.0]])  # every T gives 1/2, 1/2: equal losses
+    assert choose_temperature(scores, np.array([0, 1]), (4.0, 0.5, 1.0)) == (0.5, pytest.approx(math.log(2)))
+    with pytest.raises(ValueError, match="at least one finite temperature > 0"):
+        choose_temperature(scores, np.array([0, 1]), (1.0, 0.0))
+
+
+def test_new_grid_fields_survive_the_trainers_json_round_trip_and_are_checked():
+    for grid in (MixtureGrid(), MixtureGrid.fine(plm_temperature=True)):
+        saved = json.loads(json.dumps({k: list(v) for k, v in dataclasses.asdict(grid).items()}))
+        assert MixtureGrid(**{k: tuple(v) for k, v in saved.items()}) == grid
+    assert MixtureGrid.fine().lambdas == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    for name in ("small", "wide", "fixed"):  # the existing grids keep today's rule
+        grid = MixtureGrid.named(name)
+        assert (tuple(grid.tie_breaks), tuple(grid.plm_temperatures)) == ((), (1.0,))
+    for bad, match in ((dict(tie_breaks="log-loss"), "tie_breaks must be a sequence"),
+                       (dict(tie_breaks=("brier",)), "tie_breaks must be a sequence"),
+                       (dict(plm_temperatures=()), "plm_temperatures must be"),
+                       (dict(plm_temperatures=(1.0, -2.0)), "plm_temperatures must be")):
+        with pytest.raises(ValueError, match=match):
+            MixtureGrid(**bad)
+    with pytest.raises(ValueError, match="'fine'"):
+        MixtureGrid.named("finer")

@@ -2,11 +2,14 @@
 neural demonstrations and the configs. Imports numpy, FAISS and torch; never openprompt or transformers."""
 from .config import LossConfig, RetroConfig
 from .demonstrations import demonstration_weights, neural_demonstrations
-from .knn import MixtureChoice, MixtureGrid, accuracy, knn_label_distribution, knn_weights, mix, select_mixture
+from .knn import (MixtureChoice, MixtureGrid, TemperatureChoice, accuracy, choose_temperature, knn_label_distribution,
+                  knn_weights, log_loss, mix, select_mixture, temperature_scale)
 from .loss import knn_guided_loss, knn_loss_weights
+from .readout import class_mean_distribution, class_mean_scores
 from .store import KnowledgeStore, SearchResult, StoreError
 
 __all__ = ["LossConfig", "RetroConfig", "demonstration_weights", "neural_demonstrations", "MixtureChoice",
            "MixtureGrid", "accuracy", "knn_label_distribution", "knn_weights", "mix", "select_mixture",
-           "knn_guided_loss", "knn_loss_weights",
+           "knn_guided_loss", "knn_loss_weights", "TemperatureChoice", "choose_temperature", "log_loss",
+           "temperature_scale", "class_mean_distribution", "class_mean_scores",
            "KnowledgeStore", "SearchResult", "StoreError"]

@@ -8,12 +8,18 @@
 
 lambda, k and T are chosen on a dev / validation split (:func:`select_mixture`, which returns a
 :class:`MixtureChoice`), never on test. Text (``prompt/``) and vision (``clip/``) share these functions.
+
+Optionally (:meth:`MixtureGrid.fine`) ties in dev accuracy are broken by the dev log-loss of P, and the PLM is
+temperature-scaled first:
+
+    p_PLM^T(y|x) = softmax_y(log p_PLM(y|x) / T_plm)     T_plm = argmin_T mean_i -log p_PLM^T(y_i|x_i) on dev
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -90,15 +96,85 @@ def accuracy(probs, labels) -> float:
     return float((np.asarray(probs).argmax(-1) == np.asarray(labels)).mean())
 
 
+#: probabilities are floored here in :func:`log_loss`: a gold label given probability 0 costs -log(1e-12) ~ 27.6
+LOG_LOSS_FLOOR = 1e-12
+
+
+def log_loss(probs, labels) -> float:
+    """mean_i -log max(P(y_i|x_i), 1e-12), in float64 (finite even where the gold label gets probability 0)."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    gold = probs[np.arange(len(labels)), labels]
+    return float(-np.log(np.maximum(gold, LOG_LOSS_FLOOR)).mean())
+
+
+def softmax_scores(scores, temperature: float) -> np.ndarray:
+    """softmax_c(s_c / T) per row of ``scores`` (B, C) in float64; classes scored -inf get 0, and a row with
+    no finite score is uniform (1 / C), like a query without neighbours in :func:`knn_label_distribution`."""
+    scores = np.asarray(scores, dtype=np.float64)
+    p = knn_weights(scores, temperature, scores > -np.inf, "raw")
+    p[~(scores > -np.inf).any(axis=1)] = 1.0 / scores.shape[1]
+    return p
+
+
+def log_probs(probs) -> np.ndarray:
+    """log p in float64, -inf where p = 0 (without a warning)."""
+    with np.errstate(divide="ignore"):
+        return np.log(np.asarray(probs, dtype=np.float64))
+
+
+def temperature_scale(probs, temperature: float) -> np.ndarray:
+    """p^T = softmax(log p / T) per row (float64): T > 1 flattens an overconfident distribution, T = 1 keeps
+    it; the argmax never changes, and classes of probability 0 stay at 0."""
+    return softmax_scores(log_probs(probs), temperature)
+
+
+class TemperatureChoice(NamedTuple):
+    """The temperature chosen on dev and the mean dev log-loss it gave."""
+
+    temperature: float
+    log_loss: float
+
+
+def choose_temperature(scores, labels, grid: Sequence[float]) -> TemperatureChoice:
+    """The T of ``grid`` whose softmax(scores / T) has the smallest mean log-loss on (``scores``, ``labels``).
+
+    ``scores`` (B, C): class scores (e.g. class-mean cosines; -inf for a class without entries) or a model's
+    log-probabilities (temperature scaling). Call it with dev data only. Only a strictly smaller loss
+    replaces the best, so an exact tie goes to the smaller T.
+    """
+    temps = sorted(float(t) for t in grid)
+    if not temps or any(not (np.isfinite(t) and t > 0) for t in temps):
+        raise ValueError(f"choose_temperature needs at least one finite temperature > 0, got {list(grid)}")
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    if scores.ndim != 2 or labels.shape != (scores.shape[0],):
+        raise ValueError(f"choose_temperature needs scores (B, C) and labels (B,), got {scores.shape} and "
+                         f"{labels.shape}")
+    best: Optional[TemperatureChoice] = None
+    for t in temps:
+        loss = log_loss(softmax_scores(scores, t), labels)
+        if best is None or loss < best.log_loss:
+            best = TemperatureChoice(t, loss)
+    return best
+
+
+#: the tie-breaks :func:`select_mixture` knows (after accuracy, before the smaller lambda): larger is better;
+#: log-losses equal to 12 decimals tie (the rounding error of mixing equal distributions is no preference)
+_TIE_BREAK_SCORES = {"log-loss": lambda p, labels: -round(log_loss(p, labels), 12)}
+TIE_BREAKS = tuple(_TIE_BREAK_SCORES)
+#: T_plm candidates of ``MixtureGrid.fine(plm_temperature=True)``: 1 (no scaling) and values around it
+PLM_TEMPERATURES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
+
+
 @dataclass(frozen=True)
 class MixtureChoice:
-    """One point of the mixture P = lambda p_kNN + (1 - lambda) p_PLM: lambda (``lam``), k, T, and the dev
-    accuracy that chose it (None for a choice set by hand)."""
+    """One point of the mixture P = lambda p_kNN + (1 - lambda) p_PLM^T: lambda (``lam``), k, T, the dev
+    accuracy that chose it (None for a choice set by hand) and the PLM's temperature T_plm (1: unscaled)."""
 
     lam: float
     k: int
     temperature: float
     accuracy: Optional[float] = None
+    plm_temperature: float = 1.0
 
     def __post_init__(self):
         if not 0.0 <= self.lam <= 1.0:
@@ -106,26 +182,48 @@ class MixtureChoice:
         if int(self.k) < 1 or not self.temperature > 0:
             raise ValueError(f"MixtureChoice needs k >= 1 and temperature > 0, got k={self.k!r}, "
                              f"temperature={self.temperature!r}")
+        if not 0 < self.plm_temperature < np.inf:
+            raise ValueError(f"MixtureChoice.plm_temperature must be a finite number > 0, got {self.plm_temperature!r}")
 
     def as_dict(self) -> Dict[str, Union[float, int, None]]:
-        """``{"accuracy", "lambda", "k", "temperature"}`` for records and printing."""
-        return {"accuracy": self.accuracy, "lambda": self.lam, "k": self.k, "temperature": self.temperature}
+        """``{"accuracy", "lambda", "k", "temperature"}`` for records and printing, plus ``"plm_temperature"``
+        where the PLM was rescaled (T_plm != 1)."""
+        out = {"accuracy": self.accuracy, "lambda": self.lam, "k": self.k, "temperature": self.temperature}
+        if self.plm_temperature != 1.0:
+            out["plm_temperature"] = self.plm_temperature
+        return out
 
 
 def select_mixture(p_model: np.ndarray, labels: np.ndarray, p_knn_for: Callable[[int, float], np.ndarray],
-                   lambdas: Sequence[float], ks: Sequence[int], temperatures: Sequence[float]) -> MixtureChoice:
+                   lambdas: Sequence[float], ks: Sequence[int], temperatures: Sequence[float],
+                   tie_breaks: Sequence[str] = (), plm_temperatures: Sequence[float] = (1.0,)) -> MixtureChoice:
     """Grid search of (lambda, k, T) by accuracy of ``mix(p_model, p_knn_for(k, T), lambda)``.
 
-    Call it with dev / validation data only. Ties go to the smaller lambda, then
-    to the first (k, T) in grid order.
+    Call it with dev / validation data only. Ties in accuracy go through ``tie_breaks`` in order
+    (``"log-loss"``: the smaller :func:`log_loss` of the mixture, to 12 decimals), then to the smaller
+    lambda, then to the first (k, T) in grid order.
+
+    ``plm_temperatures``: candidates for T_plm, chosen first on the PLM alone by :func:`choose_temperature`;
+    the search then mixes ``temperature_scale(p_model, T_plm)``. The default ``(1.0,)`` leaves p_model as is.
     """
-    best: Optional[MixtureChoice] = None
+    unknown = [b for b in tie_breaks if b not in TIE_BREAKS]
+    if unknown:
+        raise ValueError(f"tie_breaks must be taken from {TIE_BREAKS}, got {unknown}")
+    t_plm = 1.0
+    if tuple(plm_temperatures) != (1.0,):
+        t_plm = choose_temperature(log_probs(p_model), labels, plm_temperatures).temperature
+        p_model = temperature_scale(p_model, t_plm)
+    best, best_rank = None, None
     for k, t in itertools.product(ks, temperatures):
         p_knn = p_knn_for(int(k), float(t))
         for lam in sorted(lambdas):
-            acc = accuracy(mix(p_model, p_knn, lam), labels)
-            if best is None or acc > best.accuracy or (acc == best.accuracy and lam < best.lam):
-                best = MixtureChoice(lam=float(lam), k=int(k), temperature=float(t), accuracy=acc)
+            p = mix(p_model, p_knn, lam)
+            acc = accuracy(p, labels)
+            rank = (acc, *(_TIE_BREAK_SCORES[b](p, labels) for b in tie_breaks), -lam)  # larger is better
+            if best is None or rank > best_rank:
+                best = MixtureChoice(lam=float(lam), k=int(k), temperature=float(t), accuracy=acc,
+                                     plm_temperature=t_plm)
+                best_rank = rank
     if best is None:
         raise ValueError("select_mixture needs at least one lambda, k and temperature")
     return best
@@ -137,12 +235,18 @@ class MixtureGrid:
 
     The default tunes lambda only: with scale-free ("zscore") scores, k = 16 and T = 1 (one standard
     deviation of the neighbours' scores) mean the same thing on every backbone, and a 32-example dev set
-    cannot tell 220 combinations apart. :meth:`wide` is the old 11 x 4 x 5 grid; :meth:`fixed` tunes nothing.
+    cannot tell 220 combinations apart. :meth:`wide` is the old 11 x 4 x 5 grid; :meth:`fixed` tunes nothing;
+    :meth:`fine` tunes lambda in {0, 0.1, ..., 1} with ties broken by dev log-loss (so retrieval alone can win).
+
+    ``tie_breaks`` and ``plm_temperatures`` are passed to :func:`select_mixture`; every field is a sequence,
+    so a grid survives ``{k: list(v)}`` / ``{k: tuple(v)}`` round trips through JSON.
     """
 
     lambdas: Sequence[float] = (0.0, 0.25, 0.5, 0.75)
     ks: Sequence[int] = (16,)
     temperatures: Sequence[float] = (1.0,)
+    tie_breaks: Sequence[str] = ()
+    plm_temperatures: Sequence[float] = (1.0,)
 
     @classmethod
     def wide(cls) -> "MixtureGrid":
@@ -153,11 +257,21 @@ class MixtureGrid:
         return cls(lambdas=(lam,), ks=(k,), temperatures=(temperature,))
 
     @classmethod
-    def named(cls, name: str) -> "MixtureGrid":
-        """``"small"`` (the default), ``"wide"`` or ``"fixed"``."""
-        if name not in ("small", "wide", "fixed"):
-            raise ValueError(f"mixture grid must be 'small', 'wide' or 'fixed', got {name!r}")
-        return cls() if name == "small" else getattr(cls, name)()
+    def fine(cls, plm_temperature: bool = False) -> "MixtureGrid":
+        """lambda in {0, 0.1, ..., 1} (1: retrieval alone), k = 16, T = 1; ties in dev accuracy go to the smaller
+        dev log-loss, not to the smaller lambda: dev also picked the PLM's checkpoint, so dev flatters the PLM.
+        ``plm_temperature``: also temperature-scale the PLM on dev (T_plm from :data:`PLM_TEMPERATURES`)."""
+        return cls(lambdas=tuple(i / 10 for i in range(11)), tie_breaks=("log-loss",),
+                   plm_temperatures=PLM_TEMPERATURES if plm_temperature else (1.0,))
+
+    @classmethod
+    def named(cls, name: str, plm_temperature: bool = False) -> "MixtureGrid":
+        """``"small"`` (the default), ``"wide"``, ``"fixed"`` or ``"fine"``; ``plm_temperature`` adds the
+        T_plm candidates :data:`PLM_TEMPERATURES` to any of them."""
+        if name not in ("small", "wide", "fixed", "fine"):
+            raise ValueError(f"mixture grid must be 'small', 'wide', 'fixed' or 'fine', got {name!r}")
+        grid = cls() if name == "small" else getattr(cls, name)()
+        return dataclasses.replace(grid, plm_temperatures=PLM_TEMPERATURES) if plm_temperature else grid
 
     def __post_init__(self):
         if not (self.lambdas and self.ks and self.temperatures):
@@ -166,7 +280,13 @@ class MixtureGrid:
             raise ValueError(f"lambdas must lie in [0, 1], got {list(self.lambdas)}")
         if any(int(k) < 1 for k in self.ks) or any(not t > 0 for t in self.temperatures):
             raise ValueError("ks must be >= 1 and temperatures > 0")
+        if isinstance(self.tie_breaks, str) or any(b not in TIE_BREAKS for b in self.tie_breaks):
+            raise ValueError(f"tie_breaks must be a sequence of {TIE_BREAKS}, got {self.tie_breaks!r}")
+        if not self.plm_temperatures or any(not 0 < t < np.inf for t in self.plm_temperatures):
+            raise ValueError(f"plm_temperatures must be finite numbers > 0 (at least one), got "
+                             f"{list(self.plm_temperatures)}")
 
     def select(self, p_model: np.ndarray, labels: np.ndarray,
                p_knn_for: Callable[[int, float], np.ndarray]) -> MixtureChoice:
-        return select_mixture(p_model, labels, p_knn_for, self.lambdas, self.ks, self.temperatures)
+        return select_mixture(p_model, labels, p_knn_for, self.lambdas, self.ks, self.temperatures,
+                              self.tie_breaks, self.plm_temperatures)

@@ -1,0 +1,169 @@
+"""Store keys that the trained model cannot memorise: mean-pooled embeddings of the raw input text.
+
+    key(x) = m(x) / ||m(x)||,    m(x) = sum_t a_t h_t(x) / sum_t a_t
+
+h_t: the encoder's last hidden states over the input's tokens, a_t: the attention mask. The input is the
+example's raw text (``text_a``, with ``text_b`` as the second segment of a pair when present): no template,
+no demonstrations. Keys have unit length, so inner products are cosines (a store with ``metric="cosine"``
+or ``"ip"`` scores them alike).
+
+Two encoders share this interface (``encode(examples) -> (n, D) float32``, ``describe() -> dict``):
+
+- :class:`FrozenMeanEncoder`: a frozen copy of a PLM's base encoder, taken when it is built (before training).
+- :class:`SentenceEncoder`: any encoder ``AutoModel`` loads (a local folder or a hub name), e.g. an SBERT model.
+
+Neither is a ``torch.nn.Module``: an encoder held as an attribute of a model is not one of its submodules, so
+its weights are never in that model's ``parameters()``, optimizer, ``state_dict`` or ``.train()`` switch.
+Imports torch and transformers only.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+class MeanPoolEncoder:
+    """Mean-pooled, L2-normalised last hidden states of ``model`` (kept frozen and in eval mode).
+
+    Args:
+        model: a transformers encoder whose forward returns ``last_hidden_state``.
+        tokenizer: its tokenizer.
+        max_length: tokens per input (pairs are truncated longest-first).
+        batch_size: inputs per forward pass; the keys do not depend on it.
+        progress: show a tqdm bar while encoding.
+        kind, source: what :meth:`describe` records (the encoder type and its checkpoint).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, max_length: int = 128, batch_size: int = 32,
+                 progress: bool = False, kind: str = "mean", source: Optional[str] = None):
+        for name, value in (("max_length", max_length), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_length, self.batch_size, self.progress = max_length, batch_size, progress
+        self.kind, self.source = kind, source
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        self._fingerprint: Optional[str] = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device) -> "MeanPoolEncoder":
+        """Move the encoder's weights to ``device`` (keys are always returned on the CPU)."""
+        self.model.to(device)
+        return self
+
+    def encode(self, examples: Sequence) -> np.ndarray:
+        """Keys of OpenPrompt ``InputExample``-s (their ``text_a`` / ``text_b``), shape (n, D) float32."""
+        missing = [i for i, ex in enumerate(examples) if not isinstance(getattr(ex, "text_a", None), str)]
+        if missing:
+            raise TypeError(f"encode needs examples with a text_a string (InputExample); items {missing[:5]} "
+                            "have none")
+        return self.encode_texts([ex.text_a for ex in examples], [getattr(ex, "text_b", None) for ex in examples])
+
+    @torch.inference_mode()
+    def encode_texts(self, texts_a: Sequence[str], texts_b: Optional[Sequence[Optional[str]]] = None) -> np.ndarray:
+        """Keys of raw texts (``texts_b[i]``, where given and not empty, is the second segment of a pair)."""
+        texts_b = list(texts_b) if texts_b is not None else [None] * len(texts_a)
+        if len(texts_b) != len(texts_a):
+            raise ValueError(f"texts_b has {len(texts_b)} entries for {len(texts_a)} texts_a")
+        self.model.eval()
+        out = np.zeros((len(texts_a), self.dim), dtype=np.float32)
+        starts = range(0, len(texts_a), self.batch_size)
+        for s in tqdm(starts, desc=f"{self.kind} keys", disable=not self.progress, leave=False):
+            batch = self._tokenize(texts_a[s:s + self.batch_size], texts_b[s:s + self.batch_size])
+            hidden = self.model(**batch).last_hidden_state
+            out[s:s + len(hidden)] = mean_pool(hidden, batch["attention_mask"]).float().cpu().numpy()
+        return out
+
+    def _tokenize(self, texts_a: Sequence[str], texts_b: Sequence[Optional[str]]) -> Dict[str, torch.Tensor]:
+        """Each input tokenized alone (a pair where it has a text_b), then right-padded into one batch."""
+        encoded = [self.tokenizer(a, b or None, truncation=True, max_length=self.max_length)
+                   for a, b in zip(texts_a, texts_b)]
+        width = max(len(e["input_ids"]) for e in encoded)
+        pad = {"input_ids": self.tokenizer.pad_token_id or 0}
+        return {name: torch.tensor([list(e[name]) + [pad.get(name, 0)] * (width - len(e[name])) for e in encoded],
+                                   device=self.device)
+                for name in encoded[0].keys()}
+
+    def fingerprint(self) -> str:
+        """sha256 (first 16 hex digits) of the weights' names, dtypes, shapes and bytes: tells encoders apart."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for name, t in sorted(self.model.state_dict().items()):
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def describe(self) -> Dict[str, object]:
+        """What built the keys (JSON-able), e.g. for ``KnowledgeStore(built_by=...)``: a saved store records it
+        and ``KnowledgeStore.load(expected_built_by=...)`` refuses a store built by another encoder."""
+        return {"key_encoder": self.kind, "source": self.source, "architecture": type(self.model).__name__,
+                "dim": self.dim, "pooling": "mean", "normalization": "l2", "max_length": self.max_length,
+                "weights_sha256": self.fingerprint()}
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """m / ||m|| with m = sum_t a_t h_t / sum_t a_t: (B, L, D), (B, L) -> (B, D)."""
+    a = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return F.normalize((hidden * a).sum(1) / a.sum(1).clamp(min=1.0), dim=-1)
+
+
+class FrozenMeanEncoder(MeanPoolEncoder):
+    """Mean-pooled keys from a frozen copy of ``plm``'s base encoder, taken when this is built.
+
+    Build it before training: the copy keeps the pre-trained weights whatever later happens to ``plm``
+    (its parameters are separate tensors, ``requires_grad=False``, in eval mode, without the PLM's forward
+    hooks; see the module docstring for why no optimizer or ``state_dict`` of a model holding it sees them).
+
+    Memory: one extra copy of the base encoder's weights on ``plm``'s device (the LM head is not copied):
+    about 4 bytes per parameter in float32, e.g. ~440 MB for BERT-base / ~500 MB for RoBERTa-base,
+    ~1.4 GB for RoBERTa-large; no optimizer state and no activations kept for backward.
+    """
+
+    def __init__(self, plm: torch.nn.Module, tokenizer, max_length: int = 128, batch_size: int = 32,
+                 progress: bool = False):
+        base = getattr(plm, "base_model", None)
+        if not isinstance(base, torch.nn.Module) or not hasattr(getattr(base, "config", None), "hidden_size"):
+            raise TypeError(f"FrozenMeanEncoder needs a transformers PreTrainedModel, got {type(plm).__name__}")
+        frozen = copy.deepcopy(base)
+        for module in frozen.modules():  # hooks on the PLM (e.g. injecting demonstrations) belong to the trained model
+            module._forward_hooks.clear()
+            module._forward_pre_hooks.clear()
+        super().__init__(frozen, tokenizer, max_length, batch_size, progress, kind="frozen-mean",
+                         source=getattr(plm.config, "_name_or_path", None) or type(plm).__name__)
+
+
+class SentenceEncoder(MeanPoolEncoder):
+    """Mean-pooled keys from an encoder loaded with ``AutoModel`` / ``AutoTokenizer.from_pretrained``:
+    ``path_or_name`` is a local folder (offline) or a hub name. ``device``: where its weights go."""
+
+    def __init__(self, path_or_name: str, max_length: int = 128, batch_size: int = 32, progress: bool = False,
+                 device="cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path_or_name)
+            model = AutoModel.from_pretrained(path_or_name)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load a sentence encoder from {path_or_name!r}: {e}") from None
+        super().__init__(model.to(device), tokenizer, max_length, batch_size, progress, kind="sentence",
+                         source=str(path_or_name))
+
+
+__all__: List[str] = ["MeanPoolEncoder", "FrozenMeanEncoder", "SentenceEncoder", "mean_pool"]
