@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 
 from ..errors import UserError
 from .methods import ALL_METHODS, BASELINE_METHODS, TRAINED_METHODS, ZERO_SHOT_METHODS
-from .results import ResultsFile
+from .results import ResultsFile, RunKey, auto_demo_topk, on_this_host, run_key, settings_id
 
 
 # ---------------------------------------------------------------------- validation (before any model loads)
@@ -150,7 +150,7 @@ def method_trainer(method: str, task: str, ns, train_examples, seed: Optional[in
     plm, tok, _, wrapper = load_backbone(ns.model, ns.model_type)
     k = len(train_examples) // spec.num_classes
     try:
-        config = RetroConfig(**{"demo_topk": ns.demo_topk or (8 if k >= 16 else 2), "loss_beta": ns.loss_beta,
+        config = RetroConfig(**{"demo_topk": ns.demo_topk or auto_demo_topk(k), "loss_beta": ns.loss_beta,
                                 "knn_lambda": 0.0, **getattr(ns, "config", {})})
     except TypeError as e:
         raise UserError(f"--config: {e}") from None
@@ -261,7 +261,7 @@ def _trained_record(trainer, spec, data, test_loader, history, method: str, seed
                                                                                known_accuracy=test["accuracy"])
         diagnostics["demonstration_reliance_dev"] = trainer.demonstration_reliance(data["dev"])
     return {
-        "task": spec.name, "method": method, "k": ns.shots, "seed": seed, "model": ns.model,
+        **_identity(spec.name, method, seed, ns),
         "test_accuracy": test["accuracy"], "n_test": test["n"],
         "dev_accuracy": tuned["dev_accuracy"] if tuned else best_dev,
         "epochs_run": len(history), "train_seconds": round(train_s, 2), "test_seconds": round(test_s, 2),
@@ -312,7 +312,7 @@ def run_baseline(task: str, method: str, seed: int, ns) -> Dict:
         settings = {"lr": ns.lr, "epochs": ns.epochs, "batch_size": ns.batch_size, "patience": ns.patience,
                     "max_seq_length": ns.max_seq_length, "max_steps": args.max_steps, "eval_every": args.eval_every,
                     "device": args.device}
-    return {"task": spec.name, "method": method, "k": ns.shots, "seed": seed, "model": ns.model,
+    return {**_identity(spec.name, method, seed, ns),
             "test_accuracy": out["test_accuracy"], "n_test": out["n_test"], "dev_accuracy": out["dev_accuracy"],
             "epochs_run": None, "train_seconds": train_s, "test_seconds": test_s,
             "knn_lambda": 0.0, "knn_k": None, "knn_temperature": None, "settings": settings}
@@ -341,7 +341,7 @@ def run_zero_shot(task: str, method: str, seed: int, ns) -> Dict:
                                               amp=getattr(ns, "amp", None)))
     model = trainer.model
     t0 = time.time()
-    record = {"task": spec.name, "method": method, "k": ns.shots, "seed": seed, "model": ns.model}
+    record = _identity(spec.name, method, seed, ns)
     if method == "zero-shot-retro":
         pool = remove_overlap(load_unlabeled_pool(ns.data_root, spec.name), test)
         pool = pool[: ns.zs_pool_size] if ns.zs_pool_size else pool
@@ -367,21 +367,29 @@ def run_zero_shot(task: str, method: str, seed: int, ns) -> Dict:
 
 
 # ---------------------------------------------------------------------- the grid
+#: seconds between looks at a run another process on this host is doing
+POLL_SECONDS = 5
+
+
 def run_grid(ns) -> List[Dict]:
     """Every (task, method, seed) of ``ns`` not yet in OUT/results.jsonl (all of them with ``ns.overwrite``).
 
     Each run's result is printed, then written; processes sharing OUT split the runs between them: a run is
-    claimed before it starts and checked again once claimed, so a run finished meanwhile is not redone.
-    A method whose SAME_TRAINING partner is in the grid too is measured on the partner's trained weights
-    (no second training); if another process is training that partner, the run waits for it at the end.
+    claimed before it starts and checked again once claimed, so a run finished meanwhile is not redone. A run
+    another process on this host holds is looked at again at the end: waited for while that process lives,
+    taken over if it died. A method whose SAME_TRAINING partner is in the grid too is measured on the partner's
+    trained weights (no second training). Runs still not done at the end (held from another host, whose process
+    cannot be checked from here, unless ``--overwrite``) are named in a :class:`UserError`.
     """
     check_grid(ns)
     results = ResultsFile(ns.out)
+    results.check()
     records, written = [], set()
     grid = [(t, m, s) for s in ns.seeds for t in ns.tasks for m in ns.methods]
     paired = {m: p for m, p in SAME_TRAINING.items() if m in ns.methods and p in ns.methods}
     partner_of = {p: m for m, p in paired.items()}
-    queue, waited = [(i, *run) for i, run in enumerate(grid, 1)], set()
+    queue, deferred, missing = [(i, *run) for i, run in enumerate(grid, 1)], set(), []
+    take_over = bool(getattr(ns, "overwrite", False))
 
     def finished(k) -> bool:  # written by this process, or (unless overwriting) found in results.jsonl
         return k in written or (not ns.overwrite and k in results.done())
@@ -395,55 +403,74 @@ def run_grid(ns) -> List[Dict]:
                 print(f"{name}: already in {results.path}, skipped (--overwrite re-runs it)", file=sys.stderr,
                       flush=True)
             continue
-        if method in paired:
-            partner = _key(task, paired[method], seed, ns)
-            holder = results.holder(partner)
-            if holder is not None and key not in waited:  # its partner is being trained elsewhere: come back later
-                print(f"{name}: measured on {paired[method]}'s weights, which {holder} is training; later",
-                      file=sys.stderr, flush=True)
-                queue.append((i, task, method, seed))
-                waited.add(key)
-                continue
-            while results.holder(partner) is not None:  # nothing else left to do: wait for that run
-                time.sleep(10)
-            if finished(key):
-                continue
-        holder = results.claim(key)
+        waits_for = [_key(task, paired[method], seed, ns)] if method in paired else []
+        holder = next(filter(None, (results.holder(k, take_over) for k in waits_for)), None) \
+            or results.claim(key, take_over)
         if holder is not None:
-            print(f"{name}: being run by {holder}, skipped", file=sys.stderr, flush=True)
+            if on_this_host(holder) and key not in deferred:  # look again once the rest is done
+                print(f"{name}: being run by {holder}; looked at again at the end", file=sys.stderr, flush=True)
+                queue.append((i, task, method, seed))
+                deferred.add(key)
+            elif on_this_host(holder):  # nothing else left to do: wait for that process, then look again
+                _wait_while_held(results, [key, *waits_for], take_over)
+                queue.insert(0, (i, task, method, seed))
+            else:
+                print(f"{name}: claimed by {holder} (another host), not done", file=sys.stderr, flush=True)
+                missing.append(f"{task} {method} seed {seed} (claimed by {holder})")
             continue
         try:
             if finished(key):  # finished by another process before our claim
                 continue
             print(name, file=sys.stderr, flush=True)
-            also = partner_of.get(method)
-            if also is not None:
-                also_key = _key(task, also, seed, ns)
-                if finished(also_key) or results.claim(also_key) is not None:
-                    also = None
-            try:
-                if also is None:
-                    recs = [run_one(task, method, seed, ns)]
-                else:
-                    recs = run_trained(task, method, seed, ns, also=also)
-                for rec in recs:
-                    _print_and_write(rec, results, ns, records, written)
-            finally:
-                if also is not None:
-                    results.release(also_key)
+            _run_claimed(task, method, seed, ns, results, partner_of.get(method), records, written, finished)
         finally:
             results.release(key)
-    from .report import write_report
-
-    with results.locked():  # processes sharing OUT do not write the report files over each other
-        write_report(results.path, ns.out)
-        with open(os.path.join(ns.out, "table.md")) as f:
-            print(f.read())
+    _write_report(results, ns.out)
+    if missing:
+        raise UserError(f"{len(missing)} run(s) not done: {'; '.join(missing)}. Run again when they are finished, "
+                        "or with --overwrite to take over claims from other hosts")
     return records
 
 
-def _key(task: str, method: str, seed: int, ns):
-    return (_task_spec(task).name, method, ns.shots, seed)
+def _wait_while_held(results: ResultsFile, keys, take_over: bool) -> None:
+    """Sleep while a live process on this host holds one of ``keys``."""
+    while any(on_this_host(results.holder(k, take_over) or "") for k in keys):
+        time.sleep(POLL_SECONDS)
+
+
+def _run_claimed(task: str, method: str, seed: int, ns, results: ResultsFile, also: Optional[str], records, written,
+                 finished) -> None:
+    """Run a claimed run (and ``also``, its SAME_TRAINING partner, on the same weights when that one is free)."""
+    if also is not None:
+        also_key = _key(task, also, seed, ns)
+        if finished(also_key) or results.claim(also_key, bool(ns.overwrite)) is not None:
+            also = None
+    try:
+        recs = [run_one(task, method, seed, ns)] if also is None else run_trained(task, method, seed, ns, also=also)
+        for rec in recs:
+            _print_and_write(rec, results, ns, records, written)
+    finally:
+        if also is not None:
+            results.release(also_key)
+
+
+def _write_report(results: ResultsFile, out: str) -> None:
+    from .report import write_report
+
+    with results.locked():  # processes sharing OUT do not write the report files over each other
+        write_report(results.path, out)
+        with open(os.path.join(out, "table.md")) as f:
+            print(f.read())
+
+
+def _key(task: str, method: str, seed: int, ns) -> RunKey:
+    return RunKey(_task_spec(task).name, method, ns.shots, seed, getattr(ns, "model", None),
+                  settings_id(method, ns.shots, vars(ns)))
+
+
+def _identity(task: str, method: str, seed: int, ns) -> Dict:
+    """The fields of a result record that make its run a run (see :class:`RunKey`)."""
+    return dict(zip(RunKey._fields, _key(task, method, seed, ns)))
 
 
 def _print_and_write(rec: Dict, results: ResultsFile, ns, records: List[Dict], written: set) -> None:
@@ -455,11 +482,11 @@ def _print_and_write(rec: Dict, results: ResultsFile, ns, records: List[Dict], w
     records.append(rec)
     try:
         results.write(rec, overwrite=ns.overwrite)
-    except OSError as e:  # the result is not lost: print the row that could not be written
+    except (OSError, UserError) as e:  # the result is not lost: print the row that could not be written
         print(f"    result: {json.dumps(rec)}", file=sys.stderr, flush=True)
-        raise UserError(f"cannot write {results.path} ({e.strerror or e}); the result above was not "
-                        "saved") from None
-    written.add(_key(rec["task"], rec["method"], rec["seed"], ns))
+        reason = e.strerror or e if isinstance(e, OSError) else e
+        raise UserError(f"cannot write {results.path} ({reason}); the result above was not saved") from None
+    written.add(run_key(rec))
 
 
 __all__ = ["run_one", "run_trained", "run_zero_shot", "run_grid", "method_trainer", "load_split", "check_grid",
