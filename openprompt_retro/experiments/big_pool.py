@@ -12,7 +12,7 @@ def run_big_pool(ns) -> None:
     import torch
     from openprompt.data_utils import InputExample
 
-    from ..core.zero_shot import remove_overlap
+    from .zero_shot import remove_overlap
     from .runs import check_single, load_split, method_trainer
     from .tasks import get_task, load_pool, read_split
 

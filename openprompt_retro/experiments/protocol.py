@@ -219,7 +219,7 @@ def run_protocol(ns) -> Dict:
     """The ``protocol`` command: the phases up to ``ns.phase`` (``protocol``, ``variants`` or ``grid``)."""
     from .runs import check_model, check_out
 
-    check_model(ns.model)
+    check_model(ns.model, ns.model_type)
     check_out(ns.out)
     choices: Dict = {}
     name, tables = phase_protocol(ns)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -38,7 +39,9 @@ def split_k_for(shots: int, splits: Dict[int, List[int]], task: str) -> int:
     return min(larger)
 
 
-def check_model(model: str) -> None:
+def check_model(model: str, model_type: str = "bert") -> None:
+    """A tiny test model's name, or a local folder that exists and whose config.json names the family
+    ``--model-type`` loads (a mismatch would load a re-initialised model); hub names are checked on loading."""
     if model.startswith("tiny-"):
         if model not in ("tiny-bert", "tiny-roberta"):
             raise UserError(f"--model {model}: the tiny test models are tiny-bert and tiny-roberta")
@@ -47,6 +50,20 @@ def check_model(model: str) -> None:
     if looks_local and not os.path.isdir(os.path.expanduser(model)):
         raise UserError(f"--model {model}: no such model folder (give a local folder or hub name with --model, "
                         "or set OPENPROMPT_RETRO_MODEL)")
+    family = _model_family(os.path.expanduser(model))
+    if family in ("bert", "roberta") and family != model_type:
+        raise UserError(f"--model-type {model_type}: the model in {model} is a {family} model (its config.json "
+                        f"says model_type {family!r}); pass --model-type {family}")
+
+
+def _model_family(folder: str) -> Optional[str]:
+    """``model_type`` of a local model folder's config.json, or None (no folder, no readable config)."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            family = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return family if isinstance(family, str) else None
 
 
 def check_out(folder: str) -> None:
@@ -61,7 +78,8 @@ def check_out(folder: str) -> None:
 
 
 #: TrainingArgs fields that are CLI options of the same name
-_TRAINING_OPTIONS = ("epochs", "lr", "batch_size", "max_seq_length", "patience", "device", "amp")
+_TRAINING_OPTIONS = ("epochs", "lr", "batch_size", "max_seq_length", "patience", "max_steps", "eval_every", "device",
+                     "amp")
 
 
 def check_training(ns) -> None:
@@ -70,6 +88,8 @@ def check_training(ns) -> None:
     from ..prompt.training_args import TrainingArgs
 
     fields = {name: getattr(ns, name) for name in _TRAINING_OPTIONS if getattr(ns, name, None) is not None}
+    if "lr" in fields and not math.isfinite(fields["lr"]):
+        raise UserError(f"--lr must be a finite positive number, got {fields['lr']}")
     try:
         args = TrainingArgs(**fields)
     except ValueError as e:
@@ -77,6 +97,21 @@ def check_training(ns) -> None:
         raise UserError(option) from None
     if hasattr(ns, "device"):
         ns.device = args.device
+    if hasattr(ns, "config"):
+        retro_config(ns, ns.shots)
+
+
+def retro_config(ns, shots: int):
+    """The RetroConfig of ``--config``, ``--demo-topk`` and ``--loss-beta`` (kNN inference off: the method's
+    preset and the dev tuning set it); a bad field is a :class:`UserError` naming ``--config``."""
+    from ..core.config import RetroConfig
+
+    fields = {"demo_topk": ns.demo_topk if ns.demo_topk is not None else auto_demo_topk(shots),
+              "loss_beta": ns.loss_beta, "knn_lambda": 0.0, **ns.config}
+    try:
+        return RetroConfig(**fields).validate()
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--config: {e}") from None
 
 
 def _task_spec(task: str):
@@ -110,7 +145,7 @@ def check_single(ns, fixed_k: Optional[int] = None) -> None:
     k = split_k_for(ns.shots, splits, spec.name)
     if ns.seed not in splits[k]:
         raise UserError(f"task {spec.name}: no {k}-shot split for seed {ns.seed}; seeds available: {splits[k]}")
-    check_model(ns.model)
+    check_model(ns.model, ns.model_type)
     check_training(ns)
     if getattr(ns, "out", None):
         check_out(ns.out)
@@ -118,6 +153,9 @@ def check_single(ns, fixed_k: Optional[int] = None) -> None:
 
 def check_grid(ns) -> None:
     """Every user mistake of a ``run``/``benchmark`` command, found before any training starts."""
+    for option in ("tasks", "methods", "seeds"):
+        if not getattr(ns, option):
+            raise UserError(f"--{option}: none given (a comma-separated list)")
     _check_methods(ns.methods)
     for task in ns.tasks:
         spec = _task_spec(task)
@@ -132,7 +170,7 @@ def check_grid(ns) -> None:
         missing = [s for s in ns.seeds if s not in splits[k]]
         if missing:
             raise UserError(f"task {spec.name}: no {k}-shot split for seed(s) {missing}; seeds available: {splits[k]}")
-    check_model(ns.model)
+    check_model(ns.model, ns.model_type)
     check_training(ns)
     check_out(ns.out)
 
@@ -140,24 +178,19 @@ def check_grid(ns) -> None:
 # ---------------------------------------------------------------------- one run
 def method_trainer(method: str, task: str, ns, train_examples, seed: Optional[int] = None):
     """(trainer, spec) for a fresh backbone wired for ``method`` (no training yet)."""
-    from ..core.config import RetroConfig
     from ..core.knn import MixtureGrid
-    from ..prompt.factory import build_trainer, method_preset
+    from ..methods import method_preset
+    from ..prompt.factory import build_trainer
     from .backbones import load_backbone
     from .tasks import get_task
 
     spec, preset = get_task(task), method_preset(method)
     plm, tok, _, wrapper = load_backbone(ns.model, ns.model_type)
-    k = len(train_examples) // spec.num_classes
-    try:
-        config = RetroConfig(**{"demo_topk": ns.demo_topk or auto_demo_topk(k), "loss_beta": ns.loss_beta,
-                                "knn_lambda": 0.0, **getattr(ns, "config", {})})
-    except TypeError as e:
-        raise UserError(f"--config: {e}") from None
-    seq = ns.max_seq_length * (2 if preset["demonstrations"] == "text" else 1)  # room for the demonstrations
+    config = retro_config(ns, len(train_examples) // spec.num_classes)
+    seq = ns.max_seq_length * (2 if preset.demonstrations == "text" else 1)  # room for the demonstrations
     args = training_args(ns, ns.seed if seed is None else seed, seq)
     trainer = build_trainer(plm, tok, wrapper, spec.template, spec.label_words, config=config, args=args,
-                            text_pool=train_examples if preset["demonstrations"] == "text" else None, method=method,
+                            text_pool=train_examples if preset.demonstrations == "text" else None, method=method,
                             grid=MixtureGrid.named(getattr(ns, "mixture_grid", "small")))
     return trainer, spec
 
@@ -175,7 +208,7 @@ def training_args(ns, seed: int, max_seq_length: int, **overrides):
 
 def load_split(task: str, seed: int, ns) -> Dict:
     """train/dev/test with ``ns.shots`` examples per class (drawn from a larger split when smaller)."""
-    from ..core.memorization import subsample_k
+    from .sampling import subsample_k
     from .tasks import get_task, load_few_shot
 
     if getattr(ns, "hf_dataset", None):
@@ -225,7 +258,10 @@ def run_trained(task: str, method: str, seed: int, ns, also: Optional[str] = Non
     config = trainer.model.config
     untuned = {"knn_lambda": config.knn_lambda, "knn_k": config.knn_k, "knn_temperature": config.knn_temperature}
     t0 = time.time()
-    history = trainer.fit(data["train"], data["dev"])
+    try:
+        history = trainer.fit(data["train"], data["dev"])
+    except ValueError as e:  # e.g. a loss that is no longer finite (a learning rate far too large)
+        raise UserError(f"{task} {method} seed {seed}: training failed: {e}") from None
     train_s = time.time() - t0
     t0 = time.time()
     test_loader = trainer.loader(data["test"], split="test", require_labels=True)  # tokenized once
@@ -326,7 +362,7 @@ def run_zero_shot(task: str, method: str, seed: int, ns) -> Dict:
     from openprompt.data_utils import InputExample
 
     from ..core.config import RetroConfig
-    from ..core.zero_shot import remove_overlap, select_confident
+    from .zero_shot import remove_overlap, select_confident
     from ..prompt.factory import build_trainer
     from ..prompt.training_args import TrainingArgs
     from .backbones import load_backbone

@@ -26,7 +26,7 @@ def _median_time(fn, repeats: int) -> float:
 
 def measure_speed(ns) -> Dict:
     from ..core.config import RetroConfig
-    from ..core.sampling import stratified_subset, subset_record
+    from .sampling import stratified_subset, subset_record
     from ..prompt.factory import build_trainer
     from ..prompt.training_args import TrainingArgs
     from .backbones import load_backbone
