@@ -134,6 +134,14 @@ def _add_grid(p, tasks, methods, seeds, out) -> None:
     _add_common(p)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its mistakes in one line, ``openprompt-retro <command>: error: ...`` (exit 2), as the
+    commands' own errors are; ``--help`` shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: ...)" to an option's help unless its help already says what the default is, or the
     default is None (nothing to show)."""
@@ -145,7 +153,7 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="openprompt-retro", formatter_class=_DefaultsFormatter,
         description="Retrieval-augmented prompt learning (RetroPrompt) on OpenPrompt. Without a command: "
                     "full RetroPrompt on SST-2 16-shot, seed 42.")

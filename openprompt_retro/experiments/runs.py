@@ -214,9 +214,12 @@ def load_split(task: str, seed: int, ns) -> Dict:
     if getattr(ns, "hf_dataset", None):
         from .tasks import load_hf_few_shot
 
-        return load_hf_few_shot(ns.hf_dataset, task, ns.shots, seed, test_split=ns.hf_test_split,
-                                text_fields=ns.hf_text_fields, label_field=ns.hf_label_field,
-                                label_map=ns.hf_label_map)
+        try:
+            return load_hf_few_shot(ns.hf_dataset, task, ns.shots, seed, test_split=ns.hf_test_split,
+                                    text_fields=ns.hf_text_fields, label_field=ns.hf_label_field,
+                                    label_map=ns.hf_label_map)
+        except ValueError as e:  # a split, column or label the dataset does not have
+            raise UserError(f"--hf-dataset {ns.hf_dataset}: {e}") from None
     spec = get_task(task)
     k = split_k_for(ns.shots, available_splits(ns.data_root, spec.name), spec.name)
     data = load_few_shot(ns.data_root, spec.name, k, seed)
