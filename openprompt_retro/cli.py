@@ -112,7 +112,8 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
                    help="lambda/k/T candidates tuned on dev: lambda only, the 220-point grid, or lambda 0.5")
     g.add_argument("--config", type=_json_object, default={}, metavar="JSON",
                    help='RetroConfig overrides, e.g. \'{"demo_norm": "match", "max_loss_weight": 2}\'')
-    g.add_argument("--demo-topk", type=_positive_int, default=None, help="m neighbours per class (default: 8 for K>=16, else 2)")
+    g.add_argument("--demo-topk", type=_positive_int, default=None,
+                   help="m neighbours per class (default: 8 for K>=16, else 2)")
     g.add_argument("--loss-beta", type=_non_negative, default=1.0, help="beta of the kNN-guided loss")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g = p.add_argument_group("zero-shot methods (no labels are read; these are fixed, not tuned)")

@@ -8,6 +8,7 @@ import pytest
 
 from openprompt_retro.cli import main
 from openprompt_retro.experiments.results import ResultsFile, RunKey, read_rows
+from openprompt_retro.experiments.spec import RunSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "..", "shared", "data", "text")
@@ -263,9 +264,9 @@ def fake_run_one(calls):
     """run_one without a model: a record of the run's identity and a fixed accuracy."""
     from openprompt_retro.experiments import runs
 
-    def run_one(task, method, seed, ns):
+    def run_one(task, method, seed, run_spec):
         calls.append((task, method, seed))
-        return {**runs._identity(task, method, seed, ns), "test_accuracy": 0.5, "dev_accuracy": None,
+        return {**runs._identity(task, method, seed, run_spec), "test_accuracy": 0.5, "dev_accuracy": None,
                 "knn_lambda": 0.0, "train_seconds": 0.0, "test_seconds": 0.0}
     return run_one
 
@@ -276,17 +277,21 @@ def test_old_benchmark_rows_key_as_the_benchmark_that_wrote_them():
     from openprompt_retro.cli import build_parser
     from openprompt_retro.experiments import runs
     from openprompt_retro.experiments.results import run_key
+    from openprompt_retro.experiments.spec import RunSpec
 
-    bench = build_parser().parse_args(["benchmark", "--model", "../shared/models/minilm-l6-mlm"])
+    def spec(*args):
+        return RunSpec.from_namespace(build_parser().parse_args(["benchmark", "--model",
+                                                                 "../shared/models/minilm-l6-mlm", *args]))
+
+    bench = spec()
     assert run_key(LEGACY_RETRO) == runs._key("SST-2", "retro", 13, bench)
     demo_text = {**LEGACY_RETRO, "method": "demo-text", "settings": {**LEGACY_RETRO["settings"], "max_seq_length": 256}}
     assert run_key(demo_text) == runs._key("SST-2", "demo-text", 13, bench)  # recorded with 2x the length
     for other in (["--model", "tiny-bert"], ["--lr", "1e-5"], ["--config", '{"demo_center": false}'],
                   ["--demo-topk", "4"], ["--loss-beta", "2"], ["--shots", "8"]):
-        changed = build_parser().parse_args(["benchmark", "--model", "../shared/models/minilm-l6-mlm", *other])
+        changed = spec(*other)
         assert runs._key("SST-2", "retro", 13, changed) != run_key(LEGACY_RETRO), other
-    device_only = build_parser().parse_args(["benchmark", "--model", "../shared/models/minilm-l6-mlm", "--device",
-                                             "cpu", "--demo-topk", "8"])
+    device_only = spec("--device", "cpu", "--demo-topk", "8")
     assert runs._key("SST-2", "retro", 13, device_only) == run_key(LEGACY_RETRO)  # same settings, same run
 
 
@@ -321,7 +326,7 @@ def test_a_run_claimed_by_a_process_killed_later_is_taken_over_at_the_end(tmp_pa
     results = ResultsFile(str(tmp_path))
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     os.makedirs(results.claims)
-    with open(results._claim_path(runs._key("SST-2", "prompt", 13, ns)), "w") as f:
+    with open(results._claim_path(runs._key("SST-2", "prompt", 13, RunSpec.from_namespace(ns))), "w") as f:
         f.write(f"{other.pid}@{socket.gethostname()}")  # a live sibling holds seed 13
 
     def killed_while_we_wait(seconds):
@@ -339,7 +344,7 @@ def claimed(folder, content, ns):
 
     results = ResultsFile(str(folder))
     os.makedirs(results.claims, exist_ok=True)
-    with open(results._claim_path(runs._key("SST-2", "prompt", 13, ns)), "w") as f:
+    with open(results._claim_path(runs._key("SST-2", "prompt", 13, RunSpec.from_namespace(ns))), "w") as f:
         f.write(content)
 
 
@@ -360,7 +365,8 @@ def test_a_claim_from_another_host_is_named_and_fails_the_grid_unless_overwrite(
     assert ("error: 1 run(s) not done: SST-2 prompt seed 13 (claimed by 4242@some-other-host). Run again when they "
             "are finished, or with --overwrite") in err
     main(["run", *argv, "--overwrite"])  # takes the other host's claim over (and re-runs seed 21)
-    assert calls[1:] == [("SST-2", "prompt", 13), ("SST-2", "prompt", 21)] and sorted(r["seed"] for r in rows_of(tmp_path)) == [13, 21]
+    assert calls[1:] == [("SST-2", "prompt", 13), ("SST-2", "prompt", 21)]
+    assert sorted(r["seed"] for r in rows_of(tmp_path)) == [13, 21]
 
 
 @pytest.mark.parametrize("content", ["", "garbage\x00", "abc@host"])
@@ -455,8 +461,8 @@ def test_an_output_folder_turning_read_only_mid_run_is_one_line_and_loses_no_row
 def test_a_non_utf8_byte_skips_that_line_only(tmp_path, capsys, no_training):
     """Before: UnicodeDecodeError from every command that read the folder."""
     path = tmp_path / "results.jsonl"
-    path.write_bytes(json.dumps(row(13, 0.5)).encode() + b"\n" + b'{"task": "SST-2\xff"}\n' + json.dumps(row(42, 0.7)).encode()
-                     + b"\n")
+    lines = [json.dumps(row(13, 0.5)).encode(), b'{"task": "SST-2\xff"}', json.dumps(row(42, 0.7)).encode()]
+    path.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.warns(UserWarning, match=rf"{path}, line 2: skipped a malformed row \(UnicodeDecodeError"):
         assert [r["seed"] for r in read_rows(str(path))] == [13, 42]
     with pytest.warns(UserWarning, match="line 2"):

@@ -92,16 +92,18 @@ def run_figures(ns) -> None:
 
     from ..core.knn import mix
     from .runs import check_single, load_split, method_trainer
+    from .spec import RunSpec
 
     check_single(ns)
     os.makedirs(ns.out, exist_ok=True)
-    data = load_split(ns.task, ns.seed, ns)
+    run_spec = RunSpec.from_namespace(ns)
+    data = load_split(ns.task, ns.seed, run_spec)
     if not 0 <= ns.example < len(data["test"]):
         from ..errors import UserError
 
         raise UserError(f"--example {ns.example}: the test split has examples 0..{len(data['test']) - 1}")
     torch.manual_seed(ns.seed)
-    trainer, spec = method_trainer("retro", ns.task, ns, data["train"])
+    trainer, spec = method_trainer("retro", ns.task, run_spec, data["train"], ns.seed)
     trainer.args.tune_inference = True
     trainer.fit(data["train"], data["dev"])
     tuned = trainer.tuned

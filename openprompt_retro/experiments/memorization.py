@@ -46,10 +46,12 @@ def run_memorization(ns) -> None:
     from .figures import plot_memorization
     from .runs import check_single, method_trainer
     from .sampling import subsample_k
+    from .spec import RunSpec
     from .tasks import load_few_shot
 
     check_single(ns, fixed_k=16)  # K = --shots drawn from the 16-shot split
     os.makedirs(ns.out, exist_ok=True)
+    run_spec = RunSpec.from_namespace(ns)
     train = subsample_k(load_few_shot(ns.data_root, ns.task, 16, ns.seed)["train"], ns.shots, ns.seed)
     scores, summary = {}, {}
     for method in ns.methods:
@@ -57,7 +59,7 @@ def run_memorization(ns) -> None:
             import torch
 
             torch.manual_seed(ns.seed)
-            trainer, _ = method_trainer(method, ns.task, ns, train_examples)
+            trainer, _ = method_trainer(method, ns.task, run_spec, train_examples, ns.seed)
             trainer.fit(train_examples)
             trainer.model.exclude_self_in_eval = True  # an example's own entry never answers for it
             return trainer.predict_proba(score_examples)
