@@ -6,13 +6,13 @@
 """
 import numpy as np
 import torch
-from _common import parse, setup
+from _common import limited, parse, setup
 from openprompt import PromptDataLoader, PromptForClassification
 from openprompt.prompts import ManualTemplate, ManualVerbalizer
 
 from openprompt_retro import KnnVerbalizer, build_store
 
-ns = parse(__doc__, limit=dict(type=int, default=200, help="test examples to score"))
+ns = parse(__doc__, limit=dict(type=int, default=200, help="test examples to score (a seeded, class-stratified sample)"))
 spec, data, plm, tok, Wrapper = setup(ns)
 template = ManualTemplate(tokenizer=tok, text=spec.template)
 base = ManualVerbalizer(tok, num_classes=spec.num_classes, label_words=[[w] for w in spec.label_words])
@@ -26,7 +26,7 @@ def loader(examples):
 
 
 verbalizer.store = build_store(model, loader(data["train"]))
-test = data["test"][: ns.limit]
+test = limited(data["test"], ns.limit, ns.seed)
 labels = np.array([e.label for e in test])
 test_loader = loader(test)
 print("lambda  test accuracy (zero-shot backbone; lambda is for illustration - choose it on dev)")

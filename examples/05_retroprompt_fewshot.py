@@ -6,13 +6,14 @@ with lambda, k and T chosen on dev. Compares with plain prompt tuning on the sam
 """
 import time
 
-from _common import load_backbone, parse, setup
+from _common import limited, load_backbone, parse, setup
 
 from openprompt_retro import RetroConfig, TrainingArgs, build_trainer
 
-ns = parse(__doc__, epochs=dict(type=int, default=20), limit=dict(type=int, default=None))
+ns = parse(__doc__, epochs=dict(type=int, default=20),
+           limit=dict(type=int, default=None, help="a seeded, class-stratified sample of N test examples"))
 spec, data, _, _, _ = setup(ns)
-test = data["test"][: ns.limit] if ns.limit else data["test"]
+test = limited(data["test"], ns.limit, ns.seed)
 for name in ("prompt", "retro"):
     plm, tok, _, Wrapper = load_backbone(ns.model, ns.model_type)  # a fresh backbone per method
     trainer = build_trainer(plm, tok, Wrapper, spec.template, spec.label_words, method=name,

@@ -49,7 +49,7 @@ train_pool = load_image_arrays(os.path.join(ns.data, "train_1000_per_class.npz")
 test = load_image_arrays(os.path.join(ns.data, "test.npz"))
 test_subset = None
 if ns.test_limit:  # test.npz is sorted by class: its first N images would be airplanes only
-    from openprompt_retro.core.sampling import stratified_subset, subset_record
+    from openprompt_retro.experiments.sampling import stratified_subset, subset_record
 
     chosen = stratified_subset(test.labels, ns.test_limit, ns.seed)
     test_subset = subset_record(test.labels, ns.test_limit, ns.seed, chosen)

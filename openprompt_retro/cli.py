@@ -33,6 +33,44 @@ def _csv(kind):
     return parse
 
 
+def _number(kind, low=None, high=None, low_open=False, what=""):
+    """An argparse type: a finite ``kind`` within [low, high] (``low_open``: above low); a value outside is
+    argparse's one-line error naming the option."""
+    def parse(s: str):
+        try:
+            value = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what}, got {s!r}") from None
+        if value != value or value in (float("inf"), float("-inf")) or (low is not None and value < low) or \
+                (low_open and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{what}, got {s!r}")
+        return value
+    return parse
+
+
+_positive_int = _number(int, 1, what="must be an integer >= 1")
+_count = _number(int, 0, what="must be an integer >= 0")
+_non_negative = _number(float, 0.0, what="must be a finite number >= 0")
+_positive = _number(float, 0.0, low_open=True, what="must be a finite number > 0")
+_fraction = _number(float, 0.0, 1.0, low_open=True, what="must be a fraction in (0, 1]")
+_weight = _number(float, 0.0, 1.0, what="must lie in [0, 1]")
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _json_object(s: str) -> dict:
+    """A JSON object (NaN and Infinity are not JSON numbers and are refused)."""
+    try:
+        value = json.loads(s, parse_constant=_reject_constant)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {s!r}")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
     """Data and model options; ``training=False`` keeps only what inference needs (``speed``)."""
     g = p.add_argument_group("data and model")
@@ -61,7 +99,7 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
     g.add_argument("--hf-test-split", default=None, help="default: test if labeled, else validation")
     g.add_argument("--hf-text-fields", type=_csv(str), default=(), help="text column(s) (default: guessed)")
     g.add_argument("--hf-label-field", default="label")
-    g.add_argument("--hf-label-map", type=json.loads, default=None,
+    g.add_argument("--hf-label-map", type=_json_object, default=None,
                    help='JSON raw label -> class index of the task, e.g. \'{"0": 1, "1": 0}\'')
     g = p.add_argument_group("training (hyper-parameters not listed are chosen on dev)")
     g.add_argument("--epochs", type=int, default=20, help="maximum epochs; the best dev epoch is kept")
@@ -72,17 +110,18 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
     g.add_argument("--eval-every", type=int, default=None, help="steps between dev evaluations (default: an epoch)")
     g.add_argument("--mixture-grid", default="small", choices=["small", "wide", "fixed"],
                    help="lambda/k/T candidates tuned on dev: lambda only, the 220-point grid, or lambda 0.5")
-    g.add_argument("--config", type=json.loads, default={}, metavar="JSON",
+    g.add_argument("--config", type=_json_object, default={}, metavar="JSON",
                    help='RetroConfig overrides, e.g. \'{"demo_norm": "match", "max_loss_weight": 2}\'')
-    g.add_argument("--demo-topk", type=int, default=None, help="m neighbours per class (default: 8 for K>=16, else 2)")
-    g.add_argument("--loss-beta", type=float, default=1.0, help="beta of the kNN-guided loss")
+    g.add_argument("--demo-topk", type=_positive_int, default=None,
+                   help="m neighbours per class (default: 8 for K>=16, else 2)")
+    g.add_argument("--loss-beta", type=_non_negative, default=1.0, help="beta of the kNN-guided loss")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g = p.add_argument_group("zero-shot methods (no labels are read; these are fixed, not tuned)")
-    g.add_argument("--zs-fraction", type=float, default=0.3, help="most confident fraction of the pool kept")
-    g.add_argument("--zs-pool-size", type=int, default=4000, help="cap on the unlabeled pool (0: all)")
-    g.add_argument("--zs-lambda", type=float, default=0.5)
-    g.add_argument("--zs-k", type=int, default=16)
-    g.add_argument("--zs-temperature", type=float, default=1.0, help="in standard deviations of the scores")
+    g.add_argument("--zs-fraction", type=_fraction, default=0.3, help="most confident fraction of the pool kept")
+    g.add_argument("--zs-pool-size", type=_count, default=4000, help="cap on the unlabeled pool (0: all)")
+    g.add_argument("--zs-lambda", type=_weight, default=0.5)
+    g.add_argument("--zs-k", type=_positive_int, default=16)
+    g.add_argument("--zs-temperature", type=_positive, default=1.0, help="in standard deviations of the scores")
 
 
 def _add_grid(p, tasks, methods, seeds, out) -> None:
@@ -96,6 +135,14 @@ def _add_grid(p, tasks, methods, seeds, out) -> None:
     _add_common(p)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its mistakes in one line, ``openprompt-retro <command>: error: ...`` (exit 2), as the
+    commands' own errors are; ``--help`` shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: ...)" to an option's help unless its help already says what the default is, or the
     default is None (nothing to show)."""
@@ -107,7 +154,7 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="openprompt-retro", formatter_class=_DefaultsFormatter,
         description="Retrieval-augmented prompt learning (RetroPrompt) on OpenPrompt. Without a command: "
                     "full RetroPrompt on SST-2 16-shot, seed 42.")
@@ -139,18 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("speed", "inference wall time of plain, kNN and full RetroPrompt inference")
     sp.add_argument("--task", default="SST-2")
     sp.add_argument("--seed", type=int, default=42)
-    sp.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
-    sp.add_argument("--limit", type=int, default=None,
+    sp.add_argument("--repeats", type=_positive_int, default=3, help="timed repeats; the median is reported")
+    sp.add_argument("--limit", type=_positive_int, default=None,
                     help="a seeded, class-stratified subset of N test examples (default: all)")
     _add_common(sp, training=False)
 
     sb = command("store-benchmark", "knowledge-store build time, memory, latency and recall on synthetic keys")
-    sb.add_argument("--sizes", type=_csv(int), default=[10_000, 100_000, 1_000_000])
-    sb.add_argument("--dims", type=_csv(int), default=[384, 1024])
+    sb.add_argument("--sizes", type=_csv(_positive_int), default=[10_000, 100_000, 1_000_000])
+    sb.add_argument("--dims", type=_csv(_positive_int), default=[384, 1024])
     sb.add_argument("--indexes", type=_csv(str), default=["Flat", "IVF-Flat", "IVF-PQ", "HNSW"])
-    sb.add_argument("--topk", type=int, default=16)
+    sb.add_argument("--topk", type=_positive_int, default=16)
     sb.add_argument("--seed", type=int, default=0)
-    sb.add_argument("--hnsw-max", type=int, default=100_000, help="skip HNSW above this many keys")
+    sb.add_argument("--hnsw-max", type=_count, default=100_000, help="skip HNSW above this many keys")
     sb.add_argument("--out", default=os.path.join("benchmarks", "store"))
 
     for name, help_text, extra, out in [
@@ -170,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             c.add_argument("--pool", default="pool", choices=["pool", "sst2-full"],
                            help="pools/<task>/train.json, or the 67k GLUE SST-2 phrases")
-            c.add_argument("--pool-size", type=int, default=0, help="cap on pool examples (0: all)")
+            c.add_argument("--pool-size", type=_count, default=0, help="cap on pool examples (0: all)")
         _add_common(c)
         if extra == "memorization":  # K = 4 drawn from the 16-shot split, 10 epochs per retraining
             c.set_defaults(epochs=10, shots=4)

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from openprompt.data_utils import InputExample
 
-from openprompt_retro.core.memorization import leave_one_out_memorization, subsample_k, summarize_memorization
-from openprompt_retro.core.zero_shot import remove_overlap, select_confident
+from openprompt_retro.experiments.memorization import leave_one_out_memorization, summarize_memorization
+from openprompt_retro.experiments.sampling import subsample_k
+from openprompt_retro.experiments.zero_shot import remove_overlap, select_confident
 
 
 def ex(i, text, label=0):

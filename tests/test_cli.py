@@ -40,7 +40,7 @@ def test_smoke_run_writes_well_formed_outputs(tmp_path):
         "--epochs", "1", "--no-progress", "--out", str(out_dir), "--data-root", DATA)
     assert "tokenizing" not in out.stderr and "Loading weights" not in out.stderr  # --no-progress
     rows = [json.loads(line) for line in open(out_dir / "results.jsonl")]
-    assert [(r["task"], r["method"], r["seed"], r["k"]) for r in rows] == [("SST-2", "prompt", 42, 16),
+    assert [(r["task"], r["method"], r["seed"], r["shots"]) for r in rows] == [("SST-2", "prompt", 42, 16),
                                                                            ("SST-2", "retro", 42, 16)]
     for r in rows:
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["n_test"] == 872

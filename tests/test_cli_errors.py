@@ -40,6 +40,26 @@ def one_line_error(capsys, argv):
     (["--lr", "0"], "--lr must be positive, got 0.0"),
     (["--device", "gpu"], "--device 'gpu': unknown device; use 'cpu', 'cuda', 'cuda:N' or 'auto'"),
     (["--device", "cpu", "--amp", "fp16"], "--amp 'fp16' needs a CUDA device (device is 'cpu'); use 'bf16' on CPU"),
+    # before: each of these was a traceback, or ran with a silently changed value
+    (["--max-steps", "0"], "--max-steps must be None or an integer >= 1, got 0"),
+    (["--eval-every", "0"], "--eval-every must be None or an integer >= 1, got 0"),
+    (["--loss-beta", "-1"], "argument --loss-beta: must be a finite number >= 0, got '-1'"),
+    (["--lr", "inf"], "--lr must be a finite positive number, got inf"),
+    (["--lr", "nan"], "--lr must be a finite positive number, got nan"),
+    (["--lr", "-1"], "--lr must be positive, got -1.0"),
+    (["--config", '{"knn_k": 0}'], "--config: knn_k must be at least 1, got 0"),
+    (["--config", '{"max_loss_weight": NaN}'], "argument --config: not a JSON object: NaN is not a number JSON allows"),
+    (["--config", '{"max_loss_weight": Infinity}'], "argument --config: not a JSON object: Infinity is not a number"),
+    (["--config", "[1]"], "argument --config: not a JSON object: '[1]'"),
+    (["--config", '{"loss_beta": -1}'], "--config: loss_beta"),
+    (["--config", '{"no_such_field": 1}'], "--config: "),
+    (["--demo-topk", "0"], "argument --demo-topk: must be an integer >= 1, got '0'"),  # before: ran with 8
+    (["--zs-fraction", "0"], "argument --zs-fraction: must be a fraction in (0, 1], got '0'"),
+    (["--zs-fraction", "2"], "argument --zs-fraction: must be a fraction in (0, 1], got '2'"),
+    (["--zs-k", "0"], "argument --zs-k: must be an integer >= 1, got '0'"),
+    (["--zs-pool-size", "-1"], "argument --zs-pool-size: must be an integer >= 0, got '-1'"),
+    (["--methods", ""], "--methods: none given (a comma-separated list)"),
+    (["--tasks", ","], "--tasks: none given (a comma-separated list)"),
 ])
 def test_run_mistakes_are_one_line(capsys, tmp_path, args, message):
     line = one_line_error(capsys, ["run", "--model", "tiny-bert", "--data-root", DATA, "--out", str(tmp_path), *args])
@@ -125,3 +145,37 @@ def test_defaults_resolve_from_any_folder(tmp_path, monkeypatch):
         pytest.skip("../shared not present")
     assert os.path.isdir(os.path.join(paths.default_data_root(), "k-shot"))
     assert os.path.isdir(paths.default_model())
+
+
+def test_a_model_type_the_model_folder_does_not_have_is_one_line(capsys, tmp_path):
+    """Before: --model-type roberta on a BERT folder trained a re-initialised model and exited 0."""
+    model = tmp_path / "a-bert"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "bert"}')
+    line = one_line_error(capsys, ["run", "--model", str(model), "--model-type", "roberta", "--data-root", DATA,
+                                   "--out", str(tmp_path / "out")])
+    assert line.endswith(f"--model-type roberta: the model in {model} is a bert model (its config.json says "
+                         "model_type 'bert'); pass --model-type bert")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["speed", "--limit", "0"], "argument --limit: must be an integer >= 1, got '0'"),
+    (["speed", "--repeats", "0"], "argument --repeats: must be an integer >= 1, got '0'"),
+    (["big-pool", "--pool-size", "-1"], "argument --pool-size: must be an integer >= 0, got '-1'"),  # dropped one
+    (["store-benchmark", "--sizes", "0"], "argument --sizes: must be an integer >= 1, got '0'"),
+    (["store-benchmark", "--dims", "-8"], "argument --dims: must be an integer >= 1, got '-8'"),
+    (["store-benchmark", "--topk", "0"], "argument --topk: must be an integer >= 1, got '0'"),
+    (["store-benchmark", "--sizes", ""], "--sizes: none given (a comma-separated list)"),
+    (["store-benchmark", "--indexes", "Flat,nope"], "--indexes: unknown index(es) ['nope']; choose from "),
+    (["store-benchmark", "--sizes", "10", "--indexes", "IVF-Flat"],
+     "--sizes 10: IVF-Flat trains 16 lists, so it needs at least that many keys"),
+    (["store-benchmark", "--sizes", "100", "--indexes", "IVF-PQ"],
+     "--sizes 100: IVF-PQ trains 256 centroids per sub-quantizer, so it needs at least 256 keys"),
+    (["store-benchmark", "--sizes", "1000", "--dims", "17", "--indexes", "IVF-PQ"],
+     "--dims 17: IVF-PQ splits a key into d // 8 parts, so d must be at least 8 and divisible by d // 8"),
+])
+def test_bad_counts_of_other_commands_are_one_line(capsys, tmp_path, argv, message):
+    """Before: tracebacks (or, for --pool-size -1, a pool one example short)."""
+    out = [] if argv[0] == "speed" else ["--out", str(tmp_path)]
+    line = one_line_error(capsys, [argv[0], *out, *argv[1:]])
+    assert message in line, line

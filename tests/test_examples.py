@@ -73,3 +73,13 @@ def test_example_runs_on_tiny_model(script):
                           "--data-root", DATA, *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     CHECKS[script](out.stdout)
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "k-shot")), reason="../shared data not present")
+def test_a_limit_takes_a_class_stratified_sample():
+    """mr's test file is sorted by class: before, --limit 40 scored 40 examples of class 0."""
+    out = subprocess.run([sys.executable, os.path.join("examples", "04_knn_inference.py"), "--model", "tiny-bert",
+                          "--data-root", DATA, "--task", "mr", "--limit", "40"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"^test: 40 of \d+ examples, per class \{'0': 20, '1': 20\}$", out.stdout, re.M), out.stdout

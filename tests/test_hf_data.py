@@ -68,4 +68,25 @@ def test_load_hf_few_shot_through_datasets(tmp_path, monkeypatch):
     cli.main(["run", "--model", "tiny-bert", "--tasks", "SST-2", "--methods", "prompt", "--hf-dataset", "local-json",
               "--k", "4", "--epochs", "1", "--no-progress", "--out", str(out)])
     record = json.loads((out / "results.jsonl").read_text().splitlines()[0])
-    assert (record["task"], record["k"], record["n_test"]) == ("SST-2", 4, 6)
+    assert (record["task"], record["shots"], record["n_test"]) == ("SST-2", 4, 6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="optional 'datasets' not installed")
+def test_an_hf_dataset_that_cannot_be_loaded_is_one_line(tmp_path, monkeypatch, capsys):
+    """Offline (no hub): before, a ConnectionError traceback."""
+    import datasets
+
+    from openprompt_retro import cli
+
+    def offline(name, config=None):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--model", "tiny-bert", "--tasks", "SST-2", "--methods", "prompt", "--hf-dataset",
+                  "glue:sst2", "--no-progress", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("openprompt-retro run: error: --hf-dataset glue:sst2: could not be loaded "
+                                            "(ConnectionError: Couldn't reach 'glue' on the Hub "
+                                            "(LocalEntryNotFoundError))")

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from openprompt_retro.cli import main
-from openprompt_retro.experiments.results import ResultsFile, read_rows
+from openprompt_retro.experiments.results import ResultsFile, RunKey, read_rows
+from openprompt_retro.experiments.spec import RunSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "..", "shared", "data", "text")
@@ -36,7 +37,7 @@ def test_defaults_from_another_folder_then_rerun_skips_and_overwrite_replaces(tm
                            "--out", str(out)], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (first,) = rows_of(out)
-    assert (first["task"], first["method"], first["k"], first["seed"]) == ("SST-2", "prompt", 16, 42)
+    assert (first["task"], first["method"], first["shots"], first["seed"]) == ("SST-2", "prompt", 16, 42)
     assert first["settings"]["device"] == "cpu" and first["settings"]["amp"] is None
     # the same run again: skipped, no duplicate row (before: a second row for the same run)
     main(["run", *TINY_RUN, "--data-root", DATA, "--out", str(out)])
@@ -61,7 +62,7 @@ def test_two_processes_on_one_folder_do_each_run_once(tmp_path):
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
         errs.append(err)
-    keys = [(r["task"], r["method"], r["k"], r["seed"]) for r in rows_of(out)]
+    keys = [(r["task"], r["method"], r["shots"], r["seed"]) for r in rows_of(out)]
     assert sorted(keys) == [("SST-2", "prompt", 16, s) for s in (13, 21)]
     assert sum(e.count("test accuracy") for e in errs) == 2  # each run trained once, by one of the two
     assert not os.listdir(out / ".claims")  # every claim released
@@ -76,10 +77,10 @@ def test_a_run_finished_by_another_process_before_our_claim_is_not_redone(tmp_pa
     results = ResultsFile(str(tmp_path))
     claim = ResultsFile.claim
 
-    def claim_after_the_other_process_finished(self, key):
+    def claim_after_the_other_process_finished(self, key, take_over_remote=False):
         if not read_rows(self.path):
-            self.write(row(seed=key[3]))  # the other process: wrote its row, then released its claim
-        return claim(self, key)
+            self.write(row(seed=key.seed))  # the other process: wrote its row, then released its claim
+        return claim(self, key, take_over_remote)
 
     monkeypatch.setattr(ResultsFile, "claim", claim_after_the_other_process_finished)
     monkeypatch.setattr(runs, "check_grid", lambda ns: None)
@@ -111,27 +112,29 @@ def test_the_no_knn_infer_ablation_is_measured_on_retros_weights_as_if_trained_a
 
 
 def test_the_ablation_waits_for_its_partner_trained_by_another_process(tmp_path, monkeypatch):
-    """Another process trains retro (and so measures retro-no-knn-infer): this one defers, waits, and redoes
-    neither."""
+    """Another process on this host trains retro (and so measures retro-no-knn-infer): this one defers, waits,
+    and redoes neither."""
+    import socket
     from argparse import Namespace
 
     from openprompt_retro.experiments import runs
 
     results = ResultsFile(str(tmp_path))
-    retro_key = ("SST-2", "retro", 16, 13)
+    other = f"1@{socket.gethostname()}"
     polls = []
 
-    def held_by_the_other_process(self, key):
+    def held_by_the_other_process(self, key, take_over_remote=False):
         polls.append(key)
         if len(polls) < 3:
-            return "1@elsewhere"
+            return other
         if not read_rows(self.path):  # the other process finishes: both rows written, claims released
             self.write(row(method="retro"))
             self.write(row(method="retro-no-knn-infer"))
         return None
 
     monkeypatch.setattr(ResultsFile, "holder", held_by_the_other_process)
-    monkeypatch.setattr(ResultsFile, "claim", lambda self, key: "1@elsewhere" if key == retro_key else None)
+    monkeypatch.setattr(ResultsFile, "claim", lambda self, key, take_over_remote=False:
+                        other if key.method == "retro" else None)
     monkeypatch.setattr(runs, "check_grid", lambda ns: None)
     monkeypatch.setattr(runs.time, "sleep", lambda s: None)
     monkeypatch.setattr(runs, "run_one", lambda *a: pytest.fail("trained a run the other process did"))
@@ -161,7 +164,7 @@ def test_a_partial_last_line_is_skipped_with_a_warning_naming_file_and_line(tmp_
     path = tmp_path / "results.jsonl"
     path.write_text(json.dumps(row(13)) + "\n" + '{"task": "SST-2", "meth')  # a writer died mid-line
     with pytest.warns(UserWarning, match=rf"{path}, line 2: skipped a malformed row"):
-        assert ResultsFile(str(tmp_path)).done() == {("SST-2", "prompt", 16, 13)}
+        assert [k[:4] for k in ResultsFile(str(tmp_path)).done()] == [("SST-2", "prompt", 16, 13)]
     with pytest.warns(UserWarning, match="line 2"):
         ResultsFile(str(tmp_path)).write(row(21))
     assert [r["seed"] for r in rows_of(tmp_path)] == [13, 21]  # rewritten whole, without the partial line
@@ -173,7 +176,7 @@ def test_report_deduplicates_rows_with_a_warning(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in [row(13, 0.5), row(42, 0.7), row(13, 0.9)]))
     with pytest.warns(UserWarning, match=r"1 duplicate row\(s\) for the same run, kept the last of each: "
-                                         r"\[\('SST-2', 'prompt', 16, 13\)\]"):
+                                         r"\[\('SST-2', 'prompt', 16, 13, None, '\w+'\)\]"):
         main(["report", str(path)])
     assert "| prompt | 80.0 ± 10.0 |" in (tmp_path / "table.md").read_text()  # seeds 13 (0.9) and 42 (0.7)
 
@@ -192,11 +195,12 @@ def test_a_claim_file_holds_its_holder_from_the_moment_it_appears(tmp_path, monk
             seen.append(f.read())  # what a reader sees as soon as the claim exists
 
     monkeypatch.setattr(results_module.os, "link", link_then_look)
-    key = ("SST-2", "prompt", 16, 13)
+    key = RunKey("SST-2", "prompt", 16, 13, "tiny-bert", "0123456789ab")
     assert results.claim(key) is None
     assert seen and seen[0] == f"{os.getpid()}@{__import__('socket').gethostname()}"
     assert results.claim(key) == seen[0]  # held: a second claim names the holder
-    assert sorted(os.listdir(tmp_path / ".claims")) == ["SST-2__prompt__16__13"]  # no temporary file left
+    (name,) = os.listdir(tmp_path / ".claims")  # no temporary file left
+    assert name.startswith("SST-2__prompt__16__13__")
     results.release(key)
     assert results.holder(key) is None
 
@@ -211,7 +215,7 @@ def test_a_dead_process_claim_is_taken_over_under_the_folder_lock(tmp_path, monk
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_holder = f"{gone.stdout.strip()}@{socket.gethostname()}"  # that process has exited
-    results, key = ResultsFile(str(tmp_path)), ("SST-2", "prompt", 16, 13)
+    results, key = ResultsFile(str(tmp_path)), RunKey("SST-2", "prompt", 16, 13, "tiny-bert", "0123456789ab")
     os.makedirs(results.claims)
     with open(results._claim_path(key), "w") as f:
         f.write(dead_holder)
@@ -236,3 +240,245 @@ def test_a_dead_process_claim_is_taken_over_under_the_folder_lock(tmp_path, monk
     me = f"{os.getpid()}@{socket.gethostname()}"
     assert results.holder(key) == me
     assert results.claim(key) == me  # now held by a live process: not taken over again
+
+
+# ---------------------------------------------------------------------- what makes a run a run
+#: a row as written before rows had ``shots`` and ``settings_id`` (benchmark/results, retro, seed 13)
+LEGACY_RETRO = {"task": "SST-2", "method": "retro", "k": 16, "seed": 13, "model": "../shared/models/minilm-l6-mlm",
+                "test_accuracy": 0.8, "dev_accuracy": 0.8, "knn_lambda": 0.5, "knn_k": 16, "knn_temperature": 1.0,
+                "settings": {"lr": 5e-05, "epochs": 20, "batch_size": 8, "max_seq_length": 128, "demo_topk": 8,
+                             "loss_beta": 1.0, "patience": 20, "max_steps": 200, "eval_every": 20,
+                             "mixture_grid": "small", "device": "cuda", "amp": None,
+                             "config": {"demo_topk": 8, "demo_center": True, "demo_norm": "none", "knn_k": 16,
+                                        "knn_lambda": 0.5, "loss": "knn", "loss_beta": 1.0,
+                                        "max_loss_weight": 3.0}}}
+
+
+def grid_ns(*args):
+    from openprompt_retro.cli import build_parser
+
+    return build_parser().parse_args(["run", "--tasks", "SST-2", "--methods", "prompt", "--seeds", "13", *args])
+
+
+def fake_run_one(calls):
+    """run_one without a model: a record of the run's identity and a fixed accuracy."""
+    from openprompt_retro.experiments import runs
+
+    def run_one(task, method, seed, run_spec):
+        calls.append((task, method, seed))
+        return {**runs._identity(task, method, seed, run_spec), "test_accuracy": 0.5, "dev_accuracy": None,
+                "knn_lambda": 0.0, "train_seconds": 0.0, "test_seconds": 0.0}
+    return run_one
+
+
+def test_old_benchmark_rows_key_as_the_benchmark_that_wrote_them():
+    """A row without shots/settings_id is read with shots = k and its settings id derived from its settings:
+    the same key as ``benchmark`` gives the run now, so the grid still skips it."""
+    from openprompt_retro.cli import build_parser
+    from openprompt_retro.experiments import runs
+    from openprompt_retro.experiments.results import run_key
+    from openprompt_retro.experiments.spec import RunSpec
+
+    def spec(*args):
+        return RunSpec.from_namespace(build_parser().parse_args(["benchmark", "--model",
+                                                                 "../shared/models/minilm-l6-mlm", *args]))
+
+    bench = spec()
+    assert run_key(LEGACY_RETRO) == runs._key("SST-2", "retro", 13, bench)
+    demo_text = {**LEGACY_RETRO, "method": "demo-text", "settings": {**LEGACY_RETRO["settings"], "max_seq_length": 256}}
+    assert run_key(demo_text) == runs._key("SST-2", "demo-text", 13, bench)  # recorded with 2x the length
+    for other in (["--model", "tiny-bert"], ["--lr", "1e-5"], ["--config", '{"demo_center": false}'],
+                  ["--demo-topk", "4"], ["--loss-beta", "2"], ["--shots", "8"]):
+        changed = spec(*other)
+        assert runs._key("SST-2", "retro", 13, changed) != run_key(LEGACY_RETRO), other
+    device_only = spec("--device", "cpu", "--demo-topk", "8")
+    assert runs._key("SST-2", "retro", 13, device_only) == run_key(LEGACY_RETRO)  # same settings, same run
+
+
+def test_another_models_row_is_not_reused(tmp_path, monkeypatch, capsys):
+    """Before: the key was (task, method, k, seed), so tiny-roberta's run was 'already in, skipped'."""
+    from openprompt_retro.experiments import runs
+
+    calls = []
+    monkeypatch.setattr(runs, "check_grid", lambda ns: None)
+    monkeypatch.setattr(runs, "run_one", fake_run_one(calls))
+    runs.run_grid(grid_ns("--model", "tiny-bert", "--out", str(tmp_path)))
+    runs.run_grid(grid_ns("--model", "tiny-roberta", "--out", str(tmp_path)))
+    runs.run_grid(grid_ns("--model", "tiny-roberta", "--lr", "1e-4", "--out", str(tmp_path)))
+    runs.run_grid(grid_ns("--model", "tiny-roberta", "--lr", "1e-4", "--out", str(tmp_path)))  # done: skipped
+    assert len(calls) == 3 and capsys.readouterr().err.count("already in") == 1
+    rows = read_rows(str(tmp_path / "results.jsonl"))
+    assert [(r["model"], r["shots"]) for r in rows] == [("tiny-bert", 16), ("tiny-roberta", 16), ("tiny-roberta", 16)]
+    assert len({r["settings_id"] for r in rows}) == 2 and "k" not in rows[0]
+
+
+# ---------------------------------------------------------------------- claims that outlive their process
+def test_a_run_claimed_by_a_process_killed_later_is_taken_over_at_the_end(tmp_path, monkeypatch):
+    """Before: 'being run by ..., skipped', and the grid ended with rc 0 and that run missing."""
+    import socket
+
+    from openprompt_retro.experiments import runs
+
+    calls = []
+    monkeypatch.setattr(runs, "check_grid", lambda ns: None)
+    monkeypatch.setattr(runs, "run_one", fake_run_one(calls))
+    ns = grid_ns("--model", "tiny-bert", "--seeds", "13,21", "--out", str(tmp_path))
+    results = ResultsFile(str(tmp_path))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    os.makedirs(results.claims)
+    with open(results._claim_path(runs._key("SST-2", "prompt", 13, RunSpec.from_namespace(ns))), "w") as f:
+        f.write(f"{other.pid}@{socket.gethostname()}")  # a live sibling holds seed 13
+
+    def killed_while_we_wait(seconds):
+        other.kill()
+        other.wait()
+
+    monkeypatch.setattr(runs.time, "sleep", killed_while_we_wait)
+    runs.run_grid(ns)
+    assert calls == [("SST-2", "prompt", 21), ("SST-2", "prompt", 13)]  # 21 first, then 13 once its holder died
+    assert sorted(r["seed"] for r in read_rows(results.path)) == [13, 21]
+
+
+def claimed(folder, content, ns):
+    from openprompt_retro.experiments import runs
+
+    results = ResultsFile(str(folder))
+    os.makedirs(results.claims, exist_ok=True)
+    with open(results._claim_path(runs._key("SST-2", "prompt", 13, RunSpec.from_namespace(ns))), "w") as f:
+        f.write(content)
+
+
+def test_a_claim_from_another_host_is_named_and_fails_the_grid_unless_overwrite(tmp_path, monkeypatch, capsys):
+    """Before: skipped forever with rc 0, even with --overwrite."""
+    from openprompt_retro.experiments import runs
+
+    calls = []
+    monkeypatch.setattr(runs, "check_grid", lambda ns: None)
+    monkeypatch.setattr(runs, "run_one", fake_run_one(calls))
+    argv = ["--tasks", "SST-2", "--methods", "prompt", "--seeds", "13,21", "--model", "tiny-bert", "--out",
+            str(tmp_path)]
+    claimed(tmp_path, "4242@some-other-host", grid_ns(*argv))
+    with pytest.raises(SystemExit) as e:
+        main(["run", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and calls == [("SST-2", "prompt", 21)]
+    assert ("error: 1 run(s) not done: SST-2 prompt seed 13 (claimed by 4242@some-other-host). Run again when they "
+            "are finished, or with --overwrite") in err
+    main(["run", *argv, "--overwrite"])  # takes the other host's claim over (and re-runs seed 21)
+    assert calls[1:] == [("SST-2", "prompt", 13), ("SST-2", "prompt", 21)]
+    assert sorted(r["seed"] for r in rows_of(tmp_path)) == [13, 21]
+
+
+@pytest.mark.parametrize("content", ["", "garbage\x00", "abc@host"])
+def test_a_corrupt_claim_is_taken_over(tmp_path, monkeypatch, content):
+    from openprompt_retro.experiments import runs
+
+    calls = []
+    monkeypatch.setattr(runs, "check_grid", lambda ns: None)
+    monkeypatch.setattr(runs, "run_one", fake_run_one(calls))
+    ns = grid_ns("--model", "tiny-bert", "--out", str(tmp_path))
+    claimed(tmp_path, content, ns)
+    runs.run_grid(ns)
+    assert calls == [("SST-2", "prompt", 13)]
+
+
+# ---------------------------------------------------------------------- a folder that cannot take claims or rows
+def cli_error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    from openprompt_retro.experiments import runs
+
+    calls = []
+    monkeypatch.setattr(runs, "check_grid", lambda ns: None)
+    monkeypatch.setattr(runs, "run_one", fake_run_one(calls))
+    return calls
+
+
+def test_claims_being_a_file_or_the_lock_a_folder_is_one_line(tmp_path, capsys, no_training):
+    argv = ["run", "--model", "tiny-bert", "--methods", "prompt", "--seeds", "13", "--out", str(tmp_path)]
+    (tmp_path / ".claims").write_text("")
+    line = cli_error(capsys, argv)  # before: FileExistsError traceback
+    assert line == f"openprompt-retro run: error: {tmp_path / '.claims'} is not a folder; remove it (it holds the " \
+                   "claims of running runs)"
+    (tmp_path / ".claims").unlink()
+    (tmp_path / "results.jsonl.lock").mkdir()
+    line = cli_error(capsys, argv)  # before: IsADirectoryError traceback
+    assert line == (f"openprompt-retro run: error: cannot open the results lock {tmp_path / 'results.jsonl.lock'} "
+                    "(Is a directory)")
+    assert no_training == []  # found before any run started
+
+
+def failing_writes(monkeypatch, err, when):
+    """Every file opened for writing from results.py raises ``err`` once ``when()`` is true."""
+    import builtins
+
+    from openprompt_retro.experiments import results as results_module
+
+    def open_(path, mode="r", *a, **k):
+        if when() and any(c in mode for c in "wa+"):
+            raise OSError(err, os.strerror(err), path)
+        return builtins.open(path, mode, *a, **k)
+
+    monkeypatch.setattr(results_module, "open", open_, raising=False)
+
+
+def test_a_full_disk_at_claim_time_is_one_line_and_loses_no_row(tmp_path, capsys, monkeypatch, no_training):
+    import errno
+
+    argv = ["run", "--model", "tiny-bert", "--methods", "prompt", "--seeds", "13,21", "--out", str(tmp_path)]
+    failing_writes(monkeypatch, errno.ENOSPC, (tmp_path / "results.jsonl").exists)  # full once the first row is in
+    line = cli_error(capsys, argv)
+    assert line.startswith("openprompt-retro run: error: cannot claim run ('SST-2', 'prompt', 16, 21, 'tiny-bert', ")
+    assert line.endswith(f"under {tmp_path / '.claims'} (No space left on device)")
+    assert [r["seed"] for r in rows_of(tmp_path)] == [13]
+    assert [p for p in os.listdir(tmp_path / ".claims")] == []  # no temporary claim left
+
+
+def test_an_output_folder_turning_read_only_mid_run_is_one_line_and_loses_no_row(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from openprompt_retro.experiments import runs
+
+    calls = []
+    monkeypatch.setattr(runs, "check_grid", lambda ns: None)
+    monkeypatch.setattr(runs, "run_one", fake_run_one(calls))
+    failing_writes(monkeypatch, errno.EROFS, lambda: len(calls) == 2)  # read-only while the second run trains
+    line = cli_error(capsys, ["run", "--model", "tiny-bert", "--methods", "prompt", "--seeds", "13,21,42", "--out",
+                              str(tmp_path)])
+    assert line.startswith(f"openprompt-retro run: error: cannot write {tmp_path / 'results.jsonl'} (")
+    assert "Read-only file system" in line and line.endswith("the result above was not saved")
+    assert [r["seed"] for r in rows_of(tmp_path)] == [13] and len(calls) == 2
+
+
+# ---------------------------------------------------------------------- lines that are not rows
+def test_a_non_utf8_byte_skips_that_line_only(tmp_path, capsys, no_training):
+    """Before: UnicodeDecodeError from every command that read the folder."""
+    path = tmp_path / "results.jsonl"
+    lines = [json.dumps(row(13, 0.5)).encode(), b'{"task": "SST-2\xff"}', json.dumps(row(42, 0.7)).encode()]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.warns(UserWarning, match=rf"{path}, line 2: skipped a malformed row \(UnicodeDecodeError"):
+        assert [r["seed"] for r in read_rows(str(path))] == [13, 42]
+    with pytest.warns(UserWarning, match="line 2"):
+        main(["report", str(path)])
+    assert "| prompt | 60.0 ± 10.0 |" in (tmp_path / "table.md").read_text()
+    with pytest.warns(UserWarning, match="line 2"):
+        main(["run", "--model", "tiny-bert", "--methods", "prompt", "--seeds", "21", "--out", str(tmp_path)])
+    assert no_training == [("SST-2", "prompt", 21)]
+
+
+def test_report_skips_a_row_without_test_accuracy_with_a_warning(tmp_path):
+    """Before: KeyError traceback."""
+    path = tmp_path / "results.jsonl"
+    broken = {k: v for k, v in row(21).items() if k != "test_accuracy"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in [row(13, 0.5), broken, row(42, 0.7)]))
+    with pytest.warns(UserWarning, match=rf"{path}: skipped run \('SST-2', 'prompt', 16, 21\), which has no "
+                                         "test_accuracy"):
+        main(["report", str(path)])
+    assert "| prompt | 60.0 ± 10.0 |" in (tmp_path / "table.md").read_text()

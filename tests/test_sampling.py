@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from openprompt_retro.core.sampling import stratified_subset, subset_record
+from openprompt_retro.experiments.sampling import stratified_subset, subset_record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "..", "shared", "data", "text")

@@ -12,16 +12,18 @@ def run_big_pool(ns) -> None:
     import torch
     from openprompt.data_utils import InputExample
 
-    from ..core.zero_shot import remove_overlap
+    from .zero_shot import remove_overlap
     from .runs import check_single, load_split, method_trainer
+    from .spec import RunSpec
     from .tasks import get_task, load_pool, read_split
 
     check_single(ns)
     os.makedirs(ns.out, exist_ok=True)
     spec = get_task(ns.task)
-    data = load_split(spec.name, ns.seed, ns)
+    run_spec = RunSpec.from_namespace(ns)
+    data = load_split(spec.name, ns.seed, run_spec)
     torch.manual_seed(ns.seed)
-    trainer, _ = method_trainer("retro", spec.name, ns, data["train"])
+    trainer, _ = method_trainer("retro", spec.name, run_spec, data["train"], ns.seed)
     trainer.args.tune_inference = True
     trainer.fit(data["train"], data["dev"])
     model = trainer.model

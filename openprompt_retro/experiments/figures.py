@@ -7,6 +7,8 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from .results import row_shots
+
 
 def _plt():
     import matplotlib
@@ -52,16 +54,16 @@ def plot_lambda_sweep(lambdas: Sequence[float], accuracies: Sequence[float], cho
 
 
 def plot_accuracy_vs_k(rows: List[Dict], path: str, title: str = "") -> None:
-    """rows: {"method", "k", "test_accuracy"} records; mean ± std over seeds per (method, K)."""
+    """rows: {"method", "shots" (or "k"), "test_accuracy"} records; mean ± std over seeds per (method, K)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for method in sorted({r["method"] for r in rows}):
-        ks = sorted({r["k"] for r in rows if r["method"] == method})
-        acc = [[100 * r["test_accuracy"] for r in rows if r["method"] == method and r["k"] == k] for k in ks]
+        ks = sorted({row_shots(r) for r in rows if r["method"] == method})
+        acc = [[100 * r["test_accuracy"] for r in rows if r["method"] == method and row_shots(r) == k] for k in ks]
         ax.errorbar(ks, [np.mean(a) for a in acc], yerr=[np.std(a) for a in acc], marker="o", capsize=3, label=method)
     ax.set_xlabel("K (examples per class)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_xticks(sorted({r["k"] for r in rows}))
+    ax.set_xticks(sorted({row_shots(r) for r in rows}))
     ax.set_title(title or "Accuracy against K", fontsize=9)
     ax.legend(fontsize=8)
     _save(plt, fig, path)
@@ -90,16 +92,18 @@ def run_figures(ns) -> None:
 
     from ..core.knn import mix
     from .runs import check_single, load_split, method_trainer
+    from .spec import RunSpec
 
     check_single(ns)
     os.makedirs(ns.out, exist_ok=True)
-    data = load_split(ns.task, ns.seed, ns)
+    run_spec = RunSpec.from_namespace(ns)
+    data = load_split(ns.task, ns.seed, run_spec)
     if not 0 <= ns.example < len(data["test"]):
         from ..errors import UserError
 
         raise UserError(f"--example {ns.example}: the test split has examples 0..{len(data['test']) - 1}")
     torch.manual_seed(ns.seed)
-    trainer, spec = method_trainer("retro", ns.task, ns, data["train"])
+    trainer, spec = method_trainer("retro", ns.task, run_spec, data["train"], ns.seed)
     trainer.args.tune_inference = True
     trainer.fit(data["train"], data["dev"])
     tuned = trainer.tuned

@@ -1,17 +1,13 @@
-"""What the benchmark runs: the methods (the factory's presets plus zero-shot), tasks and seeds."""
+"""What the benchmark runs: the methods (the presets of :mod:`openprompt_retro.methods` plus baselines and
+zero-shot), tasks and seeds. Import-free, for a fast ``--help``."""
 from __future__ import annotations
 
 from typing import Dict
 
-#: the trained methods, as in openprompt_retro.prompt.factory.METHODS (kept import-free for a fast --help)
-METHOD_HELP: Dict[str, str] = {
-    "prompt": "plain prompt-based fine-tuning",
-    "demo-text": "LM-BFF: the most similar labeled example of each class as text",
-    "retro": "full RetroPrompt: neural demonstrations + kNN-guided loss + kNN inference",
-    "retro-no-demo": "RetroPrompt without neural demonstrations",
-    "retro-no-knn-train": "RetroPrompt with plain cross-entropy",
-    "retro-no-knn-infer": "RetroPrompt without kNN inference (lambda = 0)",
-}
+from ..methods import METHODS
+
+#: the trained methods: every preset
+METHOD_HELP: Dict[str, str] = {name: preset.help for name, preset in METHODS.items()}
 BASELINE_METHODS: Dict[str, str] = {
     "fine-tune": "baseline: a linear head on [CLS], the whole encoder trained, the same protocol",
     "linear-probe": "baseline: logistic regression on frozen mean-pooled embeddings, C chosen on dev",

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import UserError
 from .methods import GRID_METHODS
-from .results import dedupe, read_rows
+from .results import dedupe, read_rows, row_shots
 
 SEARCH_TASKS = ["SST-2", "subj", "trec"]
 SEARCH_SEEDS = [13, 21, 42]
@@ -51,7 +51,7 @@ VARIANTS: Dict[str, Dict] = {
 def dev_table(rows: Sequence[Dict], methods: Sequence[str], tasks: Sequence[str], seeds: Sequence[int],
               k: int = 16) -> Optional[Dict]:
     """Mean and std of dev accuracy over every (task, seed, method) asked for; None while one is missing."""
-    by_key = {(r["task"], r["method"], int(r["k"]), int(r["seed"])): r for r in dedupe(list(rows))}
+    by_key = {(r["task"], r["method"], row_shots(r), int(r["seed"])): r for r in dedupe(list(rows))}
     values = []
     for t in tasks:
         for s in seeds:
@@ -219,7 +219,7 @@ def run_protocol(ns) -> Dict:
     """The ``protocol`` command: the phases up to ``ns.phase`` (``protocol``, ``variants`` or ``grid``)."""
     from .runs import check_model, check_out
 
-    check_model(ns.model)
+    check_model(ns.model, ns.model_type)
     check_out(ns.out)
     choices: Dict = {}
     name, tables = phase_protocol(ns)

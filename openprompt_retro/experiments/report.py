@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence
 
@@ -10,27 +11,34 @@ import numpy as np
 
 from ..errors import UserError
 from .methods import ALL_METHODS, BENCH_TASKS, TRAINED_METHODS
-from .results import dedupe, read_rows
+from .results import dedupe, read_rows, row_shots, run_key
 
 
 def read_results(path: str) -> List[Dict]:
+    """The runs of a results file, one row each; a row without a numeric test accuracy is skipped with a
+    warning naming file and run."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no results file at {path!r}")
-    rows = dedupe(read_rows(path), where=path)
+    rows = []
+    for r in dedupe(read_rows(path), where=path):
+        if isinstance(r.get("test_accuracy"), (int, float)) and not isinstance(r["test_accuracy"], bool):
+            rows.append(r)
+        else:
+            warnings.warn(f"{path}: skipped run {tuple(run_key(r))[:4]}, which has no test_accuracy", stacklevel=2)
     if not rows:
         raise UserError(f"{path!r} holds no results")
     return rows
 
 
 def _row_name(r: Dict, several_k: bool) -> str:
-    return f"{r['method']} (K={r['k']})" if several_k else r["method"]
+    return f"{r['method']} (K={row_shots(r)})" if several_k else r["method"]
 
 
 def summarize(rows: List[Dict]) -> Dict:
     """{(method, task): (mean, std, n_seeds)} of test accuracy in %, std over seeds (ddof=0).
 
     When the results hold several K, methods are split by K ("retro (K=4)")."""
-    several_k = len({r["k"] for r in rows}) > 1
+    several_k = len({row_shots(r) for r in rows}) > 1
     acc = defaultdict(list)
     for r in rows:
         acc[(_row_name(r, several_k), r["task"])].append(100.0 * r["test_accuracy"])
@@ -45,7 +53,7 @@ def markdown_table(rows: List[Dict]) -> str:
     s = summarize(rows)
     tasks = _ordered({t for _, t in s}, BENCH_TASKS)
     methods = _ordered({m for m, _ in s}, ALL_METHODS)
-    if len({r["k"] for r in rows}) > 1:
+    if len({row_shots(r) for r in rows}) > 1:
         methods = sorted({m for m, _ in s}, key=lambda m: (m.split(" (K=")[0], int(m.split("K=")[1].rstrip(")"))))
     head = "| method | " + " | ".join(tasks) + " | avg |"
     lines = [head, "|" + "---|" * (len(tasks) + 2)]
@@ -138,7 +146,7 @@ def _format_p(p: float) -> str:
 def paired_table(rows: List[Dict], reference: str = "retro") -> str:
     """``reference`` against every other method on the splits (task, K, seed) both ran: the mean and std of the
     per-split differences in test accuracy (points), wins / ties / losses, and the sign-flip p-value."""
-    runs = {(r["task"], r["k"], r["seed"], r["method"]): 100.0 * r["test_accuracy"] for r in rows}
+    runs = {(r["task"], row_shots(r), r["seed"], r["method"]): 100.0 * r["test_accuracy"] for r in rows}
     splits = {(t, k, s) for t, k, s, m in runs if m == reference}
     if not splits:
         return ""
@@ -189,9 +197,9 @@ def dev_selected(rows: List[Dict], candidates: Sequence[str]) -> List[Dict]:
     Ties go to the candidate listed first. Only (task, K, seed) where every candidate ran are kept, and
     test accuracy is never looked at for the choice.
     """
-    runs = {(r["task"], r["k"], r["seed"], r["method"]): r for r in rows}
+    runs = {(r["task"], row_shots(r), r["seed"], r["method"]): r for r in rows}
     out = []
-    for task, k, seed in sorted({(r["task"], r["k"], r["seed"]) for r in rows}, key=str):
+    for task, k, seed in sorted({(r["task"], row_shots(r), r["seed"]) for r in rows}, key=str):
         group = [runs.get((task, k, seed, m)) for m in candidates]
         if any(g is None or g.get("dev_accuracy") is None for g in group):
             continue
@@ -223,8 +231,8 @@ def write_report(results_path: str, out_dir: str, seeds: Optional[Sequence[int]]
         paired = paired_table(rows)
         if paired:
             f.write("\nPaired differences (the same splits):\n\n" + paired)
-    keys = ["task", "method", "k", "seed", "test_accuracy", "dev_accuracy", "n_test", "epochs_run",
-            "train_seconds", "test_seconds", "knn_lambda", "knn_k", "knn_temperature", "model"]
+    keys = ["task", "method", "shots", "seed", "test_accuracy", "dev_accuracy", "n_test", "epochs_run",
+            "train_seconds", "test_seconds", "knn_lambda", "knn_k", "knn_temperature", "model", "settings_id"]
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()

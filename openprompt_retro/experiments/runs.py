@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -10,7 +11,8 @@ from typing import Dict, List, Optional
 
 from ..errors import UserError
 from .methods import ALL_METHODS, BASELINE_METHODS, TRAINED_METHODS, ZERO_SHOT_METHODS
-from .results import ResultsFile
+from .results import ResultsFile, RunKey, auto_demo_topk, on_this_host, run_key, settings_id
+from .spec import RunSpec
 
 
 # ---------------------------------------------------------------------- validation (before any model loads)
@@ -38,7 +40,9 @@ def split_k_for(shots: int, splits: Dict[int, List[int]], task: str) -> int:
     return min(larger)
 
 
-def check_model(model: str) -> None:
+def check_model(model: str, model_type: str = "bert") -> None:
+    """A tiny test model's name, or a local folder that exists and whose config.json names the family
+    ``--model-type`` loads (a mismatch would load a re-initialised model); hub names are checked on loading."""
     if model.startswith("tiny-"):
         if model not in ("tiny-bert", "tiny-roberta"):
             raise UserError(f"--model {model}: the tiny test models are tiny-bert and tiny-roberta")
@@ -47,6 +51,20 @@ def check_model(model: str) -> None:
     if looks_local and not os.path.isdir(os.path.expanduser(model)):
         raise UserError(f"--model {model}: no such model folder (give a local folder or hub name with --model, "
                         "or set OPENPROMPT_RETRO_MODEL)")
+    family = _model_family(os.path.expanduser(model))
+    if family in ("bert", "roberta") and family != model_type:
+        raise UserError(f"--model-type {model_type}: the model in {model} is a {family} model (its config.json "
+                        f"says model_type {family!r}); pass --model-type {family}")
+
+
+def _model_family(folder: str) -> Optional[str]:
+    """``model_type`` of a local model folder's config.json, or None (no folder, no readable config)."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            family = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return family if isinstance(family, str) else None
 
 
 def check_out(folder: str) -> None:
@@ -61,7 +79,8 @@ def check_out(folder: str) -> None:
 
 
 #: TrainingArgs fields that are CLI options of the same name
-_TRAINING_OPTIONS = ("epochs", "lr", "batch_size", "max_seq_length", "patience", "device", "amp")
+_TRAINING_OPTIONS = ("epochs", "lr", "batch_size", "max_seq_length", "patience", "max_steps", "eval_every", "device",
+                     "amp")
 
 
 def check_training(ns) -> None:
@@ -70,6 +89,8 @@ def check_training(ns) -> None:
     from ..prompt.training_args import TrainingArgs
 
     fields = {name: getattr(ns, name) for name in _TRAINING_OPTIONS if getattr(ns, name, None) is not None}
+    if "lr" in fields and not math.isfinite(fields["lr"]):
+        raise UserError(f"--lr must be a finite positive number, got {fields['lr']}")
     try:
         args = TrainingArgs(**fields)
     except ValueError as e:
@@ -77,6 +98,21 @@ def check_training(ns) -> None:
         raise UserError(option) from None
     if hasattr(ns, "device"):
         ns.device = args.device
+    if hasattr(ns, "config"):
+        retro_config(ns, ns.shots)
+
+
+def retro_config(run_spec, shots: int):
+    """The RetroConfig of ``--config``, ``--demo-topk`` and ``--loss-beta`` (kNN inference off: the method's
+    preset and the dev tuning set it); a bad field is a :class:`UserError` naming ``--config``."""
+    from ..core.config import RetroConfig
+
+    fields = {"demo_topk": run_spec.demo_topk if run_spec.demo_topk is not None else auto_demo_topk(shots),
+              "loss_beta": run_spec.loss_beta, "knn_lambda": 0.0, **run_spec.config}
+    try:
+        return RetroConfig(**fields).validate()
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--config: {e}") from None
 
 
 def _task_spec(task: str):
@@ -110,7 +146,7 @@ def check_single(ns, fixed_k: Optional[int] = None) -> None:
     k = split_k_for(ns.shots, splits, spec.name)
     if ns.seed not in splits[k]:
         raise UserError(f"task {spec.name}: no {k}-shot split for seed {ns.seed}; seeds available: {splits[k]}")
-    check_model(ns.model)
+    check_model(ns.model, ns.model_type)
     check_training(ns)
     if getattr(ns, "out", None):
         check_out(ns.out)
@@ -118,6 +154,9 @@ def check_single(ns, fixed_k: Optional[int] = None) -> None:
 
 def check_grid(ns) -> None:
     """Every user mistake of a ``run``/``benchmark`` command, found before any training starts."""
+    for option in ("tasks", "methods", "seeds"):
+        if not getattr(ns, option):
+            raise UserError(f"--{option}: none given (a comma-separated list)")
     _check_methods(ns.methods)
     for task in ns.tasks:
         spec = _task_spec(task)
@@ -132,63 +171,61 @@ def check_grid(ns) -> None:
         missing = [s for s in ns.seeds if s not in splits[k]]
         if missing:
             raise UserError(f"task {spec.name}: no {k}-shot split for seed(s) {missing}; seeds available: {splits[k]}")
-    check_model(ns.model)
+    check_model(ns.model, ns.model_type)
     check_training(ns)
     check_out(ns.out)
 
 
 # ---------------------------------------------------------------------- one run
-def method_trainer(method: str, task: str, ns, train_examples, seed: Optional[int] = None):
+def method_trainer(method: str, task: str, run_spec: RunSpec, train_examples, seed: int):
     """(trainer, spec) for a fresh backbone wired for ``method`` (no training yet)."""
-    from ..core.config import RetroConfig
     from ..core.knn import MixtureGrid
-    from ..prompt.factory import build_trainer, method_preset
+    from ..methods import method_preset
+    from ..prompt.factory import build_trainer
     from .backbones import load_backbone
     from .tasks import get_task
 
     spec, preset = get_task(task), method_preset(method)
-    plm, tok, _, wrapper = load_backbone(ns.model, ns.model_type)
-    k = len(train_examples) // spec.num_classes
-    try:
-        config = RetroConfig(**{"demo_topk": ns.demo_topk or (8 if k >= 16 else 2), "loss_beta": ns.loss_beta,
-                                "knn_lambda": 0.0, **getattr(ns, "config", {})})
-    except TypeError as e:
-        raise UserError(f"--config: {e}") from None
-    seq = ns.max_seq_length * (2 if preset["demonstrations"] == "text" else 1)  # room for the demonstrations
-    args = training_args(ns, ns.seed if seed is None else seed, seq)
+    plm, tok, _, wrapper = load_backbone(run_spec.model, run_spec.model_type)
+    config = retro_config(run_spec, len(train_examples) // spec.num_classes)
+    seq = run_spec.max_seq_length * (2 if preset.demonstrations == "text" else 1)  # room for the demonstrations
+    args = training_args(run_spec, seed, seq)
     trainer = build_trainer(plm, tok, wrapper, spec.template, spec.label_words, config=config, args=args,
-                            text_pool=train_examples if preset["demonstrations"] == "text" else None, method=method,
-                            grid=MixtureGrid.named(getattr(ns, "mixture_grid", "small")))
+                            text_pool=train_examples if preset.demonstrations == "text" else None, method=method,
+                            grid=MixtureGrid.named(run_spec.mixture_grid))
     return trainer, spec
 
 
-def training_args(ns, seed: int, max_seq_length: int, **overrides):
+def training_args(run_spec: RunSpec, seed: int, max_seq_length: int, **overrides):
     """The run's TrainingArgs from the CLI options (the same protocol for every trained method)."""
     from ..prompt.training_args import TrainingArgs
 
-    fields = dict(epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size, max_seq_length=max_seq_length, seed=seed,
-                  patience=ns.patience, progress=False, max_steps=getattr(ns, "max_steps", None),
-                  eval_every=getattr(ns, "eval_every", None), device=getattr(ns, "device", None) or "auto",
-                  amp=getattr(ns, "amp", None))
+    fields = dict(epochs=run_spec.epochs, lr=run_spec.lr, batch_size=run_spec.batch_size,
+                  max_seq_length=max_seq_length, seed=seed, patience=run_spec.patience, progress=False,
+                  max_steps=run_spec.max_steps, eval_every=run_spec.eval_every, device=run_spec.device or "auto",
+                  amp=run_spec.amp)
     return TrainingArgs(**{**fields, **overrides})
 
 
-def load_split(task: str, seed: int, ns) -> Dict:
-    """train/dev/test with ``ns.shots`` examples per class (drawn from a larger split when smaller)."""
-    from ..core.memorization import subsample_k
+def load_split(task: str, seed: int, run_spec: RunSpec) -> Dict:
+    """train/dev/test with ``run_spec.shots`` examples per class (drawn from a larger split when smaller)."""
+    from .sampling import subsample_k
     from .tasks import get_task, load_few_shot
 
-    if getattr(ns, "hf_dataset", None):
+    if run_spec.hf_dataset:
         from .tasks import load_hf_few_shot
 
-        return load_hf_few_shot(ns.hf_dataset, task, ns.shots, seed, test_split=ns.hf_test_split,
-                                text_fields=ns.hf_text_fields, label_field=ns.hf_label_field,
-                                label_map=ns.hf_label_map)
+        try:
+            return load_hf_few_shot(run_spec.hf_dataset, task, run_spec.shots, seed, test_split=run_spec.hf_test_split,
+                                    text_fields=run_spec.hf_text_fields, label_field=run_spec.hf_label_field,
+                                    label_map=run_spec.hf_label_map)
+        except ValueError as e:  # a split, column or label the dataset does not have
+            raise UserError(f"--hf-dataset {run_spec.hf_dataset}: {e}") from None
     spec = get_task(task)
-    k = split_k_for(ns.shots, available_splits(ns.data_root, spec.name), spec.name)
-    data = load_few_shot(ns.data_root, spec.name, k, seed)
-    if ns.shots < k:  # e.g. K = 4 / 8 from the LM-BFF 16-shot split, drawn with the split's seed
-        data["train"], data["dev"] = subsample_k(data["train"], ns.shots, seed), subsample_k(data["dev"], ns.shots, seed)
+    k = split_k_for(run_spec.shots, available_splits(run_spec.data_root, spec.name), spec.name)
+    data = load_few_shot(run_spec.data_root, spec.name, k, seed)
+    if run_spec.shots < k:  # e.g. K = 4 / 8 from the LM-BFF 16-shot split, drawn with the split's seed
+        data["train"], data["dev"] = (subsample_k(data[s], run_spec.shots, seed) for s in ("train", "dev"))
     return data
 
 
@@ -197,16 +234,16 @@ def load_split(task: str, seed: int, ns) -> Dict:
 SAME_TRAINING = {"retro-no-knn-infer": "retro"}
 
 
-def run_one(task: str, method: str, seed: int, ns) -> Dict:
+def run_one(task: str, method: str, seed: int, run_spec: RunSpec) -> Dict:
     """Train one method on one split; evaluate on test. Returns a result record."""
     if method in ZERO_SHOT_METHODS:
-        return run_zero_shot(task, method, seed, ns)
+        return run_zero_shot(task, method, seed, run_spec)
     if method in BASELINE_METHODS:
-        return run_baseline(task, method, seed, ns)
-    return run_trained(task, method, seed, ns)[0]
+        return run_baseline(task, method, seed, run_spec)
+    return run_trained(task, method, seed, run_spec)[0]
 
 
-def run_trained(task: str, method: str, seed: int, ns, also: Optional[str] = None) -> List[Dict]:
+def run_trained(task: str, method: str, seed: int, run_spec: RunSpec, also: Optional[str] = None) -> List[Dict]:
     """Train ``method`` on one split and evaluate it on test: its record, then, with ``also`` (a method whose
     SAME_TRAINING is ``method``), that method's record measured on the same weights without kNN inference.
 
@@ -218,29 +255,32 @@ def run_trained(task: str, method: str, seed: int, ns, also: Optional[str] = Non
 
     if also is not None and SAME_TRAINING.get(also) != method:
         raise ValueError(f"{also!r} does not train like {method!r}")
-    data = load_split(task, seed, ns)
+    data = load_split(task, seed, run_spec)
     torch.manual_seed(seed)
-    trainer, spec = method_trainer(method, task, ns, data["train"], seed)
-    trainer.args.progress = not ns.no_progress
+    trainer, spec = method_trainer(method, task, run_spec, data["train"], seed)
+    trainer.args.progress = not run_spec.no_progress
     config = trainer.model.config
     untuned = {"knn_lambda": config.knn_lambda, "knn_k": config.knn_k, "knn_temperature": config.knn_temperature}
     t0 = time.time()
-    history = trainer.fit(data["train"], data["dev"])
+    try:
+        history = trainer.fit(data["train"], data["dev"])
+    except ValueError as e:  # e.g. a loss that is no longer finite (a learning rate far too large)
+        raise UserError(f"{task} {method} seed {seed}: training failed: {e}") from None
     train_s = time.time() - t0
     t0 = time.time()
     test_loader = trainer.loader(data["test"], split="test", require_labels=True)  # tokenized once
     load_s = time.time() - t0
-    records = [_trained_record(trainer, spec, data, test_loader, history, method, seed, ns, train_s, load_s)]
+    records = [_trained_record(trainer, spec, data, test_loader, history, method, seed, run_spec, train_s, load_s)]
     if also is not None:
         trainer.model.apply_config(**untuned)  # lambda = 0: the PLM alone
         trainer.tuned = None
-        rec = _trained_record(trainer, spec, data, test_loader, history, also, seed, ns, train_s, load_s)
+        rec = _trained_record(trainer, spec, data, test_loader, history, also, seed, run_spec, train_s, load_s)
         rec["shares_training_with"] = method
         records.append(rec)
     return records
 
 
-def _trained_record(trainer, spec, data, test_loader, history, method: str, seed: int, ns, train_s: float,
+def _trained_record(trainer, spec, data, test_loader, history, method: str, seed: int, run_spec, train_s: float,
                     load_s: float) -> Dict:
     """Evaluate the trained model on test (and its retrieval diagnostics); the run's result record.
     test_seconds: tokenizing the test split (``load_s``) and one evaluation pass."""
@@ -261,15 +301,16 @@ def _trained_record(trainer, spec, data, test_loader, history, method: str, seed
                                                                                known_accuracy=test["accuracy"])
         diagnostics["demonstration_reliance_dev"] = trainer.demonstration_reliance(data["dev"])
     return {
-        "task": spec.name, "method": method, "k": ns.shots, "seed": seed, "model": ns.model,
+        **_identity(spec.name, method, seed, run_spec),
         "test_accuracy": test["accuracy"], "n_test": test["n"],
         "dev_accuracy": tuned["dev_accuracy"] if tuned else best_dev,
         "epochs_run": len(history), "train_seconds": round(train_s, 2), "test_seconds": round(test_s, 2),
         "knn_lambda": config.knn_lambda, "knn_k": config.knn_k, "knn_temperature": config.knn_temperature,
-        "settings": {"lr": ns.lr, "epochs": ns.epochs, "batch_size": ns.batch_size,
+        "settings": {"lr": run_spec.lr, "epochs": run_spec.epochs, "batch_size": run_spec.batch_size,
                      "max_seq_length": trainer.args.max_seq_length, "demo_topk": config.demo_topk,
-                     "loss_beta": ns.loss_beta, "patience": ns.patience, "max_steps": trainer.args.max_steps,
-                     "eval_every": trainer.args.eval_every, "mixture_grid": getattr(ns, "mixture_grid", "small"),
+                     "loss_beta": run_spec.loss_beta, "patience": run_spec.patience,
+                     "max_steps": trainer.args.max_steps, "eval_every": trainer.args.eval_every,
+                     "mixture_grid": run_spec.mixture_grid,
                      "device": trainer.args.device, "amp": trainer.args.amp, "config": config.to_dict()},
         "diagnostics": diagnostics,
     }
@@ -289,7 +330,7 @@ def inference_settings_on(trainer, loader) -> Dict[str, float]:
             "knn_plm_agreement": float((p_knn.argmax(-1) == p_plm.argmax(-1)).mean())}
 
 
-def run_baseline(task: str, method: str, seed: int, ns) -> Dict:
+def run_baseline(task: str, method: str, seed: int, run_spec: RunSpec) -> Dict:
     """fine-tune or linear-probe on the same split and backbone as the prompt methods."""
     import torch
 
@@ -298,59 +339,59 @@ def run_baseline(task: str, method: str, seed: int, ns) -> Dict:
     from .tasks import get_task
 
     spec = get_task(task)
-    data = load_split(task, seed, ns)
+    data = load_split(task, seed, run_spec)
     torch.manual_seed(seed)
-    plm, tok, _, _ = load_backbone(ns.model, ns.model_type)
+    plm, tok, _, _ = load_backbone(run_spec.model, run_spec.model_type)
     t0 = time.time()
     if method == "linear-probe":
-        out = linear_probe(plm, tok, data["train"], data["dev"], data["test"], ns.max_seq_length, seed=seed)
+        out = linear_probe(plm, tok, data["train"], data["dev"], data["test"], run_spec.max_seq_length, seed=seed)
         train_s, test_s, settings = round(time.time() - t0, 2), 0.0, {"C": out["C"]}
     else:
-        args = training_args(ns, seed, ns.max_seq_length, amp=None)  # fine_tune runs in float32
+        args = training_args(run_spec, seed, run_spec.max_seq_length, amp=None)  # fine_tune runs in float32
         out = fine_tune(plm, tok, data["train"], data["dev"], data["test"], spec.num_classes, args)
         train_s, test_s = out["train_seconds"], out["test_seconds"]
-        settings = {"lr": ns.lr, "epochs": ns.epochs, "batch_size": ns.batch_size, "patience": ns.patience,
-                    "max_seq_length": ns.max_seq_length, "max_steps": args.max_steps, "eval_every": args.eval_every,
-                    "device": args.device}
-    return {"task": spec.name, "method": method, "k": ns.shots, "seed": seed, "model": ns.model,
+        settings = {"lr": run_spec.lr, "epochs": run_spec.epochs, "batch_size": run_spec.batch_size,
+                    "patience": run_spec.patience, "max_seq_length": run_spec.max_seq_length,
+                    "max_steps": args.max_steps, "eval_every": args.eval_every, "device": args.device}
+    return {**_identity(spec.name, method, seed, run_spec),
             "test_accuracy": out["test_accuracy"], "n_test": out["n_test"], "dev_accuracy": out["dev_accuracy"],
             "epochs_run": None, "train_seconds": train_s, "test_seconds": test_s,
             "knn_lambda": 0.0, "knn_k": None, "knn_temperature": None, "settings": settings}
 
 
-def run_zero_shot(task: str, method: str, seed: int, ns) -> Dict:
+def run_zero_shot(task: str, method: str, seed: int, run_spec: RunSpec) -> Dict:
     """Zero-shot prompt model, optionally with a pseudo-labeled store (no labels used anywhere)."""
-    if getattr(ns, "hf_dataset", None):
+    if run_spec.hf_dataset:
         raise UserError(f"{method} reads its unlabeled pool from --data-root; --hf-dataset serves the trained methods")
     import numpy as np
     from openprompt.data_utils import InputExample
 
     from ..core.config import RetroConfig
-    from ..core.zero_shot import remove_overlap, select_confident
+    from .zero_shot import remove_overlap, select_confident
     from ..prompt.factory import build_trainer
     from ..prompt.training_args import TrainingArgs
     from .backbones import load_backbone
     from .tasks import get_task, load_test, load_unlabeled_pool
 
     spec = get_task(task)
-    test = load_test(ns.data_root, spec.name, 16, seed)
-    plm, tok, _, wrapper = load_backbone(ns.model, ns.model_type)
+    test = load_test(run_spec.data_root, spec.name, 16, seed)
+    plm, tok, _, wrapper = load_backbone(run_spec.model, run_spec.model_type)
     trainer = build_trainer(plm, tok, wrapper, spec.template, spec.label_words, "none", RetroConfig(knn_lambda=0.0),
-                            args=TrainingArgs(max_seq_length=ns.max_seq_length, progress=not ns.no_progress,
-                                              device=getattr(ns, "device", None) or "auto",
-                                              amp=getattr(ns, "amp", None)))
+                            args=TrainingArgs(max_seq_length=run_spec.max_seq_length, progress=not run_spec.no_progress,
+                                              device=run_spec.device or "auto",
+                                              amp=run_spec.amp))
     model = trainer.model
     t0 = time.time()
-    record = {"task": spec.name, "method": method, "k": ns.shots, "seed": seed, "model": ns.model}
+    record = _identity(spec.name, method, seed, run_spec)
     if method == "zero-shot-retro":
-        pool = remove_overlap(load_unlabeled_pool(ns.data_root, spec.name), test)
-        pool = pool[: ns.zs_pool_size] if ns.zs_pool_size else pool
+        pool = remove_overlap(load_unlabeled_pool(run_spec.data_root, spec.name), test)
+        pool = pool[: run_spec.zs_pool_size] if run_spec.zs_pool_size else pool
         probs = trainer.predict_proba(pool)  # labels of the pool are never read
-        idx, pseudo = select_confident(probs, ns.zs_fraction)
+        idx, pseudo = select_confident(probs, run_spec.zs_fraction)
         chosen = [InputExample(guid=f"pseudo-{i}", text_a=pool[i].text_a, text_b=pool[i].text_b, label=int(y))
                   for i, y in zip(idx, pseudo)]
-        model.add_to_store(trainer.loader(chosen), progress=not ns.no_progress)
-        model.apply_config(knn_lambda=ns.zs_lambda, knn_k=ns.zs_k, knn_temperature=ns.zs_temperature)
+        model.add_to_store(trainer.loader(chosen), progress=not run_spec.no_progress)
+        model.apply_config(knn_lambda=run_spec.zs_lambda, knn_k=run_spec.zs_k, knn_temperature=run_spec.zs_temperature)
         true = np.array([pool[i].label for i in idx])
         record.update({"pool_size": len(pool), "store_size": len(chosen),
                        "pseudo_label_accuracy": float((true == pseudo).mean())})  # diagnostics only
@@ -361,27 +402,36 @@ def run_zero_shot(task: str, method: str, seed: int, ns) -> Dict:
                    "epochs_run": 0, "train_seconds": round(build_s, 2), "test_seconds": round(time.time() - t0, 2),
                    "knn_lambda": model.config.knn_lambda, "knn_k": model.config.knn_k,
                    "knn_temperature": model.config.knn_temperature,
-                   "settings": {"fraction": ns.zs_fraction, "pool_size_cap": ns.zs_pool_size,
+                   "settings": {"fraction": run_spec.zs_fraction, "pool_size_cap": run_spec.zs_pool_size,
                                 "device": trainer.args.device, "amp": trainer.args.amp}})
     return record
 
 
 # ---------------------------------------------------------------------- the grid
+#: seconds between looks at a run another process on this host is doing
+POLL_SECONDS = 5
+
+
 def run_grid(ns) -> List[Dict]:
     """Every (task, method, seed) of ``ns`` not yet in OUT/results.jsonl (all of them with ``ns.overwrite``).
 
     Each run's result is printed, then written; processes sharing OUT split the runs between them: a run is
-    claimed before it starts and checked again once claimed, so a run finished meanwhile is not redone.
-    A method whose SAME_TRAINING partner is in the grid too is measured on the partner's trained weights
-    (no second training); if another process is training that partner, the run waits for it at the end.
+    claimed before it starts and checked again once claimed, so a run finished meanwhile is not redone. A run
+    another process on this host holds is looked at again at the end: waited for while that process lives,
+    taken over if it died. A method whose SAME_TRAINING partner is in the grid too is measured on the partner's
+    trained weights (no second training). Runs still not done at the end (held from another host, whose process
+    cannot be checked from here, unless ``--overwrite``) are named in a :class:`UserError`.
     """
     check_grid(ns)
+    run_spec = RunSpec.from_namespace(ns)
     results = ResultsFile(ns.out)
+    results.check()
     records, written = [], set()
     grid = [(t, m, s) for s in ns.seeds for t in ns.tasks for m in ns.methods]
     paired = {m: p for m, p in SAME_TRAINING.items() if m in ns.methods and p in ns.methods}
     partner_of = {p: m for m, p in paired.items()}
-    queue, waited = [(i, *run) for i, run in enumerate(grid, 1)], set()
+    queue, deferred, missing = [(i, *run) for i, run in enumerate(grid, 1)], set(), []
+    take_over = bool(getattr(ns, "overwrite", False))
 
     def finished(k) -> bool:  # written by this process, or (unless overwriting) found in results.jsonl
         return k in written or (not ns.overwrite and k in results.done())
@@ -389,64 +439,85 @@ def run_grid(ns) -> List[Dict]:
     while queue:
         i, task, method, seed = queue.pop(0)
         name = f"[{i}/{len(grid)}] {task} {method} K={ns.shots} seed={seed}"
-        key = _key(task, method, seed, ns)
+        key = _key(task, method, seed, run_spec)
         if finished(key):
             if key not in written:
                 print(f"{name}: already in {results.path}, skipped (--overwrite re-runs it)", file=sys.stderr,
                       flush=True)
             continue
-        if method in paired:
-            partner = _key(task, paired[method], seed, ns)
-            holder = results.holder(partner)
-            if holder is not None and key not in waited:  # its partner is being trained elsewhere: come back later
-                print(f"{name}: measured on {paired[method]}'s weights, which {holder} is training; later",
-                      file=sys.stderr, flush=True)
-                queue.append((i, task, method, seed))
-                waited.add(key)
-                continue
-            while results.holder(partner) is not None:  # nothing else left to do: wait for that run
-                time.sleep(10)
-            if finished(key):
-                continue
-        holder = results.claim(key)
+        waits_for = [_key(task, paired[method], seed, run_spec)] if method in paired else []
+        holder = next(filter(None, (results.holder(k, take_over) for k in waits_for)), None) \
+            or results.claim(key, take_over)
         if holder is not None:
-            print(f"{name}: being run by {holder}, skipped", file=sys.stderr, flush=True)
+            if on_this_host(holder) and key not in deferred:  # look again once the rest is done
+                print(f"{name}: being run by {holder}; looked at again at the end", file=sys.stderr, flush=True)
+                queue.append((i, task, method, seed))
+                deferred.add(key)
+            elif on_this_host(holder):  # nothing else left to do: wait for that process, then look again
+                _wait_while_held(results, [key, *waits_for], take_over)
+                queue.insert(0, (i, task, method, seed))
+            else:
+                print(f"{name}: claimed by {holder} (another host), not done", file=sys.stderr, flush=True)
+                missing.append(f"{task} {method} seed {seed} (claimed by {holder})")
             continue
         try:
             if finished(key):  # finished by another process before our claim
                 continue
             print(name, file=sys.stderr, flush=True)
-            also = partner_of.get(method)
-            if also is not None:
-                also_key = _key(task, also, seed, ns)
-                if finished(also_key) or results.claim(also_key) is not None:
-                    also = None
-            try:
-                if also is None:
-                    recs = [run_one(task, method, seed, ns)]
-                else:
-                    recs = run_trained(task, method, seed, ns, also=also)
-                for rec in recs:
-                    _print_and_write(rec, results, ns, records, written)
-            finally:
-                if also is not None:
-                    results.release(also_key)
+            _run_claimed(task, method, seed, run_spec, take_over, results, partner_of.get(method), records, written,
+                         finished)
         finally:
             results.release(key)
-    from .report import write_report
-
-    with results.locked():  # processes sharing OUT do not write the report files over each other
-        write_report(results.path, ns.out)
-        with open(os.path.join(ns.out, "table.md")) as f:
-            print(f.read())
+    _write_report(results, ns.out)
+    if missing:
+        raise UserError(f"{len(missing)} run(s) not done: {'; '.join(missing)}. Run again when they are finished, "
+                        "or with --overwrite to take over claims from other hosts")
     return records
 
 
-def _key(task: str, method: str, seed: int, ns):
-    return (_task_spec(task).name, method, ns.shots, seed)
+def _wait_while_held(results: ResultsFile, keys, take_over: bool) -> None:
+    """Sleep while a live process on this host holds one of ``keys``."""
+    while any(on_this_host(results.holder(k, take_over) or "") for k in keys):
+        time.sleep(POLL_SECONDS)
 
 
-def _print_and_write(rec: Dict, results: ResultsFile, ns, records: List[Dict], written: set) -> None:
+def _run_claimed(task: str, method: str, seed: int, run_spec: RunSpec, overwrite: bool, results: ResultsFile,
+                 also: Optional[str], records, written, finished) -> None:
+    """Run a claimed run (and ``also``, its SAME_TRAINING partner, on the same weights when that one is free)."""
+    if also is not None:
+        also_key = _key(task, also, seed, run_spec)
+        if finished(also_key) or results.claim(also_key, overwrite) is not None:
+            also = None
+    try:
+        recs = [run_one(task, method, seed, run_spec)] if also is None else \
+            run_trained(task, method, seed, run_spec, also=also)
+        for rec in recs:
+            _print_and_write(rec, results, overwrite, records, written)
+    finally:
+        if also is not None:
+            results.release(also_key)
+
+
+def _write_report(results: ResultsFile, out: str) -> None:
+    from .report import write_report
+
+    with results.locked():  # processes sharing OUT do not write the report files over each other
+        write_report(results.path, out)
+        with open(os.path.join(out, "table.md")) as f:
+            print(f.read())
+
+
+def _key(task: str, method: str, seed: int, run_spec: RunSpec) -> RunKey:
+    return RunKey(_task_spec(task).name, method, run_spec.shots, seed, run_spec.model,
+                  settings_id(method, run_spec.shots, run_spec.options()))
+
+
+def _identity(task: str, method: str, seed: int, run_spec: RunSpec) -> Dict:
+    """The fields of a result record that make its run a run (see :class:`RunKey`)."""
+    return dict(zip(RunKey._fields, _key(task, method, seed, run_spec)))
+
+
+def _print_and_write(rec: Dict, results: ResultsFile, overwrite: bool, records: List[Dict], written: set) -> None:
     dev = "-" if rec["dev_accuracy"] is None else f"{rec['dev_accuracy']:.4f}"
     shared = f" (on {rec['shares_training_with']}'s training)" if "shares_training_with" in rec else ""
     print(f"    {rec['method']}{shared}: test accuracy {rec['test_accuracy']:.4f} (dev {dev}, lambda "
@@ -454,12 +525,12 @@ def _print_and_write(rec: Dict, results: ResultsFile, ns, records: List[Dict], w
           file=sys.stderr, flush=True)
     records.append(rec)
     try:
-        results.write(rec, overwrite=ns.overwrite)
-    except OSError as e:  # the result is not lost: print the row that could not be written
+        results.write(rec, overwrite=overwrite)
+    except (OSError, UserError) as e:  # the result is not lost: print the row that could not be written
         print(f"    result: {json.dumps(rec)}", file=sys.stderr, flush=True)
-        raise UserError(f"cannot write {results.path} ({e.strerror or e}); the result above was not "
-                        "saved") from None
-    written.add(_key(rec["task"], rec["method"], rec["seed"], ns))
+        reason = e.strerror or e if isinstance(e, OSError) else e
+        raise UserError(f"cannot write {results.path} ({reason}); the result above was not saved") from None
+    written.add(run_key(rec))
 
 
 __all__ = ["run_one", "run_trained", "run_zero_shot", "run_grid", "method_trainer", "load_split", "check_grid",

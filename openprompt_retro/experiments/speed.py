@@ -26,16 +26,17 @@ def _median_time(fn, repeats: int) -> float:
 
 def measure_speed(ns) -> Dict:
     from ..core.config import RetroConfig
-    from ..core.sampling import stratified_subset, subset_record
+    from .sampling import stratified_subset, subset_record
     from ..prompt.factory import build_trainer
     from ..prompt.training_args import TrainingArgs
     from .backbones import load_backbone
     from .runs import check_single, load_split
+    from .spec import RunSpec
     from .tasks import get_task
 
     check_single(ns)
     spec = get_task(ns.task)
-    data = load_split(spec.name, ns.seed, ns)
+    data = load_split(spec.name, ns.seed, RunSpec.from_namespace(ns))
     labels = [e.label for e in data["test"]]
     chosen = stratified_subset(labels, ns.limit, ns.seed)  # test files are often sorted by class
     test = [data["test"][i] for i in chosen]

@@ -38,6 +38,35 @@ def synthetic_keys(n: int, d: int, seed: int, centers: int = 1024, spread: float
     return out
 
 
+def _nlist(n: int) -> int:
+    """IVF lists for ``n`` keys: about 4 sqrt(n), a multiple of 16."""
+    return max(16, int(4 * np.sqrt(n)) // 16 * 16)
+
+
+def check_store_args(sizes: List[int], dims: List[int], indexes: List[str]) -> None:
+    """The sizes, dimensions and index names every requested index can be built with, else a UserError."""
+    from ..errors import UserError
+
+    for option, values in (("--sizes", sizes), ("--dims", dims), ("--indexes", indexes)):
+        if not values:
+            raise UserError(f"{option}: none given (a comma-separated list)")
+    unknown = [name for name in indexes if name not in DEFAULT_INDEXES]
+    if unknown:
+        raise UserError(f"--indexes: unknown index(es) {unknown}; choose from {list(DEFAULT_INDEXES)}")
+    ivf = [name for name in indexes if name.startswith("IVF")]
+    if ivf and min(sizes) < _nlist(min(sizes)):
+        raise UserError(f"--sizes {min(sizes)}: {ivf[0]} trains {_nlist(min(sizes))} lists, so it needs at least "
+                        f"that many keys")
+    if "IVF-PQ" in indexes:
+        if min(sizes) < 256:
+            raise UserError(f"--sizes {min(sizes)}: IVF-PQ trains 256 centroids per sub-quantizer, so it needs at "
+                            "least 256 keys")
+        bad = [d for d in dims if d < 8 or d % (d // 8)]
+        if bad:
+            raise UserError(f"--dims {bad[0]}: IVF-PQ splits a key into d // 8 parts, so d must be at least 8 and "
+                            "divisible by d // 8")
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -46,8 +75,7 @@ def _rss_bytes() -> int:
 def bench_one(keys: np.ndarray, queries: np.ndarray, truth: np.ndarray, name: str, spec: Dict, k: int) -> List[Dict]:
     """Build one index; time and score it at each setting of its search knob."""
     n, d = keys.shape
-    nlist = max(16, int(4 * np.sqrt(n)) // 16 * 16)
-    factory = spec["factory"].format(nlist=nlist, m=d // 8)
+    factory = spec["factory"].format(nlist=_nlist(n), m=d // 8)
     gc.collect()
     rss0 = _rss_bytes()
     t0 = time.perf_counter()
@@ -126,6 +154,7 @@ def write_store_table(results: str, path: str) -> None:
 
 def run_store_benchmark_cli(ns) -> None:
     """``openprompt-retro store-benchmark``: run, then print the table."""
+    check_store_args(ns.sizes, ns.dims, ns.indexes)
     run_store_benchmark(ns.sizes, ns.dims, ns.indexes, k=ns.topk, seed=ns.seed, out=ns.out, hnsw_max=ns.hnsw_max)
     with open(os.path.join(ns.out, "table.md")) as f:
         print(f.read())

@@ -248,14 +248,19 @@ def load_hf_few_shot(dataset: str, task: str, k: int = 16, seed: int = 42, test_
     TaskSpec whose template and label words are used. The test split defaults to ``test`` unless it is
     missing or unlabeled, then ``validation``.
     """
+    from ..errors import UserError
+
     try:
         import datasets
-    except ImportError as e:
-        raise ImportError("loading a Hugging Face dataset needs the 'datasets' package: "
-                          "pip install 'openprompt-retro[hf]'") from e
+    except ImportError:
+        raise UserError("--hf-dataset needs the 'datasets' package: pip install 'openprompt-retro[hf]'") from None
     spec = get_task(task)
     name, _, config = dataset.partition(":")
-    ds = datasets.load_dataset(name, config or None)
+    try:
+        ds = datasets.load_dataset(name, config or None)
+    except Exception as e:  # offline, unknown name or config: datasets raises many kinds
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"--hf-dataset {dataset}: could not be loaded ({type(e).__name__}: {first})") from None
     if test_split is None:
         labeled_test = "test" in ds and any(str(y) != "-1" for y in ds["test"][label_field][:100])
         test_split = "test" if labeled_test else "validation"

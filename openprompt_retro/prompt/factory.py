@@ -4,38 +4,23 @@
                           '{"placeholder":"text_a"} it was {"mask"} .', ["terrible", "great"])
     trainer.fit(train, dev); trainer.predict(test)
 
-``method`` names a preset of :data:`METHODS` (``"prompt"``, ``"retro"``, the
-ablations ...): it sets the demonstrations, the loss and whether lambda, k
-and T are tuned on dev.
+``method`` names a preset of :data:`openprompt_retro.methods.METHODS`
+(``"prompt"``, ``"retro"``, the ablations ...): it sets the demonstrations, the
+loss and whether kNN inference is on (lambda, k and T tuned on dev) or off
+(lambda = 0).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 from ..core.config import RetroConfig
 from ..core.knn import MixtureGrid
+from ..methods import METHODS, method_preset
 from .model import RetroPromptForClassification
 from .template import RetroTemplate
 from .trainer import RetroTrainer
 from .training_args import TrainingArgs
-
-#: method name -> demonstrations, training loss and kNN inference (lambda, k, T tuned on dev)
-METHODS: Dict[str, Dict] = {
-    "prompt": dict(demonstrations="none", loss="ce", knn_inference=False),
-    "demo-text": dict(demonstrations="text", loss="ce", knn_inference=False),
-    "retro": dict(demonstrations="neural", loss="knn", knn_inference=True),
-    "retro-no-demo": dict(demonstrations="none", loss="knn", knn_inference=True),
-    "retro-no-knn-train": dict(demonstrations="neural", loss="ce", knn_inference=True),
-    "retro-no-knn-infer": dict(demonstrations="neural", loss="knn", knn_inference=False),
-}
-
-
-def method_preset(method: str) -> Dict:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
-    return METHODS[method]
-
 
 def build_model(plm, tokenizer, template_text: str, label_words: Sequence[str], demonstrations: str = "neural",
                 config: Optional[RetroConfig] = None, text_pool: Optional[Sequence] = None
@@ -56,15 +41,19 @@ def build_trainer(plm, tokenizer, wrapper_class, template_text: str, label_words
                   grid: Optional[MixtureGrid] = None, method: Optional[str] = None) -> RetroTrainer:
     """A ready :class:`RetroTrainer` around an already loaded PLM (what ``load_plm`` returns).
 
-    With ``method``, its preset overrides ``demonstrations``, ``config.loss`` and ``args.tune_inference``.
+    With ``method``, its preset (:data:`openprompt_retro.methods.METHODS`) overrides ``demonstrations``,
+    ``config.loss`` and ``args.tune_inference``; a preset without kNN inference also sets ``config.knn_lambda``
+    to 0, so the model predicts with the PLM alone.
     """
     config = dataclasses.replace(config) if config is not None else RetroConfig()
     args = dataclasses.replace(args) if args is not None else TrainingArgs()
     if method is not None:
         preset = method_preset(method)
-        demonstrations = preset["demonstrations"]
-        config.loss = preset["loss"]
-        args.tune_inference = preset["knn_inference"]
+        demonstrations = preset.demonstrations
+        config.loss = preset.loss
+        args.tune_inference = preset.knn_inference
+        if not preset.knn_inference:
+            config.knn_lambda = 0.0
     model = build_model(plm, tokenizer, template_text, label_words, demonstrations, config, text_pool)
     return RetroTrainer(model, tokenizer, wrapper_class, args, grid)
 
@@ -84,3 +73,6 @@ def retroprompt(model_type: str, model_name_or_path: str, template_text: str, la
     plm, tokenizer, _, wrapper = load_plm(model_type, model_name_or_path)
     return build_trainer(plm, tokenizer, wrapper, template_text, label_words, demonstrations, config, text_pool,
                          TrainingArgs(**training_args), grid, method=method)
+
+
+__all__ = ["METHODS", "method_preset", "build_model", "build_trainer", "retroprompt"]

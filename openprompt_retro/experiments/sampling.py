@@ -1,11 +1,12 @@
-"""Seeded, class-stratified subsets: a limit on a test set keeps every class in proportion.
+"""Seeded subsets of a split: K examples per class (:func:`subsample_k`), and class-stratified subsets (a limit
+on a test set keeps every class in proportion).
 
 Test files are often sorted by class (LM-BFF's mr/cr/mpqa/subj, CIFAR-10), so their first N items
 are a single-class "test set"; :func:`stratified_subset` draws N items with each class's share kept.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -46,3 +47,16 @@ def subset_record(labels: Sequence, limit: Optional[int], seed: int, chosen: np.
     values, counts = np.unique(labels[chosen], return_counts=True)
     return {"limit": limit, "seed": seed, "stratified": True, "n": int(len(chosen)), "of": int(len(labels)),
             "class_counts": {str(v.item() if hasattr(v, "item") else v): int(c) for v, c in zip(values, counts)}}
+
+
+def subsample_k(examples: Sequence, k: int, seed: int) -> List:
+    """k examples per label, drawn with ``seed`` (from an LM-BFF 16-shot split, for K = 4 / 8)."""
+    rng = np.random.default_rng(seed)
+    labels = np.array([int(e.label) for e in examples])
+    out = []
+    for c in np.unique(labels):
+        idx = np.nonzero(labels == c)[0]
+        if len(idx) < k:
+            raise ValueError(f"label {c} has {len(idx)} examples, fewer than k={k}")
+        out.extend(examples[i] for i in sorted(rng.choice(idx, k, replace=False)))
+    return out
