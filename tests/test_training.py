@@ -127,7 +127,7 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
 # ------------------------------------------------------------------ the kNN-guided loss
 def test_loss_uses_the_training_k_and_temperature(tiny_bert, examples):
     model = retro_model(tiny_bert, demonstrations="none", loss="knn", knn_k=3, knn_temperature=1.0,
-                        train_knn_k=2, train_knn_temperature=5.0, max_loss_weight=100.0)
+                        train_knn_k=2, train_knn_temperature=5.0, max_loss_weight=100.0, knn_loss_gate=False)
     loader, batch = first_batch(trainer(model, tiny_bert), examples)
     model.refresh_store(loader, progress=False)
     model.train()

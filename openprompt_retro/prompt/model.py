@@ -32,15 +32,16 @@ from ..core.knn import knn_label_distribution, knn_weights, mix
 from ..core.loss import knn_guided_loss, knn_loss_weights
 from ..core.store import KnowledgeStore, StoreError
 from ..core.text import example_text
-from . import distributed, loaders
-from .batch import DEMO_KEY, EXAMPLE_KEY, EXCLUDE_KEY, QUERY_KEY, batch_example_ids, batch_get, batch_guids
-from .keys import MaskKeyHead, encode_last_hidden, extract_keys, hidden_at_mask, mask_keys, trim_padding
-from .saved_run import install_raw_text_hook
+from . import distributed, loaders, patches
+from .batch import (DEMO_KEY, EXAMPLE_KEY, EXCLUDE_KEY, QUERY_KEY, SEGMENT_KEY, batch_example_ids, batch_get,
+                    batch_guids)
+from .checks import check_top
+from .keys import (MaskKeyHead, demonstrations_off, encode_last_hidden, extract_keys, hidden_at_mask, mask_keys,
+                   trim_padding)
 from .template import RetroTemplate
 from .verbalizer import KnnVerbalizer
 
 _FAST_TEMPLATES = (ManualTemplate, MixedTemplate, SoftTemplate)
-install_raw_text_hook()  # run.json records the text each template was built from
 #: state_dict() entries that carry the store: keys (n, D) float32 and labels (n,) int64
 STORE_STATE_KEYS = ("retro_store.keys", "retro_store.labels")
 
@@ -91,6 +92,14 @@ def _weak(obj):
         return weakref.ref(obj)
     except TypeError:
         return lambda: obj
+
+
+def _example_at(uid: int):
+    """The InputExample behind an example identity (its live loader's raw dataset), or None."""
+    loader = loaders.loader_of(int(loaders.serials(uid)))
+    raw = getattr(loader, "raw_dataset", None)
+    position = int(loaders.positions(uid))
+    return raw[position] if raw is not None and position < len(raw) else None
 
 
 def _verbalizer_words(verbalizer) -> Optional[List[str]]:
@@ -155,6 +164,7 @@ class RetroPromptForClassification(PromptForClassification):
         if config is not None and not isinstance(config, RetroConfig):
             raise TypeError(f"config must be a RetroConfig, got {type(config).__name__}")
         config = (config or RetroConfig()).validate()
+        patches.install()
         if getattr(verbalizer, "num_classes", None) is None:
             raise ValueError("the verbalizer does not know its number of classes: "
                              "give it num_classes=... or classes=...")
@@ -168,11 +178,16 @@ class RetroPromptForClassification(PromptForClassification):
         self.prompt_model._owner = [self]
         self.config = config
         self.mask_only_head = True  # see _main_pass; False runs OpenPrompt's full-sequence head
-        self.exclude_self_in_eval = False  # True: an entry never answers for an example of its guid, in eval too
-        self.knn_loss_active = True  # set per epoch by update_loss_gate()
+        self.exclude_self_in_eval = False  # True: an entry never answers for the example it holds, in eval too
+        self.knn_loss_active = True  # recomputed after every store build by update_loss_gate()
+        self.store_loo_accuracy: Optional[float] = None  # the store's leave-one-out kNN accuracy (the gate's input)
         self.last_loss_weights: Optional[torch.Tensor] = None
         self.demo_ablation: Optional[str] = None  # diagnostics: "permute" d_c across classes
-        self.demos_hidden = False  # set by the trainer during the warm start (RetroConfig.demo_warmup)
+        self.total_training_steps: Optional[int] = None  # demo_warmup's denominator: see plan_training()
+        self.training_forwards = 0  # training forwards since plan_training(): demo_warmup's counter
+        self._demo_gen = torch.Generator().manual_seed(0)  # demo_dropout's draws
+        self._store_in_state_dict = True  # False inside store_outside_state_dict()
+        self._example_entries: Dict[int, tuple] = {}  # id(InputExample) -> (store id, example)
         self.key_head = MaskKeyHead(plm)
         self.store = KnowledgeStore(self._key_dim(), verbalizer.num_classes, metric=config.metric,
                                     index_factory=config.index_factory, built_by=self.key_head.describe())
@@ -327,9 +342,11 @@ class RetroPromptForClassification(PromptForClassification):
         return keys, labels, guids, uids
 
     def _rebuild(self, dataloader, progress: bool, added: list) -> None:
+        """Build the store from ``dataloader`` (then re-add ``added``) and recompute the kNN loss gate."""
         keys, labels, guids, texts, uids = self._encode(dataloader, progress)
         self.store.build(keys, labels, guids, texts)
-        self._entry_of_uid = {int(u): i for i, u in enumerate(uids) if u >= 0}
+        self._entry_of_uid, self._example_entries = {}, {}
+        self._note_entries(uids, np.arange(len(uids)))
         serial = loaders.serial_of(dataloader)
         self._source_ref, self._added = _weak(dataloader), []
         self._source_serials = set(loaders.serials(uids[uids >= 0]).tolist()) | ({serial} if serial else set())
@@ -343,28 +360,48 @@ class RetroPromptForClassification(PromptForClassification):
                 continue
             self._add(extra, progress=False)
             self._added.append(ref)
+        if len(self.store) >= 2:
+            self.update_loss_gate()
 
     def _add(self, dataloader, progress: bool) -> np.ndarray:
         keys, labels, guids, texts, uids = self._encode(dataloader, progress)
         ids = self.store.add(keys, labels, guids, texts)
-        self._entry_of_uid.update({int(u): int(i) for u, i in zip(uids, ids) if u >= 0})
+        self._note_entries(uids, ids)
         return ids
 
+    def _note_entries(self, uids: np.ndarray, ids) -> None:
+        """Remember which store entry holds which example: by identity, and by the InputExample itself."""
+        for u, i in zip(uids, ids):
+            if u < 0:
+                continue
+            self._entry_of_uid[int(u)] = int(i)
+            example = _example_at(int(u))
+            if example is not None:
+                self._example_entries[id(example)] = (int(i), example)
+
     # ---------------------------------------------------------------- state_dict
+    def sync_store(self) -> KnowledgeStore:
+        """The store the model would use now: rebuilt first when training forwards ran since the last build."""
+        if self._stale and self._source is not None:
+            self._rebuild(self._source, progress=False, added=list(self._added))
+        return self.store
+
     @contextmanager
     def store_outside_state_dict(self):
         """``state_dict()`` without the store's tensors (:meth:`save` writes the store in its own folder)."""
-        before, self._store_in_state_dict = getattr(self, "_store_in_state_dict", True), False
+        before, self._store_in_state_dict = self._store_in_state_dict, False
         try:
             yield self
         finally:
             self._store_in_state_dict = before
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """The store's keys and labels travel as two tensors (guids and texts stay with :meth:`save`)."""
+        """The store's keys and labels travel as two tensors (guids and texts stay with :meth:`save`);
+        a store left stale by training is rebuilt first, so a checkpoint predicts as the model does now."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if not getattr(self, "_store_in_state_dict", True):
+        if not self._store_in_state_dict:
             return
+        self.sync_store()
         keys_name, labels_name = STORE_STATE_KEYS
         destination[prefix + keys_name] = torch.from_numpy(np.array(self.store.keys, dtype=np.float32))
         destination[prefix + labels_name] = torch.from_numpy(np.array(self.store.labels, dtype=np.int64))
@@ -385,7 +422,7 @@ class RetroPromptForClassification(PromptForClassification):
             error_msgs.append(f"{names[0]} / {names[1]}: {e}")
             return
         # the entries' example identities are unknown: the next training forward rebuilds from the source
-        self._entry_of_uid, self._source_passes, self._stale = {}, None, False
+        self._entry_of_uid, self._example_entries, self._source_passes, self._stale = {}, {}, None, False
 
     def _attach_from_batch(self, batch_serials: set) -> None:
         """Take the loader of a training batch as the training data (the store is built when first needed)."""
@@ -405,8 +442,13 @@ class RetroPromptForClassification(PromptForClassification):
         if not (self.training and torch.is_grad_enabled()):
             return False
         uids = batch_example_ids(batch)
-        if uids is None or not (uids >= 0).any():
-            return True  # no identities: trust the mode
+        if uids is None or not (uids >= 0).any():  # no identities: trust the mode
+            if self._source is None and len(self.store) == 0 and self.uses_store:
+                raise ValueError("cannot tell which data loader this training batch came from (its examples carry no "
+                                 "identities: the loader was built before any openprompt_retro class was "
+                                 "constructed), so the knowledge store cannot be built: call "
+                                 "model.attach(train_loader) before training")
+            return True
         batch_serials = set(loaders.serials(uids[uids >= 0]).tolist())
         if self._source is None:
             if self.uses_store:
@@ -422,15 +464,16 @@ class RetroPromptForClassification(PromptForClassification):
             return True
         return False
 
-    def _ensure_store(self, training: bool, needed: bool) -> None:
-        """Build or rebuild the store when this forward reads it (see the class docstring).
+    def _ensure_store(self, training: bool, needed: bool) -> bool:
+        """Build or rebuild the store when this forward reads it (see the class docstring); whether there is one.
 
         Rebuilt: when it is empty or its entries are unknown; in a training forward, when a
         new pass over the source has begun and training forwards ran since the last build;
-        in an inference forward, when training forwards ran since the last build.
+        in an inference forward, when training forwards ran since the last build. A model with
+        no store and no training data (zero-shot, calibration) has none: its forwards are plain.
         """
         if not needed:
-            return
+            return True
         source = self._source
         if source is not None:
             passes = loaders.passes(source)
@@ -443,20 +486,49 @@ class RetroPromptForClassification(PromptForClassification):
                 self._rebuild(source, progress=False, added=list(self._added))
             if training:
                 self._source_passes = passes
-        if len(self.store) == 0:
+        if len(self.store) == 0 and training:
             raise ValueError("retrieval needs a knowledge store and none is built: train on a PromptDataLoader (the "
                              "store is built from it) or call model.attach(train_loader) / refresh_store(train_loader)")
+        return len(self.store) > 0
 
     # ---------------------------------------------------------------- forward
     def _own_ids(self, batch, training: bool) -> np.ndarray:
-        """Each example's store id (-1: none): by example identity in training, by guid otherwise."""
+        """Each example's store id (-1: none), by example identity: its loader and position, or (in an
+        inference forward) the InputExample object the entry was encoded from. Guids serve only for a
+        training batch without identities."""
         guids = batch_guids(batch)
         if len(self.store) == 0:
             return np.full(len(guids), -1, dtype=np.int64)
         uids = batch_example_ids(batch)
-        if training and uids is not None and self._entry_of_uid:
+        if uids is None:
+            return self.store.ids_of(guids) if training else np.full(len(guids), -1, dtype=np.int64)
+        if training and self._entry_of_uid:
             return np.array([self._entry_of_uid.get(int(u), -1) for u in uids], dtype=np.int64)
-        return self.store.ids_of(guids)
+        return np.array([self._entry_of_uid.get(int(u), self._entry_of_example(int(u))) for u in uids],
+                        dtype=np.int64)
+
+    def _entry_of_example(self, uid: int) -> int:
+        """The store id of the InputExample behind ``uid`` (the same object as an encoded one), else -1."""
+        example = _example_at(uid)
+        entry, held = self._example_entries.get(id(example), (-1, None))
+        return entry if example is not None and held is example else -1
+
+    def _check_batch_template(self, batch) -> None:
+        """A batch made with a demonstration template must be processed by that template."""
+        uids = batch_example_ids(batch)
+        source = loaders.loader_of(int(loaders.serials(uids[0]))) if uids is not None and len(uids) else None
+        theirs, ours = getattr(source, "template", None), self.template
+        if (isinstance(theirs, RetroTemplate) and theirs.demonstrations != "none"
+                and (theirs.demonstrations, theirs.label_words) != (ours.demonstrations, ours.label_words)):
+            raise ValueError(f"this batch comes from a PromptDataLoader built with another template "
+                             f"(RetroTemplate(demonstrations={theirs.demonstrations!r})) than the model's "
+                             f"({type(ours.base).__name__} in RetroTemplate(demonstrations={ours.demonstrations!r}), "
+                             f"label words {ours.label_words}): its demonstration segment would be read wrongly; "
+                             "build the model with the template the loaders were built with")
+        segment = batch_get(batch, SEGMENT_KEY)
+        if self.template.demonstrations == "none" and segment is not None and bool((segment == 1).any()):
+            raise ValueError("this batch has a demonstration segment but the model's template has no "
+                             "demonstrations: build the model with the RetroTemplate the loaders were built with")
 
     def prepare_batch(self, batch, need_query: Optional[bool] = None, training: Optional[bool] = None):
         """A copy of ``batch`` with query keys, exclusions and demonstrations attached.
@@ -466,13 +538,19 @@ class RetroPromptForClassification(PromptForClassification):
         is computed when the loss or the verbalizer will use it.
         (Templates rewrite the batch they process, so each pass gets its own shallow copy.)
         """
+        self._check_batch_template(batch)
         if training is None:
             training = self.is_training_forward(batch)
         if need_query is None:
-            need_query = self.config.loss != "ce" if training else self.verbalizer.lam > 0
-        self._ensure_store(training, self.uses_neural_demos or need_query)
+            need_query = self.config.loss != "ce" if training else self.config.knn_lambda > 0
+        if not self._ensure_store(training, self.uses_neural_demos or need_query):
+            batch = trim_padding(batch, drop_segment=True)  # no store: the plain model's input
+            batch[EXCLUDE_KEY], batch[QUERY_KEY], batch[DEMO_KEY] = None, None, None
+            return batch
         if training:
             self._stale = True
+            warm = self._warming_up()
+            self.training_forwards += 1
         batch = trim_padding(batch)  # a copy, without all-padding columns
         own = self._own_ids(batch, training)
         if training or self.exclude_self_in_eval:  # leave-one-out: an example never retrieves itself
@@ -494,11 +572,35 @@ class RetroPromptForClassification(PromptForClassification):
         batch[QUERY_KEY] = query
         if self.uses_neural_demos:
             demos = neural_demonstrations(self.store, query, self.config.demo_topk, batch[EXCLUDE_KEY])
-            batch[DEMO_KEY] = self._shape_demonstrations(demos).to(device)
+            batch[DEMO_KEY] = self._shape_demonstrations(demos, training and warm).to(device)
         return batch
 
-    def _shape_demonstrations(self, demos: torch.Tensor) -> torch.Tensor:
-        """The configured variants of d_c (B, C, D): centred, norm-matched, permuted (diagnostic), dropped."""
+    def plan_training(self, total_steps: int) -> None:
+        """Say how many training forwards (steps) the training run makes; restarts the warm-up count.
+
+        ``RetroConfig.demo_warmup`` hides the demonstrations in the first
+        ``demo_warmup * total_steps`` training forwards of the model (one per step in a
+        loop that calls the model once per batch). RetroTrainer calls this in ``fit``; a
+        hand-written loop calls ``model.plan_training(epochs * len(train_loader))`` first.
+        """
+        if int(total_steps) < 1:
+            raise ValueError(f"total_steps must be at least 1, got {total_steps}")
+        self.total_training_steps, self.training_forwards = int(total_steps), 0
+
+    def _warming_up(self) -> bool:
+        """Whether this training forward falls in the demonstration warm-up (see :meth:`plan_training`)."""
+        warmup = self.config.demo_warmup
+        if warmup == 0 or not self.uses_neural_demos:
+            return False
+        if self.total_training_steps is None:
+            raise ValueError(f"RetroConfig.demo_warmup={warmup} hides the demonstrations in the first {warmup:.0%} "
+                             "of the training steps, and the model does not know how many there are: call "
+                             "model.plan_training(total_steps) before training (e.g. epochs * len(train_loader))")
+        return self.training_forwards < warmup * self.total_training_steps
+
+    def _shape_demonstrations(self, demos: torch.Tensor, hidden: bool = False) -> torch.Tensor:
+        """The configured variants of d_c (B, C, D): centred, norm-matched, permuted (diagnostic), dropped;
+        all zero when ``hidden`` (the warm-up)."""
         c = self.config
         if c.demo_center:
             demos = demos - torch.from_numpy(np.asarray(self.store.keys).mean(0)).to(demos.dtype)
@@ -508,17 +610,12 @@ class RetroPromptForClassification(PromptForClassification):
             demos = demos * (target / demos.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         if self.demo_ablation == "permute":  # each class's slot gets the next class's demonstration
             demos = demos.roll(1, dims=1)
-        if self.training and self.demos_hidden:  # warm start: no demonstrations yet
+        if hidden:  # warm start: no demonstrations yet
             return torch.zeros_like(demos)
         if self.training and c.demo_dropout > 0:  # the whole demonstration set of an example, zeroed
-            keep = (torch.rand(demos.shape[0], 1, 1, generator=self._demo_generator()) >= c.demo_dropout)
+            keep = (torch.rand(demos.shape[0], 1, 1, generator=self._demo_gen) >= c.demo_dropout)
             demos = demos * keep.to(demos.dtype)
         return demos
-
-    def _demo_generator(self) -> torch.Generator:
-        if getattr(self, "_demo_gen", None) is None:
-            self._demo_gen = torch.Generator().manual_seed(0)
-        return self._demo_gen
 
     def _lm_head(self):
         """The PLM's LM head (hidden -> vocabulary logits), or None if unknown."""
@@ -537,6 +634,12 @@ class RetroPromptForClassification(PromptForClassification):
         short inputs); the outputs are shaped as a length-1 sequence, so the
         verbalizer sees exactly what OpenPrompt would give it at the mask.
         """
+        if self.uses_neural_demos and len(self.store) == 0:  # no store, no d_c: the plain model's input
+            with demonstrations_off(self.template):
+                return self._encoded(batch)
+        return self._encoded(batch)
+
+    def _encoded(self, batch):
         head, pm = self._lm_head(), self.prompt_model
         loss_ids = batch["loss_ids"]
         fast = (self.mask_only_head and head is not None and isinstance(self.template.base, _FAST_TEMPLATES)
@@ -584,7 +687,7 @@ class RetroPromptForClassification(PromptForClassification):
         """
         training = self.is_training_forward(batch)
         batch = self.prepare_batch(batch, training=training)
-        logits, query = self.forward_with_keys(batch, mix=not training)
+        logits, query = self.forward_with_keys(batch, mix=not training and len(self.store) > 0)
         labels = batch_get(batch, "label")
         c = self.config
         if (training and c.loss != "ce" and self.knn_loss_active and logits.requires_grad
@@ -672,6 +775,7 @@ class RetroPromptForClassification(PromptForClassification):
         the ``top`` best of them are listed with these weights (not renormalised over
         the listed ones, so they sum to at most 1).
         """
+        check_top(top)
         was = self.training
         self.eval()
         try:
@@ -712,6 +816,7 @@ class RetroPromptForClassification(PromptForClassification):
         """
         from . import saved_run
 
+        self.sync_store()
         saved_run.save_run(self, directory, save_plm=save_plm, model_type=model_type, name_or_path=plm_name_or_path)
 
     def load(self, directory: str) -> "RetroPromptForClassification":

@@ -59,27 +59,6 @@ class SavedRunError(ValueError):
 
 
 # ---------------------------------------------------------------------- template text
-def install_raw_text_hook() -> None:
-    """Remember the string each OpenPrompt template's text was set from (``_retro_raw_text``).
-
-    OpenPrompt parses the text on assignment and keeps only the parsed form, from
-    which a MixedTemplate cannot be rebuilt; the raw string is what run.json records.
-    """
-    from openprompt.prompt_base import Template
-
-    prop = Template.__dict__.get("text")
-    if not isinstance(prop, property) or getattr(prop.fset, "_retro_raw_text", False):
-        return
-
-    def fset(self, text):
-        if isinstance(text, str):
-            self.__dict__["_retro_raw_text"] = text
-        prop.fset(self, text)
-
-    fset._retro_raw_text = True
-    Template.text = property(prop.fget, fset, prop.fdel, prop.__doc__)
-
-
 def _unparse(parsed: Sequence[Dict]) -> str:
     """A template string that OpenPrompt's ``parse_text`` turns back into ``parsed``."""
     out = []

@@ -20,12 +20,22 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from ..core.knn import MixtureGrid, accuracy
+from ..core.store import StoreError
 from . import distributed
 from .keys import demonstrations_off
-from .checks import check_labels, check_model, check_training_set, label_words_of
+from .checks import DataError, check_labels, check_model, check_texts, check_top, check_training_set, label_words_of
 from .model import RetroPromptForClassification
 from .store_builder import tokenizing_bar
 from .training_args import AMP_DTYPES, TrainingArgs
+
+
+class TrainingDiverged(DataError):
+    """The training loss became inf or NaN (usually a learning rate far too high); training stopped."""
+
+
+def _diverged(what: str, run: "_Run") -> TrainingDiverged:
+    return TrainingDiverged(f"training diverged: {what} at step {run.step} (learning rate {run.lr:g}); lower the "
+                            "learning rate (TrainingArgs.lr / --lr)")
 
 
 def set_seed(seed: int) -> None:
@@ -66,6 +76,7 @@ class RetroTrainer:
         if len(examples) == 0:
             raise ValueError(f"{split}: no examples given")
         check_labels(examples, self.model.num_classes, split, require_labels, label_words_of(self.model))
+        check_texts(examples, split)
         with tokenizing_bar(self.args.progress):
             return PromptDataLoader(list(examples), self.model.template, tokenizer=self.tokenizer,
                                     tokenizer_wrapper_class=self.wrapper_class,
@@ -104,6 +115,7 @@ class RetroTrainer:
         check_training_set(labels, n_classes, self.model.uses_store, words)
         self._train_examples = train
         run = self._start_run(train, dev)
+        self.model.plan_training(run.total_steps)  # demo_warmup counts the model's training forwards
         self._refresh(run)
         bar = tqdm(total=run.total_steps, desc="steps", disable=not self.args.progress or run.rank > 0)
         epoch = 0
@@ -111,7 +123,6 @@ class RetroTrainer:
             self._train_epoch(run, epoch, bar)
             epoch += 1
         bar.close()
-        self.model.demos_hidden = False
         if run.best_state is not None:
             self._restore(run.best_state)
         if run.dev_loader is not None and self.args.tune_inference:
@@ -170,9 +181,10 @@ class RetroTrainer:
         self.model.train()
 
     def _train_step(self, run: "_Run", batch) -> float:
-        self.model.demos_hidden = run.step < self.model.config.demo_warmup * run.total_steps
         with self._autocast():
             loss = run.step_model(self._to_device(batch))
+        if not torch.isfinite(loss.detach()).all():
+            raise _diverged(f"the loss is {loss.item()}", run)
         run.optimizer.zero_grad()
         if run.scaler is None:
             loss.backward()
@@ -194,10 +206,13 @@ class RetroTrainer:
         """Recompute the store's keys (isolated RNG) and the kNN loss gate; once per training step."""
         if not run.needs_store or run.refreshed_at == run.step:
             return
-        with isolated_rng(self.args.device), self._autocast():
-            self.model.refresh_store(run.store_loader, progress=False)
-            if len(self.model.store) >= 2:
-                self.model.update_loss_gate()
+        try:
+            with isolated_rng(self.args.device), self._autocast():
+                self.model.refresh_store(run.store_loader, progress=False)  # also recomputes the kNN loss gate
+        except StoreError:  # the keys of the step-0 build were fine: training made them inf/NaN
+            if run.step == 0:
+                raise
+            raise _diverged("the store keys are no longer finite", run) from None
         run.refreshed_at = run.step
 
     def _checkpoint(self, run: "_Run", epoch: int, bar=None) -> None:
@@ -315,6 +330,7 @@ class RetroTrainer:
     # ---------------------------------------------------------------- open book
     def explain(self, example, top: int = 5) -> Dict:
         """The prediction for one InputExample and the neighbours behind it (text, label, weight)."""
+        check_top(top)
         loader = self.loader([example], batch_size=1)
         with self._autocast():
             return self.model.explain_batch(self._to_device(next(iter(loader))), top=top)[0]

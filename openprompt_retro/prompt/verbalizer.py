@@ -27,6 +27,7 @@ from openprompt.prompt_base import Verbalizer
 
 from ..core.knn import mix
 from ..core.store import KnowledgeStore
+from . import patches
 from .batch import EXCLUDE_KEY, QUERY_KEY, batch_get
 from .keys import MaskKeyHead
 from .wrapping import PassThroughToBase
@@ -58,6 +59,7 @@ class KnnVerbalizer(PassThroughToBase, Verbalizer):
     def __init__(self, base: Verbalizer, plm: torch.nn.Module, store: Optional[KnowledgeStore] = None,
                  k: int = 16, temperature: float = 1.0, lam: float = 0.5, mix_in_training: bool = False,
                  scale: str = "zscore"):
+        patches.install()
         super().__init__(tokenizer=base.tokenizer, classes=base.classes, num_classes=base.num_classes)
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must lie in [0, 1], got {lam}")
