@@ -413,13 +413,15 @@ def _load_text_pool(directory: str, run: Dict):
         raise SavedRunError(f"cannot read the text-demonstration pool {path}: {e}") from None
 
 
-def rebuild(directory: str, cls=None, plm_path: Optional[str] = None, model_type: Optional[str] = None,
+def rebuild(directory: str, cls, plm_path: Optional[str] = None, model_type: Optional[str] = None,
             text_pool: Optional[Sequence] = None):
-    """(model, tokenizer, wrapper_class) rebuilt from a run folder alone, then loaded with every check."""
-    from .model import RetroPromptForClassification
+    """(model, tokenizer, wrapper_class) rebuilt from a run folder alone, then loaded with every check.
+
+    ``cls``: the model class to build (RetroPromptForClassification or a subclass; its ``from_pretrained``
+    passes itself, so this module never imports the model's).
+    """
     from .template import RetroTemplate
 
-    cls = cls or RetroPromptForClassification
     check_files(directory)
     run = read_run_json(directory, required=True)
     t_info, v_info, p_info = run["template"], run["verbalizer"], run["plm"]
