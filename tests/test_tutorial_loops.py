@@ -592,8 +592,8 @@ def test_hand_loop_recomputes_the_gate_after_every_store_build(tiny_bert):
                                            config=R.RetroConfig(train_knn_k=3))
     train_loader = loader(splits()["train"], model.template, tiny_bert, shuffle=True)
     gates = []
-    update = model.update_loss_gate
-    model.update_loss_gate = lambda: gates.append(update()) or gates[-1]
+    update = model.lifecycle.update_gate
+    model.lifecycle.update_gate = lambda: gates.append(update()) or gates[-1]
     model.attach(train_loader)
     train_loop(model, train_loader, [torch.optim.AdamW(model.parameters(), lr=1e-3)], epochs=3)
     assert len(gates) == 3  # attach, then the rebuilds at the start of passes 2 and 3

@@ -11,10 +11,6 @@ One forward pass does all three retrievals:
 """
 from __future__ import annotations
 
-import sys
-import warnings
-import weakref
-from collections import Counter
 from contextlib import contextmanager
 from typing import Dict, List, Optional
 
@@ -27,17 +23,15 @@ from openprompt.prompts import ManualTemplate, MixedTemplate, SoftTemplate
 from transformers.modeling_outputs import MaskedLMOutput
 
 from ..core.config import RetroConfig
-from ..core.demonstrations import neural_demonstrations
 from ..core.knn import knn_label_distribution, knn_weights, mix
 from ..core.loss import knn_guided_loss, knn_loss_weights
 from ..core.store import KnowledgeStore, StoreError
-from ..core.text import example_text
-from . import distributed, loaders, patches
-from .batch import (DEMO_KEY, EXAMPLE_KEY, EXCLUDE_KEY, QUERY_KEY, SEGMENT_KEY, batch_example_ids, batch_get,
-                    batch_guids)
+from . import patches
+from .batch import (DEMO_KEY, EXCLUDE_KEY, QUERY_KEY, batch_get)
 from .checks import check_top
-from .keys import (MaskKeyHead, demonstrations_off, encode_last_hidden, extract_keys, hidden_at_mask, mask_keys,
-                   trim_padding)
+from .keys import (MaskKeyHead, demonstrations_off, encode_last_hidden, hidden_at_mask)
+from .retrieval import check_batch_template, retrieve, shape_demonstrations
+from .store_lifecycle import StoreLifecycle
 from .template import RetroTemplate
 from .verbalizer import KnnVerbalizer
 
@@ -76,30 +70,6 @@ class _RetroPromptModel(PromptModel):
         if owner.uses_neural_demos and batch_get(batch, DEMO_KEY) is None:
             batch = owner.prepare_batch(batch)
         return super().forward(batch)
-
-
-def _callers_level() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside this package and torch."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("openprompt_retro", "torch"):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _weak(obj):
-    """A weak reference to ``obj`` (a strong one where it cannot be weakly referenced), called to dereference."""
-    try:
-        return weakref.ref(obj)
-    except TypeError:
-        return lambda: obj
-
-
-def _example_at(uid: int):
-    """The InputExample behind an example identity (its live loader's raw dataset), or None."""
-    loader = loaders.loader_of(int(loaders.serials(uid)))
-    raw = getattr(loader, "raw_dataset", None)
-    position = int(loaders.positions(uid))
-    return raw[position] if raw is not None and position < len(raw) else None
 
 
 def _verbalizer_words(verbalizer) -> Optional[List[str]]:
@@ -179,24 +149,12 @@ class RetroPromptForClassification(PromptForClassification):
         self.config = config
         self.mask_only_head = True  # see _main_pass; False runs OpenPrompt's full-sequence head
         self.exclude_self_in_eval = False  # True: an entry never answers for the example it holds, in eval too
-        self.knn_loss_active = True  # recomputed after every store build by update_loss_gate()
-        self.store_loo_accuracy: Optional[float] = None  # the store's leave-one-out kNN accuracy (the gate's input)
         self.last_loss_weights: Optional[torch.Tensor] = None
         self.demo_ablation: Optional[str] = None  # diagnostics: "permute" d_c across classes
-        self.total_training_steps: Optional[int] = None  # demo_warmup's denominator: see plan_training()
-        self.training_forwards = 0  # training forwards since plan_training(): demo_warmup's counter
         self._demo_gen = torch.Generator().manual_seed(0)  # demo_dropout's draws
         self._store_in_state_dict = True  # False inside store_outside_state_dict()
-        self._example_entries: Dict[int, tuple] = {}  # id(InputExample) -> (store id, example)
         self.key_head = MaskKeyHead(plm)
-        self.store = KnowledgeStore(self._key_dim(), verbalizer.num_classes, metric=config.metric,
-                                    index_factory=config.index_factory, built_by=self.key_head.describe())
-        self._source_ref = None  # weak reference to the training data the store is built from
-        self._source_serials: set = set()  # serials of the loaders whose examples are that training data
-        self._source_passes: Optional[int] = None  # passes over the source at the last build (None: rebuild)
-        self._added: list = []  # weak references to the loaders given to add_to_store since (re-added on rebuilds)
-        self._entry_of_uid: Dict[int, int] = {}  # example identity -> store id
-        self._stale = False  # training forwards ran since the last build
+        self.lifecycle = StoreLifecycle(self, self.key_head)  # the store and when it is rebuilt
         self.apply_config()
 
     @staticmethod
@@ -250,11 +208,39 @@ class RetroPromptForClassification(PromptForClassification):
     def uses_neural_demos(self) -> bool:
         return self.template.demonstrations == "neural" and self.template.demonstrations_enabled
 
-    # ---------------------------------------------------------------- store
+    # ---------------------------------------------------------------- store (see store_lifecycle.py)
+    @property
+    def store(self) -> KnowledgeStore:
+        return self.lifecycle.store
+
+    @store.setter
+    def store(self, store: KnowledgeStore) -> None:
+        self.lifecycle.store = store
+
     @property
     def _source(self):
-        """The training data the store is built from, while it is alive (else None)."""
-        return self._source_ref() if self._source_ref is not None else None
+        return self.lifecycle.source
+
+    @property
+    def knn_loss_active(self) -> bool:
+        """Whether the kNN weights apply (the gate, recomputed after every store build)."""
+        return self.lifecycle.knn_loss_active
+
+    @knn_loss_active.setter
+    def knn_loss_active(self, value: bool) -> None:
+        self.lifecycle.knn_loss_active = bool(value)
+
+    @property
+    def store_loo_accuracy(self) -> Optional[float]:
+        return self.lifecycle.store_loo_accuracy
+
+    @property
+    def total_training_steps(self) -> Optional[int]:
+        return self.lifecycle.total_training_steps
+
+    @property
+    def training_forwards(self) -> int:
+        return self.lifecycle.training_forwards
 
     def attach(self, dataloader, progress: bool = False) -> KnowledgeStore:
         """Make ``dataloader``'s examples the training data and build the store from them now.
@@ -268,124 +254,30 @@ class RetroPromptForClassification(PromptForClassification):
         return self.refresh_store(dataloader, progress=progress)
 
     def refresh_store(self, dataloader=None, progress: bool = True) -> KnowledgeStore:
-        """Recompute every key with the current encoder (one demonstration-free pass).
-
-        ``dataloader`` (a ``PromptDataLoader`` or any iterable of its batches)
-        becomes the training data, and the store holds exactly its examples;
-        without it, the attached training data (and what :meth:`add_to_store`
-        added since) is encoded again. Under torch.distributed each rank encodes
-        its shard and the keys are all-gathered: every rank then holds the same store.
-        """
-        if dataloader is None:
-            if self._source is None:
-                raise ValueError("no training data attached: call refresh_store(train_loader) or attach(train_loader)")
-            self._rebuild(self._source, progress, list(self._added))
-        else:
-            self._rebuild(dataloader, progress, [])
-        return self.store
+        """Recompute every key with the current encoder (see :meth:`.StoreLifecycle.refresh`)."""
+        return self.lifecycle.refresh(dataloader, progress)
 
     def add_to_store(self, dataloader, progress: bool = True) -> np.ndarray:
-        """Add labeled examples to the store without retraining; returns their ids.
+        """Add labeled examples to the store without retraining; returns their ids (:meth:`.StoreLifecycle.add`)."""
+        return self.lifecycle.add(dataloader, progress)
 
-        While ``dataloader`` is alive (a reference is kept by the caller), its examples are
-        encoded again whenever the store is rebuilt automatically; ``refresh_store(loader)``
-        starts over from ``loader`` alone.
-        """
-        if self._stale and self._source is not None:  # old keys must come from the encoder of the new ones
-            self._rebuild(self._source, progress=False, added=list(self._added))
-        ids = self._add(dataloader, progress)
-        self._added.append(_weak(dataloader))
-        return ids
-
-    def _encode(self, dataloader, progress: bool):
-        """(keys, labels, guids, texts, example ids) of every example of ``dataloader``, in dataset order."""
-        raw = getattr(dataloader, "raw_dataset", None)
-        if raw is not None:
-            counts = Counter(str(e.guid) for e in raw if getattr(e, "guid", None) is not None)
-            dup = sorted(g for g, c in counts.items() if c > 1)
-            if dup:
-                raise ValueError(f"the training data has {len(dup)} duplicate guids, e.g. {dup[:5]}: each example "
-                                 "needs its own guid (or none at all)")
-        if hasattr(dataloader, "tensor_dataset") and loaders.serial_of(dataloader) is None:
-            loaders.tag_loader(dataloader)  # built before openprompt_retro was imported
-        if distributed.is_distributed():
-            keys, labels, guids, uids = self._encode_distributed(dataloader, progress)
-        else:
-            keys, labels, guids, uids = extract_keys(self, loaders.in_order(dataloader), progress=progress,
-                                                     example_ids=True)
-        serial = loaders.serial_of(dataloader)
-        by_guid = {str(e.guid): example_text(e) for e in (raw if raw is not None else [])
-                   if getattr(e, "guid", None) is not None}
-        texts = []
-        for g, u in zip(guids, uids):
-            if raw is not None and serial is not None and u >= 0 and int(loaders.serials(u)) == serial:
-                texts.append(example_text(raw[int(loaders.positions(u))]))
-            else:
-                texts.append(by_guid.get(g) if g is not None else None)
-        return keys, labels, guids, texts, uids
-
-    def _encode_distributed(self, dataloader, progress: bool):
-        from torch.utils.data import DataLoader
-        from openprompt.data_utils import InputFeatures
-
-        rank, world = distributed.rank_and_world()
-        features = dataloader.tensor_dataset
-        mine = np.arange(rank, len(features), world)
-        shard = DataLoader([features[i] for i in mine], batch_size=dataloader.batch_size,
-                           collate_fn=InputFeatures.collate_fct)
-        keys, _, _ = extract_keys(self, shard, progress=progress and rank == 0)
-        keys = distributed.gather_in_order(keys, mine)
-        labels = np.array([int(f["label"]) for f in features])
-        guids = [None if f["guid"] is None else str(f["guid"]) for f in features]
-        uids = np.array([-1 if batch_get(f, EXAMPLE_KEY) is None else int(batch_get(f, EXAMPLE_KEY))
-                         for f in features], dtype=np.int64)
-        return keys, labels, guids, uids
-
-    def _rebuild(self, dataloader, progress: bool, added: list) -> None:
-        """Build the store from ``dataloader`` (then re-add ``added``) and recompute the kNN loss gate."""
-        keys, labels, guids, texts, uids = self._encode(dataloader, progress)
-        self.store.build(keys, labels, guids, texts)
-        self._entry_of_uid, self._example_entries = {}, {}
-        self._note_entries(uids, np.arange(len(uids)))
-        serial = loaders.serial_of(dataloader)
-        self._source_ref, self._added = _weak(dataloader), []
-        self._source_serials = set(loaders.serials(uids[uids >= 0]).tolist()) | ({serial} if serial else set())
-        self._source_passes = loaders.passes(dataloader)
-        self._stale = False
-        for ref in added:
-            extra = ref()
-            if extra is None:
-                warnings.warn("examples added with add_to_store are no longer in the store: their data loader was "
-                              "garbage-collected before the store was rebuilt; keep a reference to it")
-                continue
-            self._add(extra, progress=False)
-            self._added.append(ref)
-        if len(self.store) >= 2:
-            self.update_loss_gate()
-
-    def _add(self, dataloader, progress: bool) -> np.ndarray:
-        keys, labels, guids, texts, uids = self._encode(dataloader, progress)
-        ids = self.store.add(keys, labels, guids, texts)
-        self._note_entries(uids, ids)
-        return ids
-
-    def _note_entries(self, uids: np.ndarray, ids) -> None:
-        """Remember which store entry holds which example: by identity, and by the InputExample itself."""
-        for u, i in zip(uids, ids):
-            if u < 0:
-                continue
-            self._entry_of_uid[int(u)] = int(i)
-            example = _example_at(int(u))
-            if example is not None:
-                self._example_entries[id(example)] = (int(i), example)
-
-    # ---------------------------------------------------------------- state_dict
     def sync_store(self) -> KnowledgeStore:
         """The store the model would use now: rebuilt first when training forwards ran since the last build."""
-        if self._stale and self._source is not None:
-            self._rebuild(self._source, progress=False, added=list(self._added))
-        return self.store
+        return self.lifecycle.sync()
 
+    def plan_training(self, total_steps: int) -> None:
+        """Say how many training steps follow (demo_warmup's denominator; :meth:`.StoreLifecycle.plan_training`)."""
+        self.lifecycle.plan_training(total_steps)
+
+    def update_loss_gate(self) -> float:
+        """The store's leave-one-out kNN accuracy; the kNN loss term is active only above chance."""
+        return self.lifecycle.update_gate()
+
+    def is_training_forward(self, batch) -> bool:
+        """Whether a forward on ``batch`` now is a training forward (the rule in the class docstring)."""
+        return self.training and torch.is_grad_enabled() and self.lifecycle.is_training_batch(batch)
+
+    # ---------------------------------------------------------------- state_dict
     @contextmanager
     def store_outside_state_dict(self):
         """``state_dict()`` without the store's tensors (:meth:`save` writes the store in its own folder)."""
@@ -417,205 +309,30 @@ class RetroPromptForClassification(PromptForClassification):
             return
         keys, labels = (state_dict[n].detach().cpu() for n in names)
         try:
-            self.store.build(keys.float().numpy(), labels.long().numpy())
+            self.lifecycle.load_keys(keys.float().numpy(), labels.long().numpy())
         except StoreError as e:
             error_msgs.append(f"{names[0]} / {names[1]}: {e}")
-            return
-        # the entries' example identities are unknown: the next training forward rebuilds from the source
-        self._entry_of_uid, self._example_entries, self._source_passes, self._stale = {}, {}, None, False
-
-    def _attach_from_batch(self, batch_serials: set) -> None:
-        """Take the loader of a training batch as the training data (the store is built when first needed)."""
-        loader = loaders.loader_of(next(iter(batch_serials))) if len(batch_serials) == 1 else None
-        if loader is None:
-            raise ValueError("cannot tell which data loader this training batch came from, so the knowledge store "
-                             "cannot be built: call model.attach(train_loader) before training")
-        warnings.warn(f"RetroPromptForClassification: building the knowledge store from the PromptDataLoader of the "
-                      f"first training batch ({len(loader.tensor_dataset)} examples); call model.attach(train_loader) "
-                      "to choose the training data yourself", stacklevel=_callers_level())
-        self._source_ref, self._added = _weak(loader), []
-        self._source_serials = {loaders.serial_of(loader)}
-        self._source_passes = None
-
-    def is_training_forward(self, batch) -> bool:
-        """Whether a forward on ``batch`` now is a training forward (the rule in the class docstring)."""
-        if not (self.training and torch.is_grad_enabled()):
-            return False
-        uids = batch_example_ids(batch)
-        if uids is None or not (uids >= 0).any():  # no identities: trust the mode
-            if self._source is None and len(self.store) == 0 and self.uses_store:
-                raise ValueError("cannot tell which data loader this training batch came from (its examples carry no "
-                                 "identities: the loader was built before any openprompt_retro class was "
-                                 "constructed), so the knowledge store cannot be built: call "
-                                 "model.attach(train_loader) before training")
-            return True
-        batch_serials = set(loaders.serials(uids[uids >= 0]).tolist())
-        if self._source is None:
-            if self.uses_store:
-                self._attach_from_batch(batch_serials)
-            return True
-        if batch_serials <= self._source_serials:
-            return True
-        # a training loader built again from the same dataset object replaces the old one
-        raw = getattr(self._source, "raw_dataset", None)
-        other = loaders.loader_of(next(iter(batch_serials))) if len(batch_serials) == 1 else None
-        if raw is not None and other is not None and getattr(other, "raw_dataset", None) is raw:
-            self._source_ref, self._source_serials, self._source_passes = _weak(other), batch_serials, None
-            return True
-        return False
-
-    def _ensure_store(self, training: bool, needed: bool) -> bool:
-        """Build or rebuild the store when this forward reads it (see the class docstring); whether there is one.
-
-        Rebuilt: when it is empty or its entries are unknown; in a training forward, when a
-        new pass over the source has begun and training forwards ran since the last build;
-        in an inference forward, when training forwards ran since the last build. A model with
-        no store and no training data (zero-shot, calibration) has none: its forwards are plain.
-        """
-        if not needed:
-            return True
-        source = self._source
-        if source is not None:
-            passes = loaders.passes(source)
-            rebuild = len(self.store) == 0 or self._source_passes is None
-            if training:
-                rebuild = rebuild or (passes != self._source_passes and self._stale)
-            else:
-                rebuild = rebuild or self._stale
-            if rebuild:
-                self._rebuild(source, progress=False, added=list(self._added))
-            if training:
-                self._source_passes = passes
-        if len(self.store) == 0 and training:
-            raise ValueError("retrieval needs a knowledge store and none is built: train on a PromptDataLoader (the "
-                             "store is built from it) or call model.attach(train_loader) / refresh_store(train_loader)")
-        return len(self.store) > 0
 
     # ---------------------------------------------------------------- forward
-    def _own_ids(self, batch, training: bool) -> np.ndarray:
-        """Each example's store id (-1: none), by example identity: its loader and position, or (in an
-        inference forward) the InputExample object the entry was encoded from. Guids serve only for a
-        training batch without identities."""
-        guids = batch_guids(batch)
-        if len(self.store) == 0:
-            return np.full(len(guids), -1, dtype=np.int64)
-        uids = batch_example_ids(batch)
-        if uids is None:
-            return self.store.ids_of(guids) if training else np.full(len(guids), -1, dtype=np.int64)
-        if training and self._entry_of_uid:
-            return np.array([self._entry_of_uid.get(int(u), -1) for u in uids], dtype=np.int64)
-        return np.array([self._entry_of_uid.get(int(u), self._entry_of_example(int(u))) for u in uids],
-                        dtype=np.int64)
-
-    def _entry_of_example(self, uid: int) -> int:
-        """The store id of the InputExample behind ``uid`` (the same object as an encoded one), else -1."""
-        example = _example_at(uid)
-        entry, held = self._example_entries.get(id(example), (-1, None))
-        return entry if example is not None and held is example else -1
-
-    def _check_batch_template(self, batch) -> None:
-        """A batch made with a demonstration template must be processed by that template."""
-        uids = batch_example_ids(batch)
-        source = loaders.loader_of(int(loaders.serials(uids[0]))) if uids is not None and len(uids) else None
-        theirs, ours = getattr(source, "template", None), self.template
-        if (isinstance(theirs, RetroTemplate) and theirs.demonstrations != "none"
-                and (theirs.demonstrations, theirs.label_words) != (ours.demonstrations, ours.label_words)):
-            raise ValueError(f"this batch comes from a PromptDataLoader built with another template "
-                             f"(RetroTemplate(demonstrations={theirs.demonstrations!r})) than the model's "
-                             f"({type(ours.base).__name__} in RetroTemplate(demonstrations={ours.demonstrations!r}), "
-                             f"label words {ours.label_words}): its demonstration segment would be read wrongly; "
-                             "build the model with the template the loaders were built with")
-        segment = batch_get(batch, SEGMENT_KEY)
-        if self.template.demonstrations == "none" and segment is not None and bool((segment == 1).any()):
-            raise ValueError("this batch has a demonstration segment but the model's template has no "
-                             "demonstrations: build the model with the RetroTemplate the loaders were built with")
-
     def prepare_batch(self, batch, need_query: Optional[bool] = None, training: Optional[bool] = None):
-        """A copy of ``batch`` with query keys, exclusions and demonstrations attached.
+        """A copy of ``batch`` with query keys, exclusions and demonstrations attached (:func:`.retrieval.retrieve`).
 
         ``training`` says whether this is a training forward (default: :meth:`is_training_forward`).
         ``need_query`` forces (True) or skips (False) the query key; by default it
         is computed when the loss or the verbalizer will use it.
-        (Templates rewrite the batch they process, so each pass gets its own shallow copy.)
         """
-        self._check_batch_template(batch)
+        check_batch_template(self.template, batch)
         if training is None:
             training = self.is_training_forward(batch)
         if need_query is None:
             need_query = self.config.loss != "ce" if training else self.config.knn_lambda > 0
-        if not self._ensure_store(training, self.uses_neural_demos or need_query):
-            batch = trim_padding(batch, drop_segment=True)  # no store: the plain model's input
-            batch[EXCLUDE_KEY], batch[QUERY_KEY], batch[DEMO_KEY] = None, None, None
-            return batch
-        if training:
-            self._stale = True
-            warm = self._warming_up()
-            self.training_forwards += 1
-        batch = trim_padding(batch)  # a copy, without all-padding columns
-        own = self._own_ids(batch, training)
-        if training or self.exclude_self_in_eval:  # leave-one-out: an example never retrieves itself
-            batch[EXCLUDE_KEY] = torch.from_numpy(own)
-        else:
-            batch[EXCLUDE_KEY] = None
-        batch[QUERY_KEY], batch[DEMO_KEY] = None, None
-        if not self.has_demonstrations:
-            return batch  # the main pass is demonstration-free: it gives the query key itself
-        # q(x) must be demonstration-free, like the store's keys
-        if not (self.uses_neural_demos or need_query):
-            return batch
-        device = batch["loss_ids"].device
-        if training and (own >= 0).all():
-            query = torch.from_numpy(self.store.keys[own]).to(device)  # refreshed this pass
-        else:
-            with torch.no_grad():
-                query = mask_keys(self, batch, self.key_head).float()
-        batch[QUERY_KEY] = query
-        if self.uses_neural_demos:
-            demos = neural_demonstrations(self.store, query, self.config.demo_topk, batch[EXCLUDE_KEY])
-            batch[DEMO_KEY] = self._shape_demonstrations(demos, training and warm).to(device)
-        return batch
-
-    def plan_training(self, total_steps: int) -> None:
-        """Say how many training forwards (steps) the training run makes; restarts the warm-up count.
-
-        ``RetroConfig.demo_warmup`` hides the demonstrations in the first
-        ``demo_warmup * total_steps`` training forwards of the model (one per step in a
-        loop that calls the model once per batch). RetroTrainer calls this in ``fit``; a
-        hand-written loop calls ``model.plan_training(epochs * len(train_loader))`` first.
-        """
-        if int(total_steps) < 1:
-            raise ValueError(f"total_steps must be at least 1, got {total_steps}")
-        self.total_training_steps, self.training_forwards = int(total_steps), 0
-
-    def _warming_up(self) -> bool:
-        """Whether this training forward falls in the demonstration warm-up (see :meth:`plan_training`)."""
-        warmup = self.config.demo_warmup
-        if warmup == 0 or not self.uses_neural_demos:
-            return False
-        if self.total_training_steps is None:
-            raise ValueError(f"RetroConfig.demo_warmup={warmup} hides the demonstrations in the first {warmup:.0%} "
-                             "of the training steps, and the model does not know how many there are: call "
-                             "model.plan_training(total_steps) before training (e.g. epochs * len(train_loader))")
-        return self.training_forwards < warmup * self.total_training_steps
+        return retrieve(self, batch, training, need_query)[0]
 
     def _shape_demonstrations(self, demos: torch.Tensor, hidden: bool = False) -> torch.Tensor:
-        """The configured variants of d_c (B, C, D): centred, norm-matched, permuted (diagnostic), dropped;
-        all zero when ``hidden`` (the warm-up)."""
-        c = self.config
-        if c.demo_center:
-            demos = demos - torch.from_numpy(np.asarray(self.store.keys).mean(0)).to(demos.dtype)
-        if c.demo_norm == "match":  # |d_c| = mean |word embedding|
-            target = self.plm.get_input_embeddings().weight.detach().norm(dim=-1).mean()
-            target = target.to(device=demos.device, dtype=demos.dtype)  # d_c are built on the store's CPU side
-            demos = demos * (target / demos.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-        if self.demo_ablation == "permute":  # each class's slot gets the next class's demonstration
-            demos = demos.roll(1, dims=1)
-        if hidden:  # warm start: no demonstrations yet
-            return torch.zeros_like(demos)
-        if self.training and c.demo_dropout > 0:  # the whole demonstration set of an example, zeroed
-            keep = (torch.rand(demos.shape[0], 1, 1, generator=self._demo_gen) >= c.demo_dropout)
-            demos = demos * keep.to(demos.dtype)
-        return demos
+        """The configured variants of d_c (:func:`.retrieval.shape_demonstrations`); all zero when ``hidden``."""
+        dropout = self._demo_gen if self.training and self.config.demo_dropout > 0 else None
+        return shape_demonstrations(demos, self.store, self.config, self.plm, permute=self.demo_ablation == "permute",
+                                    hidden=hidden, dropout=dropout)
 
     def _lm_head(self):
         """The PLM's LM head (hidden -> vocabulary logits), or None if unknown."""
@@ -741,18 +458,6 @@ class RetroPromptForClassification(PromptForClassification):
                                            temperature or self.config.knn_temperature, exclude_ids,
                                            self.config.knn_score_scale)
 
-    def update_loss_gate(self) -> float:
-        """Leave-one-out kNN accuracy of the store; the kNN loss term is active only above chance.
-
-        Chance is the majority-class rate of the store. Returns the accuracy.
-        """
-        c = self.config
-        acc = self.store.leave_one_out_accuracy(c.train_knn_k, c.train_knn_temperature, c.knn_score_scale)
-        chance = float(np.bincount(self.store.labels, minlength=self.num_classes).max() / len(self.store))
-        self.knn_loss_active = (not c.knn_loss_gate) or acc > chance
-        self.store_loo_accuracy = acc
-        return acc
-
     @torch.no_grad()
     def plm_probs_and_queries(self, batch):
         """(p_PLM, query keys) for a batch, without the kNN mixture - used to tune lambda, k and T."""
@@ -780,7 +485,7 @@ class RetroPromptForClassification(PromptForClassification):
         self.eval()
         try:
             p_plm, query = self.plm_probs_and_queries(batch)
-            exclude = self._own_ids(batch, training=False) if self.exclude_self_in_eval else None
+            exclude = self.lifecycle.own_ids(batch, training=False) if self.exclude_self_in_eval else None
             k, t, scale = self.config.knn_k, self.config.knn_temperature, self.config.knn_score_scale
             res = self.store.search(query.float().cpu(), k, exclude)
             weights = knn_weights(res.scores, t, res.labels >= 0, scale)
