@@ -12,7 +12,7 @@ One forward pass does all three retrievals:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -23,17 +23,16 @@ from openprompt.prompts import ManualTemplate, MixedTemplate, SoftTemplate
 from transformers.modeling_outputs import MaskedLMOutput
 
 from ..core.config import RetroConfig
-from ..core.knn import knn_label_distribution, knn_weights, mix
 from ..core.loss import knn_guided_loss, knn_loss_weights
 from ..core.store import KnowledgeStore, StoreError
 from . import patches
 from .batch import (DEMO_KEY, EXCLUDE_KEY, QUERY_KEY, batch_get)
-from .checks import check_top
 from .keys import (MaskKeyHead, demonstrations_off, encode_last_hidden, hidden_at_mask)
+from .prediction import Prediction, default_wrapper_class
 from .retrieval import check_batch_template, retrieve, shape_demonstrations
 from .store_lifecycle import StoreLifecycle
 from .template import RetroTemplate
-from .verbalizer import KnnVerbalizer
+from .verbalizer import KnnVerbalizer, Mixing
 
 _FAST_TEMPLATES = (ManualTemplate, MixedTemplate, SoftTemplate)
 #: state_dict() entries that carry the store: keys (n, D) float32 and labels (n,) int64
@@ -72,21 +71,7 @@ class _RetroPromptModel(PromptModel):
         return super().forward(batch)
 
 
-def _verbalizer_words(verbalizer) -> Optional[List[str]]:
-    """The first label word of each class (else the class names), or None if the verbalizer has neither."""
-    try:
-        words = verbalizer.label_words
-    except (RuntimeError, AttributeError):
-        words = None
-    if words:
-        return [w if isinstance(w, str) else w[0] for w in words]
-    classes = getattr(verbalizer, "classes", None)
-    if classes and all(isinstance(c, str) for c in classes):
-        return list(classes)
-    return None
-
-
-class RetroPromptForClassification(PromptForClassification):
+class RetroPromptForClassification(Prediction, PromptForClassification):
     """Drop-in for ``PromptForClassification`` with RetroPrompt's three retrievals.
 
     Args:
@@ -96,6 +81,8 @@ class RetroPromptForClassification(PromptForClassification):
             in ``KnnVerbalizer``. A ``RetroTemplate`` without label words takes
             the verbalizer's (one per class; their counts must agree).
         config: :class:`RetroConfig` (keyword only).
+        wrapper_class, max_seq_length: how :meth:`predict_proba` / :meth:`explain` / :meth:`add_examples`
+            tokenize InputExamples (keyword only; the wrapper class defaults to OpenPrompt's for the PLM).
 
     The knowledge store looks after itself:
 
@@ -126,7 +113,8 @@ class RetroPromptForClassification(PromptForClassification):
     """
 
     def __init__(self, plm, template: Template, verbalizer: Verbalizer, freeze_plm: bool = False,
-                 plm_eval_mode: bool = False, *, config: Optional[RetroConfig] = None):
+                 plm_eval_mode: bool = False, *, config: Optional[RetroConfig] = None, wrapper_class=None,
+                 max_seq_length: int = 128):
         for name, value in (("freeze_plm", freeze_plm), ("plm_eval_mode", plm_eval_mode)):
             if isinstance(value, RetroConfig):
                 raise TypeError(f"a RetroConfig was given as {name}: config is keyword-only, "
@@ -140,7 +128,7 @@ class RetroPromptForClassification(PromptForClassification):
                              "give it num_classes=... or classes=...")
         if not isinstance(template, RetroTemplate):
             template = RetroTemplate(template, demonstrations="none")
-        self._fill_template(template, verbalizer, plm)
+        template.take_from(verbalizer, plm)
         if not isinstance(verbalizer, KnnVerbalizer):
             verbalizer = KnnVerbalizer(verbalizer, plm)
         super().__init__(plm, template, verbalizer, freeze_plm=freeze_plm, plm_eval_mode=plm_eval_mode)
@@ -155,25 +143,10 @@ class RetroPromptForClassification(PromptForClassification):
         self._store_in_state_dict = True  # False inside store_outside_state_dict()
         self.key_head = MaskKeyHead(plm)
         self.lifecycle = StoreLifecycle(self, self.key_head)  # the store and when it is rebuilt
+        self.wrapper_class = wrapper_class or default_wrapper_class(plm)  # how predict() tokenizes examples
+        self.max_seq_length = int(max_seq_length)
+        self.example_tokenizer = None  # None: the template's
         self.apply_config()
-
-    @staticmethod
-    def _fill_template(template: RetroTemplate, verbalizer, plm) -> None:
-        """Give the template the verbalizer's label words (if it has none) and the PLM; check the class counts."""
-        n = int(verbalizer.num_classes)
-        if template.label_words is None:
-            words = _verbalizer_words(verbalizer)
-            if words is not None:
-                template.set_label_words(words)
-            elif template.demonstrations != "none":
-                raise ValueError(f"RetroTemplate(demonstrations={template.demonstrations!r}) shows a label word per "
-                                 "class, and the verbalizer has none (e.g. SoftVerbalizer without label_words): "
-                                 "pass label_words=[...] to RetroTemplate")
-        if template.label_words is not None and template.num_classes != n:
-            raise ValueError(f"RetroTemplate has {template.num_classes} label words {template.label_words} but the "
-                             f"verbalizer has {n} classes: give one label word per class")
-        if template._plm[0] is None:
-            template.set_plm(plm)
 
     # ---------------------------------------------------------------- config
     def _key_dim(self) -> int:
@@ -184,14 +157,16 @@ class RetroPromptForClassification(PromptForClassification):
         return self.verbalizer.num_classes
 
     def apply_config(self, **overrides) -> RetroConfig:
-        """Update config fields (e.g. the tuned lambda/k/T) and push them to the verbalizer."""
+        """Update config fields (e.g. the tuned lambda/k/T). The model's forwards pass them to the verbalizer
+        per call (:class:`.Mixing`); they also become its own settings, for calls made to it directly."""
         for key, value in overrides.items():
             if not hasattr(self.config, key):
                 raise ValueError(f"unknown RetroConfig field {key!r}")
             setattr(self.config, key, value)
         self.config.validate()
         v = self.verbalizer
-        v.store, v.k, v.temperature, v.lam = self.store, self.config.knn_k, self.config.knn_temperature, self.config.knn_lambda
+        v.store, v.k, v.temperature = self.store, self.config.knn_k, self.config.knn_temperature
+        v.lam = self.config.knn_lambda
         v.scale = self.config.knn_score_scale
         return self.config
 
@@ -215,7 +190,7 @@ class RetroPromptForClassification(PromptForClassification):
 
     @store.setter
     def store(self, store: KnowledgeStore) -> None:
-        self.lifecycle.store = store
+        self.lifecycle.store = self.verbalizer.store = store
 
     @property
     def _source(self):
@@ -375,16 +350,17 @@ class RetroPromptForClassification(PromptForClassification):
     def forward_with_keys(self, batch, mix: Optional[bool] = None):
         """(verbalizer output, query keys) for a prepared batch - one main forward pass.
 
-        ``mix``: whether the verbalizer mixes p_kNN in (None: its own rule).
+        ``mix``: whether the verbalizer mixes p_kNN in, by the config's :class:`.Mixing` (None: its own rule).
         """
         outputs, mask_batch = self._main_pass(batch)
         outputs = self.verbalizer.gather_outputs(outputs)
         at_mask = [self._at_mask(o, mask_batch) for o in outputs]
-        self.verbalizer.mixing = mix
-        try:
+        if mix is None:
             logits = self.verbalizer.process_outputs(at_mask, batch=batch)
-        finally:
-            self.verbalizer.mixing = None
+        else:
+            c = self.config
+            mixing = Mixing(c.knn_lambda, c.knn_k, c.knn_temperature, c.knn_score_scale) if mix else None
+            logits = self.verbalizer.process_outputs(at_mask, batch=batch, mixing=mixing)
         query = batch[QUERY_KEY]
         if query is None:
             query = self.key_head(at_mask[-1])  # KnnVerbalizer gathers the hidden states last
@@ -444,67 +420,6 @@ class RetroPromptForClassification(PromptForClassification):
         self.last_loss_weights = knn_loss_weights(p_gold, kind, c.loss_beta, c.focal_gamma, c.max_loss_weight)
         return knn_guided_loss(logits, labels, p_gold, kind, c.loss_beta, c.focal_gamma, c.max_loss_weight)
 
-    def knn_probs(self, query, exclude_ids=None, k: Optional[int] = None,
-                  temperature: Optional[float] = None) -> torch.Tensor:
-        """p_kNN(y|x) for query keys with the config's score scale (k, T default to the inference ones)."""
-        return self.verbalizer.knn_probs(query, exclude_ids, k or self.config.knn_k,
-                                         temperature or self.config.knn_temperature)
-
-    def knn_distribution(self, queries, k: Optional[int] = None, temperature: Optional[float] = None,
-                         exclude_ids=None) -> np.ndarray:
-        """p_kNN(y|x) for numpy query keys with the config's score scale: the distribution inference mixes in,
-        so lambda is tuned on dev against exactly what the model will use."""
-        return self.store.knn_distribution(np.asarray(queries, dtype=np.float32), k or self.config.knn_k,
-                                           temperature or self.config.knn_temperature, exclude_ids,
-                                           self.config.knn_score_scale)
-
-    @torch.no_grad()
-    def plm_probs_and_queries(self, batch):
-        """(p_PLM, query keys) for a batch, without the kNN mixture - used to tune lambda, k and T."""
-        lam = self.verbalizer.lam
-        self.verbalizer.lam = 0.0
-        try:
-            logits, query = self.forward_with_keys(self.prepare_batch(batch, need_query=True), mix=False)
-        finally:
-            self.verbalizer.lam = lam
-        return torch.softmax(logits, -1), query
-
-    # ---------------------------------------------------------------- explain
-    @torch.no_grad()
-    def explain_batch(self, batch, top: int = 5) -> List[Dict]:
-        """For each example: prediction, p_PLM, p_kNN and the neighbours behind p_kNN.
-
-        The k = ``config.knn_k`` nearest entries carry the weights of p_kNN,
-        w_j = softmax_j(z_j / T) over those k, z the scores on ``config.knn_score_scale``
-        (:func:`~openprompt_retro.core.knn.knn_weights`, the function behind p_kNN);
-        the ``top`` best of them are listed with these weights (not renormalised over
-        the listed ones, so they sum to at most 1).
-        """
-        check_top(top)
-        was = self.training
-        self.eval()
-        try:
-            p_plm, query = self.plm_probs_and_queries(batch)
-            exclude = self.lifecycle.own_ids(batch, training=False) if self.exclude_self_in_eval else None
-            k, t, scale = self.config.knn_k, self.config.knn_temperature, self.config.knn_score_scale
-            res = self.store.search(query.float().cpu(), k, exclude)
-            weights = knn_weights(res.scores, t, res.labels >= 0, scale)
-            p_knn = torch.from_numpy(knn_label_distribution(res.scores, res.labels, self.num_classes, t,
-                                                            scale)).to(p_plm)
-            p = mix(p_plm, p_knn, self.config.knn_lambda)
-            out = []
-            for i in range(query.shape[0]):
-                out.append({
-                    "prediction": int(p[i].argmax()), "probs": p[i].tolist(),
-                    "p_plm": p_plm[i].tolist(), "p_knn": p_knn[i].tolist(),
-                    "neighbours": [{"id": int(j), "guid": self.store.guids[j], "text": self.store.texts[j],
-                                    "label": int(self.store.labels[j]), "score": float(s), "weight": float(wj)}
-                                   for j, s, wj in list(zip(res.ids[i], res.scores[i], weights[i]))[:top] if j >= 0],
-                })
-            return out
-        finally:
-            self.train(was)
-
     # ---------------------------------------------------------------- disk
     def save(self, directory: str, save_plm: bool = False, model_type: Optional[str] = None,
              plm_name_or_path: Optional[str] = None) -> None:
@@ -556,4 +471,7 @@ class RetroPromptForClassification(PromptForClassification):
         """
         from . import saved_run
 
-        return saved_run.rebuild(directory, cls=cls, plm_path=plm_path, model_type=model_type, text_pool=text_pool)[0]
+        model, tokenizer, wrapper = saved_run.rebuild(directory, cls=cls, plm_path=plm_path, model_type=model_type,
+                                                      text_pool=text_pool)
+        model.set_tokenization(wrapper, saved_run.saved_max_seq_length(directory), tokenizer)
+        return model

@@ -391,6 +391,16 @@ def swap_in(model, loaded: Loaded) -> None:
     model.apply_config()
 
 
+def saved_max_seq_length(directory: str) -> Optional[int]:
+    """The max length the run was trained with (training_args.json, written by RetroTrainer.save), or None."""
+    try:
+        with open(os.path.join(directory, TRAINING_ARGS), encoding="utf-8") as f:
+            value = json.load(f).get("max_seq_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 # ---------------------------------------------------------------------- rebuilding
 def _escaped(words) -> List[List[str]]:
     """Verbalizer label words as saved (prefix already applied), escaped so OpenPrompt adds no second prefix."""

@@ -34,6 +34,20 @@ from .wrapping import PassThroughToBase
 MODES = ("neural", "text", "none")
 
 
+def _verbalizer_words(verbalizer) -> Optional[List[str]]:
+    """The first label word of each class (else the class names), or None if the verbalizer has neither."""
+    try:
+        words = verbalizer.label_words
+    except (RuntimeError, AttributeError):
+        words = None
+    if words:
+        return [w if isinstance(w, str) else w[0] for w in words]
+    classes = getattr(verbalizer, "classes", None)
+    if classes and all(isinstance(c, str) for c in classes):
+        return list(classes)
+    return None
+
+
 class RetroTemplate(PassThroughToBase, Template):
     """Wrap ``base`` (ManualTemplate, MixedTemplate, SoftTemplate, ...) with demonstrations.
 
@@ -124,6 +138,23 @@ class RetroTemplate(PassThroughToBase, Template):
     def defer(self, loader) -> None:
         """Tokenize ``loader`` (a PromptDataLoader built with this template) once the label words are set."""
         self._deferred.append(weakref.ref(loader))
+
+    def take_from(self, verbalizer, plm) -> None:
+        """Take the verbalizer's label words (if this template has none) and the PLM; check the class counts."""
+        n = int(verbalizer.num_classes)
+        if self.label_words is None:
+            words = _verbalizer_words(verbalizer)
+            if words is not None:
+                self.set_label_words(words)
+            elif self.demonstrations != "none":
+                raise ValueError(f"RetroTemplate(demonstrations={self.demonstrations!r}) shows a label word per "
+                                 "class, and the verbalizer has none (e.g. SoftVerbalizer without label_words): "
+                                 "pass label_words=[...] to RetroTemplate")
+        if self.label_words is not None and self.num_classes != n:
+            raise ValueError(f"RetroTemplate has {self.num_classes} label words {self.label_words} but the "
+                             f"verbalizer has {n} classes: give one label word per class")
+        if self._plm[0] is None:
+            self.set_plm(plm)
 
     def set_plm(self, plm: torch.nn.Module) -> None:
         self._plm[0] = plm

@@ -23,9 +23,8 @@ from ..core.knn import MixtureGrid, accuracy
 from ..core.store import StoreError
 from . import distributed
 from .keys import demonstrations_off
-from .checks import DataError, check_labels, check_model, check_texts, check_top, check_training_set, label_words_of
+from .checks import DataError, check_labels, check_model, check_training_set, label_words_of
 from .model import RetroPromptForClassification
-from .store_builder import tokenizing_bar
 from .training_args import AMP_DTYPES, TrainingArgs
 
 
@@ -65,24 +64,17 @@ class RetroTrainer:
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # nccl collectives and DDP use the current device
         self.model.to(device)
+        self.model.set_tokenization(wrapper_class, self.args.max_seq_length, tokenizer)
         self.history: List[Dict] = []
+        self.tuned: Optional[Dict] = None  # what tune_inference chose on dev
         self._train_examples = None
 
     # ---------------------------------------------------------------- data
     def loader(self, examples, batch_size: Optional[int] = None, shuffle: bool = False, split: str = "data",
                require_labels: bool = False) -> PromptDataLoader:
-        """Tokenized examples; their labels are checked first (class indices of this model, see :mod:`.checks`)."""
-        examples = list(examples)
-        if len(examples) == 0:
-            raise ValueError(f"{split}: no examples given")
-        check_labels(examples, self.model.num_classes, split, require_labels, label_words_of(self.model))
-        check_texts(examples, split)
-        with tokenizing_bar(self.args.progress):
-            return PromptDataLoader(list(examples), self.model.template, tokenizer=self.tokenizer,
-                                    tokenizer_wrapper_class=self.wrapper_class,
-                                    max_seq_length=self.args.max_seq_length,
-                                    batch_size=batch_size or self.args.eval_batch_size, shuffle=shuffle,
-                                    truncate_method="tail")
+        """Tokenized examples (:meth:`RetroPromptForClassification.loader`): labels and texts checked first."""
+        return self.model.loader(examples, batch_size or self.args.eval_batch_size, shuffle, split, require_labels,
+                                 progress=self.args.progress)
 
     def _to_device(self, batch):
         return batch.to(self.args.device) if hasattr(batch, "to") else batch
@@ -265,16 +257,11 @@ class RetroTrainer:
             check_labels([{"label": f["label"]} for f in loader.tensor_dataset], self.model.num_classes, split, True,
                          label_words_of(self.model))
 
-    @torch.no_grad()
     def predict_proba(self, data) -> np.ndarray:
-        """P(y|x) for each example (kNN-mixed with the current lambda), float32."""
-        self.model.eval()
-        out = []
-        for b in tqdm(self._as_loader(data), desc="predict", leave=False, disable=not self.args.progress):
-            with self._autocast():
-                log_p = self.model(self._to_device(b))
-            out.append(torch.exp(log_p.float()).cpu().numpy())
-        return np.concatenate(out)
+        """P(y|x) for each example (kNN-mixed with the current lambda), float32: the model's
+        :meth:`~RetroPromptForClassification.predict_proba` under ``args.amp``."""
+        with self._autocast():
+            return self.model.predict_proba(self._as_loader(data), progress=self.args.progress)
 
     def predict(self, data) -> np.ndarray:
         return self.predict_proba(data).argmax(-1)
@@ -330,16 +317,13 @@ class RetroTrainer:
     # ---------------------------------------------------------------- open book
     def explain(self, example, top: int = 5) -> Dict:
         """The prediction for one InputExample and the neighbours behind it (text, label, weight)."""
-        check_top(top)
-        loader = self.loader([example], batch_size=1)
         with self._autocast():
-            return self.model.explain_batch(self._to_device(next(iter(loader))), top=top)[0]
+            return self.model.explain(example, top)
 
     def add_examples(self, examples) -> np.ndarray:
         """Add labeled examples to the store now; later predictions use them (no retraining)."""
-        loader = self.loader(examples, split="added", require_labels=True)
         with self._autocast():
-            return self.model.add_to_store(loader, progress=self.args.progress)
+            return self.model.add_examples(examples, self.args.eval_batch_size, progress=self.args.progress)
 
     # ---------------------------------------------------------------- disk
     def save(self, directory: str, save_plm: bool = False) -> None:
