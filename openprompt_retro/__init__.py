@@ -3,7 +3,7 @@
 Layers (each imports only the ones above it):
 
     core/         framework-free retrieval math: store, kNN distribution and mixture, loss, demonstrations
-    prompt/       the OpenPrompt extension (applies the transformers shims on import)
+    prompt/       the OpenPrompt extension (transformers shims on import; OpenPrompt patched by patches.install)
     clip/         the vision adapter on CLIP (imports core/, never prompt/ or openprompt)
     experiments/  benchmarks, reports and figures behind the CLI (never imported by the library)
 
@@ -34,12 +34,11 @@ __all__: List[str] = sorted(_WHERE)
 
 
 class _ShimsBeforeOpenPrompt(importlib.abc.MetaPathFinder):
-    """Apply :mod:`.compat` the first time ``openprompt`` is imported, load the OpenPrompt layer
-    right after it, then step aside.
+    """Apply :mod:`.compat` the first time ``openprompt`` is imported, then step aside.
 
     So the OpenPrompt tutorials' order works: ``import openprompt_retro`` (cheap), then
-    ``from openprompt.plms import load_plm`` on current transformers; and every
-    ``PromptDataLoader`` is built with the layer's patches in place (example identities).
+    ``from openprompt.plms import load_plm`` on current transformers. OpenPrompt's own classes
+    stay as they are until a retro class is constructed (:func:`.prompt.patches.install`).
     """
 
     def find_spec(self, name, path=None, target=None):
@@ -49,7 +48,6 @@ class _ShimsBeforeOpenPrompt(importlib.abc.MetaPathFinder):
             from . import compat
 
             compat.apply()
-            return compat.spec_then(name, lambda: importlib.import_module(__name__ + ".prompt"))
         return None  # the usual finders load it
 
 

@@ -157,3 +157,36 @@ def test_knn_weights_share_weight_among_infinite_scores():
         w = knn_weights(np.array([[np.inf, np.inf, 1.0], [3.0, 1.0, -np.inf]]), 1.0)
     assert np.allclose(w[0], [0.5, 0.5, 0.0]) and np.all(np.isfinite(w))
     assert np.allclose(w[1], [np.exp(2) / (1 + np.exp(2)), 1 / (1 + np.exp(2)), 0.0])
+
+
+# ------------------------------------------------------------------ issue 22: clear errors
+def test_fit_on_no_examples_is_a_clear_error(tiny_bert):
+    tr = trainer(retro_model(tiny_bert), tiny_bert)
+    with pytest.raises(ValueError, match="train: no examples given"):
+        tr.fit([], _ex([0, 1]))
+
+
+@pytest.mark.parametrize("top", [-1, 0, 1.5])
+def test_explain_needs_a_positive_top(tiny_bert, top):
+    tr = trainer(retro_model(tiny_bert), tiny_bert)
+    with pytest.raises(ValueError, match="top must be a positive integer"):
+        tr.explain(_ex([0])[0], top=top)
+
+
+@pytest.mark.parametrize("text, what", [(None, "text_a=None"), ("fine \ud83d text", "lone surrogate")])
+def test_text_that_cannot_be_tokenized_names_the_example(tiny_bert, text, what):
+    from openprompt.data_utils import InputExample
+
+    tr = trainer(retro_model(tiny_bert), tiny_bert)
+    examples = _ex([0, 1, 0]) + [InputExample(guid="bad", text_a=text, label=1)]
+    with pytest.raises(UserError, match=rf"train example 3 \(guid 'bad'\).*{what}"):
+        tr.fit(examples)
+    with pytest.raises(UserError, match=r"data example 0 \(guid 'bad'\)"):
+        tr.predict(examples[3:])
+
+
+def test_a_diverging_loss_stops_fit_naming_the_step_and_rate(tiny_bert):
+    tr = trainer(retro_model(tiny_bert, demonstrations="none"), tiny_bert, lr=1e6, max_steps=40, eval_every=40)
+    diverged = r"(loss is (nan|inf)|store keys are no longer finite) at step \d+ \(learning rate [\d.e+]+\)"
+    with pytest.raises(UserError, match=diverged):
+        tr.fit(_ex([0, 1, 0, 1, 0, 1]), _ex([0, 1]))

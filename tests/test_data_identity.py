@@ -14,15 +14,24 @@ from store_spy import spy_store
 from test_tutorial_loops import TRAIN, VALID, assert_no_self_retrieval, loader, splits, train_loop
 
 
+def split_gate_checks(calls, n):
+    """(the store's leave-one-out checks - the kNN loss gate, after every store build -, the other searches)."""
+    loo = [c for c in calls if c.exclude is not None and len(c.queries) == n
+           and np.array_equal(np.asarray(c.exclude).ravel(), np.arange(n))]
+    return loo, [c for c in calls if all(c is not g for g in loo)]
+
+
 def test_guidless_training_never_retrieves_itself_in_a_tutorial_loop(tiny_bert):
     data = splits(guids=False)
-    model = retro_model(tiny_bert, demo_topk=4, loss="knn")
+    model = retro_model(tiny_bert, demo_topk=4, loss="knn", knn_loss_gate=False)
     train_loader = loader(data["train"], model.template, tiny_bert, shuffle=True)
     model.attach(train_loader)
     with spy_store() as calls:
         train_loop(model, train_loader, [torch.optim.AdamW(model.parameters(), lr=1e-3)], epochs=2)
     kinds = {c.kind for c in calls}
     assert kinds == {"search", "per_class"}  # kNN loss weights and neural demonstrations
+    loo, calls = split_gate_checks(calls, len(model.store))
+    assert len(loo) == 1  # the gate after the rebuild at the start of pass 2
     assert assert_no_self_retrieval(calls) == 2 * 2 * 8  # every training query, both searches, both passes
     assert all(c.exclude is not None and (np.asarray(c.exclude) >= 0).all() for c in calls)
 
@@ -35,12 +44,11 @@ def test_guidless_training_never_retrieves_itself_with_the_trainer(tiny_bert):
     model = retro_model(tiny_bert, demo_topk=4, loss="knn", knn_loss_gate=False)
     with spy_store() as calls:
         trainer(model, tiny_bert, epochs=2).fit(train, dev)
-    n = len(model.store)
-    loo = [c for c in calls if c.exclude is not None and len(c.queries) == n
-           and np.array_equal(np.asarray(c.exclude).ravel(), np.arange(n))]  # the store's leave-one-out check
-    assert len(loo) == 3  # after the first refresh and after each epoch's refresh
-    assert assert_no_self_retrieval([c for c in calls if c not in loo]) == 2 * 2 * 8
-    assert assert_no_self_retrieval(loo) == 3 * 8
+    loo, others = split_gate_checks(calls, len(model.store))
+    # after the first refresh, each epoch's refresh, and the rebuild once the best state is restored
+    assert len(loo) == 4
+    assert assert_no_self_retrieval(others) == 2 * 2 * 8
+    assert assert_no_self_retrieval(loo) == 4 * 8
     assert model.store.texts == TRAIN  # texts found by position, not by guid
 
 
@@ -71,7 +79,7 @@ def test_dev_examples_with_training_guids_get_their_own_keys(tiny_bert):
 
 def test_a_training_loader_built_again_from_the_same_data_stays_training_data(tiny_bert):
     data = splits(guids=False)
-    model = retro_model(tiny_bert)
+    model = retro_model(tiny_bert, knn_loss_gate=False)
     first = loader(data["train"], model.template, tiny_bert)
     model.attach(first)
     again = loader(data["train"], model.template, tiny_bert)
@@ -80,6 +88,8 @@ def test_a_training_loader_built_again_from_the_same_data_stays_training_data(ti
     with spy_store() as calls, warnings.catch_warnings():
         warnings.simplefilter("error")  # not a fresh auto-attach: the new loader replaces the attached one
         model(next(iter(again)))
+    loo, calls = split_gate_checks(calls, len(model.store))
+    assert len(loo) == 1  # the new source is encoded again, then the gate
     assert assert_no_self_retrieval(calls) == 2 * 4
     assert model._source is again
 

@@ -4,6 +4,7 @@
     prompt/       never imports experiments/ or the cli
     clip/         imports core/, never prompt/ or openprompt
     experiments/  is never imported by the library (core, prompt, clip, compat, errors, __init__)
+    inside prompt/: no import circle; saved_run never imports model
 
 Imports are read with ``ast`` (function-level imports included), relative ones resolved.
 """
@@ -65,7 +66,7 @@ def violations(layer_prefixes, forbidden):
 
 def test_relative_imports_are_resolved():
     mods = imported_modules(os.path.join(ROOT, PKG, "prompt", "model.py"))
-    assert {"openprompt_retro.core.knn", "openprompt_retro.prompt.keys", "openprompt"} <= mods
+    assert {"openprompt_retro.core.loss", "openprompt_retro.prompt.keys", "openprompt"} <= mods
     assert "openprompt_retro.compat" in imported_modules(os.path.join(ROOT, PKG, "prompt", "__init__.py"))
 
 
@@ -87,6 +88,37 @@ def test_library_never_imports_experiments_or_cli():
     assert violations(library, [f"{PKG}.experiments", f"{PKG}.cli"]) == []
     top = imported_modules(os.path.join(ROOT, PKG, "__init__.py"))
     assert [m for m in top if under(m, f"{PKG}.experiments", f"{PKG}.cli")] == []
+
+
+def test_saved_run_never_imports_the_model():
+    assert violations([f"{PKG}.prompt.saved_run"], [f"{PKG}.prompt.model"]) == []
+
+
+def test_no_import_cycle_inside_the_openprompt_layer():
+    """Modules of prompt/ (its __init__ aside, which gathers them all) import each other without a circle."""
+    folder = os.path.join(ROOT, PKG, "prompt")
+    graph = {}
+    for f in os.listdir(folder):
+        if f.endswith(".py") and f != "__init__.py":
+            name = module_name(os.path.join(folder, f))
+            graph[name] = {m for m in imported_modules(os.path.join(folder, f))
+                           if under(m, f"{PKG}.prompt") and m != f"{PKG}.prompt"}
+    done, path = set(), []
+
+    def visit(node):
+        if node in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(node):] + [node]))
+        if node in done or node not in graph:
+            return
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            visit(nxt)
+        path.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node)
+    assert f"{PKG}.prompt.model" in done
 
 
 # ---------------------------------------------------------------- import cost (fresh interpreters)

@@ -57,7 +57,7 @@ def test_gradients_flow_through_cross_entropy_only():
 
 def test_model_loss_gradient_equals_weighted_ce_gradient(tiny_bert, examples):
     torch.manual_seed(0)
-    model = retro_model(tiny_bert, demonstrations="none", loss="knn", loss_beta=1.0)
+    model = retro_model(tiny_bert, demonstrations="none", loss="knn", loss_beta=1.0, knn_loss_gate=False)
     tr = trainer(model, tiny_bert)
     loader, batch = first_batch(tr, examples)
     model.refresh_store(loader, progress=False)
@@ -252,11 +252,12 @@ def test_added_examples_change_neighbours_and_predictions(tiny_bert, examples):
     assert after["prediction"] == 0 and after["p_knn"] == [1.0, 0.0]
 
 
-def test_neural_demonstrations_need_a_store(tiny_bert, examples):
+def test_neural_demonstrations_come_from_the_store_built_by_training(tiny_bert, examples):
     model = retro_model(tiny_bert)
     _, batch = first_batch(trainer(model, tiny_bert), examples, 2)
-    with pytest.raises(ValueError, match=r"attach\(train_loader\)"):  # inference, and no training data seen
+    with torch.no_grad():  # inference, and no training data seen: the plain model, no store built
         model.eval()(batch)
+    assert len(model.store) == 0
     with pytest.warns(UserWarning, match="first training batch"):  # training: built from the batch's loader
         model.train()(batch)
     assert len(model.store) == 2

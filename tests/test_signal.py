@@ -161,8 +161,8 @@ def test_warm_start_hides_demonstrations_for_the_first_steps_only(tiny_bert, exa
     seen = []
     shape = model._shape_demonstrations
 
-    def spy(demos):
-        out = shape(demos)
+    def spy(demos, hidden=False):
+        out = shape(demos, hidden)
         if model.training:
             seen.append(bool(out.abs().sum() == 0))
         return out
@@ -170,7 +170,7 @@ def test_warm_start_hides_demonstrations_for_the_first_steps_only(tiny_bert, exa
     model._shape_demonstrations = spy
     tr.fit(examples)
     assert seen == [True, True, True, False, False, False]
-    assert model.demos_hidden is False  # after training, evaluation sees the demonstrations
+    assert model.training_forwards == 6 and model.total_training_steps == 6
     with pytest.raises(ValueError, match="demo_warmup"):
         R.RetroConfig(demo_warmup=1.0)
 
@@ -242,3 +242,32 @@ def test_lambda_is_tuned_on_the_distribution_inference_uses(tiny_bert, examples)
     model.apply_config(knn_lambda=1.0)
     assert settings["knn_only"] == tr.evaluate(loader)["accuracy"]
     assert 0.0 <= settings["knn_plm_agreement"] <= 1.0
+
+
+# ------------------------------------------------------------------ issue 21: the benchmark's demonstration variants
+def test_centring_subtracts_the_store_mean_and_nothing_else(tiny_bert, examples):
+    """demo_center (the variant the grid is locked to): d_c centred = d_c uncentred - mean of the store keys,
+    with no norm matching."""
+    model = retro_model(tiny_bert, demonstrations="neural")
+    tr = trainer(model, tiny_bert)
+    loader, batch = first_batch(tr, examples)
+    model.refresh_store(loader, progress=False)
+    model.eval()
+    with torch.no_grad():
+        plain = model.prepare_batch(batch)[DEMO_KEY]
+        model.apply_config(demo_center=True)
+        centred = model.prepare_batch(batch)[DEMO_KEY]
+    mean = torch.from_numpy(np.asarray(model.store.keys).mean(0))
+    torch.testing.assert_close(centred, plain - mean)
+    assert not torch.allclose(centred.norm(dim=-1), plain.norm(dim=-1))
+
+
+def test_demo_dropout_drops_with_probability_p(tiny_bert, examples):
+    """demo_dropout p: each example's whole demonstration set is zeroed with probability p (not 1 - p)."""
+    model = retro_model(tiny_bert, demonstrations="neural", demo_dropout=0.2)
+    model.train()
+    demos = torch.ones(4000, 2, 8)
+    out = model._shape_demonstrations(demos)
+    dropped = (out.abs().sum(dim=(1, 2)) == 0).float()
+    assert abs(float(dropped.mean()) - 0.2) < 0.03
+    assert torch.equal(out[dropped == 0], demos[dropped == 0])  # the kept ones are untouched

@@ -126,7 +126,7 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
 # ------------------------------------------------------------------ the kNN-guided loss
 def test_loss_uses_the_training_k_and_temperature(tiny_bert, examples):
     model = retro_model(tiny_bert, demonstrations="none", loss="knn", knn_k=3, knn_temperature=1.0,
-                        train_knn_k=2, train_knn_temperature=5.0, max_loss_weight=100.0)
+                        train_knn_k=2, train_knn_temperature=5.0, max_loss_weight=100.0, knn_loss_gate=False)
     loader, batch = first_batch(trainer(model, tiny_bert), examples)
     model.refresh_store(loader, progress=False)
     model.train()
@@ -212,3 +212,23 @@ def test_mixing_in_training_only_when_asked(tiny_bert, examples, mix_in_training
         eval_batch = model.prepare_batch(batch)
         assert torch.allclose(torch.exp(v.process_outputs(at_mask, batch=eval_batch)),
                               0.4 * p_knn_eval + 0.6 * p_plm, atol=1e-6)
+
+
+# ------------------------------------------------------------------ prediction on the model (issue 21)
+def test_a_reloaded_model_predicts_explains_and_adds_examples_without_a_trainer(tiny_bert, examples, tmp_path):
+    from openprompt.data_utils import InputExample
+
+    model = retro_model(tiny_bert, loss="knn")
+    tr = trainer(model, tiny_bert, max_steps=4, eval_every=4)
+    tr.fit(examples[:6], examples[6:])
+    want = tr.predict_proba(examples)
+    tr.save(str(tmp_path / "run"), save_plm=True)
+    loaded = R.RetroPromptForClassification.from_pretrained(str(tmp_path / "run"))
+    assert loaded.max_seq_length == 64 and loaded.wrapper_class is tiny_bert[3]
+    np.testing.assert_array_equal(loaded.predict_proba(examples), want)
+    np.testing.assert_array_equal(loaded.predict(examples), want.argmax(-1))
+    assert loaded.explain(examples[0], top=2)["prediction"] == int(want[0].argmax())
+    ids = loaded.add_examples([InputExample(guid="new", text_a="brilliant", label=1)])
+    assert ids.tolist() == [6] and loaded.store.guids[6] == "new"
+    # a model built by hand knows OpenPrompt's wrapper class for its PLM
+    assert retro_model(tiny_bert).wrapper_class is tiny_bert[3]

@@ -132,14 +132,17 @@ def test_swapping_only_the_model_class_is_not_a_plain_run(tiny_bert):
     train_loader = loader(data["train"], template, tiny_bert)
     val_loader = loader(data["validation"], template, tiny_bert)
     verbalizer = ManualVerbalizer(tok, num_classes=2, label_words=WORDS)
-    model = R.RetroPromptForClassification(plm, template, verbalizer, False)
+    # the loaders came before any retro class, so they carry no example identities: attach names the data;
+    # the gate is off so that the kNN weights apply whatever the random tiny store knows
+    model = R.RetroPromptForClassification(plm, template, verbalizer, False,
+                                           config=R.RetroConfig(knn_loss_gate=False))
+    model.attach(train_loader)
     batch = next(iter(train_loader))
     # the gradient of the tutorial's loss is that of the kNN-guided loss
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    with pytest.warns(UserWarning, match="first training batch"):
-        g_tutorial = torch.autograd.grad(torch.nn.CrossEntropyLoss()(model(batch), batch["label"]), params,
-                                         allow_unused=True)
+    g_tutorial = torch.autograd.grad(torch.nn.CrossEntropyLoss()(model(batch), batch["label"]), params,
+                                     allow_unused=True)
     g_knn = torch.autograd.grad(model.loss(batch), params, allow_unused=True)
     assert all(a is None or torch.allclose(a, b, atol=1e-6) for a, b in zip(g_tutorial, g_knn))
     plain = PromptForClassification(plm, template, verbalizer)
@@ -266,17 +269,6 @@ def test_store_is_rebuilt_once_per_pass_and_before_evaluation(tiny_bert):
     assert len(builds) == 4  # nothing trained since: no rebuild
 
 
-def test_evaluation_without_training_data_names_the_fix(tiny_bert):
-    from openprompt.prompts import ManualTemplate, ManualVerbalizer
-
-    plm, tok, _, _ = tiny_bert
-    model = R.RetroPromptForClassification(plm, R.RetroTemplate(ManualTemplate(tokenizer=tok, text=TEXT)),
-                                           ManualVerbalizer(tok, num_classes=2, label_words=WORDS))
-    batch = next(iter(loader(splits()["validation"], model.template, tiny_bert)))
-    with pytest.raises(ValueError, match=r"attach\(train_loader\)"):
-        model.eval()(batch)
-
-
 def test_untagged_loader_needs_attach_which_tags_it(tiny_bert):
     """A loader whose examples carry no identity (built before the package was imported) cannot be found
     from its batches: a clear error at the first training forward, and attach() fixes it."""
@@ -285,7 +277,8 @@ def test_untagged_loader_needs_attach_which_tags_it(tiny_bert):
 
     plm, tok, _, _ = tiny_bert
     model = R.RetroPromptForClassification(plm, R.RetroTemplate(ManualTemplate(tokenizer=tok, text=TEXT)),
-                                           ManualVerbalizer(tok, num_classes=2, label_words=WORDS))
+                                           ManualVerbalizer(tok, num_classes=2, label_words=WORDS),
+                                           config=R.RetroConfig(knn_loss_gate=False))
     train_loader = loader(splits()["train"], model.template, tiny_bert)
     for f in train_loader.tensor_dataset:
         f[EXAMPLE_KEY] = None
@@ -320,17 +313,6 @@ def test_label_word_count_must_match_the_verbalizer(tiny_bert):
     verbalizer = ManualVerbalizer(tok, num_classes=3, label_words=[["terrible"], ["great"], ["fine"]])
     with pytest.raises(ValueError, match="2 label words .* verbalizer has 3 classes"):
         R.RetroPromptForClassification(plm, template, verbalizer)
-
-
-def test_neural_template_without_label_words_says_when_it_needs_them(tiny_bert):
-    from openprompt.prompts import ManualTemplate, SoftVerbalizer
-
-    plm, tok, _, _ = tiny_bert
-    template = R.RetroTemplate(ManualTemplate(tokenizer=tok, text=TEXT))
-    with pytest.raises(ValueError, match="does not know the label words yet"):
-        loader(splits()["train"], template, tiny_bert)
-    with pytest.raises(ValueError, match="pass label_words"):
-        R.RetroPromptForClassification(plm, template, SoftVerbalizer(tok, plm, num_classes=2))
 
 
 def test_template_wrapped_after_the_loader_was_built_is_refused(tiny_bert):
@@ -431,10 +413,10 @@ def test_prompt_model_called_directly_gets_demonstrations(tiny_bert):
     torch.testing.assert_close(out.logits, want.logits)
 
 
-def test_the_tutorial_import_order_tags_every_loader(tiny_dirs):
-    """``import openprompt_retro`` at the top, then OpenPrompt's imports and loaders, and the model class
-    only at the end (the one-line edit): the loaders carry example identities, so the model finds its
-    training data by itself."""
+def test_the_tutorial_import_order_leaves_openprompt_unpatched_until_a_retro_class_is_used(tiny_dirs):
+    """``import openprompt_retro`` at the top, then OpenPrompt's imports and loaders: OpenPrompt is as it
+    was (no patch) until a retro class is constructed. Swapping only the model class after the loaders were
+    built: the first training forward names attach(train_loader), which then makes it work."""
     import os
     import subprocess
     import sys
@@ -446,6 +428,8 @@ from openprompt.plms import load_plm
 from openprompt.data_utils import InputExample
 from openprompt import PromptDataLoader, PromptForClassification
 from openprompt.prompts import ManualTemplate, ManualVerbalizer
+from openprompt.plms.utils import TokenizerWrapper
+print("patched before:", hasattr(PromptDataLoader, "_retro_patched"), hasattr(TokenizerWrapper, "_retro_patched"))
 plm, tok, _, W = load_plm("bert", {tiny_dirs["bert"]!r})
 data = [InputExample(text_a=t, label=i % 2) for i, t in enumerate(["a great movie", "a bad film", "fun", "dull"])]
 template = ManualTemplate(tokenizer=tok, text={TEXT!r})
@@ -453,7 +437,13 @@ train_loader = PromptDataLoader(data, template, tokenizer=tok, tokenizer_wrapper
                                 batch_size=2)
 verbalizer = ManualVerbalizer(tok, num_classes=2, label_words={WORDS!r})
 model = R.RetroPromptForClassification(plm, template, verbalizer)
+print("patched after:", hasattr(PromptDataLoader, "_retro_patched"))
 warnings.simplefilter("ignore")
+try:
+    model(next(iter(train_loader)))
+except ValueError as e:
+    print("error:", e)
+model.attach(train_loader)
 for batch in train_loader:
     model(batch).sum().backward()
 print(len(model.store))
@@ -461,4 +451,219 @@ print(len(model.store))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "4"
+    lines = out.stdout.strip().splitlines()
+    assert "patched before: False False" in lines and "patched after: True" in lines
+    assert any(line.startswith("error:") and "attach(train_loader)" in line for line in lines)
+    assert lines[-1] == "4"
+
+
+# ------------------------------------------------------------------ issue 22: the README's recipe as written
+def test_readme_recipe_as_written_in_the_basic_tutorial(tiny_bert):
+    """tutorial/0_basic with the README's three changed lines and nothing else: the RetroTemplate gets no
+    label words, the loaders are built before the model exists, and the tutorial's own loop trains with
+    loss_func(prompt_model(inputs), labels) and evaluates."""
+    from openprompt import PromptDataLoader
+    from openprompt.prompts import ManualTemplate, ManualVerbalizer
+
+    plm, tokenizer, _, WrapperClass = tiny_bert
+    dataset = splits()
+    mytemplate = R.RetroTemplate(ManualTemplate(tokenizer=tokenizer, text=TEXT))   # (2) wrap the template
+    train_dataloader = PromptDataLoader(dataset=dataset["train"], template=mytemplate, tokenizer=tokenizer,
+                                        tokenizer_wrapper_class=WrapperClass, max_seq_length=64, batch_size=4,
+                                        shuffle=True, teacher_forcing=False, predict_eos_token=False,
+                                        truncate_method="head")
+    validation_dataloader = PromptDataLoader(dataset=dataset["validation"], template=mytemplate,
+                                             tokenizer=tokenizer, tokenizer_wrapper_class=WrapperClass,
+                                             max_seq_length=64, batch_size=4, shuffle=False)
+    myverbalizer = ManualVerbalizer(tokenizer, num_classes=2, label_words=WORDS)
+    prompt_model = R.RetroPromptForClassification(plm=plm, template=mytemplate, verbalizer=myverbalizer,
+                                                  freeze_plm=False)              # (3) swap the model class
+    loss_func = torch.nn.CrossEntropyLoss()
+    no_decay = ["bias", "LayerNorm.weight"]
+    grouped = [{"params": [p for n, p in prompt_model.named_parameters() if not any(nd in n for nd in no_decay)],
+                "weight_decay": 0.01},
+               {"params": [p for n, p in prompt_model.named_parameters() if any(nd in n for nd in no_decay)],
+                "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(grouped, lr=1e-4)
+    with spy_store() as calls, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for epoch in range(2):
+            for step, inputs in enumerate(train_dataloader):
+                logits = prompt_model(inputs)
+                labels = inputs["label"]
+                loss = loss_func(logits, labels)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        allpreds, alllabels = [], []
+        for step, inputs in enumerate(validation_dataloader):
+            logits = prompt_model(inputs)
+            alllabels.extend(inputs["label"].cpu().tolist())
+            allpreds.extend(torch.argmax(logits, dim=-1).cpu().tolist())
+    assert mytemplate.label_words == ["terrible", "great"] and len(allpreds) == 4 == len(alllabels)
+    assert len(train_dataloader) == 2 and next(iter(validation_dataloader))[DEMO_KEY] is None  # tokenized late
+    assert_used_retrieval(prompt_model, calls, 8, 4)
+
+
+def test_a_loader_waiting_for_label_words_that_never_come_names_the_fix(tiny_bert):
+    from openprompt.prompts import ManualTemplate, SoftVerbalizer
+
+    plm, tok, _, _ = tiny_bert
+    template = R.RetroTemplate(ManualTemplate(tokenizer=tok, text=TEXT))
+    waiting = loader(splits()["train"], template, tiny_bert)
+    with pytest.raises(ValueError, match=r"not tokenized yet.*RetroPromptForClassification.*label_words"):
+        iter(waiting)
+    with pytest.raises(ValueError, match="pass label_words"):
+        R.RetroPromptForClassification(plm, template, SoftVerbalizer(tok, plm, num_classes=2))
+
+
+def test_a_model_without_a_store_is_the_plain_model(tiny_bert):
+    """Zero-shot and calibration (tutorial 1.3): no training data, no store - every forward is the plain
+    PromptForClassification's (demonstration segment hidden, nothing mixed in), and calibrate() runs."""
+    from openprompt import PromptForClassification
+    from openprompt.data_utils import InputExample
+    from openprompt.prompts import ManualTemplate, ManualVerbalizer
+    from openprompt.utils.calibrate import calibrate
+
+    plm, tok, _, _ = tiny_bert
+    base = ManualTemplate(tokenizer=tok, text=TEXT)
+    verbalizer = ManualVerbalizer(tok, num_classes=2, label_words=WORDS)
+    template = R.RetroTemplate(base)
+    model = R.RetroPromptForClassification(plm, template, verbalizer)
+    plain = PromptForClassification(plm, base, verbalizer)
+    retro_batch = next(iter(loader(splits()["validation"], template, tiny_bert)))
+    plain_batch = next(iter(loader(splits()["validation"], base, tiny_bert)))
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        want = torch.log_softmax(plain(plain_batch), -1)
+        torch.testing.assert_close(model(retro_batch), want, atol=1e-5, rtol=1e-5)
+    support = loader([InputExample(text_a="", label=-1)], template, tiny_bert)
+    with contextlib.redirect_stderr(io.StringIO()):
+        cc_logits = calibrate(model, support)
+    assert cc_logits.shape == (len(tok),) and len(model.store) == 0
+
+
+def test_state_dict_right_after_training_carries_the_store_the_model_uses(tiny_bert, tmp_path):
+    """No evaluation between training and torch.save: the checkpoint holds the store rebuilt with the
+    trained encoder, so a fresh model that loads it predicts what the saved model predicts."""
+    from openprompt.prompts import ManualTemplate, ManualVerbalizer
+
+    plm, tok, _, _ = tiny_bert
+
+    def build():
+        return R.RetroPromptForClassification(plm, R.RetroTemplate(ManualTemplate(tokenizer=tok, text=TEXT)),
+                                               ManualVerbalizer(tok, num_classes=2, label_words=WORDS))
+
+    model = build()
+    train_loader = loader(splits()["train"], model.template, tiny_bert, shuffle=True)
+    val_loader = loader(splits()["validation"], model.template, tiny_bert)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_loop(model, train_loader, [torch.optim.AdamW(model.parameters(), lr=1e-2)], epochs=2)
+    torch.save(model.state_dict(), tmp_path / "ckpt")
+    fresh = build()
+    fresh.load_state_dict(torch.load(tmp_path / "ckpt"))
+    torch.testing.assert_close(evaluate(fresh, val_loader, "eval"), evaluate(model, val_loader, "eval"))
+
+
+def test_a_neural_loader_fed_to_a_model_without_that_template_is_refused(tiny_bert):
+    from openprompt.prompts import ManualTemplate, ManualVerbalizer
+
+    plm, tok, _, _ = tiny_bert
+    base = ManualTemplate(tokenizer=tok, text=TEXT)
+    retro_loader = loader(splits()["train"], R.RetroTemplate(base, ["terrible", "great"]), tiny_bert)
+    swapped = R.RetroPromptForClassification(plm, base, ManualVerbalizer(tok, num_classes=2, label_words=WORDS))
+    with pytest.raises(ValueError, match="another template"):
+        swapped.eval()(next(iter(retro_loader)))
+    other = R.RetroPromptForClassification(plm, R.RetroTemplate(base, ["bad", "good"]),
+                                           ManualVerbalizer(tok, num_classes=2, label_words=[["bad"], ["good"]]))
+    with pytest.raises(ValueError, match="another template"):
+        other.eval()(next(iter(retro_loader)))
+
+
+# ------------------------------------------------------------------ issue 22: RetroConfig in a hand loop
+def test_hand_loop_recomputes_the_gate_after_every_store_build(tiny_bert):
+    from openprompt.prompts import ManualTemplate, ManualVerbalizer
+
+    plm, tok, _, _ = tiny_bert
+    model = R.RetroPromptForClassification(plm, R.RetroTemplate(ManualTemplate(tokenizer=tok, text=TEXT)),
+                                           ManualVerbalizer(tok, num_classes=2, label_words=WORDS),
+                                           config=R.RetroConfig(train_knn_k=3))
+    train_loader = loader(splits()["train"], model.template, tiny_bert, shuffle=True)
+    gates = []
+    update = model.lifecycle.update_gate
+    model.lifecycle.update_gate = lambda: gates.append(update()) or gates[-1]
+    model.attach(train_loader)
+    train_loop(model, train_loader, [torch.optim.AdamW(model.parameters(), lr=1e-3)], epochs=3)
+    assert len(gates) == 3  # attach, then the rebuilds at the start of passes 2 and 3
+    chance = 0.5
+    assert model.knn_loss_active == (model.store_loo_accuracy > chance) and model.store_loo_accuracy == gates[-1]
+
+
+def _grads(model, batch, params):
+    return torch.autograd.grad(torch.nn.CrossEntropyLoss()(model(batch), batch["label"]), params, allow_unused=True)
+
+
+def test_gate_off_in_a_hand_loop_gives_plain_cross_entropy_gradients(tiny_bert):
+    """The store at chance turns the kNN weights off: the tutorial loop's gradients are those of plain CE."""
+    from openprompt import PromptForClassification
+    from openprompt.prompts import ManualTemplate, ManualVerbalizer
+
+    plm, tok, _, _ = tiny_bert
+    base, verbalizer = ManualTemplate(tokenizer=tok, text=TEXT), ManualVerbalizer(tok, num_classes=2,
+                                                                                    label_words=WORDS)
+    model = R.RetroPromptForClassification(plm, base, verbalizer, config=R.RetroConfig(loss_beta=5.0))
+    train_loader = loader(splits()["train"], base, tiny_bert)
+    model.attach(train_loader)
+    model.train()
+    batch = next(iter(train_loader))
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = _grads(PromptForClassification(plm, base, verbalizer), batch, params)
+    model.knn_loss_active = True
+    assert not all(a is None or torch.allclose(a, b, atol=1e-7) for a, b in zip(_grads(model, batch, params), plain))
+    model.knn_loss_active = False  # what the gate decides for a store at chance
+    assert all(a is None or torch.allclose(a, b, atol=1e-7) for a, b in zip(_grads(model, batch, params), plain))
+
+
+def test_demo_warmup_in_a_hand_loop_counts_the_models_training_forwards(tiny_bert):
+    from openprompt.prompts import ManualTemplate, ManualVerbalizer
+
+    plm, tok, _, _ = tiny_bert
+    model = R.RetroPromptForClassification(plm, R.RetroTemplate(ManualTemplate(tokenizer=tok, text=TEXT)),
+                                           ManualVerbalizer(tok, num_classes=2, label_words=WORDS),
+                                           config=R.RetroConfig(demo_warmup=0.5))
+    train_loader = loader(splits()["train"], model.template, tiny_bert)
+    val_loader = loader(splits()["validation"], model.template, tiny_bert)
+    model.attach(train_loader)
+    with pytest.raises(ValueError, match=r"plan_training\(total_steps\)"):
+        model(next(iter(train_loader)))
+    model.plan_training(4)  # 2 epochs x 2 batches: the first 2 training forwards see no demonstrations
+    hidden = []
+    shape = model._shape_demonstrations
+    model._shape_demonstrations = lambda d, h=False: hidden.append(h) or shape(d, h)
+    train_loop(model, train_loader, [torch.optim.AdamW(model.parameters(), lr=1e-3)], epochs=2)
+    assert hidden == [True, True, False, False]
+    hidden.clear()
+    model.plan_training(4)
+    evaluate(model, val_loader, "no_eval")  # inference forwards never count, and never hide
+    evaluate(model, val_loader, "eval")
+    assert hidden == [False] * 2 and model.training_forwards == 0
+
+
+def test_exclude_self_in_eval_matches_examples_not_guids(tiny_bert):
+    """Guids restart in every split (Hugging Face idx): a dev example with a training example's guid keeps
+    that entry; a training example scored through a new loader (the same InputExample) does not see itself."""
+    from openprompt.prompts import ManualTemplate, ManualVerbalizer
+
+    plm, tok, _, _ = tiny_bert
+    model = R.RetroPromptForClassification(plm, R.RetroTemplate(ManualTemplate(tokenizer=tok, text=TEXT)),
+                                           ManualVerbalizer(tok, num_classes=2, label_words=WORDS))
+    data = splits()
+    model.attach(loader(data["train"], model.template, tiny_bert))
+    model.exclude_self_in_eval = True
+    model.eval()
+    dev_batch = next(iter(loader(data["validation"], model.template, tiny_bert)))
+    assert model.prepare_batch(dev_batch)[EXCLUDE_KEY].tolist() == [-1, -1, -1, -1]
+    again = loader(data["train"][2:6], model.template, tiny_bert)
+    assert model.prepare_batch(next(iter(again)))[EXCLUDE_KEY].tolist() == [2, 3, 4, 5]

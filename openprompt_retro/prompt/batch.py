@@ -14,15 +14,11 @@ key                    who     what
 =====================  ======  ==========================================================
 
 OpenPrompt's ``InputFeatures`` silently drops keys it does not know, so
-:func:`register_batch_keys` (run on import) declares ours.
+:func:`.patches.install` declares ours.
 """
 from __future__ import annotations
 
-import logging
 from typing import List, Optional
-
-from openprompt.data_utils import InputFeatures
-from openprompt.utils.logging import logger as _openprompt_logger
 
 SLOT_KEY = "retro_slot_ids"
 SEGMENT_KEY = "retro_demo_mask"
@@ -32,30 +28,6 @@ EXCLUDE_KEY = "retro_exclude_ids"
 EXAMPLE_KEY = "retro_example_ids"
 ALL_KEYS = (SLOT_KEY, SEGMENT_KEY, DEMO_KEY, QUERY_KEY, EXCLUDE_KEY, EXAMPLE_KEY)
 TENSOR_KEYS = (SLOT_KEY, SEGMENT_KEY, EXAMPLE_KEY)
-
-
-def register_batch_keys() -> None:
-    """Let OpenPrompt's InputFeatures carry our per-example fields (it drops unknown keys)."""
-    for key in ALL_KEYS:
-        if key not in InputFeatures.all_keys:
-            InputFeatures.add_keys(key)
-        if not hasattr(InputFeatures, key):
-            setattr(InputFeatures, key, None)  # default for features made without it
-    for key in TENSOR_KEYS:
-        if key not in InputFeatures.tensorable_keys:
-            InputFeatures.add_tensorable_keys(key)
-
-
-class _QuietOurKeys(logging.Filter):
-    """OpenPrompt warns about every per-example key it did not define; ours are registered."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not ("unexpected key words" in msg and "retro_" in msg)
-
-
-register_batch_keys()
-_openprompt_logger.addFilter(_QuietOurKeys())
 
 
 def batch_get(batch, key):

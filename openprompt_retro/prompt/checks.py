@@ -97,7 +97,7 @@ def check_training_set(labels: np.ndarray, num_classes: int, uses_store: bool,
     label word, examples added to the store later), but it is usually a mistake - e.g. 3 label words on
     binary data - and the store can never vote for that class, so it is never silent.
     """
-    n = int(len(labels))
+    n = 0 if labels is None else int(len(labels))
     if n == 0:
         raise DataError(f"{split}: no examples given")
     if uses_store and n < MIN_TRAIN_WITH_STORE:
@@ -112,6 +112,33 @@ def check_training_set(labels: np.ndarray, num_classes: int, uses_store: bool,
                       f" of the model's {num_classes} classes (labels seen: {np.nonzero(counts)[0].tolist()}); "
                       "the store holds nothing for them. More label words than the data has classes?",
                       UserWarning, stacklevel=3)
+
+
+def check_texts(examples: Sequence, split: str = "data") -> None:
+    """Every example's ``text_a`` is a string (``text_b`` a string or empty) that UTF-8 can encode.
+
+    A :class:`DataError` names the first bad example: ``text_a=None`` or a lone surrogate character
+    (e.g. half of an emoji cut off by a byte-level slicer) would otherwise fail deep in the tokenizer.
+    """
+    for i, e in enumerate(examples):
+        for field in ("text_a", "text_b"):
+            text = e.get(field) if isinstance(e, dict) else getattr(e, field, None)
+            if text is None and field == "text_b":
+                continue
+            if not isinstance(text, str):
+                raise DataError(f"{_where(split, i, e)} has {field}={text!r}: the text must be a string")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise DataError(f"{_where(split, i, e)} has a character UTF-8 cannot encode in {field} at "
+                                f"position {err.start} ({text[err.start]!r}, a lone surrogate): fix or drop "
+                                "it before tokenizing") from None
+
+
+def check_top(top) -> None:
+    """``top`` (how many neighbours explain lists) is a positive integer."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be a positive integer (how many neighbours to list), got {top!r}")
 
 
 def check_model(model) -> None:

@@ -1,7 +1,7 @@
 """Example identity, pass counting and a registry of OpenPrompt's ``PromptDataLoader``\\ s.
 
-Every ``PromptDataLoader`` built once :mod:`openprompt_retro.prompt` is
-imported (or passed to ``model.attach``) tags each of its examples with
+Every ``PromptDataLoader`` built once a retro class was constructed
+(:func:`.patches.install`; or passed to ``model.attach``) tags each of its examples with
 
     uid = (serial << 32) | position
 
@@ -82,26 +82,50 @@ def in_order(loader):
                       collate_fn=InputFeatures.collate_fct)
 
 
-def install() -> None:
-    """Patch ``PromptDataLoader`` (idempotent): tag examples after tokenizing, count passes."""
+def _deferred_error(loader) -> ValueError:
+    return ValueError(f"this PromptDataLoader ({len(loader.raw_dataset)} examples) is not tokenized yet: its "
+                      "RetroTemplate shows a label word per class and was given none; build "
+                      "RetroPromptForClassification(plm, template, verbalizer) with that template (it hands the "
+                      "verbalizer's label words over and the loader is tokenized then), or pass label_words=[...] "
+                      "to RetroTemplate")
+
+
+def build_deferred(loader) -> None:
+    """Tokenize a loader whose RetroTemplate has just received its label words."""
+    args, kwargs = loader.__dict__.pop("_retro_deferred")
+    type(loader).__init__(loader, *args, **kwargs)
+
+
+def patch_prompt_data_loader() -> None:
+    """Patch ``PromptDataLoader`` (idempotent): tag examples after tokenizing, count passes, and defer a
+    loader whose RetroTemplate waits for its label words (tokenized when they come: :func:`build_deferred`)."""
+    import inspect
+
     from openprompt import PromptDataLoader
 
     if getattr(PromptDataLoader, "_retro_patched", False):
         return
     init, iterate = PromptDataLoader.__init__, PromptDataLoader.__iter__
+    signature = inspect.signature(init)
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        template = bound.arguments.get("template")
+        if getattr(template, "waits_for_label_words", False):  # nothing tokenized (or iterable) until then
+            self.raw_dataset, self.template, self._retro_deferred = bound.arguments["dataset"], template, (args, kwargs)
+            self.wrapped_dataset, self.tensor_dataset, self.dataloader = [], [], []
+            template.defer(self)
+            return
         init(self, *args, **kwargs)
         tag_loader(self)
 
     @functools.wraps(iterate)
     def __iter__(self):
+        if "_retro_deferred" in self.__dict__:
+            raise _deferred_error(self)
         self._retro_passes = passes(self) + 1
         return iterate(self)
 
     PromptDataLoader.__init__, PromptDataLoader.__iter__ = __init__, __iter__
     PromptDataLoader._retro_patched = True
-
-
-install()

@@ -11,12 +11,8 @@ One forward pass does all three retrievals:
 """
 from __future__ import annotations
 
-import sys
-import warnings
-import weakref
-from collections import Counter
 from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,20 +23,18 @@ from openprompt.prompts import ManualTemplate, MixedTemplate, SoftTemplate
 from transformers.modeling_outputs import MaskedLMOutput
 
 from ..core.config import RetroConfig
-from ..core.demonstrations import neural_demonstrations
-from ..core.knn import knn_label_distribution, knn_weights, mix
 from ..core.loss import knn_guided_loss, knn_loss_weights
 from ..core.store import KnowledgeStore, StoreError
-from ..core.text import example_text
-from . import distributed, loaders
-from .batch import DEMO_KEY, EXAMPLE_KEY, EXCLUDE_KEY, QUERY_KEY, batch_example_ids, batch_get, batch_guids
-from .keys import MaskKeyHead, encode_last_hidden, extract_keys, hidden_at_mask, mask_keys, trim_padding
-from .saved_run import install_raw_text_hook
+from . import patches
+from .batch import (DEMO_KEY, EXCLUDE_KEY, QUERY_KEY, batch_get)
+from .keys import (MaskKeyHead, demonstrations_off, encode_last_hidden, hidden_at_mask)
+from .prediction import Prediction, default_wrapper_class
+from .retrieval import check_batch_template, retrieve, shape_demonstrations
+from .store_lifecycle import StoreLifecycle
 from .template import RetroTemplate
-from .verbalizer import KnnVerbalizer
+from .verbalizer import KnnVerbalizer, Mixing
 
 _FAST_TEMPLATES = (ManualTemplate, MixedTemplate, SoftTemplate)
-install_raw_text_hook()  # run.json records the text each template was built from
 #: state_dict() entries that carry the store: keys (n, D) float32 and labels (n,) int64
 STORE_STATE_KEYS = ("retro_store.keys", "retro_store.labels")
 
@@ -77,37 +71,7 @@ class _RetroPromptModel(PromptModel):
         return super().forward(batch)
 
 
-def _callers_level() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside this package and torch."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("openprompt_retro", "torch"):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _weak(obj):
-    """A weak reference to ``obj`` (a strong one where it cannot be weakly referenced), called to dereference."""
-    try:
-        return weakref.ref(obj)
-    except TypeError:
-        return lambda: obj
-
-
-def _verbalizer_words(verbalizer) -> Optional[List[str]]:
-    """The first label word of each class (else the class names), or None if the verbalizer has neither."""
-    try:
-        words = verbalizer.label_words
-    except (RuntimeError, AttributeError):
-        words = None
-    if words:
-        return [w if isinstance(w, str) else w[0] for w in words]
-    classes = getattr(verbalizer, "classes", None)
-    if classes and all(isinstance(c, str) for c in classes):
-        return list(classes)
-    return None
-
-
-class RetroPromptForClassification(PromptForClassification):
+class RetroPromptForClassification(Prediction, PromptForClassification):
     """Drop-in for ``PromptForClassification`` with RetroPrompt's three retrievals.
 
     Args:
@@ -117,6 +81,8 @@ class RetroPromptForClassification(PromptForClassification):
             in ``KnnVerbalizer``. A ``RetroTemplate`` without label words takes
             the verbalizer's (one per class; their counts must agree).
         config: :class:`RetroConfig` (keyword only).
+        wrapper_class, max_seq_length: how :meth:`predict_proba` / :meth:`explain` / :meth:`add_examples`
+            tokenize InputExamples (keyword only; the wrapper class defaults to OpenPrompt's for the PLM).
 
     The knowledge store looks after itself:
 
@@ -147,7 +113,8 @@ class RetroPromptForClassification(PromptForClassification):
     """
 
     def __init__(self, plm, template: Template, verbalizer: Verbalizer, freeze_plm: bool = False,
-                 plm_eval_mode: bool = False, *, config: Optional[RetroConfig] = None):
+                 plm_eval_mode: bool = False, *, config: Optional[RetroConfig] = None, wrapper_class=None,
+                 max_seq_length: int = 128):
         for name, value in (("freeze_plm", freeze_plm), ("plm_eval_mode", plm_eval_mode)):
             if isinstance(value, RetroConfig):
                 raise TypeError(f"a RetroConfig was given as {name}: config is keyword-only, "
@@ -155,12 +122,13 @@ class RetroPromptForClassification(PromptForClassification):
         if config is not None and not isinstance(config, RetroConfig):
             raise TypeError(f"config must be a RetroConfig, got {type(config).__name__}")
         config = (config or RetroConfig()).validate()
+        patches.install()
         if getattr(verbalizer, "num_classes", None) is None:
             raise ValueError("the verbalizer does not know its number of classes: "
                              "give it num_classes=... or classes=...")
         if not isinstance(template, RetroTemplate):
             template = RetroTemplate(template, demonstrations="none")
-        self._fill_template(template, verbalizer, plm)
+        template.take_from(verbalizer, plm)
         if not isinstance(verbalizer, KnnVerbalizer):
             verbalizer = KnnVerbalizer(verbalizer, plm)
         super().__init__(plm, template, verbalizer, freeze_plm=freeze_plm, plm_eval_mode=plm_eval_mode)
@@ -168,39 +136,17 @@ class RetroPromptForClassification(PromptForClassification):
         self.prompt_model._owner = [self]
         self.config = config
         self.mask_only_head = True  # see _main_pass; False runs OpenPrompt's full-sequence head
-        self.exclude_self_in_eval = False  # True: an entry never answers for an example of its guid, in eval too
-        self.knn_loss_active = True  # set per epoch by update_loss_gate()
+        self.exclude_self_in_eval = False  # True: an entry never answers for the example it holds, in eval too
         self.last_loss_weights: Optional[torch.Tensor] = None
         self.demo_ablation: Optional[str] = None  # diagnostics: "permute" d_c across classes
-        self.demos_hidden = False  # set by the trainer during the warm start (RetroConfig.demo_warmup)
+        self._demo_gen = torch.Generator().manual_seed(0)  # demo_dropout's draws
+        self._store_in_state_dict = True  # False inside store_outside_state_dict()
         self.key_head = MaskKeyHead(plm)
-        self.store = KnowledgeStore(self._key_dim(), verbalizer.num_classes, metric=config.metric,
-                                    index_factory=config.index_factory, built_by=self.key_head.describe())
-        self._source_ref = None  # weak reference to the training data the store is built from
-        self._source_serials: set = set()  # serials of the loaders whose examples are that training data
-        self._source_passes: Optional[int] = None  # passes over the source at the last build (None: rebuild)
-        self._added: list = []  # weak references to the loaders given to add_to_store since (re-added on rebuilds)
-        self._entry_of_uid: Dict[int, int] = {}  # example identity -> store id
-        self._stale = False  # training forwards ran since the last build
+        self.lifecycle = StoreLifecycle(self, self.key_head)  # the store and when it is rebuilt
+        self.wrapper_class = wrapper_class or default_wrapper_class(plm)  # how predict() tokenizes examples
+        self.max_seq_length = int(max_seq_length)
+        self.example_tokenizer = None  # None: the template's
         self.apply_config()
-
-    @staticmethod
-    def _fill_template(template: RetroTemplate, verbalizer, plm) -> None:
-        """Give the template the verbalizer's label words (if it has none) and the PLM; check the class counts."""
-        n = int(verbalizer.num_classes)
-        if template.label_words is None:
-            words = _verbalizer_words(verbalizer)
-            if words is not None:
-                template.set_label_words(words)
-            elif template.demonstrations != "none":
-                raise ValueError(f"RetroTemplate(demonstrations={template.demonstrations!r}) shows a label word per "
-                                 "class, and the verbalizer has none (e.g. SoftVerbalizer without label_words): "
-                                 "pass label_words=[...] to RetroTemplate")
-        if template.label_words is not None and template.num_classes != n:
-            raise ValueError(f"RetroTemplate has {template.num_classes} label words {template.label_words} but the "
-                             f"verbalizer has {n} classes: give one label word per class")
-        if template._plm[0] is None:
-            template.set_plm(plm)
 
     # ---------------------------------------------------------------- config
     def _key_dim(self) -> int:
@@ -211,14 +157,16 @@ class RetroPromptForClassification(PromptForClassification):
         return self.verbalizer.num_classes
 
     def apply_config(self, **overrides) -> RetroConfig:
-        """Update config fields (e.g. the tuned lambda/k/T) and push them to the verbalizer."""
+        """Update config fields (e.g. the tuned lambda/k/T). The model's forwards pass them to the verbalizer
+        per call (:class:`.Mixing`); they also become its own settings, for calls made to it directly."""
         for key, value in overrides.items():
             if not hasattr(self.config, key):
                 raise ValueError(f"unknown RetroConfig field {key!r}")
             setattr(self.config, key, value)
         self.config.validate()
         v = self.verbalizer
-        v.store, v.k, v.temperature, v.lam = self.store, self.config.knn_k, self.config.knn_temperature, self.config.knn_lambda
+        v.store, v.k, v.temperature = self.store, self.config.knn_k, self.config.knn_temperature
+        v.lam = self.config.knn_lambda
         v.scale = self.config.knn_score_scale
         return self.config
 
@@ -235,11 +183,39 @@ class RetroPromptForClassification(PromptForClassification):
     def uses_neural_demos(self) -> bool:
         return self.template.demonstrations == "neural" and self.template.demonstrations_enabled
 
-    # ---------------------------------------------------------------- store
+    # ---------------------------------------------------------------- store (see store_lifecycle.py)
+    @property
+    def store(self) -> KnowledgeStore:
+        return self.lifecycle.store
+
+    @store.setter
+    def store(self, store: KnowledgeStore) -> None:
+        self.lifecycle.store = self.verbalizer.store = store
+
     @property
     def _source(self):
-        """The training data the store is built from, while it is alive (else None)."""
-        return self._source_ref() if self._source_ref is not None else None
+        return self.lifecycle.source
+
+    @property
+    def knn_loss_active(self) -> bool:
+        """Whether the kNN weights apply (the gate, recomputed after every store build)."""
+        return self.lifecycle.knn_loss_active
+
+    @knn_loss_active.setter
+    def knn_loss_active(self, value: bool) -> None:
+        self.lifecycle.knn_loss_active = bool(value)
+
+    @property
+    def store_loo_accuracy(self) -> Optional[float]:
+        return self.lifecycle.store_loo_accuracy
+
+    @property
+    def total_training_steps(self) -> Optional[int]:
+        return self.lifecycle.total_training_steps
+
+    @property
+    def training_forwards(self) -> int:
+        return self.lifecycle.training_forwards
 
     def attach(self, dataloader, progress: bool = False) -> KnowledgeStore:
         """Make ``dataloader``'s examples the training data and build the store from them now.
@@ -253,118 +229,46 @@ class RetroPromptForClassification(PromptForClassification):
         return self.refresh_store(dataloader, progress=progress)
 
     def refresh_store(self, dataloader=None, progress: bool = True) -> KnowledgeStore:
-        """Recompute every key with the current encoder (one demonstration-free pass).
-
-        ``dataloader`` (a ``PromptDataLoader`` or any iterable of its batches)
-        becomes the training data, and the store holds exactly its examples;
-        without it, the attached training data (and what :meth:`add_to_store`
-        added since) is encoded again. Under torch.distributed each rank encodes
-        its shard and the keys are all-gathered: every rank then holds the same store.
-        """
-        if dataloader is None:
-            if self._source is None:
-                raise ValueError("no training data attached: call refresh_store(train_loader) or attach(train_loader)")
-            self._rebuild(self._source, progress, list(self._added))
-        else:
-            self._rebuild(dataloader, progress, [])
-        return self.store
+        """Recompute every key with the current encoder (see :meth:`.StoreLifecycle.refresh`)."""
+        return self.lifecycle.refresh(dataloader, progress)
 
     def add_to_store(self, dataloader, progress: bool = True) -> np.ndarray:
-        """Add labeled examples to the store without retraining; returns their ids.
+        """Add labeled examples to the store without retraining; returns their ids (:meth:`.StoreLifecycle.add`)."""
+        return self.lifecycle.add(dataloader, progress)
 
-        While ``dataloader`` is alive (a reference is kept by the caller), its examples are
-        encoded again whenever the store is rebuilt automatically; ``refresh_store(loader)``
-        starts over from ``loader`` alone.
-        """
-        if self._stale and self._source is not None:  # old keys must come from the encoder of the new ones
-            self._rebuild(self._source, progress=False, added=list(self._added))
-        ids = self._add(dataloader, progress)
-        self._added.append(_weak(dataloader))
-        return ids
+    def sync_store(self) -> KnowledgeStore:
+        """The store the model would use now: rebuilt first when training forwards ran since the last build."""
+        return self.lifecycle.sync()
 
-    def _encode(self, dataloader, progress: bool):
-        """(keys, labels, guids, texts, example ids) of every example of ``dataloader``, in dataset order."""
-        raw = getattr(dataloader, "raw_dataset", None)
-        if raw is not None:
-            counts = Counter(str(e.guid) for e in raw if getattr(e, "guid", None) is not None)
-            dup = sorted(g for g, c in counts.items() if c > 1)
-            if dup:
-                raise ValueError(f"the training data has {len(dup)} duplicate guids, e.g. {dup[:5]}: each example "
-                                 "needs its own guid (or none at all)")
-        if hasattr(dataloader, "tensor_dataset") and loaders.serial_of(dataloader) is None:
-            loaders.tag_loader(dataloader)  # built before openprompt_retro was imported
-        if distributed.is_distributed():
-            keys, labels, guids, uids = self._encode_distributed(dataloader, progress)
-        else:
-            keys, labels, guids, uids = extract_keys(self, loaders.in_order(dataloader), progress=progress,
-                                                     example_ids=True)
-        serial = loaders.serial_of(dataloader)
-        by_guid = {str(e.guid): example_text(e) for e in (raw if raw is not None else [])
-                   if getattr(e, "guid", None) is not None}
-        texts = []
-        for g, u in zip(guids, uids):
-            if raw is not None and serial is not None and u >= 0 and int(loaders.serials(u)) == serial:
-                texts.append(example_text(raw[int(loaders.positions(u))]))
-            else:
-                texts.append(by_guid.get(g) if g is not None else None)
-        return keys, labels, guids, texts, uids
+    def plan_training(self, total_steps: int) -> None:
+        """Say how many training steps follow (demo_warmup's denominator; :meth:`.StoreLifecycle.plan_training`)."""
+        self.lifecycle.plan_training(total_steps)
 
-    def _encode_distributed(self, dataloader, progress: bool):
-        from torch.utils.data import DataLoader
-        from openprompt.data_utils import InputFeatures
+    def update_loss_gate(self) -> float:
+        """The store's leave-one-out kNN accuracy; the kNN loss term is active only above chance."""
+        return self.lifecycle.update_gate()
 
-        rank, world = distributed.rank_and_world()
-        features = dataloader.tensor_dataset
-        mine = np.arange(rank, len(features), world)
-        shard = DataLoader([features[i] for i in mine], batch_size=dataloader.batch_size,
-                           collate_fn=InputFeatures.collate_fct)
-        keys, _, _ = extract_keys(self, shard, progress=progress and rank == 0)
-        keys = distributed.gather_in_order(keys, mine)
-        labels = np.array([int(f["label"]) for f in features])
-        guids = [None if f["guid"] is None else str(f["guid"]) for f in features]
-        uids = np.array([-1 if batch_get(f, EXAMPLE_KEY) is None else int(batch_get(f, EXAMPLE_KEY))
-                         for f in features], dtype=np.int64)
-        return keys, labels, guids, uids
-
-    def _rebuild(self, dataloader, progress: bool, added: list) -> None:
-        keys, labels, guids, texts, uids = self._encode(dataloader, progress)
-        self.store.build(keys, labels, guids, texts)
-        self._entry_of_uid = {int(u): i for i, u in enumerate(uids) if u >= 0}
-        serial = loaders.serial_of(dataloader)
-        self._source_ref, self._added = _weak(dataloader), []
-        self._source_serials = set(loaders.serials(uids[uids >= 0]).tolist()) | ({serial} if serial else set())
-        self._source_passes = loaders.passes(dataloader)
-        self._stale = False
-        for ref in added:
-            extra = ref()
-            if extra is None:
-                warnings.warn("examples added with add_to_store are no longer in the store: their data loader was "
-                              "garbage-collected before the store was rebuilt; keep a reference to it")
-                continue
-            self._add(extra, progress=False)
-            self._added.append(ref)
-
-    def _add(self, dataloader, progress: bool) -> np.ndarray:
-        keys, labels, guids, texts, uids = self._encode(dataloader, progress)
-        ids = self.store.add(keys, labels, guids, texts)
-        self._entry_of_uid.update({int(u): int(i) for u, i in zip(uids, ids) if u >= 0})
-        return ids
+    def is_training_forward(self, batch) -> bool:
+        """Whether a forward on ``batch`` now is a training forward (the rule in the class docstring)."""
+        return self.training and torch.is_grad_enabled() and self.lifecycle.is_training_batch(batch)
 
     # ---------------------------------------------------------------- state_dict
     @contextmanager
     def store_outside_state_dict(self):
         """``state_dict()`` without the store's tensors (:meth:`save` writes the store in its own folder)."""
-        before, self._store_in_state_dict = getattr(self, "_store_in_state_dict", True), False
+        before, self._store_in_state_dict = self._store_in_state_dict, False
         try:
             yield self
         finally:
             self._store_in_state_dict = before
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """The store's keys and labels travel as two tensors (guids and texts stay with :meth:`save`)."""
+        """The store's keys and labels travel as two tensors (guids and texts stay with :meth:`save`);
+        a store left stale by training is rebuilt first, so a checkpoint predicts as the model does now."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if not getattr(self, "_store_in_state_dict", True):
+        if not self._store_in_state_dict:
             return
+        self.sync_store()
         keys_name, labels_name = STORE_STATE_KEYS
         destination[prefix + keys_name] = torch.from_numpy(np.array(self.store.keys, dtype=np.float32))
         destination[prefix + labels_name] = torch.from_numpy(np.array(self.store.labels, dtype=np.int64))
@@ -380,145 +284,30 @@ class RetroPromptForClassification(PromptForClassification):
             return
         keys, labels = (state_dict[n].detach().cpu() for n in names)
         try:
-            self.store.build(keys.float().numpy(), labels.long().numpy())
+            self.lifecycle.load_keys(keys.float().numpy(), labels.long().numpy())
         except StoreError as e:
             error_msgs.append(f"{names[0]} / {names[1]}: {e}")
-            return
-        # the entries' example identities are unknown: the next training forward rebuilds from the source
-        self._entry_of_uid, self._source_passes, self._stale = {}, None, False
-
-    def _attach_from_batch(self, batch_serials: set) -> None:
-        """Take the loader of a training batch as the training data (the store is built when first needed)."""
-        loader = loaders.loader_of(next(iter(batch_serials))) if len(batch_serials) == 1 else None
-        if loader is None:
-            raise ValueError("cannot tell which data loader this training batch came from, so the knowledge store "
-                             "cannot be built: call model.attach(train_loader) before training")
-        warnings.warn(f"RetroPromptForClassification: building the knowledge store from the PromptDataLoader of the "
-                      f"first training batch ({len(loader.tensor_dataset)} examples); call model.attach(train_loader) "
-                      "to choose the training data yourself", stacklevel=_callers_level())
-        self._source_ref, self._added = _weak(loader), []
-        self._source_serials = {loaders.serial_of(loader)}
-        self._source_passes = None
-
-    def is_training_forward(self, batch) -> bool:
-        """Whether a forward on ``batch`` now is a training forward (the rule in the class docstring)."""
-        if not (self.training and torch.is_grad_enabled()):
-            return False
-        uids = batch_example_ids(batch)
-        if uids is None or not (uids >= 0).any():
-            return True  # no identities: trust the mode
-        batch_serials = set(loaders.serials(uids[uids >= 0]).tolist())
-        if self._source is None:
-            if self.uses_store:
-                self._attach_from_batch(batch_serials)
-            return True
-        if batch_serials <= self._source_serials:
-            return True
-        # a training loader built again from the same dataset object replaces the old one
-        raw = getattr(self._source, "raw_dataset", None)
-        other = loaders.loader_of(next(iter(batch_serials))) if len(batch_serials) == 1 else None
-        if raw is not None and other is not None and getattr(other, "raw_dataset", None) is raw:
-            self._source_ref, self._source_serials, self._source_passes = _weak(other), batch_serials, None
-            return True
-        return False
-
-    def _ensure_store(self, training: bool, needed: bool) -> None:
-        """Build or rebuild the store when this forward reads it (see the class docstring).
-
-        Rebuilt: when it is empty or its entries are unknown; in a training forward, when a
-        new pass over the source has begun and training forwards ran since the last build;
-        in an inference forward, when training forwards ran since the last build.
-        """
-        if not needed:
-            return
-        source = self._source
-        if source is not None:
-            passes = loaders.passes(source)
-            rebuild = len(self.store) == 0 or self._source_passes is None
-            if training:
-                rebuild = rebuild or (passes != self._source_passes and self._stale)
-            else:
-                rebuild = rebuild or self._stale
-            if rebuild:
-                self._rebuild(source, progress=False, added=list(self._added))
-            if training:
-                self._source_passes = passes
-        if len(self.store) == 0:
-            raise ValueError("retrieval needs a knowledge store and none is built: train on a PromptDataLoader (the "
-                             "store is built from it) or call model.attach(train_loader) / refresh_store(train_loader)")
 
     # ---------------------------------------------------------------- forward
-    def _own_ids(self, batch, training: bool) -> np.ndarray:
-        """Each example's store id (-1: none): by example identity in training, by guid otherwise."""
-        guids = batch_guids(batch)
-        if len(self.store) == 0:
-            return np.full(len(guids), -1, dtype=np.int64)
-        uids = batch_example_ids(batch)
-        if training and uids is not None and self._entry_of_uid:
-            return np.array([self._entry_of_uid.get(int(u), -1) for u in uids], dtype=np.int64)
-        return self.store.ids_of(guids)
-
     def prepare_batch(self, batch, need_query: Optional[bool] = None, training: Optional[bool] = None):
-        """A copy of ``batch`` with query keys, exclusions and demonstrations attached.
+        """A copy of ``batch`` with query keys, exclusions and demonstrations attached (:func:`.retrieval.retrieve`).
 
         ``training`` says whether this is a training forward (default: :meth:`is_training_forward`).
         ``need_query`` forces (True) or skips (False) the query key; by default it
         is computed when the loss or the verbalizer will use it.
-        (Templates rewrite the batch they process, so each pass gets its own shallow copy.)
         """
+        check_batch_template(self.template, batch)
         if training is None:
             training = self.is_training_forward(batch)
         if need_query is None:
-            need_query = self.config.loss != "ce" if training else self.verbalizer.lam > 0
-        self._ensure_store(training, self.uses_neural_demos or need_query)
-        if training:
-            self._stale = True
-        batch = trim_padding(batch)  # a copy, without all-padding columns
-        own = self._own_ids(batch, training)
-        if training or self.exclude_self_in_eval:  # leave-one-out: an example never retrieves itself
-            batch[EXCLUDE_KEY] = torch.from_numpy(own)
-        else:
-            batch[EXCLUDE_KEY] = None
-        batch[QUERY_KEY], batch[DEMO_KEY] = None, None
-        if not self.has_demonstrations:
-            return batch  # the main pass is demonstration-free: it gives the query key itself
-        # q(x) must be demonstration-free, like the store's keys
-        if not (self.uses_neural_demos or need_query):
-            return batch
-        device = batch["loss_ids"].device
-        if training and (own >= 0).all():
-            query = torch.from_numpy(self.store.keys[own]).to(device)  # refreshed this pass
-        else:
-            with torch.no_grad():
-                query = mask_keys(self, batch, self.key_head).float()
-        batch[QUERY_KEY] = query
-        if self.uses_neural_demos:
-            demos = neural_demonstrations(self.store, query, self.config.demo_topk, batch[EXCLUDE_KEY])
-            batch[DEMO_KEY] = self._shape_demonstrations(demos).to(device)
-        return batch
+            need_query = self.config.loss != "ce" if training else self.config.knn_lambda > 0
+        return retrieve(self, batch, training, need_query)[0]
 
-    def _shape_demonstrations(self, demos: torch.Tensor) -> torch.Tensor:
-        """The configured variants of d_c (B, C, D): centred, norm-matched, permuted (diagnostic), dropped."""
-        c = self.config
-        if c.demo_center:
-            demos = demos - torch.from_numpy(np.asarray(self.store.keys).mean(0)).to(demos.dtype)
-        if c.demo_norm == "match":  # |d_c| = mean |word embedding|
-            target = self.plm.get_input_embeddings().weight.detach().norm(dim=-1).mean()
-            target = target.to(device=demos.device, dtype=demos.dtype)  # d_c are built on the store's CPU side
-            demos = demos * (target / demos.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-        if self.demo_ablation == "permute":  # each class's slot gets the next class's demonstration
-            demos = demos.roll(1, dims=1)
-        if self.training and self.demos_hidden:  # warm start: no demonstrations yet
-            return torch.zeros_like(demos)
-        if self.training and c.demo_dropout > 0:  # the whole demonstration set of an example, zeroed
-            keep = (torch.rand(demos.shape[0], 1, 1, generator=self._demo_generator()) >= c.demo_dropout)
-            demos = demos * keep.to(demos.dtype)
-        return demos
-
-    def _demo_generator(self) -> torch.Generator:
-        if getattr(self, "_demo_gen", None) is None:
-            self._demo_gen = torch.Generator().manual_seed(0)
-        return self._demo_gen
+    def _shape_demonstrations(self, demos: torch.Tensor, hidden: bool = False) -> torch.Tensor:
+        """The configured variants of d_c (:func:`.retrieval.shape_demonstrations`); all zero when ``hidden``."""
+        dropout = self._demo_gen if self.training and self.config.demo_dropout > 0 else None
+        return shape_demonstrations(demos, self.store, self.config, self.plm, permute=self.demo_ablation == "permute",
+                                    hidden=hidden, dropout=dropout)
 
     def _lm_head(self):
         """The PLM's LM head (hidden -> vocabulary logits), or None if unknown."""
@@ -537,6 +326,12 @@ class RetroPromptForClassification(PromptForClassification):
         short inputs); the outputs are shaped as a length-1 sequence, so the
         verbalizer sees exactly what OpenPrompt would give it at the mask.
         """
+        if self.uses_neural_demos and len(self.store) == 0:  # no store, no d_c: the plain model's input
+            with demonstrations_off(self.template):
+                return self._encoded(batch)
+        return self._encoded(batch)
+
+    def _encoded(self, batch):
         head, pm = self._lm_head(), self.prompt_model
         loss_ids = batch["loss_ids"]
         fast = (self.mask_only_head and head is not None and isinstance(self.template.base, _FAST_TEMPLATES)
@@ -555,16 +350,17 @@ class RetroPromptForClassification(PromptForClassification):
     def forward_with_keys(self, batch, mix: Optional[bool] = None):
         """(verbalizer output, query keys) for a prepared batch - one main forward pass.
 
-        ``mix``: whether the verbalizer mixes p_kNN in (None: its own rule).
+        ``mix``: whether the verbalizer mixes p_kNN in, by the config's :class:`.Mixing` (None: its own rule).
         """
         outputs, mask_batch = self._main_pass(batch)
         outputs = self.verbalizer.gather_outputs(outputs)
         at_mask = [self._at_mask(o, mask_batch) for o in outputs]
-        self.verbalizer.mixing = mix
-        try:
+        if mix is None:
             logits = self.verbalizer.process_outputs(at_mask, batch=batch)
-        finally:
-            self.verbalizer.mixing = None
+        else:
+            c = self.config
+            mixing = Mixing(c.knn_lambda, c.knn_k, c.knn_temperature, c.knn_score_scale) if mix else None
+            logits = self.verbalizer.process_outputs(at_mask, batch=batch, mixing=mixing)
         query = batch[QUERY_KEY]
         if query is None:
             query = self.key_head(at_mask[-1])  # KnnVerbalizer gathers the hidden states last
@@ -584,7 +380,7 @@ class RetroPromptForClassification(PromptForClassification):
         """
         training = self.is_training_forward(batch)
         batch = self.prepare_batch(batch, training=training)
-        logits, query = self.forward_with_keys(batch, mix=not training)
+        logits, query = self.forward_with_keys(batch, mix=not training and len(self.store) > 0)
         labels = batch_get(batch, "label")
         c = self.config
         if (training and c.loss != "ce" and self.knn_loss_active and logits.requires_grad
@@ -624,78 +420,6 @@ class RetroPromptForClassification(PromptForClassification):
         self.last_loss_weights = knn_loss_weights(p_gold, kind, c.loss_beta, c.focal_gamma, c.max_loss_weight)
         return knn_guided_loss(logits, labels, p_gold, kind, c.loss_beta, c.focal_gamma, c.max_loss_weight)
 
-    def knn_probs(self, query, exclude_ids=None, k: Optional[int] = None,
-                  temperature: Optional[float] = None) -> torch.Tensor:
-        """p_kNN(y|x) for query keys with the config's score scale (k, T default to the inference ones)."""
-        return self.verbalizer.knn_probs(query, exclude_ids, k or self.config.knn_k,
-                                         temperature or self.config.knn_temperature)
-
-    def knn_distribution(self, queries, k: Optional[int] = None, temperature: Optional[float] = None,
-                         exclude_ids=None) -> np.ndarray:
-        """p_kNN(y|x) for numpy query keys with the config's score scale: the distribution inference mixes in,
-        so lambda is tuned on dev against exactly what the model will use."""
-        return self.store.knn_distribution(np.asarray(queries, dtype=np.float32), k or self.config.knn_k,
-                                           temperature or self.config.knn_temperature, exclude_ids,
-                                           self.config.knn_score_scale)
-
-    def update_loss_gate(self) -> float:
-        """Leave-one-out kNN accuracy of the store; the kNN loss term is active only above chance.
-
-        Chance is the majority-class rate of the store. Returns the accuracy.
-        """
-        c = self.config
-        acc = self.store.leave_one_out_accuracy(c.train_knn_k, c.train_knn_temperature, c.knn_score_scale)
-        chance = float(np.bincount(self.store.labels, minlength=self.num_classes).max() / len(self.store))
-        self.knn_loss_active = (not c.knn_loss_gate) or acc > chance
-        self.store_loo_accuracy = acc
-        return acc
-
-    @torch.no_grad()
-    def plm_probs_and_queries(self, batch):
-        """(p_PLM, query keys) for a batch, without the kNN mixture - used to tune lambda, k and T."""
-        lam = self.verbalizer.lam
-        self.verbalizer.lam = 0.0
-        try:
-            logits, query = self.forward_with_keys(self.prepare_batch(batch, need_query=True), mix=False)
-        finally:
-            self.verbalizer.lam = lam
-        return torch.softmax(logits, -1), query
-
-    # ---------------------------------------------------------------- explain
-    @torch.no_grad()
-    def explain_batch(self, batch, top: int = 5) -> List[Dict]:
-        """For each example: prediction, p_PLM, p_kNN and the neighbours behind p_kNN.
-
-        The k = ``config.knn_k`` nearest entries carry the weights of p_kNN,
-        w_j = softmax_j(z_j / T) over those k, z the scores on ``config.knn_score_scale``
-        (:func:`~openprompt_retro.core.knn.knn_weights`, the function behind p_kNN);
-        the ``top`` best of them are listed with these weights (not renormalised over
-        the listed ones, so they sum to at most 1).
-        """
-        was = self.training
-        self.eval()
-        try:
-            p_plm, query = self.plm_probs_and_queries(batch)
-            exclude = self._own_ids(batch, training=False) if self.exclude_self_in_eval else None
-            k, t, scale = self.config.knn_k, self.config.knn_temperature, self.config.knn_score_scale
-            res = self.store.search(query.float().cpu(), k, exclude)
-            weights = knn_weights(res.scores, t, res.labels >= 0, scale)
-            p_knn = torch.from_numpy(knn_label_distribution(res.scores, res.labels, self.num_classes, t,
-                                                            scale)).to(p_plm)
-            p = mix(p_plm, p_knn, self.config.knn_lambda)
-            out = []
-            for i in range(query.shape[0]):
-                out.append({
-                    "prediction": int(p[i].argmax()), "probs": p[i].tolist(),
-                    "p_plm": p_plm[i].tolist(), "p_knn": p_knn[i].tolist(),
-                    "neighbours": [{"id": int(j), "guid": self.store.guids[j], "text": self.store.texts[j],
-                                    "label": int(self.store.labels[j]), "score": float(s), "weight": float(wj)}
-                                   for j, s, wj in list(zip(res.ids[i], res.scores[i], weights[i]))[:top] if j >= 0],
-                })
-            return out
-        finally:
-            self.train(was)
-
     # ---------------------------------------------------------------- disk
     def save(self, directory: str, save_plm: bool = False, model_type: Optional[str] = None,
              plm_name_or_path: Optional[str] = None) -> None:
@@ -712,6 +436,7 @@ class RetroPromptForClassification(PromptForClassification):
         """
         from . import saved_run
 
+        self.sync_store()
         saved_run.save_run(self, directory, save_plm=save_plm, model_type=model_type, name_or_path=plm_name_or_path)
 
     def load(self, directory: str) -> "RetroPromptForClassification":
@@ -746,4 +471,7 @@ class RetroPromptForClassification(PromptForClassification):
         """
         from . import saved_run
 
-        return saved_run.rebuild(directory, cls=cls, plm_path=plm_path, model_type=model_type, text_pool=text_pool)[0]
+        model, tokenizer, wrapper = saved_run.rebuild(directory, cls=cls, plm_path=plm_path, model_type=model_type,
+                                                      text_pool=text_pool)
+        model.set_tokenization(wrapper, saved_run.saved_max_seq_length(directory), tokenizer)
+        return model

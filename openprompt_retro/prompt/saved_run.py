@@ -74,27 +74,6 @@ class SavedRunError(ValueError):
 
 
 # ---------------------------------------------------------------------- template text
-def install_raw_text_hook() -> None:
-    """Remember the string each OpenPrompt template's text was set from (``_retro_raw_text``).
-
-    OpenPrompt parses the text on assignment and keeps only the parsed form, from
-    which a MixedTemplate cannot be rebuilt; the raw string is what run.json records.
-    """
-    from openprompt.prompt_base import Template
-
-    prop = Template.__dict__.get("text")
-    if not isinstance(prop, property) or getattr(prop.fset, "_retro_raw_text", False):
-        return
-
-    def fset(self, text):
-        if isinstance(text, str):
-            self.__dict__["_retro_raw_text"] = text
-        prop.fset(self, text)
-
-    fset._retro_raw_text = True
-    Template.text = property(prop.fget, fset, prop.fdel, prop.__doc__)
-
-
 def _unparse(parsed: Sequence[Dict]) -> str:
     """A template string that OpenPrompt's ``parse_text`` turns back into ``parsed``."""
     out = []
@@ -561,6 +540,16 @@ def swap_in(model, loaded: Loaded) -> None:
     model.apply_config()
 
 
+def saved_max_seq_length(directory: str) -> Optional[int]:
+    """The max length the run was trained with (training_args.json, written by RetroTrainer.save), or None."""
+    try:
+        with open(os.path.join(directory, TRAINING_ARGS), encoding="utf-8") as f:
+            value = json.load(f).get("max_seq_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 # ---------------------------------------------------------------------- rebuilding
 def _escaped(words) -> List[List[str]]:
     """Verbalizer label words as saved (prefix already applied), escaped so OpenPrompt adds no second prefix."""
@@ -584,13 +573,15 @@ def _load_text_pool(directory: str, run: Dict):
         raise SavedRunError(f"cannot read the text-demonstration pool {path}: {e}") from None
 
 
-def rebuild(directory: str, cls=None, plm_path: Optional[str] = None, model_type: Optional[str] = None,
+def rebuild(directory: str, cls, plm_path: Optional[str] = None, model_type: Optional[str] = None,
             text_pool: Optional[Sequence] = None):
-    """(model, tokenizer, wrapper_class) rebuilt from a run folder alone, then loaded with every check."""
-    from .model import RetroPromptForClassification
+    """(model, tokenizer, wrapper_class) rebuilt from a run folder alone, then loaded with every check.
+
+    ``cls``: the model class to build (RetroPromptForClassification or a subclass; its ``from_pretrained``
+    passes itself, so this module never imports the model's).
+    """
     from .template import RetroTemplate
 
-    cls = cls or RetroPromptForClassification
     check_files(directory)
     run = read_run_json(directory, required=True)
     t_info, v_info, p_info = run["template"], run["verbalizer"], run["plm"]

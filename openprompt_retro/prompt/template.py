@@ -21,15 +21,31 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence, Union
 
+import weakref
+
 import torch
 from openprompt.prompt_base import Template
 
-from . import loaders, truncation  # noqa: F401  (OpenPrompt patches: example identity, safe truncation)
+from . import loaders, patches
 from .batch import DEMO_KEY, SEGMENT_KEY, SLOT_KEY, batch_get
 from .text_demos import TfidfDemoRetriever
 from .wrapping import PassThroughToBase
 
 MODES = ("neural", "text", "none")
+
+
+def _verbalizer_words(verbalizer) -> Optional[List[str]]:
+    """The first label word of each class (else the class names), or None if the verbalizer has neither."""
+    try:
+        words = verbalizer.label_words
+    except (RuntimeError, AttributeError):
+        words = None
+    if words:
+        return [w if isinstance(w, str) else w[0] for w in words]
+    classes = getattr(verbalizer, "classes", None)
+    if classes and all(isinstance(c, str) for c in classes):
+        return list(classes)
+    return None
 
 
 class RetroTemplate(PassThroughToBase, Template):
@@ -38,8 +54,8 @@ class RetroTemplate(PassThroughToBase, Template):
     Args:
         base: the OpenPrompt template that formats the query.
         label_words: one word per class, shown after each demonstration. Optional:
-            ``RetroPromptForClassification`` fills them in from its verbalizer
-            (then build the PromptDataLoader after the model).
+            ``RetroPromptForClassification`` fills them in from its verbalizer; a
+            PromptDataLoader built before that is tokenized when they come.
         demonstrations: ``"neural"``, ``"text"`` or ``"none"``.
         plm: the PLM whose input embeddings the neural slots replace (optional:
             ``RetroPromptForClassification`` fills it in).
@@ -61,6 +77,7 @@ class RetroTemplate(PassThroughToBase, Template):
             raise TypeError(f"base must be an OpenPrompt Template, got {type(base).__name__}")
         if isinstance(base, RetroTemplate):
             raise TypeError("base is already a RetroTemplate; wrap the OpenPrompt template once")
+        patches.install()
         super().__init__(tokenizer=base.tokenizer, placeholder_mapping=base.placeholder_mapping)
         self.base = base
         self.label_words: Optional[List[str]] = None
@@ -68,6 +85,8 @@ class RetroTemplate(PassThroughToBase, Template):
         self.demonstrations = demonstrations
         self.demonstrations_enabled = True
         self._plm = [plm]
+        self._deferred: List[weakref.ref] = []  # loaders waiting for the label words
+        self.placeholder = None
         if demonstrations == "neural":
             self.placeholder = placeholder or self.tokenizer.unk_token
             ids = self.tokenizer.encode(self.placeholder, add_special_tokens=False)
@@ -106,6 +125,36 @@ class RetroTemplate(PassThroughToBase, Template):
         self.label_words, self.num_classes = words, len(words)
         if self._text_pool is not None:
             self.set_text_pool(self._text_pool)
+        deferred, self._deferred = self._deferred, []
+        for ref in deferred:
+            if ref() is not None:
+                loaders.build_deferred(ref())
+
+    @property
+    def waits_for_label_words(self) -> bool:
+        """Whether inputs cannot be wrapped yet: the demonstrations show label words and none were given."""
+        return self.demonstrations != "none" and self.label_words is None
+
+    def defer(self, loader) -> None:
+        """Tokenize ``loader`` (a PromptDataLoader built with this template) once the label words are set."""
+        self._deferred.append(weakref.ref(loader))
+
+    def take_from(self, verbalizer, plm) -> None:
+        """Take the verbalizer's label words (if this template has none) and the PLM; check the class counts."""
+        n = int(verbalizer.num_classes)
+        if self.label_words is None:
+            words = _verbalizer_words(verbalizer)
+            if words is not None:
+                self.set_label_words(words)
+            elif self.demonstrations != "none":
+                raise ValueError(f"RetroTemplate(demonstrations={self.demonstrations!r}) shows a label word per "
+                                 "class, and the verbalizer has none (e.g. SoftVerbalizer without label_words): "
+                                 "pass label_words=[...] to RetroTemplate")
+        if self.label_words is not None and self.num_classes != n:
+            raise ValueError(f"RetroTemplate has {self.num_classes} label words {self.label_words} but the "
+                             f"verbalizer has {n} classes: give one label word per class")
+        if self._plm[0] is None:
+            self.set_plm(plm)
 
     def set_plm(self, plm: torch.nn.Module) -> None:
         self._plm[0] = plm
@@ -166,8 +215,8 @@ class RetroTemplate(PassThroughToBase, Template):
                              "was built with the template that RetroTemplate wraps, so the demonstrations would be "
                              "dropped; build the PromptDataLoader with the RetroTemplate itself")
         batch = self.base.process_batch(batch)
-        if segment is None or self.demonstrations == "none":
-            return batch
+        if segment is None or self.demonstrations == "none" or not bool((segment == 1).any()):
+            return batch  # no demonstration token in the batch (e.g. cut off): the plain input
         if not self.demonstrations_enabled:
             # hide everything from the segment's first token on (the closing </s> too)
             am = batch["attention_mask"]

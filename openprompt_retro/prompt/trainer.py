@@ -19,12 +19,21 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from ..core.knn import MixtureGrid, accuracy
+from ..core.store import StoreError
 from . import distributed
 from .keys import demonstrations_off
-from .checks import check_labels, check_model, check_training_set, label_words_of
+from .checks import DataError, check_labels, check_model, check_training_set, label_words_of
 from .model import RetroPromptForClassification
-from .store_builder import tokenizing_bar
 from .training_args import AMP_DTYPES, TrainingArgs
+
+
+class TrainingDiverged(DataError):
+    """The training loss became inf or NaN (usually a learning rate far too high); training stopped."""
+
+
+def _diverged(what: str, run: "_Run") -> TrainingDiverged:
+    return TrainingDiverged(f"training diverged: {what} at step {run.step} (learning rate {run.lr:g}); lower the "
+                            "learning rate (TrainingArgs.lr / --lr)")
 
 
 def set_seed(seed: int) -> None:
@@ -54,23 +63,17 @@ class RetroTrainer:
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # nccl collectives and DDP use the current device
         self.model.to(device)
+        self.model.set_tokenization(wrapper_class, self.args.max_seq_length, tokenizer)
         self.history: List[Dict] = []
+        self.tuned: Optional[Dict] = None  # what tune_inference chose on dev
         self._train_examples = None
 
     # ---------------------------------------------------------------- data
     def loader(self, examples, batch_size: Optional[int] = None, shuffle: bool = False, split: str = "data",
                require_labels: bool = False) -> PromptDataLoader:
-        """Tokenized examples; their labels are checked first (class indices of this model, see :mod:`.checks`)."""
-        examples = list(examples)
-        if len(examples) == 0:
-            raise ValueError(f"{split}: no examples given")
-        check_labels(examples, self.model.num_classes, split, require_labels, label_words_of(self.model))
-        with tokenizing_bar(self.args.progress):
-            return PromptDataLoader(list(examples), self.model.template, tokenizer=self.tokenizer,
-                                    tokenizer_wrapper_class=self.wrapper_class,
-                                    max_seq_length=self.args.max_seq_length,
-                                    batch_size=batch_size or self.args.eval_batch_size, shuffle=shuffle,
-                                    truncate_method="tail")
+        """Tokenized examples (:meth:`RetroPromptForClassification.loader`): labels and texts checked first."""
+        return self.model.loader(examples, batch_size or self.args.eval_batch_size, shuffle, split, require_labels,
+                                 progress=self.args.progress)
 
     def _to_device(self, batch):
         return batch.to(self.args.device) if hasattr(batch, "to") else batch
@@ -103,6 +106,7 @@ class RetroTrainer:
         check_training_set(labels, n_classes, self.model.uses_store, words)
         self._train_examples = train
         run = self._start_run(train, dev)
+        self.model.plan_training(run.total_steps)  # demo_warmup counts the model's training forwards
         self._refresh(run)
         bar = tqdm(total=run.total_steps, desc="steps", disable=not self.args.progress or run.rank > 0)
         epoch = 0
@@ -110,7 +114,6 @@ class RetroTrainer:
             self._train_epoch(run, epoch, bar)
             epoch += 1
         bar.close()
-        self.model.demos_hidden = False
         if run.best_state is not None:
             self._restore(run.best_state)
         if run.dev_loader is not None and self.args.tune_inference:
@@ -169,9 +172,10 @@ class RetroTrainer:
         self.model.train()
 
     def _train_step(self, run: "_Run", batch) -> float:
-        self.model.demos_hidden = run.step < self.model.config.demo_warmup * run.total_steps
         with self._autocast():
             loss = run.step_model(self._to_device(batch))
+        if not torch.isfinite(loss.detach()).all():
+            raise _diverged(f"the loss is {loss.item()}", run)
         run.optimizer.zero_grad()
         if run.scaler is None:
             loss.backward()
@@ -193,10 +197,13 @@ class RetroTrainer:
         """Recompute the store's keys (isolated RNG) and the kNN loss gate; once per training step."""
         if not run.needs_store or run.refreshed_at == run.step:
             return
-        with isolated_rng(self.args.device), self._autocast():
-            self.model.refresh_store(run.store_loader, progress=False)
-            if len(self.model.store) >= 2:
-                self.model.update_loss_gate()
+        try:
+            with isolated_rng(self.args.device), self._autocast():
+                self.model.refresh_store(run.store_loader, progress=False)  # also recomputes the kNN loss gate
+        except StoreError:  # the keys of the step-0 build were fine: training made them inf/NaN
+            if run.step == 0:
+                raise
+            raise _diverged("the store keys are no longer finite", run) from None
         run.refreshed_at = run.step
 
     def _checkpoint(self, run: "_Run", epoch: int, bar=None) -> None:
@@ -249,16 +256,11 @@ class RetroTrainer:
             check_labels([{"label": f["label"]} for f in loader.tensor_dataset], self.model.num_classes, split, True,
                          label_words_of(self.model))
 
-    @torch.no_grad()
     def predict_proba(self, data) -> np.ndarray:
-        """P(y|x) for each example (kNN-mixed with the current lambda), float32."""
-        self.model.eval()
-        out = []
-        for b in tqdm(self._as_loader(data), desc="predict", leave=False, disable=not self.args.progress):
-            with self._autocast():
-                log_p = self.model(self._to_device(b))
-            out.append(torch.exp(log_p.float()).cpu().numpy())
-        return np.concatenate(out)
+        """P(y|x) for each example (kNN-mixed with the current lambda), float32: the model's
+        :meth:`~RetroPromptForClassification.predict_proba` under ``args.amp``."""
+        with self._autocast():
+            return self.model.predict_proba(self._as_loader(data), progress=self.args.progress)
 
     def predict(self, data) -> np.ndarray:
         return self.predict_proba(data).argmax(-1)
@@ -314,15 +316,13 @@ class RetroTrainer:
     # ---------------------------------------------------------------- open book
     def explain(self, example, top: int = 5) -> Dict:
         """The prediction for one InputExample and the neighbours behind it (text, label, weight)."""
-        loader = self.loader([example], batch_size=1)
         with self._autocast():
-            return self.model.explain_batch(self._to_device(next(iter(loader))), top=top)[0]
+            return self.model.explain(example, top)
 
     def add_examples(self, examples) -> np.ndarray:
         """Add labeled examples to the store now; later predictions use them (no retraining)."""
-        loader = self.loader(examples, split="added", require_labels=True)
         with self._autocast():
-            return self.model.add_to_store(loader, progress=self.args.progress)
+            return self.model.add_examples(examples, self.args.eval_batch_size, progress=self.args.progress)
 
     # ---------------------------------------------------------------- disk
     def save(self, directory: str, save_plm: bool = False) -> None:

@@ -124,7 +124,7 @@ def retro_truncate(wrapper, inputs):
     return inputs
 
 
-def install() -> None:
+def patch_truncate() -> None:
     """Route RetroTemplate inputs through :func:`retro_truncate` (idempotent)."""
     from openprompt.plms.utils import TokenizerWrapper
 
@@ -141,5 +141,3 @@ def install() -> None:
     TokenizerWrapper.truncate = truncate
     TokenizerWrapper._retro_patched = True
 
-
-install()

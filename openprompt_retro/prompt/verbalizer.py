@@ -20,6 +20,7 @@ enabled (``model.train()`` and not under ``torch.no_grad()``);
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -27,11 +28,28 @@ from openprompt.prompt_base import Verbalizer
 
 from ..core.knn import mix
 from ..core.store import KnowledgeStore
+from . import patches
 from .batch import EXCLUDE_KEY, QUERY_KEY, batch_get
 from .keys import MaskKeyHead
 from .wrapping import PassThroughToBase
 
 _EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """How one forward mixes p_kNN in: P = lam p_kNN + (1 - lam) p_PLM, p_kNN from the k nearest entries at
+    temperature T on score scale ``scale``. ``RetroPromptForClassification`` passes one per call (from its
+    RetroConfig); a KnnVerbalizer on its own uses its attributes instead."""
+
+    lam: float
+    k: int
+    temperature: float
+    scale: str = "zscore"
+
+
+#: what ``process_outputs(..., mixing=...)`` receives from callers that do not pass one (OpenPrompt's own)
+OWN_RULE = object()
 
 
 class KnnVerbalizer(PassThroughToBase, Verbalizer):
@@ -58,6 +76,7 @@ class KnnVerbalizer(PassThroughToBase, Verbalizer):
     def __init__(self, base: Verbalizer, plm: torch.nn.Module, store: Optional[KnowledgeStore] = None,
                  k: int = 16, temperature: float = 1.0, lam: float = 0.5, mix_in_training: bool = False,
                  scale: str = "zscore"):
+        patches.install()
         super().__init__(tokenizer=base.tokenizer, classes=base.classes, num_classes=base.num_classes)
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must lie in [0, 1], got {lam}")
@@ -66,7 +85,6 @@ class KnnVerbalizer(PassThroughToBase, Verbalizer):
         self.store = store
         self.k, self.temperature, self.lam, self.scale = int(k), float(temperature), float(lam), scale
         self.mix_in_training = mix_in_training
-        self.mixing: Optional[bool] = None  # set by RetroPromptForClassification for each of its forwards
         self._base_gathers_tuple = False  # set by gather_outputs for process_outputs
 
     @property
@@ -97,13 +115,11 @@ class KnnVerbalizer(PassThroughToBase, Verbalizer):
     def handle_multi_token(self, label_words_logits, mask):
         return self.base.handle_multi_token(label_words_logits, mask)
 
-    def _mixes(self) -> bool:
-        """Whether this forward mixes p_kNN in (the rule in the module docstring)."""
-        if self.lam == 0.0:
-            return False
-        if self.mixing is not None:
-            return self.mixing
-        return not (self.training and torch.is_grad_enabled()) or self.mix_in_training
+    def _own_mixing(self) -> Optional[Mixing]:
+        """This verbalizer's attributes, when this forward mixes by its own rule (module docstring), else None."""
+        if not (self.training and torch.is_grad_enabled()) or self.mix_in_training:
+            return Mixing(self.lam, self.k, self.temperature, self.scale)
+        return None
 
     def gather_outputs(self, outputs):
         """(what the base gathers, last hidden states): one flat tuple, so that OpenPrompt's
@@ -118,22 +134,28 @@ class KnnVerbalizer(PassThroughToBase, Verbalizer):
         return (*gathered, hidden) if self._base_gathers_tuple else (gathered, hidden)
 
     def knn_probs(self, query_keys: torch.Tensor, exclude_ids=None, k: Optional[int] = None,
-                  temperature: Optional[float] = None) -> torch.Tensor:
+                  temperature: Optional[float] = None, scale: Optional[str] = None) -> torch.Tensor:
+        """p_kNN(y|x) for query keys (k, T and the score scale default to this verbalizer's)."""
         if self.store is None:
             raise ValueError("KnnVerbalizer has no knowledge store: build one (build_store) and set .store")
         p = self.store.knn_distribution(query_keys.detach().float().cpu(), k or self.k,
-                                        temperature or self.temperature, exclude_ids, self.scale)
+                                        temperature or self.temperature, exclude_ids, scale or self.scale)
         return torch.from_numpy(p).to(query_keys.device)
 
-    def process_outputs(self, outputs, batch, **kwargs):
+    def process_outputs(self, outputs, batch, mixing=OWN_RULE, **kwargs):
+        """Log-probabilities over classes; ``mixing``: a :class:`Mixing` to mix by, None not to mix, or (not
+        given) this verbalizer's own rule and attributes."""
         *base_outputs, hidden_at_mask = outputs
         base_outputs = tuple(base_outputs) if self._base_gathers_tuple else base_outputs[0]
         plm_out = self.base.process_outputs(base_outputs, batch=batch, **kwargs)
-        if not self._mixes():
+        if mixing is OWN_RULE:
+            mixing = self._own_mixing()
+        if mixing is None or mixing.lam == 0.0:
             return torch.log_softmax(plm_out, dim=-1)
         query = batch_get(batch, QUERY_KEY)
         if query is None:
             query = self.key_head(hidden_at_mask)
-        p_knn = self.knn_probs(query, batch_get(batch, EXCLUDE_KEY)).to(plm_out.dtype)
-        p = mix(torch.softmax(plm_out, dim=-1), p_knn, self.lam)
+        p_knn = self.knn_probs(query, batch_get(batch, EXCLUDE_KEY), mixing.k, mixing.temperature,
+                               mixing.scale).to(plm_out.dtype)
+        p = mix(torch.softmax(plm_out, dim=-1), p_knn, mixing.lam)
         return torch.log(p.clamp_min(_EPS))

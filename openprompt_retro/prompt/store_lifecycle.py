@@ -1,0 +1,341 @@
+"""The knowledge store's lifecycle: one object owns the store and everything that says when it is rebuilt.
+
+:class:`StoreLifecycle` holds
+
+* the store and the training data it is built from (a weak reference to its loader, the loader serials
+  whose examples are that data, the pass count at the last build, and whether training forwards ran
+  since: ``stale``);
+* which entry holds which example (by loader and position, and by the InputExample object);
+* the loaders given to :meth:`add` since the last build (re-added at every rebuild);
+* the kNN loss gate, recomputed after every build (:meth:`update_gate`);
+* the demonstration warm-up's counter (:meth:`plan_training`, :meth:`warming_up`).
+
+Rebuilt: at the first training forward of every pass over the training loader, before the first
+inference forward after training forwards, and before ``state_dict()`` / ``save`` when stale.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+import weakref
+from collections import Counter
+from typing import Dict, Optional
+
+import numpy as np
+
+from ..core.store import KnowledgeStore
+from ..core.text import example_text
+from . import distributed, loaders
+from .batch import EXAMPLE_KEY, batch_example_ids, batch_get, batch_guids
+from .keys import MaskKeyHead, extract_keys
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside this package and torch."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("openprompt_retro", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _weak(obj):
+    """A weak reference to ``obj`` (a strong one where it cannot be weakly referenced), called to dereference."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
+
+
+def _example_at(uid: int):
+    """The InputExample behind an example identity (its live loader's raw dataset), or None."""
+    loader = loaders.loader_of(int(loaders.serials(uid)))
+    raw = getattr(loader, "raw_dataset", None)
+    position = int(loaders.positions(uid))
+    return raw[position] if raw is not None and position < len(raw) else None
+
+
+class StoreLifecycle:
+    """The store of one RetroPromptForClassification (``model``) and when it is (re)built."""
+
+    def __init__(self, model, key_head: MaskKeyHead):
+        c = model.config
+        self.model = model
+        self.store = KnowledgeStore(int(model.plm.config.hidden_size), model.num_classes, metric=c.metric,
+                                    index_factory=c.index_factory, built_by=key_head.describe())
+        self._source_ref = None  # weak reference to the training data the store is built from
+        self._source_serials: set = set()  # serials of the loaders whose examples are that training data
+        self._source_passes: Optional[int] = None  # passes over the source at the last build (None: rebuild)
+        self._added: list = []  # weak references to the loaders given to add() since (re-added on rebuilds)
+        self._entry_of_uid: Dict[int, int] = {}  # example identity -> store id
+        self._example_entries: Dict[int, tuple] = {}  # id(InputExample) -> (store id, example)
+        self.stale = False  # training forwards ran since the last build
+        self.knn_loss_active = True  # recomputed after every build by update_gate()
+        self.store_loo_accuracy: Optional[float] = None  # the store's leave-one-out kNN accuracy (the gate's input)
+        self.total_training_steps: Optional[int] = None  # demo_warmup's denominator: see plan_training()
+        self.training_forwards = 0  # training forwards since plan_training(): demo_warmup's counter
+
+    @property
+    def source(self):
+        """The training data the store is built from, while it is alive (else None)."""
+        return self._source_ref() if self._source_ref is not None else None
+
+
+    def refresh(self, dataloader=None, progress: bool = True) -> KnowledgeStore:
+        """Recompute every key with the current encoder (one demonstration-free pass).
+
+        ``dataloader`` (a ``PromptDataLoader`` or any iterable of its batches)
+        becomes the training data, and the store holds exactly its examples;
+        without it, the attached training data (and what :meth:`add_to_store`
+        added since) is encoded again. Under torch.distributed each rank encodes
+        its shard and the keys are all-gathered: every rank then holds the same store.
+        """
+        if dataloader is None:
+            if self.source is None:
+                raise ValueError("no training data attached: call refresh_store(train_loader) or attach(train_loader)")
+            self._rebuild(self.source, progress, list(self._added))
+        else:
+            self._rebuild(dataloader, progress, [])
+        return self.store
+
+
+    def add(self, dataloader, progress: bool = True) -> np.ndarray:
+        """Add labeled examples to the store without retraining; returns their ids.
+
+        While ``dataloader`` is alive (a reference is kept by the caller), its examples are
+        encoded again whenever the store is rebuilt automatically; ``refresh_store(loader)``
+        starts over from ``loader`` alone.
+        """
+        if self.stale and self.source is not None:  # old keys must come from the encoder of the new ones
+            self._rebuild(self.source, progress=False, added=list(self._added))
+        ids = self._add(dataloader, progress)
+        self._added.append(_weak(dataloader))
+        return ids
+
+
+    def _encode(self, dataloader, progress: bool):
+        """(keys, labels, guids, texts, example ids) of every example of ``dataloader``, in dataset order."""
+        raw = getattr(dataloader, "raw_dataset", None)
+        if raw is not None:
+            counts = Counter(str(e.guid) for e in raw if getattr(e, "guid", None) is not None)
+            dup = sorted(g for g, c in counts.items() if c > 1)
+            if dup:
+                raise ValueError(f"the training data has {len(dup)} duplicate guids, e.g. {dup[:5]}: each example "
+                                 "needs its own guid (or none at all)")
+        if hasattr(dataloader, "tensor_dataset") and loaders.serial_of(dataloader) is None:
+            loaders.tag_loader(dataloader)  # built before openprompt_retro was imported
+        if distributed.is_distributed():
+            keys, labels, guids, uids = self._encode_distributed(dataloader, progress)
+        else:
+            keys, labels, guids, uids = extract_keys(self.model, loaders.in_order(dataloader), progress=progress,
+                                                     example_ids=True)
+        serial = loaders.serial_of(dataloader)
+        by_guid = {str(e.guid): example_text(e) for e in (raw if raw is not None else [])
+                   if getattr(e, "guid", None) is not None}
+        texts = []
+        for g, u in zip(guids, uids):
+            if raw is not None and serial is not None and u >= 0 and int(loaders.serials(u)) == serial:
+                texts.append(example_text(raw[int(loaders.positions(u))]))
+            else:
+                texts.append(by_guid.get(g) if g is not None else None)
+        return keys, labels, guids, texts, uids
+
+
+    def _encode_distributed(self, dataloader, progress: bool):
+        from torch.utils.data import DataLoader
+        from openprompt.data_utils import InputFeatures
+
+        rank, world = distributed.rank_and_world()
+        features = dataloader.tensor_dataset
+        mine = np.arange(rank, len(features), world)
+        shard = DataLoader([features[i] for i in mine], batch_size=dataloader.batch_size,
+                           collate_fn=InputFeatures.collate_fct)
+        keys, _, _ = extract_keys(self.model, shard, progress=progress and rank == 0)
+        keys = distributed.gather_in_order(keys, mine)
+        labels = np.array([int(f["label"]) for f in features])
+        guids = [None if f["guid"] is None else str(f["guid"]) for f in features]
+        uids = np.array([-1 if batch_get(f, EXAMPLE_KEY) is None else int(batch_get(f, EXAMPLE_KEY))
+                         for f in features], dtype=np.int64)
+        return keys, labels, guids, uids
+
+
+    def _rebuild(self, dataloader, progress: bool, added: list) -> None:
+        """Build the store from ``dataloader`` (then re-add ``added``) and recompute the kNN loss gate."""
+        keys, labels, guids, texts, uids = self._encode(dataloader, progress)
+        self.store.build(keys, labels, guids, texts)
+        self._entry_of_uid, self._example_entries = {}, {}
+        self._note_entries(uids, np.arange(len(uids)))
+        serial = loaders.serial_of(dataloader)
+        self._source_ref, self._added = _weak(dataloader), []
+        self._source_serials = set(loaders.serials(uids[uids >= 0]).tolist()) | ({serial} if serial else set())
+        self._source_passes = loaders.passes(dataloader)
+        self.stale = False
+        for ref in added:
+            extra = ref()
+            if extra is None:
+                warnings.warn("examples added with add_to_store are no longer in the store: their data loader was "
+                              "garbage-collected before the store was rebuilt; keep a reference to it")
+                continue
+            self._add(extra, progress=False)
+            self._added.append(ref)
+        if len(self.store) >= 2:
+            self.update_gate()
+
+
+    def _add(self, dataloader, progress: bool) -> np.ndarray:
+        keys, labels, guids, texts, uids = self._encode(dataloader, progress)
+        ids = self.store.add(keys, labels, guids, texts)
+        self._note_entries(uids, ids)
+        return ids
+
+
+    def _note_entries(self, uids: np.ndarray, ids) -> None:
+        """Remember which store entry holds which example: by identity, and by the InputExample itself."""
+        for u, i in zip(uids, ids):
+            if u < 0:
+                continue
+            self._entry_of_uid[int(u)] = int(i)
+            example = _example_at(int(u))
+            if example is not None:
+                self._example_entries[id(example)] = (int(i), example)
+
+
+    def sync(self) -> KnowledgeStore:
+        """The store the model would use now: rebuilt first when training forwards ran since the last build."""
+        if self.stale and self.source is not None:
+            self._rebuild(self.source, progress=False, added=list(self._added))
+        return self.store
+
+
+    def _attach_from_batch(self, batch_serials: set) -> None:
+        """Take the loader of a training batch as the training data (the store is built when first needed)."""
+        loader = loaders.loader_of(next(iter(batch_serials))) if len(batch_serials) == 1 else None
+        if loader is None:
+            raise ValueError("cannot tell which data loader this training batch came from, so the knowledge store "
+                             "cannot be built: call model.attach(train_loader) before training")
+        warnings.warn(f"RetroPromptForClassification: building the knowledge store from the PromptDataLoader of the "
+                      f"first training batch ({len(loader.tensor_dataset)} examples); call model.attach(train_loader) "
+                      "to choose the training data yourself", stacklevel=_callers_level())
+        self._source_ref, self._added = _weak(loader), []
+        self._source_serials = {loaders.serial_of(loader)}
+        self._source_passes = None
+
+
+    def is_training_batch(self, batch) -> bool:
+        """Whether ``batch`` is training data (the model decides the mode; see its class docstring)."""
+        uids = batch_example_ids(batch)
+        if uids is None or not (uids >= 0).any():  # no identities: trust the mode
+            if self.source is None and len(self.store) == 0 and self.model.uses_store:
+                raise ValueError("cannot tell which data loader this training batch came from (its examples carry no "
+                                 "identities: the loader was built before any openprompt_retro class was "
+                                 "constructed), so the knowledge store cannot be built: call "
+                                 "model.attach(train_loader) before training")
+            return True
+        batch_serials = set(loaders.serials(uids[uids >= 0]).tolist())
+        if self.source is None:
+            if self.model.uses_store:
+                self._attach_from_batch(batch_serials)
+            return True
+        if batch_serials <= self._source_serials:
+            return True
+        # a training loader built again from the same dataset object replaces the old one
+        raw = getattr(self.source, "raw_dataset", None)
+        other = loaders.loader_of(next(iter(batch_serials))) if len(batch_serials) == 1 else None
+        if raw is not None and other is not None and getattr(other, "raw_dataset", None) is raw:
+            self._source_ref, self._source_serials, self._source_passes = _weak(other), batch_serials, None
+            return True
+        return False
+
+
+    def ensure(self, training: bool, needed: bool) -> bool:
+        """Build or rebuild the store when this forward reads it (see the class docstring); whether there is one.
+
+        Rebuilt: when it is empty or its entries are unknown; in a training forward, when a
+        new pass over the source has begun and training forwards ran since the last build;
+        in an inference forward, when training forwards ran since the last build. A model with
+        no store and no training data (zero-shot, calibration) has none: its forwards are plain.
+        """
+        if not needed:
+            return True
+        source = self.source
+        if source is not None:
+            passes = loaders.passes(source)
+            rebuild = len(self.store) == 0 or self._source_passes is None
+            if training:
+                rebuild = rebuild or (passes != self._source_passes and self.stale)
+            else:
+                rebuild = rebuild or self.stale
+            if rebuild:
+                self._rebuild(source, progress=False, added=list(self._added))
+            if training:
+                self._source_passes = passes
+        if len(self.store) == 0 and training:
+            raise ValueError("retrieval needs a knowledge store and none is built: train on a PromptDataLoader (the "
+                             "store is built from it) or call model.attach(train_loader) / refresh_store(train_loader)")
+        return len(self.store) > 0
+
+
+    def own_ids(self, batch, training: bool) -> np.ndarray:
+        """Each example's store id (-1: none), by example identity: its loader and position, or (in an
+        inference forward) the InputExample object the entry was encoded from. Guids serve only for a
+        training batch without identities."""
+        guids = batch_guids(batch)
+        if len(self.store) == 0:
+            return np.full(len(guids), -1, dtype=np.int64)
+        uids = batch_example_ids(batch)
+        if uids is None:
+            return self.store.ids_of(guids) if training else np.full(len(guids), -1, dtype=np.int64)
+        if training and self._entry_of_uid:
+            return np.array([self._entry_of_uid.get(int(u), -1) for u in uids], dtype=np.int64)
+        return np.array([self._entry_of_uid.get(int(u), self._entry_of_example(int(u))) for u in uids],
+                        dtype=np.int64)
+
+
+    def _entry_of_example(self, uid: int) -> int:
+        """The store id of the InputExample behind ``uid`` (the same object as an encoded one), else -1."""
+        example = _example_at(uid)
+        entry, held = self._example_entries.get(id(example), (-1, None))
+        return entry if example is not None and held is example else -1
+
+
+    def plan_training(self, total_steps: int) -> None:
+        """Say how many training forwards (steps) the training run makes; restarts the warm-up count.
+
+        ``RetroConfig.demo_warmup`` hides the demonstrations in the first
+        ``demo_warmup * total_steps`` training forwards of the model (one per step in a
+        loop that calls the model once per batch). RetroTrainer calls this in ``fit``; a
+        hand-written loop calls ``model.plan_training(epochs * len(train_loader))`` first.
+        """
+        if int(total_steps) < 1:
+            raise ValueError(f"total_steps must be at least 1, got {total_steps}")
+        self.total_training_steps, self.training_forwards = int(total_steps), 0
+
+
+    def warming_up(self) -> bool:
+        """Whether this training forward falls in the demonstration warm-up (see :meth:`plan_training`)."""
+        warmup = self.model.config.demo_warmup
+        if warmup == 0 or not self.model.uses_neural_demos:
+            return False
+        if self.total_training_steps is None:
+            raise ValueError(f"RetroConfig.demo_warmup={warmup} hides the demonstrations in the first {warmup:.0%} "
+                             "of the training steps, and the model does not know how many there are: call "
+                             "model.plan_training(total_steps) before training (e.g. epochs * len(train_loader))")
+        return self.training_forwards < warmup * self.total_training_steps
+
+
+    def update_gate(self) -> float:
+        """Leave-one-out kNN accuracy of the store; the kNN loss term is active only above chance.
+
+        Chance is the majority-class rate of the store. Returns the accuracy.
+        """
+        c = self.model.config
+        acc = self.store.leave_one_out_accuracy(c.train_knn_k, c.train_knn_temperature, c.knn_score_scale)
+        chance = float(np.bincount(self.store.labels, minlength=self.model.num_classes).max() / len(self.store))
+        self.knn_loss_active = (not c.knn_loss_gate) or acc > chance
+        self.store_loo_accuracy = acc
+        return acc
+
+    def load_keys(self, keys: np.ndarray, labels: np.ndarray) -> None:
+        """Rebuild the store from keys and labels alone (a state_dict's): entries' identities are unknown, so
+        the next training forward rebuilds from the source."""
+        self.store.build(keys, labels)
+        self._entry_of_uid, self._example_entries, self._source_passes, self.stale = {}, {}, None, False
