@@ -64,7 +64,7 @@ class TextRun:
         config = R.RetroConfig(demo_topk=2, knn_k=3, train_knn_k=3)
         trainer = build_trainer(plm, tok, wrapper, TEMPLATE, WORDS, config=config, args=args,
                                 grid=R.MixtureGrid(ks=(2, 3)), method=method,
-                                text_pool=train if METHODS[method]["demonstrations"] == "text" else None)
+                                text_pool=train if METHODS[method].demonstrations == "text" else None)
         trainer.fit(train, dev)
         return trainer
 

@@ -12,7 +12,7 @@ One forward pass does all three retrievals:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -422,7 +422,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
 
     # ---------------------------------------------------------------- disk
     def save(self, directory: str, save_plm: bool = False, model_type: Optional[str] = None,
-             plm_name_or_path: Optional[str] = None) -> None:
+             plm_name_or_path: Optional[str] = None, extra_json: Optional[Dict] = None) -> None:
         """Save the run: weights (safetensors), config (JSON), store, and run.json describing it.
 
         run.json records the fingerprint that :meth:`load` checks and what
@@ -432,12 +432,14 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         words, verbalizer, demonstration mode. ``save_plm=True`` also writes the
         PLM and tokenizer to ``plm/`` (``save_pretrained``), so the folder needs
         nothing else - for tiny or local models. Text demonstrations also save
-        their pool (``text_pool.json``).
+        their pool (``text_pool.json``). ``extra_json`` ({file name: JSON-able value}) adds files to the
+        same folder, which is written beside the old one and swapped in as a whole.
         """
         from . import saved_run
 
         self.sync_store()
-        saved_run.save_run(self, directory, save_plm=save_plm, model_type=model_type, name_or_path=plm_name_or_path)
+        saved_run.save_run(self, directory, save_plm=save_plm, model_type=model_type, name_or_path=plm_name_or_path,
+                           extra_json=extra_json)
 
     def load(self, directory: str) -> "RetroPromptForClassification":
         """Load what :meth:`save` wrote into this (identically built) model - all or nothing.
@@ -471,7 +473,8 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         """
         from . import saved_run
 
-        model, tokenizer, wrapper = saved_run.rebuild(directory, cls=cls, plm_path=plm_path, model_type=model_type,
-                                                      text_pool=text_pool)
-        model.set_tokenization(wrapper, saved_run.saved_max_seq_length(directory), tokenizer)
+        with saved_run.pinned(directory):  # every file from one checkpoint, even while it is being re-saved
+            model, tokenizer, wrapper = saved_run.rebuild(directory, cls=cls, plm_path=plm_path,
+                                                          model_type=model_type, text_pool=text_pool)
+            model.set_tokenization(wrapper, saved_run.saved_max_seq_length(directory), tokenizer)
         return model

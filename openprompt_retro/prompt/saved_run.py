@@ -436,7 +436,12 @@ def _pinned_for(directory: str) -> Optional[Snapshot]:
 @contextmanager
 def pinned(directory: str) -> Iterator[Snapshot]:
     """Within the block, every read of the run at ``directory`` (run.json, the model, the trainer files)
-    comes from one snapshot: a rebuild from several reads is one checkpoint even while the run is re-saved."""
+    comes from one snapshot: a rebuild from several reads is one checkpoint even while the run is re-saved.
+    Nested blocks for the same run share the outer block's snapshot."""
+    outer = _pinned_for(directory)
+    if outer is not None:
+        yield outer
+        return
     token = _PINNED.set(read_snapshot(directory))
     try:
         yield _PINNED.get()

@@ -328,12 +328,11 @@ class RetroTrainer:
     def save(self, directory: str, save_plm: bool = False) -> None:
         """The model's run folder (see :meth:`RetroPromptForClassification.save`) plus training_args.json
         and trainer.json (the lambda/k/T grid, the tuned values and the history), swapped in as one folder."""
-        from .saved_run import TRAINER_FILE, TRAINING_ARGS, save_run
+        from .saved_run import TRAINER_FILE, TRAINING_ARGS
 
         state = {"grid": {k: list(v) for k, v in dataclasses.asdict(self.grid).items()},
                  "tuned": getattr(self, "tuned", None), "history": self.history}
-        save_run(self.model, directory, save_plm=save_plm,
-                 extra_json={TRAINING_ARGS: self.args.to_dict(), TRAINER_FILE: state})
+        self.model.save(directory, save_plm=save_plm, extra_json={TRAINING_ARGS: self.args.to_dict(), TRAINER_FILE: state})
 
     def load(self, directory: str) -> "RetroTrainer":
         """Load a saved run into this trainer's (identically built) model.
