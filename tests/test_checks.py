@@ -190,3 +190,11 @@ def test_a_diverging_loss_stops_fit_naming_the_step_and_rate(tiny_bert):
     diverged = r"(loss is (nan|inf)|store keys are no longer finite) at step \d+ \(learning rate [\d.e+]+\)"
     with pytest.raises(UserError, match=diverged):
         tr.fit(_ex([0, 1, 0, 1, 0, 1]), _ex([0, 1]))
+
+
+def test_a_rejected_config_value_never_reaches_the_model(tiny_bert):
+    model = retro_model(tiny_bert, demonstrations="none")
+    before = model.config.to_dict()
+    with pytest.raises(ValueError, match="knn_k"):
+        model.apply_config(knn_k=0, knn_lambda=0.25)
+    assert model.config.to_dict() == before and model.verbalizer.lam == before["knn_lambda"]

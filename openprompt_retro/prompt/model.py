@@ -11,6 +11,8 @@ One forward pass does all three retrievals:
 """
 from __future__ import annotations
 
+import dataclasses
+
 from contextlib import contextmanager
 from typing import Dict, Optional
 
@@ -159,9 +161,11 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
     def apply_config(self, **overrides) -> RetroConfig:
         """Update config fields (e.g. the tuned lambda/k/T). The model's forwards pass them to the verbalizer
         per call (:class:`.Mixing`); they also become its own settings, for calls made to it directly."""
-        for key, value in overrides.items():
+        for key in overrides:
             if not hasattr(self.config, key):
                 raise ValueError(f"unknown RetroConfig field {key!r}")
+        dataclasses.replace(self.config, **overrides).validate()  # a rejected value never reaches the model
+        for key, value in overrides.items():
             setattr(self.config, key, value)
         self.config.validate()
         v = self.verbalizer
