@@ -18,7 +18,10 @@ OpenPrompt's ``InputFeatures`` silently drops keys it does not know, so
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
+
+if TYPE_CHECKING:  # numpy is imported where it is used, not at import time
+    import numpy as np
 
 SLOT_KEY = "retro_slot_ids"
 SEGMENT_KEY = "retro_demo_mask"
