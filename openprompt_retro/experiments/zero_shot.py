@@ -12,7 +12,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from ..core.text import example_text, normalize_text
+from ..prompt.text import example_text, normalize_text
 
 
 def remove_overlap(pool: Sequence, others: Sequence) -> List:

@@ -9,7 +9,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..core.store import KnowledgeStore
-from ..core.text import example_text
+from .text import example_text
 from .keys import MaskKeyHead, extract_keys
 
 

@@ -24,7 +24,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..core.store import KnowledgeStore
-from ..core.text import example_text
+from .text import example_text
 from . import distributed, loaders
 from .batch import EXAMPLE_KEY, batch_example_ids, batch_get, batch_guids
 from .keys import MaskKeyHead, extract_keys

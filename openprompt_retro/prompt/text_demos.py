@@ -5,7 +5,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from ..core.text import example_text
+from .text import example_text
 
 
 class TfidfDemoRetriever:
