@@ -263,11 +263,12 @@ def grid_ns(*args):
 def fake_run_one(calls):
     """run_one without a model: a record of the run's identity and a fixed accuracy."""
     from openprompt_retro.experiments import runs
+    from openprompt_retro.experiments.records import RunRecord
 
     def run_one(task, method, seed, run_spec):
         calls.append((task, method, seed))
-        return {**runs._identity(task, method, seed, run_spec), "test_accuracy": 0.5, "dev_accuracy": None,
-                "knn_lambda": 0.0, "train_seconds": 0.0, "test_seconds": 0.0}
+        return RunRecord(**runs._identity(task, method, seed, run_spec), test_accuracy=0.5, dev_accuracy=None,
+                         knn_lambda=0.0, train_seconds=0.0, test_seconds=0.0)
     return run_one
 
 

@@ -1,4 +1,4 @@
-"""``results.jsonl``: one row per run, shared safely between processes.
+"""``results.jsonl``: one row per run (``RunRecord.to_row()``, see ``records.py``), shared safely between processes.
 
 - a run is identified by :class:`RunKey`: task, method, shots, seed, model and ``settings_id`` (a hash of the
   options that change its result); a finished run is skipped unless ``overwrite``;

@@ -1,6 +1,7 @@
 """Train and evaluate one method on one split; the grid of runs behind ``run`` and ``benchmark``."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -11,7 +12,8 @@ from typing import Dict, List, Optional
 
 from ..errors import UserError
 from .methods import ALL_METHODS, BASELINE_METHODS, TRAINED_METHODS, ZERO_SHOT_METHODS
-from .results import ResultsFile, RunKey, auto_demo_topk, on_this_host, run_key, settings_id
+from .records import PseudoLabelStore, RunRecord
+from .results import ResultsFile, RunKey, auto_demo_topk, on_this_host, settings_id
 from .spec import RunSpec
 
 
@@ -234,8 +236,8 @@ def load_split(task: str, seed: int, run_spec: RunSpec) -> Dict:
 SAME_TRAINING = {"retro-no-knn-infer": "retro"}
 
 
-def run_one(task: str, method: str, seed: int, run_spec: RunSpec) -> Dict:
-    """Train one method on one split; evaluate on test. Returns a result record."""
+def run_one(task: str, method: str, seed: int, run_spec: RunSpec) -> RunRecord:
+    """Train one method on one split; evaluate on test. Returns its result record."""
     if method in ZERO_SHOT_METHODS:
         return run_zero_shot(task, method, seed, run_spec)
     if method in BASELINE_METHODS:
@@ -243,7 +245,7 @@ def run_one(task: str, method: str, seed: int, run_spec: RunSpec) -> Dict:
     return run_trained(task, method, seed, run_spec)[0]
 
 
-def run_trained(task: str, method: str, seed: int, run_spec: RunSpec, also: Optional[str] = None) -> List[Dict]:
+def run_trained(task: str, method: str, seed: int, run_spec: RunSpec, also: Optional[str] = None) -> List[RunRecord]:
     """Train ``method`` on one split and evaluate it on test: its record, then, with ``also`` (a method whose
     SAME_TRAINING is ``method``), that method's record measured on the same weights without kNN inference.
 
@@ -275,13 +277,12 @@ def run_trained(task: str, method: str, seed: int, run_spec: RunSpec, also: Opti
         trainer.model.apply_config(**untuned)  # lambda = 0: the PLM alone
         trainer.tuned = None
         rec = _trained_record(trainer, spec, data, test_loader, history, also, seed, run_spec, train_s, load_s)
-        rec["shares_training_with"] = method
-        records.append(rec)
+        records.append(dataclasses.replace(rec, shares_training_with=method))
     return records
 
 
 def _trained_record(trainer, spec, data, test_loader, history, method: str, seed: int, run_spec, train_s: float,
-                    load_s: float) -> Dict:
+                    load_s: float) -> RunRecord:
     """Evaluate the trained model on test (and its retrieval diagnostics); the run's result record.
     test_seconds: tokenizing the test split (``load_s``) and one evaluation pass."""
     t0 = time.time()
@@ -300,20 +301,18 @@ def _trained_record(trainer, spec, data, test_loader, history, method: str, seed
         diagnostics["demonstration_reliance"] = trainer.demonstration_reliance(test_loader,
                                                                                known_accuracy=test["accuracy"])
         diagnostics["demonstration_reliance_dev"] = trainer.demonstration_reliance(data["dev"])
-    return {
+    return RunRecord(
         **_identity(spec.name, method, seed, run_spec),
-        "test_accuracy": test["accuracy"], "n_test": test["n"],
-        "dev_accuracy": tuned["dev_accuracy"] if tuned else best_dev,
-        "epochs_run": len(history), "train_seconds": round(train_s, 2), "test_seconds": round(test_s, 2),
-        "knn_lambda": config.knn_lambda, "knn_k": config.knn_k, "knn_temperature": config.knn_temperature,
-        "settings": {"lr": run_spec.lr, "epochs": run_spec.epochs, "batch_size": run_spec.batch_size,
-                     "max_seq_length": trainer.args.max_seq_length, "demo_topk": config.demo_topk,
-                     "loss_beta": run_spec.loss_beta, "patience": run_spec.patience,
-                     "max_steps": trainer.args.max_steps, "eval_every": trainer.args.eval_every,
-                     "mixture_grid": run_spec.mixture_grid,
-                     "device": trainer.args.device, "amp": trainer.args.amp, "config": config.to_dict()},
-        "diagnostics": diagnostics,
-    }
+        test_accuracy=test["accuracy"], n_test=test["n"], dev_accuracy=tuned["dev_accuracy"] if tuned else best_dev,
+        epochs_run=len(history), train_seconds=round(train_s, 2), test_seconds=round(test_s, 2),
+        knn_lambda=config.knn_lambda, knn_k=config.knn_k, knn_temperature=config.knn_temperature,
+        settings={"lr": run_spec.lr, "epochs": run_spec.epochs, "batch_size": run_spec.batch_size,
+                  "max_seq_length": trainer.args.max_seq_length, "demo_topk": config.demo_topk,
+                  "loss_beta": run_spec.loss_beta, "patience": run_spec.patience,
+                  "max_steps": trainer.args.max_steps, "eval_every": trainer.args.eval_every,
+                  "mixture_grid": run_spec.mixture_grid,
+                  "device": trainer.args.device, "amp": trainer.args.amp, "config": config.to_dict()},
+        diagnostics=diagnostics)
 
 
 def inference_settings_on(trainer, loader) -> Dict[str, float]:
@@ -330,7 +329,7 @@ def inference_settings_on(trainer, loader) -> Dict[str, float]:
             "knn_plm_agreement": float((p_knn.argmax(-1) == p_plm.argmax(-1)).mean())}
 
 
-def run_baseline(task: str, method: str, seed: int, run_spec: RunSpec) -> Dict:
+def run_baseline(task: str, method: str, seed: int, run_spec: RunSpec) -> RunRecord:
     """fine-tune or linear-probe on the same split and backbone as the prompt methods."""
     import torch
 
@@ -353,13 +352,13 @@ def run_baseline(task: str, method: str, seed: int, run_spec: RunSpec) -> Dict:
         settings = {"lr": run_spec.lr, "epochs": run_spec.epochs, "batch_size": run_spec.batch_size,
                     "patience": run_spec.patience, "max_seq_length": run_spec.max_seq_length,
                     "max_steps": args.max_steps, "eval_every": args.eval_every, "device": args.device}
-    return {**_identity(spec.name, method, seed, run_spec),
-            "test_accuracy": out["test_accuracy"], "n_test": out["n_test"], "dev_accuracy": out["dev_accuracy"],
-            "epochs_run": None, "train_seconds": train_s, "test_seconds": test_s,
-            "knn_lambda": 0.0, "knn_k": None, "knn_temperature": None, "settings": settings}
+    return RunRecord(**_identity(spec.name, method, seed, run_spec),
+                     test_accuracy=out["test_accuracy"], n_test=out["n_test"], dev_accuracy=out["dev_accuracy"],
+                     epochs_run=None, train_seconds=train_s, test_seconds=test_s,
+                     knn_lambda=0.0, knn_k=None, knn_temperature=None, settings=settings)
 
 
-def run_zero_shot(task: str, method: str, seed: int, run_spec: RunSpec) -> Dict:
+def run_zero_shot(task: str, method: str, seed: int, run_spec: RunSpec) -> RunRecord:
     """Zero-shot prompt model, optionally with a pseudo-labeled store (no labels used anywhere)."""
     if run_spec.hf_dataset:
         raise UserError(f"{method} reads its unlabeled pool from --data-root; --hf-dataset serves the trained methods")
@@ -382,7 +381,7 @@ def run_zero_shot(task: str, method: str, seed: int, run_spec: RunSpec) -> Dict:
                                               amp=run_spec.amp))
     model = trainer.model
     t0 = time.time()
-    record = _identity(spec.name, method, seed, run_spec)
+    store = None
     if method == "zero-shot-retro":
         pool = remove_overlap(load_unlabeled_pool(run_spec.data_root, spec.name), test)
         pool = pool[: run_spec.zs_pool_size] if run_spec.zs_pool_size else pool
@@ -393,18 +392,18 @@ def run_zero_shot(task: str, method: str, seed: int, run_spec: RunSpec) -> Dict:
         model.add_to_store(trainer.loader(chosen), progress=not run_spec.no_progress)
         model.apply_config(knn_lambda=run_spec.zs_lambda, knn_k=run_spec.zs_k, knn_temperature=run_spec.zs_temperature)
         true = np.array([pool[i].label for i in idx])
-        record.update({"pool_size": len(pool), "store_size": len(chosen),
-                       "pseudo_label_accuracy": float((true == pseudo).mean())})  # diagnostics only
+        store = PseudoLabelStore(pool_size=len(pool), store_size=len(chosen),
+                                 pseudo_label_accuracy=float((true == pseudo).mean()))  # diagnostics only
     build_s = time.time() - t0
     t0 = time.time()
     test_result = trainer.evaluate(test, split="test")
-    record.update({"test_accuracy": test_result["accuracy"], "n_test": test_result["n"], "dev_accuracy": None,
-                   "epochs_run": 0, "train_seconds": round(build_s, 2), "test_seconds": round(time.time() - t0, 2),
-                   "knn_lambda": model.config.knn_lambda, "knn_k": model.config.knn_k,
-                   "knn_temperature": model.config.knn_temperature,
-                   "settings": {"fraction": run_spec.zs_fraction, "pool_size_cap": run_spec.zs_pool_size,
-                                "device": trainer.args.device, "amp": trainer.args.amp}})
-    return record
+    return RunRecord(**_identity(spec.name, method, seed, run_spec), pseudo_labels=store,
+                     test_accuracy=test_result["accuracy"], n_test=test_result["n"], dev_accuracy=None,
+                     epochs_run=0, train_seconds=round(build_s, 2), test_seconds=round(time.time() - t0, 2),
+                     knn_lambda=model.config.knn_lambda, knn_k=model.config.knn_k,
+                     knn_temperature=model.config.knn_temperature,
+                     settings={"fraction": run_spec.zs_fraction, "pool_size_cap": run_spec.zs_pool_size,
+                               "device": trainer.args.device, "amp": trainer.args.amp})
 
 
 # ---------------------------------------------------------------------- the grid
@@ -514,23 +513,26 @@ def _key(task: str, method: str, seed: int, run_spec: RunSpec) -> RunKey:
 
 def _identity(task: str, method: str, seed: int, run_spec: RunSpec) -> Dict:
     """The fields of a result record that make its run a run (see :class:`RunKey`)."""
-    return dict(zip(RunKey._fields, _key(task, method, seed, run_spec)))
+    return _key(task, method, seed, run_spec)._asdict()
 
 
-def _print_and_write(rec: Dict, results: ResultsFile, overwrite: bool, records: List[Dict], written: set) -> None:
-    dev = "-" if rec["dev_accuracy"] is None else f"{rec['dev_accuracy']:.4f}"
-    shared = f" (on {rec['shares_training_with']}'s training)" if "shares_training_with" in rec else ""
-    print(f"    {rec['method']}{shared}: test accuracy {rec['test_accuracy']:.4f} (dev {dev}, lambda "
-          f"{rec['knn_lambda']}, {rec['train_seconds']:.0f}s train, {rec['test_seconds']:.0f}s test)",
+def _print_and_write(rec: RunRecord, results: ResultsFile, overwrite: bool, records: List[Dict],
+                     written: set) -> None:
+    """Print the run's result and add its row to ``results`` (and to ``records``)."""
+    dev = "-" if rec.dev_accuracy is None else f"{rec.dev_accuracy:.4f}"
+    shared = f" (on {rec.shares_training_with}'s training)" if rec.shares_training_with is not None else ""
+    print(f"    {rec.method}{shared}: test accuracy {rec.test_accuracy:.4f} (dev {dev}, lambda "
+          f"{rec.knn_lambda}, {rec.train_seconds:.0f}s train, {rec.test_seconds:.0f}s test)",
           file=sys.stderr, flush=True)
-    records.append(rec)
+    row = rec.to_row()
+    records.append(row)
     try:
-        results.write(rec, overwrite=overwrite)
+        results.write(row, overwrite=overwrite)
     except (OSError, UserError) as e:  # the result is not lost: print the row that could not be written
-        print(f"    result: {json.dumps(rec)}", file=sys.stderr, flush=True)
+        print(f"    result: {json.dumps(row)}", file=sys.stderr, flush=True)
         reason = e.strerror or e if isinstance(e, OSError) else e
         raise UserError(f"cannot write {results.path} ({reason}); the result above was not saved") from None
-    written.add(run_key(rec))
+    written.add(rec.key)
 
 
 __all__ = ["run_one", "run_trained", "run_zero_shot", "run_grid", "method_trainer", "load_split", "check_grid",
