@@ -330,7 +330,7 @@ def test_loading_what_does_not_match_names_the_mismatch(tiny_clip, tmp_path):
 
 
 def test_a_failed_save_keeps_the_previous_one(tiny_clip, tmp_path, monkeypatch):
-    from openprompt_retro.core.store import SaveFailed
+    from openprompt_retro import SaveFailed  # exported at the top level
 
     clip, proc, data, text = _fitted(tiny_clip)
     zs = ZeroShotKnn(text, float(clip.logit_scale.exp()), ImageCache(*data["train"], 3))

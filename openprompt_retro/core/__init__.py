@@ -6,10 +6,10 @@ from .knn import (MixtureChoice, MixtureGrid, TemperatureChoice, accuracy, choos
                   knn_weights, log_loss, mix, select_mixture, temperature_scale)
 from .loss import knn_guided_loss, knn_loss_weights
 from .readout import class_mean_distribution, class_mean_scores
-from .store import KnowledgeStore, SearchResult, StoreError
+from .store import KnowledgeStore, SaveFailed, SearchResult, StoreError
 
 __all__ = ["LossConfig", "RetroConfig", "demonstration_weights", "neural_demonstrations", "MixtureChoice",
            "MixtureGrid", "accuracy", "knn_label_distribution", "knn_weights", "mix", "select_mixture",
            "knn_guided_loss", "knn_loss_weights", "TemperatureChoice", "choose_temperature", "log_loss",
            "temperature_scale", "class_mean_distribution", "class_mean_scores",
-           "KnowledgeStore", "SearchResult", "StoreError"]
+           "KnowledgeStore", "SaveFailed", "SearchResult", "StoreError"]
