@@ -26,7 +26,7 @@ _EXPORTS = {
              "knn_guided_loss", "knn_loss_weights", "class_mean_distribution", "class_mean_scores",
              "choose_temperature", "temperature_scale"],
     "prompt": ["MaskKeyHead", "build_store", "build_store_streaming", "extract_keys", "mask_keys", "RetroTemplate",
-               "KnnVerbalizer", "TfidfDemoRetriever", "RetroPromptForClassification", "RetroTrainer",
+               "KnnVerbalizer", "TfidfDemoRetriever", "EncoderDemoRetriever", "RetroPromptForClassification", "RetroTrainer",
                "TrainingArgs", "build_model", "build_trainer", "retroprompt"],
     "prompt.key_encoders": ["FrozenMeanEncoder", "SentenceEncoder"],
 }

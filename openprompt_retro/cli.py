@@ -108,8 +108,11 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
     g.add_argument("--patience", type=int, default=20, help="evaluations without dev gain before stopping")
     g.add_argument("--max-steps", type=int, default=None, help="train this many steps (overrides --epochs)")
     g.add_argument("--eval-every", type=int, default=None, help="steps between dev evaluations (default: an epoch)")
-    g.add_argument("--mixture-grid", default="small", choices=["small", "wide", "fixed"],
-                   help="lambda/k/T candidates tuned on dev: lambda only, the 220-point grid, or lambda 0.5")
+    g.add_argument("--mixture-grid", default="small",
+                   choices=[n + s for n in ("small", "wide", "fixed", "fine") for s in ("", "-tplm")],
+                   help="lambda/k/T candidates tuned on dev: lambda in {0, .25, .5, .75}, the 220-point grid, "
+                        "lambda 0.5, or lambda in {0, 0.1, ..., 1} with ties to the smaller dev log-loss; "
+                        "-tplm: also temperature-scale the PLM on dev")
     g.add_argument("--config", type=_json_object, default={}, metavar="JSON",
                    help='RetroConfig overrides, e.g. \'{"demo_norm": "match", "max_loss_weight": 2}\'')
     g.add_argument("--demo-topk", type=_positive_int, default=None,

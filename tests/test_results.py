@@ -296,6 +296,30 @@ def test_old_benchmark_rows_key_as_the_benchmark_that_wrote_them():
     assert runs._key("SST-2", "retro", 13, device_only) == run_key(LEGACY_RETRO)  # same settings, same run
 
 
+def test_a_changed_config_default_gives_new_runs_a_new_id_and_keeps_old_rows_ids(monkeypatch):
+    """Settings ids are relative to a fixed baseline: when a RetroConfig default changes, a run made with the
+    new default is another run than the rows made before, and those rows keep their ids."""
+    import dataclasses
+
+    from openprompt_retro.core import config as config_module
+    from openprompt_retro.experiments.results import run_key, settings_id
+
+    frozen = {"key_encoder": "frozen-mean", "knn_readout": "class-mean"}
+    old_row_key, old_default = run_key(LEGACY_RETRO), settings_id("retro", 16, {"config": {}})
+    explicit_frozen = settings_id("retro", 16, {"config": frozen})
+    assert explicit_frozen != old_default
+
+    @dataclasses.dataclass
+    class NewDefaults(config_module.RetroConfig):
+        key_encoder: str = "frozen-mean"
+        knn_readout: str = "class-mean"
+
+    monkeypatch.setattr(config_module, "RetroConfig", NewDefaults)
+    assert run_key(LEGACY_RETRO) == old_row_key  # recorded before the fields existed: it ran with [MASK] keys
+    assert settings_id("retro", 16, {"config": {}}) == explicit_frozen  # the new default is what it ran with
+    assert settings_id("retro", 16, {"config": {"key_encoder": "mask", "knn_readout": "topk"}}) == old_default
+
+
 def test_another_models_row_is_not_reused(tmp_path, monkeypatch, capsys):
     """Before: the key was (task, method, k, seed), so tiny-roberta's run was 'already in, skipped'."""
     from openprompt_retro.experiments import runs

@@ -9,6 +9,11 @@ from numbers import Integral, Real
 from typing import Any, Dict, Optional
 
 LOSSES = ("ce", "knn", "focal")
+#: what builds the store's keys: the trained model's [MASK] state (refreshed), a frozen copy of the pre-trained
+#: encoder (mean-pooled raw text), or a separate sentence encoder loaded from ``key_encoder_path``
+KEY_ENCODERS = ("mask", "frozen-mean", "sentence")
+#: how p_kNN is read from the store: top-k voting, or each class's mean key (see core/readout.py)
+KNN_READOUTS = ("topk", "class-mean")
 
 
 def check_int(config, name: str, low: int = 1) -> None:
@@ -100,6 +105,17 @@ class RetroConfig(LossConfig):
         knn_lambda: P = lambda p_kNN + (1 - lambda) p_PLM; 0 turns kNN inference off.
     Store:
         metric: "ip" or "cosine"; index_factory: a FAISS factory string.
+    Keys and read-out (kNN inference and the kNN-guided loss read the same store):
+        key_encoder: "mask" (the trained model's [MASK] state, refreshed every pass), "frozen-mean" (a frozen
+            copy of the pre-trained encoder taken when the model is built: mean-pooled raw input text,
+            L2-normalised; computed once, never refreshed) or "sentence" (an encoder loaded from
+            ``key_encoder_path``, used the same way).
+        knn_readout: "topk" (p_kNN from the k nearest entries) or "class-mean" (softmax_c(cos(q, mu_c) / T_cm)
+            over each class's mean key; ``class_mean_top_m``: only the class's m entries nearest to q).
+        class_mean_temperature: T_cm, on the cosine scale (chosen on dev by log-loss when inference is tuned).
+        demo_retrieval: which keys choose the neighbours behind d_c: "mask" (the [MASK] keys) or "key-encoder"
+            (the frozen / sentence keys; d_c is still built from the neighbours' [MASK] states).
+        plm_temperature: T_plm, p_PLM = softmax(z / T_plm) in the mixture (1: unscaled; set on dev).
     """
 
     demo_topk: int = 8
@@ -113,6 +129,13 @@ class RetroConfig(LossConfig):
     knn_lambda: float = 0.5
     metric: str = "ip"
     index_factory: str = "Flat"
+    key_encoder: str = "mask"
+    key_encoder_path: Optional[str] = None
+    knn_readout: str = "topk"
+    class_mean_temperature: float = 0.05
+    class_mean_top_m: Optional[int] = None
+    demo_retrieval: str = "mask"
+    plm_temperature: float = 1.0
 
     def validate(self) -> "RetroConfig":
         super().validate()
@@ -126,6 +149,20 @@ class RetroConfig(LossConfig):
         check_float(self, "knn_temperature", 0.0, low_open=True)
         check_float(self, "knn_lambda", 0.0, 1.0)
         check_choice(self, "metric", ("ip", "cosine"))
+        check_choice(self, "key_encoder", KEY_ENCODERS)
+        if (self.key_encoder == "sentence") != isinstance(self.key_encoder_path, str):
+            raise ValueError("key_encoder_path names the sentence encoder: give it (a folder or hub name) exactly "
+                             f"when key_encoder='sentence'; got key_encoder={self.key_encoder!r}, "
+                             f"key_encoder_path={self.key_encoder_path!r}")
+        check_choice(self, "knn_readout", KNN_READOUTS)
+        check_float(self, "class_mean_temperature", 0.0, low_open=True)
+        if self.class_mean_top_m is not None:
+            check_int(self, "class_mean_top_m")
+        check_choice(self, "demo_retrieval", ("mask", "key-encoder"))
+        if self.demo_retrieval == "key-encoder" and self.key_encoder == "mask":
+            raise ValueError("demo_retrieval='key-encoder' chooses the demonstrations' neighbours by the key "
+                             "encoder's keys: it needs key_encoder='frozen-mean' or 'sentence', not 'mask'")
+        check_float(self, "plm_temperature", 0.0, low_open=True)
         return self
 
     def to_dict(self) -> Dict[str, Any]:

@@ -24,13 +24,19 @@ def demonstration_weights(scores: np.ndarray) -> np.ndarray:
     return (e / np.maximum(e.sum(-1, keepdims=True), 1e-30)).astype(np.float32)
 
 
-def neural_demonstrations(store: KnowledgeStore, query_keys, m: int, exclude_ids=None) -> torch.Tensor:
-    """d_c = sum_j w_j * key_j over the top-m entries of class c: a (B, C, D) tensor.
+def neural_demonstrations(store: KnowledgeStore, query_keys, m: int, exclude_ids=None,
+                          values=None) -> torch.Tensor:
+    """d_c = sum_j w_j * v_j over the top-m entries j of class c (by the store's keys): a (B, C, D) tensor.
 
+    v_j: the entry's key, or row j of ``values`` (N, D) where given (e.g. neighbours chosen by frozen keys,
+    demonstrations built from the trained model's [MASK] states of the same entries).
     A class with no entry in the store gets a zero vector.
     """
+    if values is not None and len(values) != len(store):
+        raise ValueError(f"values has {len(values)} rows for a store of {len(store)} entries")
     res = store.search_per_class(query_keys, m, exclude_ids)
     w = demonstration_weights(res.scores)  # (B, C, m)
-    keys = store.keys[np.maximum(res.ids, 0)]  # (B, C, m, D); missing slots have weight 0
+    source = store.keys if values is None else np.asarray(values, dtype=np.float32)
+    keys = source[np.maximum(res.ids, 0)]  # (B, C, m, D); missing slots have weight 0
     return torch.from_numpy(np.einsum("bcm,bcmd->bcd", w, keys).astype(np.float32))
 

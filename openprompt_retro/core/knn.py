@@ -229,6 +229,10 @@ def select_mixture(p_model: np.ndarray, labels: np.ndarray, p_knn_for: Callable[
     return best
 
 
+#: the named grids of :meth:`MixtureGrid.named` (each also with the suffix "-tplm")
+GRID_NAMES = ("small", "wide", "fixed", "fine")
+
+
 @dataclass
 class MixtureGrid:
     """The (lambda, k, T) candidates that :func:`select_mixture` searches on dev.
@@ -266,12 +270,16 @@ class MixtureGrid:
 
     @classmethod
     def named(cls, name: str, plm_temperature: bool = False) -> "MixtureGrid":
-        """``"small"`` (the default), ``"wide"``, ``"fixed"`` or ``"fine"``; ``plm_temperature`` adds the
-        T_plm candidates :data:`PLM_TEMPERATURES` to any of them."""
-        if name not in ("small", "wide", "fixed", "fine"):
-            raise ValueError(f"mixture grid must be 'small', 'wide', 'fixed' or 'fine', got {name!r}")
-        grid = cls() if name == "small" else getattr(cls, name)()
-        return dataclasses.replace(grid, plm_temperatures=PLM_TEMPERATURES) if plm_temperature else grid
+        """``"small"`` (the default), ``"wide"``, ``"fixed"`` or ``"fine"``, each optionally suffixed
+        ``"-tplm"``; the suffix (or ``plm_temperature``) adds the T_plm candidates :data:`PLM_TEMPERATURES`."""
+        base = name[:-len("-tplm")] if name.endswith("-tplm") else name
+        if base not in GRID_NAMES:
+            raise ValueError(f"mixture grid must be one of {list(GRID_NAMES)}, optionally suffixed '-tplm', "
+                             f"got {name!r}")
+        grid = cls() if base == "small" else getattr(cls, base)()
+        if plm_temperature or base != name:
+            grid = dataclasses.replace(grid, plm_temperatures=PLM_TEMPERATURES)
+        return grid
 
     def __post_init__(self):
         if not (self.lambdas and self.ks and self.temperatures):

@@ -34,11 +34,11 @@ def run_big_pool(ns) -> None:
         t0 = time.perf_counter()
         acc = trainer.evaluate(loader)["accuracy"]
         seconds = time.perf_counter() - t0
-        q = np.random.default_rng(0).normal(size=(256, model.store.dim)).astype(np.float32)
+        q = np.random.default_rng(0).normal(size=(256, model.knn_store.dim)).astype(np.float32)
         t1 = time.perf_counter()
-        model.knn_distribution(q, tuned["knn_k"], tuned["knn_temperature"])
+        model.knn_distribution(q)  # the tuned k and T (config)
         search_ms = 1000 * (time.perf_counter() - t1) / 256
-        row = {"store": name, "entries": len(model.store), "test_accuracy": acc, "dev_accuracy": tuned["dev_accuracy"],
+        row = {"store": name, "entries": len(model.knn_store), "test_accuracy": acc, "dev_accuracy": tuned["dev_accuracy"],
                "knn_lambda": tuned["knn_lambda"], "knn_k": tuned["knn_k"], "knn_temperature": tuned["knn_temperature"],
                "test_ms_per_example": round(1000 * seconds / len(data["test"]), 3),
                "search_ms_per_query_batch256": round(search_ms, 4)}

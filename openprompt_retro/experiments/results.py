@@ -66,16 +66,28 @@ def auto_demo_topk(shots: int) -> int:
     return 8 if shots >= 16 else 2
 
 
-def _config_overrides(config: Mapping) -> Dict:
-    """The RetroConfig fields of ``config`` that differ from the defaults, less those a run does not choose."""
+#: the RetroConfig defaults that settings ids are relative to: those of the rows written before
+#: ``key_encoder`` and the fields after it existed. A run keys by what it ran with, so a change of a default
+#: gives new runs a new id while older rows keep theirs.
+_ID_BASELINE = {"key_encoder": "mask", "key_encoder_path": None, "knn_readout": "topk",
+                "class_mean_temperature": 0.05, "class_mean_top_m": None, "demo_retrieval": "mask",
+                "plm_temperature": 1.0}
+
+
+def _config_overrides(config: Mapping, legacy: bool = False) -> Dict:
+    """The RetroConfig fields a run ran with that differ from the id baseline (today's defaults, except
+    :data:`_ID_BASELINE`), less those a run does not choose. ``config``: the ``--config`` overrides of a run
+    (the other fields had today's defaults), or with ``legacy`` the full config recorded by a row written
+    before the baseline's fields existed (they had the baseline's values)."""
     from ..core.config import RetroConfig
 
-    defaults = RetroConfig().to_dict()
-    return {k: v for k, v in config.items()
-            if k not in _NOT_CHOSEN and k not in ("demo_topk", "loss_beta") and defaults.get(k, object()) != v}
+    baseline = {**RetroConfig().to_dict(), **_ID_BASELINE}
+    ran = {**(baseline if legacy else RetroConfig().to_dict()), **config}
+    return {k: v for k, v in ran.items()
+            if k not in _NOT_CHOSEN and k not in ("demo_topk", "loss_beta") and baseline.get(k, object()) != v}
 
 
-def result_options(method: str, shots: int, options: Mapping) -> Dict:
+def result_options(method: str, shots: int, options: Mapping, legacy: bool = False) -> Dict:
     """The options of ``options`` (CLI option name -> value) that change ``method``'s result, as recorded in a
     row's settings id: ``--config``'s demo_topk and loss_beta override ``--demo-topk`` and ``--loss-beta``."""
     wanted = {**_RESULT_OPTIONS[_kind(method)], **_DATA_OPTIONS}
@@ -84,13 +96,13 @@ def result_options(method: str, shots: int, options: Mapping) -> Dict:
         config = dict(options.get("config") or {})
         out["demo_topk"] = config.get("demo_topk", options.get("demo_topk")) or auto_demo_topk(shots)
         out["loss_beta"] = config.get("loss_beta", out["loss_beta"])
-        out["config"] = _config_overrides(config)
+        out["config"] = _config_overrides(config, legacy)
     return out
 
 
 def _legacy_options(row: Mapping) -> Dict:
-    """:func:`result_options` of a row written without a settings id, read from its recorded ``settings``
-    (an option it did not record had its default)."""
+    """The options of a row written without a settings id, read from its recorded ``settings`` (an option it
+    did not record had its default; its ``config`` is the full RetroConfig it ran with)."""
     method, s = row["method"], dict(row.get("settings") or {})
     kind = _kind(method)
     if kind == "zero-shot-retro":
@@ -99,7 +111,7 @@ def _legacy_options(row: Mapping) -> Dict:
                  zs_temperature=row.get("knn_temperature", 1.0))
     if kind == "trained" and method == "demo-text" and "max_seq_length" in s:
         s["max_seq_length"] = s["max_seq_length"] // 2  # recorded with the room for text demonstrations
-    return result_options(method, row_shots(row), s)
+    return s
 
 
 def _canonical(value):
@@ -112,11 +124,12 @@ def _canonical(value):
     return value
 
 
-def settings_id(method: str, shots: int, options: Mapping) -> str:
+def settings_id(method: str, shots: int, options: Mapping, legacy: bool = False) -> str:
     """A stable hash of the options that change ``method``'s result and differ from their ``run`` default
-    (so a row written before an option existed keys as that option's default)."""
+    (so a row written before an option existed keys as that option's default); ``legacy``: ``options`` are
+    a row's recorded settings (:func:`_legacy_options`)."""
     defaults = {**_RESULT_OPTIONS[_kind(method)], **_DATA_OPTIONS}
-    chosen = result_options(method, shots, options)
+    chosen = result_options(method, shots, options, legacy)
     if "demo_topk" in chosen and chosen["demo_topk"] == auto_demo_topk(shots):
         chosen["demo_topk"] = None
     changed = {k: v for k, v in _canonical(chosen).items() if v != _canonical(defaults[k])}
@@ -129,7 +142,7 @@ def row_shots(row: Mapping) -> int:
 
 
 def run_key(row: Mapping) -> RunKey:
-    sid = row.get("settings_id") or settings_id(row["method"], row_shots(row), _legacy_options(row))
+    sid = row.get("settings_id") or settings_id(row["method"], row_shots(row), _legacy_options(row), legacy=True)
     return RunKey(row["task"], row["method"], row_shots(row), int(row["seed"]), row.get("model"), str(sid))
 
 

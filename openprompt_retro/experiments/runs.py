@@ -323,10 +323,21 @@ def inference_settings_on(trainer, loader) -> Dict[str, float]:
 
     p_plm, queries, labels = trainer.collect(loader)  # one pass; P = lambda p_kNN + (1 - lambda) p_PLM
     fixed = MixtureGrid.fixed()
-    p_knn = trainer.model.knn_distribution(queries, fixed.ks[0], fixed.temperatures[0])
-    return {"plm_only": accuracy(p_plm, labels), "fixed": accuracy(mix(p_plm, p_knn, fixed.lambdas[0]), labels),
-            "knn_only": accuracy(p_knn, labels),
-            "knn_plm_agreement": float((p_knn.argmax(-1) == p_plm.argmax(-1)).mean())}
+    topk = trainer.model.config.knn_readout == "topk"  # the class-mean read-out keeps its dev-chosen T
+    p_knn = trainer.model.knn_distribution(queries, fixed.ks[0], fixed.temperatures[0] if topk else None)
+    out = {"plm_only": accuracy(p_plm, labels), "fixed": accuracy(mix(p_plm, p_knn, fixed.lambdas[0]), labels),
+           "knn_only": accuracy(p_knn, labels),
+           "knn_plm_agreement": float((p_knn.argmax(-1) == p_plm.argmax(-1)).mean())}
+    model = trainer.model
+    if model.key_encoder is not None:  # the store alone by each read-out, on the same keys (k 16, T 1; T_cm tuned)
+        c = model.config
+        out["knn_only_by_readout"] = {
+            "topk": accuracy(model.lifecycle.knn_distribution(queries, None, 16, 1.0, "topk", c.knn_score_scale),
+                             labels),
+            "class-mean": accuracy(model.lifecycle.knn_distribution(queries, None, 16, c.class_mean_temperature,
+                                                                    "class-mean", c.knn_score_scale,
+                                                                    c.class_mean_top_m), labels)}
+    return out
 
 
 def run_baseline(task: str, method: str, seed: int, run_spec: RunSpec) -> RunRecord:

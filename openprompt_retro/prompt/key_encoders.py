@@ -110,6 +110,15 @@ class MeanPoolEncoder:
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
+    def identity(self) -> Dict[str, object]:
+        """:meth:`describe` without ``source``: what two encoders must share to build the same keys (the same
+        weights may be loaded from different paths)."""
+        return {k: v for k, v in self.describe().items() if k != "source"}
+
+    def forget_fingerprint(self) -> None:
+        """Recompute :meth:`fingerprint` at its next call (after the weights were replaced)."""
+        self._fingerprint = None
+
     def describe(self) -> Dict[str, object]:
         """What built the keys (JSON-able), e.g. for ``KnowledgeStore(built_by=...)``: a saved store records it
         and ``KnowledgeStore.load(expected_built_by=...)`` refuses a store built by another encoder."""

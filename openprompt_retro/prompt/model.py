@@ -39,6 +39,10 @@ from .verbalizer import KnnVerbalizer, Mixing
 _FAST_TEMPLATES = (ManualTemplate, MixedTemplate, SoftTemplate)
 #: state_dict() entries that carry the store: keys (n, D) float32 and labels (n,) int64
 STORE_STATE_KEYS = ("retro_store.keys", "retro_store.labels")
+#: the key store's keys (n, D_key) float32, with a key encoder other than "mask" (its labels are the store's)
+KEY_STORE_STATE_KEY = "retro_key_store.keys"
+#: RetroConfig fields fixed when the model is built (the key encoder is made then)
+_BUILD_TIME_FIELDS = ("key_encoder", "key_encoder_path")
 
 
 class _WeightedBackward(torch.autograd.Function):
@@ -96,6 +100,11 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
       inference forward that follows training forwards;
     * it travels in ``state_dict()`` (keys and labels, as tensors).
 
+    With ``config.key_encoder`` other than "mask" a second store, keyed by that encoder (a frozen copy of
+    the pre-trained encoder taken here, or a sentence encoder), holds the same entries: kNN inference and
+    the kNN-guided loss read it (:attr:`knn_store`), its keys never change, and the [MASK] store is kept
+    only for neural demonstrations (see :mod:`.store_lifecycle`).
+
     Training or inference forward - the rule. A forward is a *training forward*
     when the model is in training mode, gradients are enabled, and the batch
     comes from the training data (the store's loader; a batch without example
@@ -145,6 +154,8 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         self._store_in_state_dict = True  # False inside store_outside_state_dict()
         self.key_head = MaskKeyHead(plm)
         self.lifecycle = StoreLifecycle(self, self.key_head)  # the store and when it is rebuilt
+        if self.key_encoder is not None and template.demonstrations == "text":
+            template.set_text_encoder(self.key_encoder)  # LM-BFF's demonstrations chosen by the key encoder
         self.wrapper_class = wrapper_class or default_wrapper_class(plm)  # how predict() tokenizes examples
         self.max_seq_length = int(max_seq_length)
         self.example_tokenizer = None  # None: the template's
@@ -164,15 +175,25 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         for key in overrides:
             if not hasattr(self.config, key):
                 raise ValueError(f"unknown RetroConfig field {key!r}")
+            if key in _BUILD_TIME_FIELDS and overrides[key] != getattr(self.config, key):
+                raise ValueError(f"{key} is fixed when the model is built (the key encoder is made then): build "
+                                 f"a new model with RetroConfig({key}={overrides[key]!r})")
         dataclasses.replace(self.config, **overrides).validate()  # a rejected value never reaches the model
         for key, value in overrides.items():
             setattr(self.config, key, value)
         self.config.validate()
         v = self.verbalizer
-        v.store, v.k, v.temperature = self.store, self.config.knn_k, self.config.knn_temperature
+        v.store, v.k, v.temperature = self.knn_store, self.config.knn_k, self.config.knn_temperature
         v.lam = self.config.knn_lambda
         v.scale = self.config.knn_score_scale
         return self.config
+
+    def mixing(self) -> Mixing:
+        """How an inference forward mixes p_kNN in, from the config (the read-out's own temperature)."""
+        c = self.config
+        t = c.class_mean_temperature if c.knn_readout == "class-mean" else c.knn_temperature
+        return Mixing(c.knn_lambda, c.knn_k, t, c.knn_score_scale, c.knn_readout, c.class_mean_top_m,
+                      c.plm_temperature)
 
     @property
     def has_demonstrations(self) -> bool:
@@ -194,7 +215,18 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
 
     @store.setter
     def store(self, store: KnowledgeStore) -> None:
-        self.lifecycle.store = self.verbalizer.store = store
+        self.lifecycle.store = store
+        self.verbalizer.store = self.knn_store
+
+    @property
+    def knn_store(self) -> KnowledgeStore:
+        """The store kNN inference and the kNN loss read: the key encoder's, or the [MASK] store."""
+        return self.lifecycle.knn_store
+
+    @property
+    def key_encoder(self):
+        """The encoder of the store's keys (None: the [MASK] keys of the model being trained)."""
+        return self.lifecycle.key_encoder
 
     @property
     def _source(self):
@@ -275,7 +307,10 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         self.sync_store()
         keys_name, labels_name = STORE_STATE_KEYS
         destination[prefix + keys_name] = torch.from_numpy(np.array(self.store.keys, dtype=np.float32))
-        destination[prefix + labels_name] = torch.from_numpy(np.array(self.store.labels, dtype=np.int64))
+        destination[prefix + labels_name] = torch.from_numpy(np.array(self.knn_store.labels, dtype=np.int64))
+        if self.lifecycle.key_store is not None:
+            destination[prefix + KEY_STORE_STATE_KEY] = torch.from_numpy(
+                np.array(self.lifecycle.key_store.keys, dtype=np.float32))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -283,12 +318,19 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         names = [prefix + n for n in STORE_STATE_KEYS]
-        unexpected_keys[:] = [k for k in unexpected_keys if k not in names]
+        key_name = prefix + KEY_STORE_STATE_KEY
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in names + [key_name]]
         if not all(n in state_dict for n in names):
             return
         keys, labels = (state_dict[n].detach().cpu() for n in names)
+        keyed = self.lifecycle.key_store is not None
+        if keyed != (key_name in state_dict):
+            error_msgs.append(f"{key_name}: this model's key_encoder is {self.config.key_encoder!r}, and the "
+                              f"state_dict {'lacks' if keyed else 'has'} the key store a key encoder builds")
+            return
+        key_keys = state_dict[key_name].detach().cpu().float().numpy() if keyed else None
         try:
-            self.lifecycle.load_keys(keys.float().numpy(), labels.long().numpy())
+            self.lifecycle.load_keys(keys.float().numpy(), labels.long().numpy(), key_keys)
         except StoreError as e:
             error_msgs.append(f"{names[0]} / {names[1]}: {e}")
 
@@ -362,9 +404,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         if mix is None:
             logits = self.verbalizer.process_outputs(at_mask, batch=batch)
         else:
-            c = self.config
-            mixing = Mixing(c.knn_lambda, c.knn_k, c.knn_temperature, c.knn_score_scale) if mix else None
-            logits = self.verbalizer.process_outputs(at_mask, batch=batch, mixing=mixing)
+            logits = self.verbalizer.process_outputs(at_mask, batch=batch, mixing=self.mixing() if mix else None)
         query = batch[QUERY_KEY]
         if query is None:
             query = self.key_head(at_mask[-1])  # KnnVerbalizer gathers the hidden states last
@@ -372,7 +412,9 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
 
     def _knn_gold(self, batch, query, labels) -> torch.Tensor:
         """p_kNN(y_i | x_i) with each example's own entry left out (1 where the label is missing)."""
-        p_knn = self.knn_probs(query, batch[EXCLUDE_KEY], self.config.train_knn_k, self.config.train_knn_temperature)
+        c = self.config
+        t = c.class_mean_temperature if c.knn_readout == "class-mean" else c.train_knn_temperature
+        p_knn = self.knn_probs(query, batch[EXCLUDE_KEY], c.train_knn_k, t)
         p = p_knn.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1)
         return torch.where(labels >= 0, p, torch.ones_like(p))
 
@@ -384,11 +426,11 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         """
         training = self.is_training_forward(batch)
         batch = self.prepare_batch(batch, training=training)
-        logits, query = self.forward_with_keys(batch, mix=not training and len(self.store) > 0)
+        logits, query = self.forward_with_keys(batch, mix=not training and len(self.knn_store) > 0)
         labels = batch_get(batch, "label")
         c = self.config
         if (training and c.loss != "ce" and self.knn_loss_active and logits.requires_grad
-                and torch.is_tensor(labels) and len(self.store)):
+                and torch.is_tensor(labels) and len(self.knn_store)):
             labels = labels.to(logits.device).long()
             w = knn_loss_weights(self._knn_gold(batch, query, labels), c.loss, c.loss_beta, c.focal_gamma,
                                  c.max_loss_weight)
@@ -411,7 +453,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         logits, query = self.forward_with_keys(batch, mix=False)
         labels = batch["label"].to(logits.device)
         c = self.config
-        if c.loss != "ce" and len(self.store) == 0:
+        if c.loss != "ce" and len(self.knn_store) == 0:
             raise ValueError(f"the kNN-guided loss (config.loss={c.loss!r}) needs p_kNN from the knowledge store, "
                              "but the store is empty: train on a PromptDataLoader (the store is built from it) or "
                              "call model.attach(train_loader) / refresh_store(train_loader) first, or set "

@@ -84,7 +84,8 @@ class Prediction:
     def explain(self, example, top: int = 5) -> Dict:
         """The prediction for one InputExample and the neighbours behind it (text, label, weight)."""
         check_top(top)
-        batch = next(iter(self.loader([example], batch_size=1)))
+        loader = self.loader([example], batch_size=1)  # kept alive: a key encoder reads the example through it
+        batch = next(iter(loader))
         device = next(self.parameters()).device
         return self.explain_batch(batch.to(device) if hasattr(batch, "to") else batch, top=top)[0]
 
@@ -95,17 +96,21 @@ class Prediction:
 
     def knn_probs(self, query, exclude_ids=None, k: Optional[int] = None,
                   temperature: Optional[float] = None) -> torch.Tensor:
-        """p_kNN(y|x) for query keys with the config's score scale (k, T default to the inference ones)."""
-        return self.verbalizer.knn_probs(query, exclude_ids, k or self.config.knn_k,
-                                         temperature or self.config.knn_temperature, self.config.knn_score_scale)
+        """p_kNN(y|x) for query keys by the config's read-out and score scale (k, T default to the inference
+        ones: ``knn_temperature`` for top-k, ``class_mean_temperature`` for the class-mean read-out)."""
+        c = self.config
+        return self.verbalizer.knn_probs(query, exclude_ids, k or c.knn_k, temperature or self.mixing().temperature,
+                                         c.knn_score_scale, c.knn_readout, c.class_mean_top_m)
 
     def knn_distribution(self, queries, k: Optional[int] = None, temperature: Optional[float] = None,
                          exclude_ids=None) -> np.ndarray:
-        """p_kNN(y|x) for numpy query keys with the config's score scale: the distribution inference mixes in,
-        so lambda is tuned on dev against exactly what the model will use."""
-        return self.store.knn_distribution(np.asarray(queries, dtype=np.float32), k or self.config.knn_k,
-                                           temperature or self.config.knn_temperature, exclude_ids,
-                                           self.config.knn_score_scale)
+        """p_kNN(y|x) for numpy query keys by the config's read-out and score scale: the distribution inference
+        mixes in, so lambda is tuned on dev against exactly what the model will use (T defaults as in
+        :meth:`knn_probs`; the class-mean read-out ignores k)."""
+        c = self.config
+        return self.lifecycle.knn_distribution(np.asarray(queries, dtype=np.float32), exclude_ids, k or c.knn_k,
+                                               temperature or self.mixing().temperature, c.knn_readout,
+                                               c.knn_score_scale, c.class_mean_top_m)
 
     @torch.no_grad()
     def plm_probs_and_queries(self, batch):
@@ -121,7 +126,9 @@ class Prediction:
         w_j = softmax_j(z_j / T) over those k, z the scores on ``config.knn_score_scale``
         (:func:`~openprompt_retro.core.knn.knn_weights`, the function behind p_kNN);
         the ``top`` best of them are listed with these weights (not renormalised over
-        the listed ones, so they sum to at most 1).
+        the listed ones, so they sum to at most 1). With the class-mean read-out p_kNN comes
+        from each class's mean key, not from single neighbours: the nearest are listed with
+        weight None.
         """
         check_top(top)
         was = self.training
@@ -129,19 +136,28 @@ class Prediction:
         try:
             p_plm, query = self.plm_probs_and_queries(batch)
             exclude = self.lifecycle.own_ids(batch, training=False) if self.exclude_self_in_eval else None
-            k, t, scale = self.config.knn_k, self.config.knn_temperature, self.config.knn_score_scale
-            res = self.store.search(query.float().cpu(), k, exclude)
-            weights = knn_weights(res.scores, t, res.labels >= 0, scale)
-            p_knn = torch.from_numpy(knn_label_distribution(res.scores, res.labels, self.num_classes, t,
-                                                            scale)).to(p_plm)
-            p = mix(p_plm, p_knn, self.config.knn_lambda)
+            c, store = self.config, self.knn_store
+            k, t, scale = c.knn_k, c.knn_temperature, c.knn_score_scale
+            res = store.search(query.float().cpu(), k, exclude)
+            if c.knn_readout == "topk":
+                weights = knn_weights(res.scores, t, res.labels >= 0, scale)
+                p_knn = torch.from_numpy(knn_label_distribution(res.scores, res.labels, self.num_classes, t,
+                                                                scale)).to(p_plm)
+            else:
+                weights = np.full(res.scores.shape, None, dtype=object)
+                p_knn = torch.from_numpy(self.knn_distribution(query.float().cpu().numpy(), exclude_ids=exclude)
+                                         ).to(p_plm)
+            if c.plm_temperature != 1.0:
+                p_plm = torch.softmax(torch.log(p_plm.clamp_min(1e-12)) / c.plm_temperature, -1)
+            p = mix(p_plm, p_knn, c.knn_lambda)
             out = []
             for i in range(query.shape[0]):
                 out.append({
                     "prediction": int(p[i].argmax()), "probs": p[i].tolist(),
                     "p_plm": p_plm[i].tolist(), "p_knn": p_knn[i].tolist(),
-                    "neighbours": [{"id": int(j), "guid": self.store.guids[j], "text": self.store.texts[j],
-                                    "label": int(self.store.labels[j]), "score": float(s), "weight": float(wj)}
+                    "neighbours": [{"id": int(j), "guid": store.guids[j], "text": store.texts[j],
+                                    "label": int(store.labels[j]), "score": float(s),
+                                    "weight": None if wj is None else float(wj)}
                                    for j, s, wj in list(zip(res.ids[i], res.scores[i], weights[i]))[:top] if j >= 0],
                 })
             return out

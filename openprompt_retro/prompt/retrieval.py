@@ -5,11 +5,13 @@
 
 1. query keys q(x): in a training forward the store's own key of each example (refreshed
    every pass), else a demonstration-free pass (only when demonstrations are shown; without
-   them q(x) comes from the main pass itself);
+   them q(x) comes from the main pass itself); with a key encoder, its key of the example's
+   raw text;
 2. exclusions: each example's own entry, in a training forward (and in inference with
    ``exclude_self_in_eval``);
 3. neural demonstrations d_c from the store, in their configured variant
-   (:func:`shape_demonstrations`).
+   (:func:`shape_demonstrations`); with ``demo_retrieval="key-encoder"`` the neighbours are chosen
+   by the key encoder's keys and d_c is built from their [MASK] keys.
 """
 from __future__ import annotations
 
@@ -78,20 +80,31 @@ def retrieve(model, batch, training: bool, need_query: bool) -> Tuple[object, Re
     own = lifecycle.own_ids(batch, training)
     # leave-one-out: an example never retrieves itself
     exclude = torch.from_numpy(own) if training or model.exclude_self_in_eval else None
-    if not model.has_demonstrations or not (model.uses_neural_demos or need_query):
-        record = Retrieved(exclude=exclude)  # the main pass is demonstration-free: it gives the query key itself
-        return record.write(batch), record
+    keyed = lifecycle.key_encoder is not None
+    by_keys = model.uses_neural_demos and model.config.demo_retrieval == "key-encoder"
     device = batch["loss_ids"].device
-    if training and (own >= 0).all():
-        query = torch.from_numpy(lifecycle.store.keys[own]).to(device)  # refreshed this pass
-    else:  # q(x) must be demonstration-free, like the store's keys
-        with torch.no_grad():
-            query = mask_keys(model, batch, model.key_head).float()
+    key_query = None
+    if keyed and (need_query or by_keys):  # the key encoder's q(x): the stored key of a training example
+        rows = lifecycle.knn_store.keys[own] if training and (own >= 0).all() else lifecycle.query_keys(batch)
+        key_query = torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(device)
+    mask_query = None
+    wants_mask_query = (model.uses_neural_demos and not by_keys) or (need_query and not keyed)
+    if model.has_demonstrations and wants_mask_query:
+        if training and (own >= 0).all():
+            mask_query = torch.from_numpy(lifecycle.store.keys[own]).to(device)  # refreshed this pass
+        else:  # q(x) must be demonstration-free, like the store's keys
+            with torch.no_grad():
+                mask_query = mask_keys(model, batch, model.key_head).float()
     demos = None
     if model.uses_neural_demos:
-        demos = neural_demonstrations(lifecycle.store, query, model.config.demo_topk, exclude)
+        if by_keys:  # neighbours by the key encoder, d_c from their [MASK] states
+            demos = neural_demonstrations(lifecycle.key_store, key_query, model.config.demo_topk, exclude,
+                                          values=lifecycle.store.keys)
+        else:
+            demos = neural_demonstrations(lifecycle.store, mask_query, model.config.demo_topk, exclude)
         demos = model._shape_demonstrations(demos, training and warm).to(device)
-    record = Retrieved(query, exclude, demos)
+    # without demonstrations the main pass is demonstration-free: a missing [MASK] query comes from it
+    record = Retrieved(key_query if keyed else mask_query, exclude, demos)
     return record.write(batch), record
 
 

@@ -40,6 +40,8 @@ from ..core.config import RetroConfig
 from ..core.store import KnowledgeStore, atomic_folder, sha256_file
 
 RUN_FILE, WEIGHTS, CONFIG, STORE = "run.json", "prompt_model.safetensors", "retro_config.json", "store"
+#: with a key encoder other than "mask": its store, and (frozen-mean with save_plm) the frozen copy's weights
+KEY_STORE, KEY_ENCODER_WEIGHTS = "key_store", "key_encoder.safetensors"
 PLM_DIR, TEXT_POOL, TRAINING_ARGS, TRAINER_FILE = "plm", "text_pool.json", "training_args.json", "trainer.json"
 #: 2: run.json's checksums cover every file of the folder (1: the weights and the config only)
 RUN_FORMAT, RUN_FORMAT_VERSION = "openprompt-retro run", 2
@@ -63,6 +65,7 @@ FINGERPRINT_FIELDS = {
     "key_dim": "key dimension",
     "tokenizer": "tokenizer",
     "vocab_size": "vocabulary size",
+    "key_encoder": "key encoder",
 }
 #: templates / verbalizers that from_pretrained can rebuild from run.json alone
 REBUILDABLE_TEMPLATES = ("ManualTemplate", "MixedTemplate", "SoftTemplate")
@@ -180,6 +183,7 @@ def fingerprint(model) -> Dict[str, Any]:
         "key_dim": int(model._key_dim()),
         "tokenizer": type(tok).__name__,
         "vocab_size": len(tok),
+        "key_encoder": model.key_encoder.identity() if model.key_encoder is not None else "mask",
     }
 
 
@@ -232,11 +236,11 @@ def _example_record(e) -> Dict:
 
 
 def save_text_pool(template, directory: str) -> bool:
-    """Write the text-demonstration pool (TfidfDemoRetriever's examples) as JSON; False if there is none to write."""
-    from .text_demos import TfidfDemoRetriever
+    """Write the text-demonstration pool (a PoolDemoRetriever's examples) as JSON; False if there is none to write."""
+    from .text_demos import PoolDemoRetriever
 
     retriever = getattr(template, "text_retriever", None)
-    if getattr(template, "demonstrations", None) != "text" or not isinstance(retriever, TfidfDemoRetriever):
+    if getattr(template, "demonstrations", None) != "text" or not isinstance(retriever, PoolDemoRetriever):
         return False
     try:
         text = json.dumps([_example_record(e) for e in retriever.pool])
@@ -272,9 +276,16 @@ def save_run(model, directory: str, save_plm: bool = False, model_type: Optional
             save_model(model, os.path.join(tmp, WEIGHTS))
         model.config.save(os.path.join(tmp, CONFIG))
         model.store.save(os.path.join(tmp, STORE))
+        if model.lifecycle.key_store is not None:
+            model.lifecycle.key_store.save(os.path.join(tmp, KEY_STORE))
         if save_plm:
             model.plm.save_pretrained(os.path.join(tmp, PLM_DIR))
             model.template.tokenizer.save_pretrained(os.path.join(tmp, PLM_DIR))
+            if model.config.key_encoder == "frozen-mean":  # plm/ holds the trained weights, not the frozen ones
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in model.key_encoder.model.state_dict().items()},
+                          os.path.join(tmp, KEY_ENCODER_WEIGHTS))
         pool_saved = save_text_pool(model.template, tmp)
         for name, value in (extra_json or {}).items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
@@ -292,6 +303,7 @@ class Loaded(NamedTuple):
     config: RetroConfig
     store: KnowledgeStore
     tensors: Dict[str, torch.Tensor]
+    key_store: Optional[KnowledgeStore] = None
 
 
 class Snapshot(NamedTuple):
@@ -528,19 +540,45 @@ def read_checked(model, directory: str) -> Loaded:
     if store.num_classes != model.num_classes:
         raise SavedRunError(f"the store in {os.path.join(directory, STORE)!r} has {store.num_classes} classes, this "
                             f"model has {model.num_classes}; nothing was loaded")
+    key_store = _read_key_store(model, directory, snap)
     path = os.path.join(directory, WEIGHTS)
     try:
         tensors = load_tensors(snap.read(WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:
         raise SavedRunError(f"corrupt {path}: {e}; nothing was loaded") from None
     _check_weights(model, path, tensors)
-    return Loaded(config, store, tensors)
+    if config.key_encoder != model.config.key_encoder or config.key_encoder_path != model.config.key_encoder_path:
+        raise SavedRunError(f"the run at {directory!r} was saved with key_encoder={config.key_encoder!r} "
+                            f"(key_encoder_path={config.key_encoder_path!r}), this model has "
+                            f"{model.config.key_encoder!r} ({model.config.key_encoder_path!r}); nothing was loaded")
+    return Loaded(config, store, tensors, key_store)
+
+
+def _read_key_store(model, directory: str, snap) -> Optional[KnowledgeStore]:
+    """The saved key store (None for key_encoder="mask"), checked against the model's key encoder."""
+    from ..core.store import StoreError
+
+    if model.key_encoder is None:
+        return None
+    files = {name[len(KEY_STORE) + 1:]: data for name, data in snap.files.items()
+             if name.startswith(KEY_STORE + "/")}
+    try:
+        store = KnowledgeStore.load(os.path.join(directory, KEY_STORE), expected_dim=model.key_encoder.dim,
+                                    expected_built_by=model.key_encoder.identity(), files=files)
+    except StoreError as e:
+        raise StoreError(f"{e}; nothing was loaded") from None
+    if store.num_classes != model.num_classes:
+        raise SavedRunError(f"the key store in {os.path.join(directory, KEY_STORE)!r} has {store.num_classes} "
+                            f"classes, this model has {model.num_classes}; nothing was loaded")
+    return store
 
 
 def swap_in(model, loaded: Loaded) -> None:
     """Put validated parts in place (names and shapes were checked: this cannot fail half-way)."""
     model.load_state_dict(loaded.tensors, strict=False)
     model.config = loaded.config
+    if loaded.key_store is not None:
+        model.lifecycle.key_store = loaded.key_store
     model.store = loaded.store
     model.apply_config()
 
@@ -556,6 +594,24 @@ def saved_max_seq_length(directory: str) -> Optional[int]:
 
 
 # ---------------------------------------------------------------------- rebuilding
+def _restore_frozen_encoder(model, directory: str) -> None:
+    """Put the saved frozen copy's weights into a rebuilt model's key encoder (a run saved with save_plm: the
+    model was just built from the trained PLM, whose copy is not the frozen one). Its fingerprint is then
+    checked by ``load`` like any other."""
+    from safetensors.torch import load as load_tensors
+
+    data = read_snapshot(directory).read(KEY_ENCODER_WEIGHTS) if model.key_encoder is not None else None
+    if data is None:
+        return
+    encoder = model.key_encoder
+    try:
+        encoder.model.load_state_dict(load_tensors(data), strict=True)
+    except (RuntimeError, ValueError) as e:
+        raise SavedRunError(f"the frozen key encoder saved at {directory!r} does not fit this PLM: {e}") from None
+    encoder.forget_fingerprint()
+    model.lifecycle.forget_keys()
+
+
 def _escaped(words) -> List[List[str]]:
     """Verbalizer label words as saved (prefix already applied), escaped so OpenPrompt adds no second prefix."""
     return [["<!>" + w for w in ([ws] if isinstance(ws, str) else ws)] for ws in words]
@@ -668,5 +724,6 @@ def rebuild(directory: str, cls, plm_path: Optional[str] = None, model_type: Opt
                 plm_eval_mode=bool(flags.get("plm_eval_mode")))
     model.mask_only_head = bool(flags.get("mask_only_head", True))
     model.exclude_self_in_eval = bool(flags.get("exclude_self_in_eval", False))
+    _restore_frozen_encoder(model, directory)
     model.load(directory)
     return model, tokenizer, wrapper

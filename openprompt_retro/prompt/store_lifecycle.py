@@ -8,7 +8,11 @@
 * which entry holds which example (by loader and position, and by the InputExample object);
 * the loaders given to :meth:`add` since the last build (re-added at every rebuild);
 * the kNN loss gate, recomputed after every build (:meth:`update_gate`);
-* the demonstration warm-up's counter (:meth:`plan_training`, :meth:`warming_up`).
+* the demonstration warm-up's counter (:meth:`plan_training`, :meth:`warming_up`);
+* with ``RetroConfig.key_encoder`` other than "mask": the key encoder and the *key store* it builds, entry i
+  holding the same example as entry i of the [MASK] store. Its keys never change, so each text is encoded
+  once (a cache by text); kNN inference and the kNN loss read it (:attr:`knn_store`). The [MASK] store is
+  then kept only for neural demonstrations.
 
 Rebuilt: at the first training forward of every pass over the training loader, before the first
 inference forward after training forwards, and before ``state_dict()`` / ``save`` when stale.
@@ -23,6 +27,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from ..core.readout import class_mean_distribution
 from ..core.store import KnowledgeStore
 from .text import example_text
 from . import distributed, loaders
@@ -54,6 +59,35 @@ def _example_at(uid: int):
     return raw[position] if raw is not None and position < len(raw) else None
 
 
+def make_key_encoder(config, plm, tokenizer):
+    """The key encoder ``config.key_encoder`` names (None for "mask"): a frozen copy of ``plm``'s encoder taken
+    now, or the sentence encoder at ``config.key_encoder_path``."""
+    from .key_encoders import FrozenMeanEncoder, SentenceEncoder
+
+    if config.key_encoder == "frozen-mean":
+        return FrozenMeanEncoder(plm, tokenizer)
+    if config.key_encoder == "sentence":
+        return SentenceEncoder(config.key_encoder_path)
+    return None
+
+
+def _feature_rows(dataloader):
+    """(labels, guids, example ids) of a PromptDataLoader's examples in dataset order, read without the model."""
+    features = getattr(dataloader, "tensor_dataset", None)
+    if features is None:
+        raise ValueError("a key encoder other than 'mask' builds its store from a PromptDataLoader (its examples' "
+                         f"texts), got {type(dataloader).__name__}")
+    if len(features) == 0:
+        raise ValueError("the dataloader is empty: no examples to build a store from")
+    if any(f["label"] is None for f in features):
+        raise ValueError("building a store needs labeled examples: an example has no label")
+    labels = np.array([int(f["label"]) for f in features], dtype=np.int64)
+    guids = [None if f["guid"] is None else str(f["guid"]) for f in features]
+    uids = np.array([-1 if batch_get(f, EXAMPLE_KEY) is None else int(batch_get(f, EXAMPLE_KEY))
+                     for f in features], dtype=np.int64)
+    return labels, guids, uids
+
+
 class StoreLifecycle:
     """The store of one RetroPromptForClassification (``model``) and when it is (re)built."""
 
@@ -62,6 +96,12 @@ class StoreLifecycle:
         self.model = model
         self.store = KnowledgeStore(int(model.plm.config.hidden_size), model.num_classes, metric=c.metric,
                                     index_factory=c.index_factory, built_by=key_head.describe())
+        self.key_encoder = make_key_encoder(c, model.plm, model.verbalizer.tokenizer)
+        self.key_store: Optional[KnowledgeStore] = None  # built by the key encoder (None for key_encoder="mask")
+        if self.key_encoder is not None:
+            self.key_store = KnowledgeStore(self.key_encoder.dim, model.num_classes, metric="ip",
+                                            index_factory=c.index_factory, built_by=self.key_encoder.describe())
+        self._key_cache: Dict[tuple, np.ndarray] = {}  # (text_a, text_b) -> the key encoder's key
         self._source_ref = None  # weak reference to the training data the store is built from
         self._source_serials: set = set()  # serials of the loaders whose examples are that training data
         self._source_passes: Optional[int] = None  # passes over the source at the last build (None: rebuild)
@@ -73,6 +113,54 @@ class StoreLifecycle:
         self.store_loo_accuracy: Optional[float] = None  # the store's leave-one-out kNN accuracy (the gate's input)
         self.total_training_steps: Optional[int] = None  # demo_warmup's denominator: see plan_training()
         self.training_forwards = 0  # training forwards since plan_training(): demo_warmup's counter
+
+    @property
+    def knn_store(self) -> KnowledgeStore:
+        """The store that kNN inference and the kNN-guided loss read: the key store, else the [MASK] store."""
+        return self.key_store if self.key_store is not None else self.store
+
+    @property
+    def needs_mask_store(self) -> bool:
+        """Whether [MASK] keys are built: they are the kNN keys, or the values of neural demonstrations."""
+        return self.key_encoder is None or self.model.template.demonstrations == "neural"
+
+    def encode_examples(self, examples) -> np.ndarray:
+        """The key encoder's keys of InputExamples, (n, D) float32; each distinct text is encoded once."""
+        pairs = [(e.text_a, getattr(e, "text_b", None) or None) for e in examples]
+        todo = sorted({p for p in pairs if p not in self._key_cache}, key=str)
+        if todo:
+            device = next(self.model.plm.parameters()).device
+            if self.key_encoder.device != device:
+                self.key_encoder.to(device)
+            keys = self.key_encoder.encode_texts([a for a, _ in todo], [b for _, b in todo])
+            self._key_cache.update(zip(todo, keys))
+        if not pairs:
+            return np.zeros((0, self.key_encoder.dim), dtype=np.float32)
+        return np.stack([self._key_cache[p] for p in pairs])
+
+    def forget_keys(self) -> None:
+        """Drop the cached key-encoder keys (after the encoder's weights were replaced)."""
+        self._key_cache = {}
+
+    def query_keys(self, batch) -> np.ndarray:
+        """The key encoder's keys of a batch's examples (read through their identities), (B, D) float32."""
+        uids = batch_example_ids(batch)
+        examples = [] if uids is None else [_example_at(int(u)) if u >= 0 else None for u in uids]
+        if uids is None or any(e is None for e in examples):
+            raise ValueError(f"key_encoder={self.model.config.key_encoder!r} reads each example's raw text, and "
+                             "this batch's examples cannot be traced back to theirs: build the PromptDataLoader "
+                             "after constructing the model, and keep it alive while it is used")
+        return self.encode_examples(examples)
+
+    def knn_distribution(self, queries, exclude_ids, k: int, temperature: float, readout: str, scale: str,
+                         top_m: Optional[int] = None) -> np.ndarray:
+        """p_kNN(y|x) (B, C) float32 from :attr:`knn_store` by ``readout``: "topk" (k nearest, T in the
+        ``scale``'s units) or "class-mean" (each class's mean key, T on the cosine scale)."""
+        store = self.knn_store
+        if readout == "class-mean":
+            return class_mean_distribution(queries, store.keys, store.labels, self.model.num_classes, temperature,
+                                           top_m, exclude_ids)
+        return store.knn_distribution(queries, k, temperature, exclude_ids, scale)
 
     @property
     def source(self):
@@ -113,7 +201,8 @@ class StoreLifecycle:
 
 
     def _encode(self, dataloader, progress: bool):
-        """(keys, labels, guids, texts, example ids) of every example of ``dataloader``, in dataset order."""
+        """(mask keys or None, key-encoder keys or None, labels, guids, texts, example ids) of every example of
+        ``dataloader``, in dataset order."""
         raw = getattr(dataloader, "raw_dataset", None)
         if raw is not None:
             counts = Counter(str(e.guid) for e in raw if getattr(e, "guid", None) is not None)
@@ -123,7 +212,9 @@ class StoreLifecycle:
                                  "needs its own guid (or none at all)")
         if hasattr(dataloader, "tensor_dataset") and loaders.serial_of(dataloader) is None:
             loaders.tag_loader(dataloader)  # built before openprompt_retro was imported
-        if distributed.is_distributed():
+        if not self.needs_mask_store:
+            keys, (labels, guids, uids) = None, _feature_rows(dataloader)
+        elif distributed.is_distributed():
             keys, labels, guids, uids = self._encode_distributed(dataloader, progress)
         else:
             keys, labels, guids, uids = extract_keys(self.model, loaders.in_order(dataloader), progress=progress,
@@ -137,7 +228,15 @@ class StoreLifecycle:
                 texts.append(example_text(raw[int(loaders.positions(u))]))
             else:
                 texts.append(by_guid.get(g) if g is not None else None)
-        return keys, labels, guids, texts, uids
+        key_keys = None
+        if self.key_encoder is not None:
+            examples = [_example_at(int(u)) if u >= 0 else None for u in uids]
+            if any(e is None for e in examples):
+                raise ValueError(f"key_encoder={self.model.config.key_encoder!r} encodes each training example's "
+                                 "raw text: build the store from a PromptDataLoader made after constructing the "
+                                 "model (its examples are traced back to their InputExamples)")
+            key_keys = self.encode_examples(examples)
+        return keys, key_keys, labels, guids, texts, uids
 
 
     def _encode_distributed(self, dataloader, progress: bool):
@@ -160,8 +259,11 @@ class StoreLifecycle:
 
     def _rebuild(self, dataloader, progress: bool, added: list) -> None:
         """Build the store from ``dataloader`` (then re-add ``added``) and recompute the kNN loss gate."""
-        keys, labels, guids, texts, uids = self._encode(dataloader, progress)
-        self.store.build(keys, labels, guids, texts)
+        keys, key_keys, labels, guids, texts, uids = self._encode(dataloader, progress)
+        if keys is not None:
+            self.store.build(keys, labels, guids, texts)
+        if key_keys is not None:
+            self.key_store.build(key_keys, labels, guids, texts)
         self._entry_of_uid, self._example_entries = {}, {}
         self._note_entries(uids, np.arange(len(uids)))
         serial = loaders.serial_of(dataloader)
@@ -177,13 +279,17 @@ class StoreLifecycle:
                 continue
             self._add(extra, progress=False)
             self._added.append(ref)
-        if len(self.store) >= 2:
+        if len(self.knn_store) >= 2:
             self.update_gate()
 
 
     def _add(self, dataloader, progress: bool) -> np.ndarray:
-        keys, labels, guids, texts, uids = self._encode(dataloader, progress)
-        ids = self.store.add(keys, labels, guids, texts)
+        keys, key_keys, labels, guids, texts, uids = self._encode(dataloader, progress)
+        ids = None
+        if keys is not None:
+            ids = self.store.add(keys, labels, guids, texts)
+        if key_keys is not None:
+            ids = self.key_store.add(key_keys, labels, guids, texts)
         self._note_entries(uids, ids)
         return ids
 
@@ -224,7 +330,7 @@ class StoreLifecycle:
         """Whether ``batch`` is training data (the model decides the mode; see its class docstring)."""
         uids = batch_example_ids(batch)
         if uids is None or not (uids >= 0).any():  # no identities: trust the mode
-            if self.source is None and len(self.store) == 0 and self.model.uses_store:
+            if self.source is None and len(self.knn_store) == 0 and self.model.uses_store:
                 raise ValueError("cannot tell which data loader this training batch came from (its examples carry no "
                                  "identities: the loader was built before any openprompt_retro class was "
                                  "constructed), so the knowledge store cannot be built: call "
@@ -259,7 +365,7 @@ class StoreLifecycle:
         source = self.source
         if source is not None:
             passes = loaders.passes(source)
-            rebuild = len(self.store) == 0 or self._source_passes is None
+            rebuild = len(self.knn_store) == 0 or self._source_passes is None
             if training:
                 rebuild = rebuild or (passes != self._source_passes and self.stale)
             else:
@@ -268,10 +374,10 @@ class StoreLifecycle:
                 self._rebuild(source, progress=False, added=list(self._added))
             if training:
                 self._source_passes = passes
-        if len(self.store) == 0 and training:
+        if len(self.knn_store) == 0 and training:
             raise ValueError("retrieval needs a knowledge store and none is built: train on a PromptDataLoader (the "
                              "store is built from it) or call model.attach(train_loader) / refresh_store(train_loader)")
-        return len(self.store) > 0
+        return len(self.knn_store) > 0
 
 
     def own_ids(self, batch, training: bool) -> np.ndarray:
@@ -279,11 +385,11 @@ class StoreLifecycle:
         inference forward) the InputExample object the entry was encoded from. Guids serve only for a
         training batch without identities."""
         guids = batch_guids(batch)
-        if len(self.store) == 0:
+        if len(self.knn_store) == 0:
             return np.full(len(guids), -1, dtype=np.int64)
         uids = batch_example_ids(batch)
         if uids is None:
-            return self.store.ids_of(guids) if training else np.full(len(guids), -1, dtype=np.int64)
+            return self.knn_store.ids_of(guids) if training else np.full(len(guids), -1, dtype=np.int64)
         if training and self._entry_of_uid:
             return np.array([self._entry_of_uid.get(int(u), -1) for u in uids], dtype=np.int64)
         return np.array([self._entry_of_uid.get(int(u), self._entry_of_example(int(u))) for u in uids],
@@ -327,15 +433,23 @@ class StoreLifecycle:
 
         Chance is the majority-class rate of the store. Returns the accuracy.
         """
-        c = self.model.config
-        acc = self.store.leave_one_out_accuracy(c.train_knn_k, c.train_knn_temperature, c.knn_score_scale)
-        chance = float(np.bincount(self.store.labels, minlength=self.model.num_classes).max() / len(self.store))
+        c, store = self.model.config, self.knn_store
+        if c.knn_readout == "class-mean":
+            p = self.knn_distribution(store.keys, np.arange(len(store)), c.train_knn_k, c.class_mean_temperature,
+                                      "class-mean", c.knn_score_scale, c.class_mean_top_m)
+            acc = float((p.argmax(-1) == store.labels).mean())
+        else:
+            acc = store.leave_one_out_accuracy(c.train_knn_k, c.train_knn_temperature, c.knn_score_scale)
+        chance = float(np.bincount(store.labels, minlength=self.model.num_classes).max() / len(store))
         self.knn_loss_active = (not c.knn_loss_gate) or acc > chance
         self.store_loo_accuracy = acc
         return acc
 
-    def load_keys(self, keys: np.ndarray, labels: np.ndarray) -> None:
-        """Rebuild the store from keys and labels alone (a state_dict's): entries' identities are unknown, so
-        the next training forward rebuilds from the source."""
-        self.store.build(keys, labels)
+    def load_keys(self, keys: np.ndarray, labels: np.ndarray, key_keys: Optional[np.ndarray] = None) -> None:
+        """Rebuild the store (and the key store from ``key_keys``) from keys and labels alone (a state_dict's):
+        entries' identities are unknown, so the next training forward rebuilds from the source."""
+        if self.needs_mask_store:
+            self.store.build(keys, labels)
+        if key_keys is not None:
+            self.key_store.build(key_keys, labels)
         self._entry_of_uid, self._example_entries, self._source_passes, self.stale = {}, {}, None, False

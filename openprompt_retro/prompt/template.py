@@ -28,7 +28,7 @@ from openprompt.prompt_base import Template
 
 from . import loaders, patches
 from .batch import DEMO_KEY, SEGMENT_KEY, SLOT_KEY, batch_get
-from .text_demos import TfidfDemoRetriever
+from .text_demos import EncoderDemoRetriever, PoolDemoRetriever, TfidfDemoRetriever
 from .wrapping import PassThroughToBase
 
 MODES = ("neural", "text", "none")
@@ -93,6 +93,7 @@ class RetroTemplate(PassThroughToBase, Template):
             if len(ids) != 1:
                 raise ValueError(f"placeholder {self.placeholder!r} must be one token, got {len(ids)}")
         self.text_retriever = text_retriever
+        self.text_encoder = None  # set_text_encoder: pool demonstrations by encoder keys instead of TF-IDF
         self._text_pool = text_pool if demonstrations == "text" and text_retriever is None else None
         if label_words is not None:
             self.set_label_words(label_words)
@@ -160,12 +161,23 @@ class RetroTemplate(PassThroughToBase, Template):
         self._plm[0] = plm
 
     def set_text_pool(self, pool: Sequence) -> None:
-        """Draw text demonstrations from these labeled examples (TF-IDF similarity)."""
+        """Draw text demonstrations from these labeled examples (TF-IDF similarity, or the keys of the encoder
+        given to :meth:`set_text_encoder`)."""
         if self.num_classes is None:  # built once the label words (hence the classes) are known
             self._text_pool = pool
             return
         self._text_pool = None
-        self.text_retriever = TfidfDemoRetriever(pool, self.num_classes)
+        if self.text_encoder is not None:
+            self.text_retriever = EncoderDemoRetriever(pool, self.num_classes, self.text_encoder)
+        else:
+            self.text_retriever = TfidfDemoRetriever(pool, self.num_classes)
+
+    def set_text_encoder(self, encoder) -> None:
+        """Choose the text demonstrations of a pool by ``encoder``'s keys (``encode(examples)``, unit length)
+        instead of TF-IDF; a retriever given as ``text_retriever`` is kept as it is."""
+        self.text_encoder = encoder
+        if isinstance(self.text_retriever, PoolDemoRetriever):
+            self.set_text_pool(self.text_retriever.pool)
 
     # --------------------------------------------------------------- wrapping
     def _piece(self, flags, text, slot=0):

@@ -18,7 +18,8 @@ from openprompt.data_utils import InputFeatures
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from ..core.knn import MixtureGrid, accuracy
+from ..core.knn import MixtureGrid, accuracy, choose_temperature
+from ..core.readout import CLASS_MEAN_TEMPERATURES, class_mean_scores
 from ..core.store import StoreError
 from . import distributed
 from .keys import demonstrations_off
@@ -305,12 +306,25 @@ class RetroTrainer:
         return np.concatenate(p), np.concatenate(q), labels
 
     def tune_inference(self, dev) -> Dict[str, float]:
-        """Choose lambda, k and T on the dev split (never on test); ties go to the smaller lambda."""
+        """Choose the mixture on the dev split (never on test): with the class-mean read-out first its T_cm, by
+        the dev log-loss of the store alone; then lambda, k and T (and T_plm where the grid has candidates) by
+        dev accuracy, ties broken as the grid says (:class:`~openprompt_retro.core.knn.MixtureGrid`)."""
+        model = self.model
         p_plm, queries, labels = self.collect(dev)
-        best = self.grid.select(p_plm, labels, lambda k, t: self.model.knn_distribution(queries, k, t))
-        self.model.apply_config(knn_lambda=best.lam, knn_k=best.k, knn_temperature=best.temperature)
+        if model.config.knn_readout == "class-mean":
+            store, c = model.knn_store, model.config
+            scores = class_mean_scores(queries, store.keys, store.labels, model.num_classes, c.class_mean_top_m)
+            model.apply_config(class_mean_temperature=choose_temperature(scores, labels,
+                                                                         CLASS_MEAN_TEMPERATURES).temperature)
+            best = self.grid.select(p_plm, labels, lambda k, t: model.knn_distribution(queries, k))  # T_cm as chosen
+        else:
+            best = self.grid.select(p_plm, labels, lambda k, t: model.knn_distribution(queries, k, t))
+        model.apply_config(knn_lambda=best.lam, knn_k=best.k, knn_temperature=best.temperature,
+                           plm_temperature=best.plm_temperature)
         self.tuned = {"dev_accuracy": best.accuracy, "knn_lambda": best.lam, "knn_k": best.k,
-                      "knn_temperature": best.temperature, "dev_accuracy_plm_only": accuracy(p_plm, labels)}
+                      "knn_temperature": best.temperature, "dev_accuracy_plm_only": accuracy(p_plm, labels),
+                      "plm_temperature": best.plm_temperature,
+                      "class_mean_temperature": model.config.class_mean_temperature}
         return self.tuned
 
     # ---------------------------------------------------------------- open book

@@ -6,8 +6,8 @@ It wraps any OpenPrompt verbalizer and always returns log-probabilities over
 classes, so OpenPrompt's loss and evaluation code keep working and
 ``exp(output)`` rows sum to 1:
 
-    mixing      log(lambda * p_kNN + (1 - lambda) * softmax(z))
-    not mixing  log_softmax(z)     (lambda = 0, or a training forward)
+    mixing      log(lambda * p_kNN + (1 - lambda) * softmax(z / T_plm))
+    not mixing  log_softmax(z / T_plm)     (lambda = 0, or a training forward: T_plm = 1)
 
 with z the wrapped verbalizer's output (log-probabilities for ManualVerbalizer,
 where log_softmax is a no-op; raw logits for SoftVerbalizer). Cross-entropy is
@@ -27,6 +27,7 @@ import torch
 from openprompt.prompt_base import Verbalizer
 
 from ..core.knn import mix
+from ..core.readout import class_mean_distribution
 from ..core.store import KnowledgeStore
 from . import patches
 from .batch import EXCLUDE_KEY, QUERY_KEY, batch_get
@@ -38,14 +39,19 @@ _EPS = 1e-12
 
 @dataclass(frozen=True)
 class Mixing:
-    """How one forward mixes p_kNN in: P = lam p_kNN + (1 - lam) p_PLM, p_kNN from the k nearest entries at
-    temperature T on score scale ``scale``. ``RetroPromptForClassification`` passes one per call (from its
-    RetroConfig); a KnnVerbalizer on its own uses its attributes instead."""
+    """How one forward mixes p_kNN in: P = lam p_kNN + (1 - lam) softmax(z / T_plm), p_kNN read by ``readout``:
+    "topk" (the k nearest entries at temperature T on score scale ``scale``) or "class-mean" (each class's
+    mean key, of its ``top_m`` nearest entries or all, at temperature T on the cosine scale).
+    ``RetroPromptForClassification`` passes one per call (from its RetroConfig); a KnnVerbalizer on its own
+    uses its attributes instead."""
 
     lam: float
     k: int
     temperature: float
     scale: str = "zscore"
+    readout: str = "topk"
+    top_m: Optional[int] = None
+    plm_temperature: float = 1.0
 
 
 #: what ``process_outputs(..., mixing=...)`` receives from callers that do not pass one (OpenPrompt's own)
@@ -134,12 +140,21 @@ class KnnVerbalizer(PassThroughToBase, Verbalizer):
         return (*gathered, hidden) if self._base_gathers_tuple else (gathered, hidden)
 
     def knn_probs(self, query_keys: torch.Tensor, exclude_ids=None, k: Optional[int] = None,
-                  temperature: Optional[float] = None, scale: Optional[str] = None) -> torch.Tensor:
-        """p_kNN(y|x) for query keys (k, T and the score scale default to this verbalizer's)."""
+                  temperature: Optional[float] = None, scale: Optional[str] = None, readout: str = "topk",
+                  top_m: Optional[int] = None) -> torch.Tensor:
+        """p_kNN(y|x) for query keys (k, T and the score scale default to this verbalizer's); ``readout``:
+        "topk" or "class-mean" (see :class:`Mixing`)."""
         if self.store is None:
             raise ValueError("KnnVerbalizer has no knowledge store: build one (build_store) and set .store")
-        p = self.store.knn_distribution(query_keys.detach().float().cpu(), k or self.k,
-                                        temperature or self.temperature, exclude_ids, scale or self.scale)
+        q = query_keys.detach().float().cpu()
+        if readout == "class-mean":
+            if hasattr(exclude_ids, "detach"):
+                exclude_ids = exclude_ids.detach().cpu()
+            p = class_mean_distribution(q.numpy(), self.store.keys, self.store.labels, self.num_classes,
+                                        temperature or self.temperature, top_m, exclude_ids)
+        else:
+            p = self.store.knn_distribution(q, k or self.k, temperature or self.temperature, exclude_ids,
+                                            scale or self.scale)
         return torch.from_numpy(p).to(query_keys.device)
 
     def process_outputs(self, outputs, batch, mixing=OWN_RULE, **kwargs):
@@ -150,12 +165,14 @@ class KnnVerbalizer(PassThroughToBase, Verbalizer):
         plm_out = self.base.process_outputs(base_outputs, batch=batch, **kwargs)
         if mixing is OWN_RULE:
             mixing = self._own_mixing()
+        if mixing is not None and mixing.plm_temperature != 1.0:
+            plm_out = torch.log_softmax(plm_out, dim=-1) / mixing.plm_temperature
         if mixing is None or mixing.lam == 0.0:
             return torch.log_softmax(plm_out, dim=-1)
         query = batch_get(batch, QUERY_KEY)
         if query is None:
             query = self.key_head(hidden_at_mask)
-        p_knn = self.knn_probs(query, batch_get(batch, EXCLUDE_KEY), mixing.k, mixing.temperature,
-                               mixing.scale).to(plm_out.dtype)
+        p_knn = self.knn_probs(query, batch_get(batch, EXCLUDE_KEY), mixing.k, mixing.temperature, mixing.scale,
+                               mixing.readout, mixing.top_m).to(plm_out.dtype)
         p = mix(torch.softmax(plm_out, dim=-1), p_knn, mixing.lam)
         return torch.log(p.clamp_min(_EPS))
