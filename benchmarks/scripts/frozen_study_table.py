@@ -1,7 +1,8 @@
 """Issue 20's variant study table: mean dev accuracy (the choice) and mean test accuracy (shown, never used)
-of each variant in benchmarks/frozen_study/, beside issue 11's [MASK]-key rows on the same splits. With every
-variant complete (9 of 9 splits), the one with the highest mean dev accuracy (ties: the first listed) is
-written to STUDY/choice.json: its method and the RetroConfig fields that define it.
+of each variant in benchmarks/frozen_study/, beside issue 11's [MASK]-key rows on the same splits. Of the
+complete variants (9 of 9 splits), the one with the highest mean dev accuracy (ties: the first listed) is
+written to STUDY/choice.json: its method and the RetroConfig fields that define it (incomplete ones are
+named there, not considered).
 
     python benchmarks/scripts/frozen_study_table.py [--study benchmarks/frozen_study] [--grid benchmarks/results]
 """
@@ -51,17 +52,20 @@ def main():
                   if r["task"] in TASKS and r["seed"] in SEEDS]
         variants[variant] = picked
         print(summarise(f"{variant} ({picked[0]['method']})" if picked else variant, picked))
-    if variants and all(len(p) == len(TASKS) * len(SEEDS) for p in variants.values()):
-        dev = {v: mean(r["dev_accuracy"] for r in p) for v, p in variants.items()}
+    complete = {v: p for v, p in variants.items() if len(p) == len(TASKS) * len(SEEDS)}
+    if complete:
+        dev = {v: mean(r["dev_accuracy"] for r in p) for v, p in complete.items()}
         chosen = max(dev, key=lambda v: (dev[v], -list(dev).index(v)))
-        first = variants[chosen][0]
+        first = complete[chosen][0]
         choice = {"chosen": chosen, "method": first["method"],
                   "config": {k: first["settings"]["config"][k] for k in DEFINING},
-                  "mixture_grid": first["settings"]["mixture_grid"], "dev_mean": dev}
+                  "mixture_grid": first["settings"]["mixture_grid"], "dev_mean": dev,
+                  "incomplete": {v: len(p) for v, p in variants.items() if v not in complete}}
         with open(os.path.join(ns.study, "choice.json"), "w", encoding="utf-8") as f:
             json.dump(choice, f, indent=2)
-        print(f"\nchosen on dev: {chosen} ({100 * dev[chosen]:.1f}); written to {ns.study}/choice.json")
-
+        print(f"\nchosen on dev among the complete variants: {chosen} ({100 * dev[chosen]:.1f}); written to "
+              f"{ns.study}/choice.json" + (f"; incomplete, not considered: {choice['incomplete']}"
+                                           if choice["incomplete"] else ""))
 
 if __name__ == "__main__":
     main()
