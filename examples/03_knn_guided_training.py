@@ -2,6 +2,9 @@
 
     w_i = 1 + beta * (-log p_kNN(y_i | x_i))   (own entry excluded; p_kNN has no gradient)
 
+p_kNN is read from the store kNN uses (by default keyed by a frozen copy of the pre-trained encoder, read
+by class means), so the weights stay informative through training.
+
     python examples/03_knn_guided_training.py --model tiny-bert
 """
 import numpy as np
@@ -17,9 +20,10 @@ trainer = build_trainer(plm, tok, Wrapper, spec.template, spec.label_words, demo
                         args=TrainingArgs(epochs=ns.epochs, lr=5e-5, tune_inference=False))
 model = trainer.model
 
-model.refresh_store(trainer.loader(data["train"]), progress=False)
-s = model.store
-p = s.knn_distribution(s.keys, k=16, temperature=1.0, exclude_ids=np.arange(len(s)))
+train_loader = trainer.loader(data["train"])
+model.refresh_store(train_loader, progress=False)
+s = model.knn_store
+p = model.knn_distribution(s.keys, exclude_ids=np.arange(len(s)))
 p_gold = torch.from_numpy(p[np.arange(len(s)), s.labels])
 w = knn_loss_weights(p_gold, "knn", beta=1.0)
 print("hardest training examples for the store (highest loss weight):")

@@ -108,11 +108,11 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
     g.add_argument("--patience", type=int, default=20, help="evaluations without dev gain before stopping")
     g.add_argument("--max-steps", type=int, default=None, help="train this many steps (overrides --epochs)")
     g.add_argument("--eval-every", type=int, default=None, help="steps between dev evaluations (default: an epoch)")
-    g.add_argument("--mixture-grid", default="small",
+    g.add_argument("--mixture-grid", default="fine",
                    choices=[n + s for n in ("small", "wide", "fixed", "fine") for s in ("", "-tplm")],
                    help="lambda/k/T candidates tuned on dev: lambda in {0, .25, .5, .75}, the 220-point grid, "
-                        "lambda 0.5, or lambda in {0, 0.1, ..., 1} with ties to the smaller dev log-loss; "
-                        "-tplm: also temperature-scale the PLM on dev")
+                        "lambda 0.5, or (default) lambda in {0, 0.1, ..., 1} with ties to the smaller dev "
+                        "log-loss; -tplm: also temperature-scale the PLM on dev")
     g.add_argument("--config", type=_json_object, default={}, metavar="JSON",
                    help='RetroConfig overrides, e.g. \'{"demo_norm": "match", "max_loss_weight": 2}\'')
     g.add_argument("--demo-topk", type=_positive_int, default=None,
@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("results", help="path to results.jsonl")
     rp.add_argument("--out", default=None, help="output folder (default: beside the results)")
     rp.add_argument("--seeds", type=_csv(int), default=None, help="summarise only these seeds (default: all)")
+    rp.add_argument("--reference", default=None, metavar="METHOD",
+                    help="the method the paired differences are taken from (default: retro)")
     rp.add_argument("--dev-select", type=_csv(str), default=None, metavar="A,B",
                     help="add a row that takes, per task and seed, whichever of these methods scored best on "
                          "dev (ties: the first listed)")

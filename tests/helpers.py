@@ -2,6 +2,8 @@
 import openprompt_retro as R
 
 WORDS = ["terrible", "great"]
+#: the [MASK]-key store with top-k voting (the default before issue 20): tests of its mechanics name it
+MASK = {"key_encoder": "mask", "knn_readout": "topk"}
 TEXT = '{"placeholder":"text_a"} it was {"mask"} .'
 
 
@@ -29,7 +31,7 @@ def retro_model(tiny, template="manual", verbalizer="manual", demonstrations="ne
     plm, tok, _, wrapper = tiny
     t = R.RetroTemplate(base_template(template, plm, tok), WORDS, demonstrations=demonstrations, plm=plm,
                         text_pool=pool)
-    cfg = R.RetroConfig(**{"demo_topk": 2, "knn_k": 3, "train_knn_k": 3, **config})
+    cfg = R.RetroConfig(**{"demo_topk": 2, "knn_k": 3, "train_knn_k": 3, **MASK, **config})
     return R.RetroPromptForClassification(plm, t, base_verbalizer(verbalizer, plm, tok), config=cfg)
 
 

@@ -1,4 +1,5 @@
-"""A spy on KnowledgeStore's searches: which queries were asked, what was excluded, what came back."""
+"""A spy on KnowledgeStore's searches and on class-mean read-outs: which queries were asked, what was excluded,
+what came back (for a class-mean read-out: every entry that took part)."""
 from contextlib import contextmanager
 
 import numpy as np
@@ -25,10 +26,28 @@ class Call:
         return np.array(out)
 
 
+class _Keys:
+    def __init__(self, keys):
+        self.keys = np.asarray(keys, dtype=np.float32)
+
+
 @contextmanager
 def spy_store():
+    from openprompt_retro.prompt import store_lifecycle, verbalizer
+
     calls = []
     search, per_class = KnowledgeStore.search, KnowledgeStore.search_per_class
+    readout = verbalizer.class_mean_distribution
+
+    def spy_class_mean(queries, keys, labels, num_classes, temperature, top_m=None, exclude_ids=None):
+        out = readout(queries, keys, labels, num_classes, temperature, top_m, exclude_ids)
+        n = len(np.asarray(queries))
+        taking_part = np.tile(np.arange(len(keys)), (n, 1))
+        for row, excluded in enumerate(KnowledgeStore._exclusions(exclude_ids, n)):
+            taking_part[row, excluded] = -1
+        calls.append(Call(_Keys(keys), "class_mean", np.asarray(queries), exclude_ids, taking_part,
+                          torch.is_grad_enabled()))
+        return out
 
     def spy_search(self, queries, k, exclude_ids=None):
         res = search(self, queries, k, exclude_ids)
@@ -41,7 +60,9 @@ def spy_store():
         return res
 
     KnowledgeStore.search, KnowledgeStore.search_per_class = spy_search, spy_per_class
+    verbalizer.class_mean_distribution = store_lifecycle.class_mean_distribution = spy_class_mean
     try:
         yield calls
     finally:
         KnowledgeStore.search, KnowledgeStore.search_per_class = search, per_class
+        verbalizer.class_mean_distribution = store_lifecycle.class_mean_distribution = readout

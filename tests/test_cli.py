@@ -47,7 +47,11 @@ def test_smoke_run_writes_well_formed_outputs(tmp_path):
         assert 0.0 <= r["knn_lambda"] <= 1.0
     assert rows[0]["knn_lambda"] == 0.0  # plain prompt tuning never mixes
     diag = rows[1]["diagnostics"]  # retro: the same weights under other inference settings, reliance on dev too
-    assert set(diag["test_accuracy_by_inference"]) == {"plm_only", "fixed", "knn_only", "knn_plm_agreement"}
+    assert set(diag["test_accuracy_by_inference"]) == {"plm_only", "fixed", "knn_only", "knn_plm_agreement",
+                                                      "knn_only_by_readout"}  # the default frozen store
+    by_readout = diag["test_accuracy_by_inference"]["knn_only_by_readout"]
+    assert set(by_readout) == {"topk", "class-mean"}
+    assert by_readout["class-mean"] == diag["test_accuracy_by_inference"]["knn_only"]  # the read-out in use
     if rows[1]["knn_lambda"] == 0.0:
         assert diag["test_accuracy_by_inference"]["plm_only"] == rows[1]["test_accuracy"]
     assert {"permuted_change", "removed_change"} <= set(diag["demonstration_reliance_dev"])
@@ -73,10 +77,12 @@ def test_speed_reports_ratios_and_offers_only_inference_options():
     assert out["n_test"] == 16 and out["n_train"] == 32 and out["task"] == "SST-2" and out["repeats"] == 1
     seconds = {k for k in out if k.endswith("_s")}
     assert seconds == {"tokenize_test_s", "plain_s", "knn_s", "retro_s", "knn_search_only_s", "store_refresh_s",
-                       "train_forward_s"}
-    ratios = {"knn_over_plain", "retro_over_plain", "refresh_over_train_forward"}
+                       "train_forward_s", "knn_cold_s", "retro_cold_s"}  # the default store has a key encoder
+    ratios = {"knn_over_plain", "retro_over_plain", "refresh_over_train_forward", "knn_cold_over_plain",
+              "retro_cold_over_plain"}
     assert set(out) == seconds | ratios | {"task", "n_test", "n_train", "model", "torch_threads", "repeats", "device",
-                                           "amp", "test_subset"}
+                                           "amp", "test_subset", "key_encoder"}
+    assert out["key_encoder"] == "frozen-mean"
     assert out["device"] == "cpu" and out["test_subset"]["limit"] == 16
     for key in seconds | ratios:  # sub-millisecond timings must not round to 0 (4 significant digits)
         assert isinstance(out[key], float) and 0 < out[key] < 600, (key, out[key])

@@ -1,4 +1,6 @@
 """The report's retrieval-diagnostics and paired-difference tables, by hand."""
+import json
+
 import pytest
 
 from openprompt_retro.experiments.report import diagnostics_table, paired_table, sign_flip_p
@@ -59,3 +61,19 @@ def test_paired_table_writes_tiny_p_values_as_below_one_in_a_thousand():
             for s in range(20) for m, acc in (("retro", 0.70), ("prompt", 0.60))]
     line = next(x for x in paired_table(rows).splitlines() if x.startswith("| prompt |"))
     assert line == "| prompt | 20 | +10.00 | 0.00 | 20 / 0 / 0 | < 0.001 |"
+
+
+def test_paired_differences_are_taken_from_the_reference_method_asked_for(tmp_path, capsys):
+    from openprompt_retro.cli import main
+
+    path = tmp_path / "results.jsonl"
+    rows = [{"task": "SST-2", "method": m, "shots": 16, "seed": s, "model": "m", "settings_id": "x",
+             "test_accuracy": acc + 0.01 * s, "dev_accuracy": 0.5} for m, acc in (("prompt", 0.6), ("retro-no-demo", 0.7))
+            for s in (1, 2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["report", str(path), "--reference", "retro-no-demo"])
+    out = capsys.readouterr().out
+    assert "| retro-no-demo - method |" in out and "| prompt | 2 | +10.00 |" in out
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(path), "--reference", "retro"])
+    assert e.value.code == 2 and "--reference: no runs of 'retro'" in capsys.readouterr().err

@@ -22,7 +22,11 @@ def rows_of(folder):
 
 
 def row(seed=13, acc=0.5, method="prompt"):
-    return {"task": "SST-2", "method": method, "k": 16, "seed": seed, "test_accuracy": acc, "dev_accuracy": None}
+    """A row as a ``run`` with today's defaults writes it (its settings id is that of the default options)."""
+    from openprompt_retro.experiments.results import settings_id
+
+    return {"task": "SST-2", "method": method, "shots": 16, "seed": seed, "test_accuracy": acc, "dev_accuracy": None,
+            "settings_id": settings_id(method, 16, RunSpec().options())}
 
 
 @needs_data
@@ -284,15 +288,22 @@ def test_old_benchmark_rows_key_as_the_benchmark_that_wrote_them():
         return RunSpec.from_namespace(build_parser().parse_args(["benchmark", "--model",
                                                                  "../shared/models/minilm-l6-mlm", *args]))
 
-    bench = spec()
+    issue11 = ["--mixture-grid", "small", "--config",
+               '{"demo_center": true, "key_encoder": "mask", "knn_readout": "topk", "demo_retrieval": "auto"}']
+    bench = spec(*issue11)  # the benchmark as it ran then: [MASK] keys, top-k, the small lambda grid
     assert run_key(LEGACY_RETRO) == runs._key("SST-2", "retro", 13, bench)
     demo_text = {**LEGACY_RETRO, "method": "demo-text", "settings": {**LEGACY_RETRO["settings"], "max_seq_length": 256}}
     assert run_key(demo_text) == runs._key("SST-2", "demo-text", 13, bench)  # recorded with 2x the length
-    for other in (["--model", "tiny-bert"], ["--lr", "1e-5"], ["--config", '{"demo_center": false}'],
-                  ["--demo-topk", "4"], ["--loss-beta", "2"], ["--shots", "8"]):
-        changed = spec(*other)
+    for other in (["--model", "tiny-bert"], ["--lr", "1e-5"], ["--demo-topk", "4"], ["--loss-beta", "2"],
+                  ["--shots", "8"], ["--mixture-grid", "fine"]):
+        changed = spec(*issue11, *other)
         assert runs._key("SST-2", "retro", 13, changed) != run_key(LEGACY_RETRO), other
-    device_only = spec("--device", "cpu", "--demo-topk", "8")
+    for config in ('{"demo_center": false, "key_encoder": "mask", "knn_readout": "topk"}',
+                   '{"demo_center": true}'):  # today's defaults: the frozen-encoder store
+        assert runs._key("SST-2", "retro", 13, spec("--mixture-grid", "small", "--config", config)) != \
+            run_key(LEGACY_RETRO), config
+    assert runs._key("SST-2", "retro", 13, spec()) != run_key(LEGACY_RETRO)  # benchmark's defaults today
+    device_only = spec(*issue11, "--device", "cpu", "--demo-topk", "8")
     assert runs._key("SST-2", "retro", 13, device_only) == run_key(LEGACY_RETRO)  # same settings, same run
 
 
@@ -304,19 +315,29 @@ def test_a_changed_config_default_gives_new_runs_a_new_id_and_keeps_old_rows_ids
     from openprompt_retro.core import config as config_module
     from openprompt_retro.experiments.results import run_key, settings_id
 
-    frozen = {"key_encoder": "frozen-mean", "knn_readout": "class-mean"}
+    base = config_module.RetroConfig
+
+    @dataclasses.dataclass
+    class MaskDefaults(base):  # the defaults when LEGACY_RETRO was written
+        key_encoder: str = "mask"
+        knn_readout: str = "topk"
+        demo_retrieval: str = "mask"
+
+    @dataclasses.dataclass
+    class FrozenDefaults(base):
+        key_encoder: str = "frozen-mean"
+        knn_readout: str = "class-mean"
+        demo_retrieval: str = "auto"
+
+    frozen = {"key_encoder": "frozen-mean", "knn_readout": "class-mean", "demo_retrieval": "key-encoder"}
+    monkeypatch.setattr(config_module, "RetroConfig", MaskDefaults)
     old_row_key, old_default = run_key(LEGACY_RETRO), settings_id("retro", 16, {"config": {}})
     explicit_frozen = settings_id("retro", 16, {"config": frozen})
     assert explicit_frozen != old_default
 
-    @dataclasses.dataclass
-    class NewDefaults(config_module.RetroConfig):
-        key_encoder: str = "frozen-mean"
-        knn_readout: str = "class-mean"
-
-    monkeypatch.setattr(config_module, "RetroConfig", NewDefaults)
+    monkeypatch.setattr(config_module, "RetroConfig", FrozenDefaults)
     assert run_key(LEGACY_RETRO) == old_row_key  # recorded before the fields existed: it ran with [MASK] keys
-    assert settings_id("retro", 16, {"config": {}}) == explicit_frozen  # the new default is what it ran with
+    assert settings_id("retro", 16, {"config": {}}) == explicit_frozen  # "auto" keys as what it does
     assert settings_id("retro", 16, {"config": {"key_encoder": "mask", "knn_readout": "topk"}}) == old_default
 
 

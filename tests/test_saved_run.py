@@ -10,7 +10,7 @@ import torch
 import openprompt_retro as R
 from openprompt_retro.prompt.saved_run import SavedRunError
 
-from helpers import TEXT, WORDS, retro_model, trainer
+from helpers import MASK, TEXT, WORDS, retro_model, trainer
 
 
 def load_tiny(path):
@@ -23,7 +23,7 @@ def load_tiny(path):
 def model_for(tiny, words=WORDS, text=TEXT, demonstrations="neural"):
     """A ManualTemplate + ManualVerbalizer model, as the factory builds it."""
     plm, tok, _, _ = tiny
-    return R.build_model(plm, tok, text, words, demonstrations, R.RetroConfig(demo_topk=2, knn_k=3, train_knn_k=3))
+    return R.build_model(plm, tok, text, words, demonstrations, R.RetroConfig(demo_topk=2, knn_k=3, train_knn_k=3, **MASK))
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import torch
 import openprompt_retro as R
 from openprompt_retro.prompt.batch import DEMO_KEY, EXCLUDE_KEY, QUERY_KEY
 
+from helpers import MASK
 from store_spy import spy_store
 
 TRAIN = ["a great movie with a wonderful story", "a terrible film , boring and dull", "the acting was excellent",
@@ -79,9 +80,9 @@ def assert_no_self_retrieval(calls):
 
 
 def assert_used_retrieval(model, calls, n_train, n_valid):
-    assert len(model.store) == n_train
+    assert len(model.knn_store) == n_train
     assert assert_no_self_retrieval(calls) > 0  # training forwards searched the store, own entry left out
-    inference = [c for c in calls if c.kind == "search" and c.exclude is None]
+    inference = [c for c in calls if c.kind in ("search", "class_mean") and c.exclude is None]
     assert sum(len(c.queries) for c in inference) >= n_valid  # p_kNN for every validation example
 
 
@@ -153,7 +154,7 @@ def test_swapping_only_the_model_class_is_not_a_plain_run(tiny_bert):
     probs = evaluate(model, val_loader, "no_eval")
     with torch.no_grad():
         plain_probs = torch.cat([torch.softmax(plain(b), -1) for b in val_loader])
-    assert len(model.store) == 8 and not torch.allclose(probs, plain_probs)
+    assert len(model.knn_store) == 8 and not torch.allclose(probs, plain_probs)
 
 
 # ------------------------------------------------------------------ tutorial 1.1: mixed template
@@ -446,7 +447,7 @@ except ValueError as e:
 model.attach(train_loader)
 for batch in train_loader:
     model(batch).sum().backward()
-print(len(model.store))
+print(len(model.knn_store))
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
@@ -553,7 +554,8 @@ def test_state_dict_right_after_training_carries_the_store_the_model_uses(tiny_b
 
     def build():
         return R.RetroPromptForClassification(plm, R.RetroTemplate(ManualTemplate(tokenizer=tok, text=TEXT)),
-                                               ManualVerbalizer(tok, num_classes=2, label_words=WORDS))
+                                               ManualVerbalizer(tok, num_classes=2, label_words=WORDS),
+                                               config=R.RetroConfig(**MASK))
 
     model = build()
     train_loader = loader(splits()["train"], model.template, tiny_bert, shuffle=True)
@@ -565,6 +567,35 @@ def test_state_dict_right_after_training_carries_the_store_the_model_uses(tiny_b
     fresh = build()
     fresh.load_state_dict(torch.load(tmp_path / "ckpt"))
     torch.testing.assert_close(evaluate(fresh, val_loader, "eval"), evaluate(model, val_loader, "eval"))
+
+
+def test_a_frozen_store_checkpoint_loads_only_into_a_model_with_the_same_key_encoder(tiny_bert, tiny_dirs, tmp_path):
+    """The default store is keyed by a frozen copy of the pre-trained encoder: a checkpoint loads into a model
+    built from the pre-trained PLM and predicts the same; a model whose copy was taken from the trained PLM is
+    refused, naming the key encoder."""
+    from openprompt.plms import load_plm
+    from openprompt.prompts import ManualTemplate, ManualVerbalizer
+
+    def build(plm, tok):
+        return R.RetroPromptForClassification(plm, R.RetroTemplate(ManualTemplate(tokenizer=tok, text=TEXT)),
+                                               ManualVerbalizer(tok, num_classes=2, label_words=WORDS))
+
+    plm, tok, _, _ = tiny_bert
+    model = build(plm, tok)
+    assert model.config.key_encoder == "frozen-mean"  # the default
+    train_loader = loader(splits()["train"], model.template, tiny_bert, shuffle=True)
+    val_loader = loader(splits()["validation"], model.template, tiny_bert)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_loop(model, train_loader, [torch.optim.AdamW(model.parameters(), lr=1e-2)], epochs=2)
+    torch.save(model.state_dict(), tmp_path / "ckpt")
+    fresh_plm, fresh_tok, _, _ = load_plm("bert", tiny_dirs["bert"])  # the pre-trained weights again
+    fresh = build(fresh_plm, fresh_tok)
+    fresh.load_state_dict(torch.load(tmp_path / "ckpt"))
+    torch.testing.assert_close(evaluate(fresh, val_loader, "eval"), evaluate(model, val_loader, "eval"))
+    on_trained = build(plm, tok)  # its frozen copy is of the trained PLM
+    with pytest.raises(RuntimeError, match="the key store was built by a key encoder with weights"):
+        on_trained.load_state_dict(torch.load(tmp_path / "ckpt"))
 
 
 def test_a_neural_loader_fed_to_a_model_without_that_template_is_refused(tiny_bert):
@@ -658,7 +689,8 @@ def test_exclude_self_in_eval_matches_examples_not_guids(tiny_bert):
 
     plm, tok, _, _ = tiny_bert
     model = R.RetroPromptForClassification(plm, R.RetroTemplate(ManualTemplate(tokenizer=tok, text=TEXT)),
-                                           ManualVerbalizer(tok, num_classes=2, label_words=WORDS))
+                                           ManualVerbalizer(tok, num_classes=2, label_words=WORDS),
+                                           config=R.RetroConfig(**MASK))  # batches of loaders no longer alive
     data = splits()
     model.attach(loader(data["train"], model.template, tiny_bert))
     model.exclude_self_in_eval = True

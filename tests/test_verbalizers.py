@@ -8,7 +8,7 @@ import torch
 
 import openprompt_retro as R
 
-from helpers import WORDS, base_template
+from helpers import MASK, WORDS, base_template
 from store_spy import spy_store
 from test_tutorial_loops import evaluate, loader, splits, train_loop
 
@@ -40,7 +40,7 @@ def test_every_verbalizer_trains_and_evaluates_with_retrieval(tiny_bert, tname, 
     torch.manual_seed(0)
     template = R.RetroTemplate(base_template(tname, plm, tok))
     model = R.RetroPromptForClassification(plm, template, make_verbalizer(vname, plm, tok),
-                                           config=R.RetroConfig(demo_topk=2, knn_k=3, train_knn_k=3))
+                                           config=R.RetroConfig(demo_topk=2, knn_k=3, train_knn_k=3, **MASK))
     assert model.template.label_words == ["terrible", "great"]
     data = splits()
     train_loader = loader(data["train"], template, tiny_bert, shuffle=True)
@@ -68,7 +68,7 @@ def test_proto_verbalizer_gives_what_openprompt_gives(tiny_bert, tname, trained)
     proto = make_verbalizer("proto", plm, tok)
     proto.trained = trained  # what train_proto sets (it needs CUDA: "cuda:{device}")
     plain = PromptForClassification(plm, template, proto).eval()
-    model = R.RetroPromptForClassification(plm, template, proto, config=R.RetroConfig(knn_lambda=0.0)).eval()
+    model = R.RetroPromptForClassification(plm, template, proto, config=R.RetroConfig(knn_lambda=0.0, **MASK)).eval()
     val_loader = loader(splits()["validation"], template, tiny_bert)
     batch = lambda: next(iter(val_loader))  # noqa: E731  (MixedTemplate rewrites the batch it processes)
     with torch.no_grad():

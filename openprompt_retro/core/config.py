@@ -113,8 +113,9 @@ class RetroConfig(LossConfig):
         knn_readout: "topk" (p_kNN from the k nearest entries) or "class-mean" (softmax_c(cos(q, mu_c) / T_cm)
             over each class's mean key; ``class_mean_top_m``: only the class's m entries nearest to q).
         class_mean_temperature: T_cm, on the cosine scale (chosen on dev by log-loss when inference is tuned).
-        demo_retrieval: which keys choose the neighbours behind d_c: "mask" (the [MASK] keys) or "key-encoder"
-            (the frozen / sentence keys; d_c is still built from the neighbours' [MASK] states).
+        demo_retrieval: which keys choose the neighbours behind d_c: "mask" (the [MASK] keys), "key-encoder"
+            (the frozen / sentence keys; d_c is still built from the neighbours' [MASK] states) or "auto" (the
+            key encoder's where there is one, else the [MASK] keys).
         plm_temperature: T_plm, p_PLM = softmax(z / T_plm) in the mixture (1: unscaled; set on dev).
     """
 
@@ -129,12 +130,12 @@ class RetroConfig(LossConfig):
     knn_lambda: float = 0.5
     metric: str = "ip"
     index_factory: str = "Flat"
-    key_encoder: str = "mask"
+    key_encoder: str = "frozen-mean"
     key_encoder_path: Optional[str] = None
-    knn_readout: str = "topk"
+    knn_readout: str = "class-mean"
     class_mean_temperature: float = 0.05
     class_mean_top_m: Optional[int] = None
-    demo_retrieval: str = "mask"
+    demo_retrieval: str = "auto"
     plm_temperature: float = 1.0
 
     def validate(self) -> "RetroConfig":
@@ -158,12 +159,17 @@ class RetroConfig(LossConfig):
         check_float(self, "class_mean_temperature", 0.0, low_open=True)
         if self.class_mean_top_m is not None:
             check_int(self, "class_mean_top_m")
-        check_choice(self, "demo_retrieval", ("mask", "key-encoder"))
+        check_choice(self, "demo_retrieval", ("mask", "key-encoder", "auto"))
         if self.demo_retrieval == "key-encoder" and self.key_encoder == "mask":
             raise ValueError("demo_retrieval='key-encoder' chooses the demonstrations' neighbours by the key "
                              "encoder's keys: it needs key_encoder='frozen-mean' or 'sentence', not 'mask'")
         check_float(self, "plm_temperature", 0.0, low_open=True)
         return self
+
+    @property
+    def demos_by_key_encoder(self) -> bool:
+        """Whether the key encoder's keys choose the demonstrations' neighbours (``demo_retrieval``)."""
+        return self.demo_retrieval == "key-encoder" or (self.demo_retrieval == "auto" and self.key_encoder != "mask")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -76,13 +76,11 @@ def plot_neighbours(query: str, explanation: Dict, class_names: Sequence[str], p
     fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(nb)))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     labels = [f"[{class_names[n['label']]}] {(n['text'] or '')[:60]}" for n in nb]
-    by_weight = all(n["weight"] is not None for n in nb)  # the class-mean read-out weighs no single neighbour
-    ax.barh(range(len(nb)), [n["weight"] if by_weight else n["score"] for n in nb],
-            color=[colors[n["label"] % len(colors)] for n in nb])
+    ax.barh(range(len(nb)), [n["weight"] for n in nb], color=[colors[n["label"] % len(colors)] for n in nb])
     ax.set_yticks(range(len(nb)))
     ax.set_yticklabels(labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("kNN weight softmax(s / T)" if by_weight else "similarity s")
+    ax.set_xlabel("kNN weight softmax(s / T)")
     pred = class_names[explanation["prediction"]]
     ax.set_title(f"{query[:70]!r} -> {pred}", fontsize=8)
     _save(plt, fig, path)

@@ -209,10 +209,11 @@ def dev_selected(rows: List[Dict], candidates: Sequence[str]) -> List[Dict]:
 
 
 def write_report(results_path: str, out_dir: str, seeds: Optional[Sequence[int]] = None,
-                 dev_select: Optional[Sequence[str]] = None) -> None:
+                 dev_select: Optional[Sequence[str]] = None, reference: Optional[str] = None) -> None:
     """table.md, summary.csv and accuracy.png over ``seeds`` (default: all); results.csv lists every run.
 
-    ``dev_select`` adds the method that picks, per split, whichever of these methods did best on dev."""
+    ``dev_select`` adds the method that picks, per split, whichever of these methods did best on dev;
+    ``reference``: the method the paired differences are taken from (default: retro, where it ran)."""
     all_rows = read_results(results_path)
     rows = [r for r in all_rows if seeds is None or r["seed"] in set(seeds)]
     if not rows:
@@ -228,7 +229,9 @@ def write_report(results_path: str, out_dir: str, seeds: Optional[Sequence[int]]
         diagnostics = diagnostics_table([r for r in rows if not r["method"].startswith("dev-select")])
         if diagnostics:
             f.write("\nRetrieval diagnostics (from each run's record):\n\n" + diagnostics)
-        paired = paired_table(rows)
+        if reference is not None and reference not in {r["method"] for r in rows}:
+            raise UserError(f"--reference: no runs of {reference!r} in {results_path!r}")
+        paired = paired_table(rows, reference or "retro")
         if paired:
             f.write("\nPaired differences (the same splits):\n\n" + paired)
     keys = ["task", "method", "shots", "seed", "test_accuracy", "dev_accuracy", "n_test", "epochs_run",
@@ -248,6 +251,6 @@ def write_report(results_path: str, out_dir: str, seeds: Optional[Sequence[int]]
 def run_report(ns) -> None:
     """``openprompt-retro report``: write the table, CSVs and plot, and print the table."""
     out = ns.out or os.path.dirname(ns.results) or "."
-    write_report(ns.results, out, seeds=ns.seeds, dev_select=ns.dev_select)
+    write_report(ns.results, out, seeds=ns.seeds, dev_select=ns.dev_select, reference=ns.reference)
     with open(os.path.join(out, "table.md")) as f:
         print(f.read())

@@ -40,8 +40,10 @@ class RunKey(NamedTuple):
 #: option -> its ``run`` default, for every method: where the data comes from
 _DATA_OPTIONS = {"hf_dataset": None, "hf_test_split": None, "hf_text_fields": [], "hf_label_field": "label",
                  "hf_label_map": None}
-#: per method, the options that change its result and their ``run`` defaults (``demo_topk`` None: 8 for
-#: shots >= 16, else 2; ``config``: RetroConfig fields set by ``--config``)
+#: per method, the options that change its result and the values settings ids are relative to: ``run``'s
+#: defaults when rows first had ids (``demo_topk`` None: 8 for shots >= 16, else 2; ``config``: RetroConfig
+#: fields set by ``--config``, see :data:`_ID_BASELINE`). ``mixture_grid`` is "fine" in ``run`` today: its
+#: runs key as "fine", the rows before as "small".
 _PROTOCOL = {"lr": 5e-5, "epochs": 20, "batch_size": 8, "max_seq_length": 128, "patience": 20, "max_steps": None,
              "eval_every": None}
 _RESULT_OPTIONS: Dict[str, Dict] = {
@@ -83,6 +85,8 @@ def _config_overrides(config: Mapping, legacy: bool = False) -> Dict:
 
     baseline = {**RetroConfig().to_dict(), **_ID_BASELINE}
     ran = {**(baseline if legacy else RetroConfig().to_dict()), **config}
+    if ran.get("demo_retrieval") == "auto":  # keyed by what it does
+        ran["demo_retrieval"] = "mask" if ran.get("key_encoder") == "mask" else "key-encoder"
     return {k: v for k, v in ran.items()
             if k not in _NOT_CHOSEN and k not in ("demo_topk", "loss_beta") and baseline.get(k, object()) != v}
 

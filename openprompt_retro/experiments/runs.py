@@ -262,7 +262,8 @@ def run_trained(task: str, method: str, seed: int, run_spec: RunSpec, also: Opti
     trainer, spec = method_trainer(method, task, run_spec, data["train"], seed)
     trainer.args.progress = not run_spec.no_progress
     config = trainer.model.config
-    untuned = {"knn_lambda": config.knn_lambda, "knn_k": config.knn_k, "knn_temperature": config.knn_temperature}
+    untuned = {name: getattr(config, name) for name in ("knn_lambda", "knn_k", "knn_temperature",
+                                                        "class_mean_temperature", "plm_temperature")}
     t0 = time.time()
     try:
         history = trainer.fit(data["train"], data["dev"])

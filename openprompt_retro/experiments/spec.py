@@ -30,7 +30,7 @@ class RunSpec:
     patience: int = 20
     max_steps: Optional[int] = None
     eval_every: Optional[int] = None
-    mixture_grid: str = "small"
+    mixture_grid: str = "fine"
     config: Dict[str, Any] = field(default_factory=dict)
     demo_topk: Optional[int] = None
     loss_beta: float = 1.0

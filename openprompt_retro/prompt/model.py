@@ -39,8 +39,9 @@ from .verbalizer import KnnVerbalizer, Mixing
 _FAST_TEMPLATES = (ManualTemplate, MixedTemplate, SoftTemplate)
 #: state_dict() entries that carry the store: keys (n, D) float32 and labels (n,) int64
 STORE_STATE_KEYS = ("retro_store.keys", "retro_store.labels")
-#: the key store's keys (n, D_key) float32, with a key encoder other than "mask" (its labels are the store's)
-KEY_STORE_STATE_KEY = "retro_key_store.keys"
+#: the key store's keys (n, D_key) float32, with a key encoder other than "mask" (its labels are the store's),
+#: and the fingerprint of the encoder that built them (uint8 bytes of its weights' sha256 prefix)
+KEY_STORE_STATE_KEY, KEY_ENCODER_STATE_KEY = "retro_key_store.keys", "retro_key_store.encoder_sha256"
 #: RetroConfig fields fixed when the model is built (the key encoder is made then)
 _BUILD_TIME_FIELDS = ("key_encoder", "key_encoder_path")
 
@@ -311,6 +312,8 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         if self.lifecycle.key_store is not None:
             destination[prefix + KEY_STORE_STATE_KEY] = torch.from_numpy(
                 np.array(self.lifecycle.key_store.keys, dtype=np.float32))
+            destination[prefix + KEY_ENCODER_STATE_KEY] = torch.tensor(
+                list(bytes.fromhex(self.key_encoder.fingerprint())), dtype=torch.uint8)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -318,8 +321,8 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         names = [prefix + n for n in STORE_STATE_KEYS]
-        key_name = prefix + KEY_STORE_STATE_KEY
-        unexpected_keys[:] = [k for k in unexpected_keys if k not in names + [key_name]]
+        key_name, sha_name = prefix + KEY_STORE_STATE_KEY, prefix + KEY_ENCODER_STATE_KEY
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in names + [key_name, sha_name]]
         if not all(n in state_dict for n in names):
             return
         keys, labels = (state_dict[n].detach().cpu() for n in names)
@@ -329,6 +332,14 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
                               f"state_dict {'lacks' if keyed else 'has'} the key store a key encoder builds")
             return
         key_keys = state_dict[key_name].detach().cpu().float().numpy() if keyed else None
+        if keyed and sha_name in state_dict:
+            saved = bytes(state_dict[sha_name].detach().cpu().to(torch.uint8).tolist()).hex()
+            if saved != self.key_encoder.fingerprint():
+                error_msgs.append(f"{key_name}: the key store was built by a key encoder with weights {saved}, this "
+                                  f"model's has {self.key_encoder.fingerprint()} (its frozen copy was taken from "
+                                  "other weights, e.g. a PLM already trained): build the model from the "
+                                  "pre-trained PLM the checkpoint's model was built from")
+                return
         try:
             self.lifecycle.load_keys(keys.float().numpy(), labels.long().numpy(), key_keys)
         except StoreError as e:

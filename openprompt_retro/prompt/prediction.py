@@ -127,8 +127,8 @@ class Prediction:
         (:func:`~openprompt_retro.core.knn.knn_weights`, the function behind p_kNN);
         the ``top`` best of them are listed with these weights (not renormalised over
         the listed ones, so they sum to at most 1). With the class-mean read-out p_kNN comes
-        from each class's mean key, not from single neighbours: the nearest are listed with
-        weight None.
+        from each class's mean key instead; the neighbours and their weights still show which
+        entries the query is nearest.
         """
         check_top(top)
         was = self.training
@@ -139,12 +139,11 @@ class Prediction:
             c, store = self.config, self.knn_store
             k, t, scale = c.knn_k, c.knn_temperature, c.knn_score_scale
             res = store.search(query.float().cpu(), k, exclude)
+            weights = knn_weights(res.scores, t, res.labels >= 0, scale)
             if c.knn_readout == "topk":
-                weights = knn_weights(res.scores, t, res.labels >= 0, scale)
                 p_knn = torch.from_numpy(knn_label_distribution(res.scores, res.labels, self.num_classes, t,
                                                                 scale)).to(p_plm)
             else:
-                weights = np.full(res.scores.shape, None, dtype=object)
                 p_knn = torch.from_numpy(self.knn_distribution(query.float().cpu().numpy(), exclude_ids=exclude)
                                          ).to(p_plm)
             if c.plm_temperature != 1.0:
@@ -156,8 +155,7 @@ class Prediction:
                     "prediction": int(p[i].argmax()), "probs": p[i].tolist(),
                     "p_plm": p_plm[i].tolist(), "p_knn": p_knn[i].tolist(),
                     "neighbours": [{"id": int(j), "guid": store.guids[j], "text": store.texts[j],
-                                    "label": int(store.labels[j]), "score": float(s),
-                                    "weight": None if wj is None else float(wj)}
+                                    "label": int(store.labels[j]), "score": float(s), "weight": float(wj)}
                                    for j, s, wj in list(zip(res.ids[i], res.scores[i], weights[i]))[:top] if j >= 0],
                 })
             return out

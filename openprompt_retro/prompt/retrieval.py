@@ -10,7 +10,8 @@
 2. exclusions: each example's own entry, in a training forward (and in inference with
    ``exclude_self_in_eval``);
 3. neural demonstrations d_c from the store, in their configured variant
-   (:func:`shape_demonstrations`); with ``demo_retrieval="key-encoder"`` the neighbours are chosen
+   (:func:`shape_demonstrations`); with ``demo_retrieval`` "key-encoder" (or "auto" and a key encoder) the
+   neighbours are chosen
    by the key encoder's keys and d_c is built from their [MASK] keys.
 """
 from __future__ import annotations
@@ -81,7 +82,7 @@ def retrieve(model, batch, training: bool, need_query: bool) -> Tuple[object, Re
     # leave-one-out: an example never retrieves itself
     exclude = torch.from_numpy(own) if training or model.exclude_self_in_eval else None
     keyed = lifecycle.key_encoder is not None
-    by_keys = model.uses_neural_demos and model.config.demo_retrieval == "key-encoder"
+    by_keys = model.uses_neural_demos and model.config.demos_by_key_encoder
     device = batch["loss_ids"].device
     key_query = None
     if keyed and (need_query or by_keys):  # the key encoder's q(x): the stored key of a training example

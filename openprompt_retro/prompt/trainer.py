@@ -59,7 +59,7 @@ class RetroTrainer:
                  args: Optional[TrainingArgs] = None, grid: Optional[MixtureGrid] = None):
         self.model, self.tokenizer, self.wrapper_class = model, tokenizer, wrapper_class
         self.args = (args or TrainingArgs()).validate()
-        self.grid = grid or MixtureGrid()
+        self.grid = grid or MixtureGrid.fine()  # lambda in {0, 0.1, ..., 1}, ties to the smaller dev log-loss
         device = torch.device(self.args.device)
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # nccl collectives and DDP use the current device
