@@ -387,7 +387,10 @@ def run_zero_shot(task: str, method: str, seed: int, run_spec: RunSpec) -> RunRe
     spec = get_task(task)
     test = load_test(run_spec.data_root, spec.name, 16, seed)
     plm, tok, _, wrapper = load_backbone(run_spec.model, run_spec.model_type)
-    trainer = build_trainer(plm, tok, wrapper, spec.template, spec.label_words, "none", RetroConfig(knn_lambda=0.0),
+    # the zero-shot store as measured (section 3 of benchmarks/README.md): [MASK] keys of the untrained model,
+    # top-k voting at --zs-temperature; its rows' settings ids carry no RetroConfig, so it is pinned here
+    config = RetroConfig(knn_lambda=0.0, key_encoder="mask", knn_readout="topk")
+    trainer = build_trainer(plm, tok, wrapper, spec.template, spec.label_words, "none", config,
                             args=TrainingArgs(max_seq_length=run_spec.max_seq_length, progress=not run_spec.no_progress,
                                               device=run_spec.device or "auto",
                                               amp=run_spec.amp))
