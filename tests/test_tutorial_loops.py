@@ -545,6 +545,17 @@ def test_a_model_without_a_store_is_the_plain_model(tiny_bert):
     assert cc_logits.shape == (len(tok),) and len(model.store) == 0
 
 
+def train_and_checkpoint(model, tiny, path):
+    """Two epochs of a hand loop, then ``torch.save(model.state_dict(), path)``; returns a validation loader."""
+    train_loader = loader(splits()["train"], model.template, tiny, shuffle=True)
+    val_loader = loader(splits()["validation"], model.template, tiny)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_loop(model, train_loader, [torch.optim.AdamW(model.parameters(), lr=1e-2)], epochs=2)
+    torch.save(model.state_dict(), path)
+    return val_loader
+
+
 def test_state_dict_right_after_training_carries_the_store_the_model_uses(tiny_bert, tmp_path):
     """No evaluation between training and torch.save: the checkpoint holds the store rebuilt with the
     trained encoder, so a fresh model that loads it predicts what the saved model predicts."""
@@ -558,12 +569,7 @@ def test_state_dict_right_after_training_carries_the_store_the_model_uses(tiny_b
                                                config=R.RetroConfig(**MASK))
 
     model = build()
-    train_loader = loader(splits()["train"], model.template, tiny_bert, shuffle=True)
-    val_loader = loader(splits()["validation"], model.template, tiny_bert)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        train_loop(model, train_loader, [torch.optim.AdamW(model.parameters(), lr=1e-2)], epochs=2)
-    torch.save(model.state_dict(), tmp_path / "ckpt")
+    val_loader = train_and_checkpoint(model, tiny_bert, tmp_path / "ckpt")
     fresh = build()
     fresh.load_state_dict(torch.load(tmp_path / "ckpt"))
     torch.testing.assert_close(evaluate(fresh, val_loader, "eval"), evaluate(model, val_loader, "eval"))
@@ -583,12 +589,7 @@ def test_a_frozen_store_checkpoint_loads_only_into_a_model_with_the_same_key_enc
     plm, tok, _, _ = tiny_bert
     model = build(plm, tok)
     assert model.config.key_encoder == "frozen-mean"  # the default
-    train_loader = loader(splits()["train"], model.template, tiny_bert, shuffle=True)
-    val_loader = loader(splits()["validation"], model.template, tiny_bert)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        train_loop(model, train_loader, [torch.optim.AdamW(model.parameters(), lr=1e-2)], epochs=2)
-    torch.save(model.state_dict(), tmp_path / "ckpt")
+    val_loader = train_and_checkpoint(model, tiny_bert, tmp_path / "ckpt")
     fresh_plm, fresh_tok, _, _ = load_plm("bert", tiny_dirs["bert"])  # the pre-trained weights again
     fresh = build(fresh_plm, fresh_tok)
     fresh.load_state_dict(torch.load(tmp_path / "ckpt"))

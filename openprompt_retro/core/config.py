@@ -166,6 +166,13 @@ class RetroConfig(LossConfig):
         check_float(self, "plm_temperature", 0.0, low_open=True)
         return self
 
+    def readout_temperature(self, training: bool = False) -> float:
+        """The temperature of ``knn_readout``: ``class_mean_temperature`` for class means, else
+        ``train_knn_temperature`` (the loss's p_kNN) or ``knn_temperature`` (inference)."""
+        if self.knn_readout == "class-mean":
+            return self.class_mean_temperature
+        return self.train_knn_temperature if training else self.knn_temperature
+
     @property
     def demos_by_key_encoder(self) -> bool:
         """Whether the key encoder's keys choose the demonstrations' neighbours (``demo_retrieval``)."""

@@ -192,9 +192,8 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
     def mixing(self) -> Mixing:
         """How an inference forward mixes p_kNN in, from the config (the read-out's own temperature)."""
         c = self.config
-        t = c.class_mean_temperature if c.knn_readout == "class-mean" else c.knn_temperature
-        return Mixing(c.knn_lambda, c.knn_k, t, c.knn_score_scale, c.knn_readout, c.class_mean_top_m,
-                      c.plm_temperature)
+        return Mixing(c.knn_lambda, c.knn_k, c.readout_temperature(), c.knn_score_scale, c.knn_readout,
+                      c.class_mean_top_m, c.plm_temperature)
 
     @property
     def has_demonstrations(self) -> bool:
@@ -424,8 +423,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
     def _knn_gold(self, batch, query, labels) -> torch.Tensor:
         """p_kNN(y_i | x_i) with each example's own entry left out (1 where the label is missing)."""
         c = self.config
-        t = c.class_mean_temperature if c.knn_readout == "class-mean" else c.train_knn_temperature
-        p_knn = self.knn_probs(query, batch[EXCLUDE_KEY], c.train_knn_k, t)
+        p_knn = self.knn_probs(query, batch[EXCLUDE_KEY], c.train_knn_k, c.readout_temperature(training=True))
         p = p_knn.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1)
         return torch.where(labels >= 0, p, torch.ones_like(p))
 

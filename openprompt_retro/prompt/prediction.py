@@ -99,7 +99,7 @@ class Prediction:
         """p_kNN(y|x) for query keys by the config's read-out and score scale (k, T default to the inference
         ones: ``knn_temperature`` for top-k, ``class_mean_temperature`` for the class-mean read-out)."""
         c = self.config
-        return self.verbalizer.knn_probs(query, exclude_ids, k or c.knn_k, temperature or self.mixing().temperature,
+        return self.verbalizer.knn_probs(query, exclude_ids, k or c.knn_k, temperature or c.readout_temperature(),
                                          c.knn_score_scale, c.knn_readout, c.class_mean_top_m)
 
     def knn_distribution(self, queries, k: Optional[int] = None, temperature: Optional[float] = None,
@@ -109,7 +109,7 @@ class Prediction:
         :meth:`knn_probs`; the class-mean read-out ignores k)."""
         c = self.config
         return self.lifecycle.knn_distribution(np.asarray(queries, dtype=np.float32), exclude_ids, k or c.knn_k,
-                                               temperature or self.mixing().temperature, c.knn_readout,
+                                               temperature or c.readout_temperature(), c.knn_readout,
                                                c.knn_score_scale, c.class_mean_top_m)
 
     @torch.no_grad()

@@ -11,8 +11,7 @@
    ``exclude_self_in_eval``);
 3. neural demonstrations d_c from the store, in their configured variant
    (:func:`shape_demonstrations`); with ``demo_retrieval`` "key-encoder" (or "auto" and a key encoder) the
-   neighbours are chosen
-   by the key encoder's keys and d_c is built from their [MASK] keys.
+   neighbours are chosen by the key encoder's keys and d_c is built from their [MASK] keys.
 """
 from __future__ import annotations
 
@@ -84,14 +83,15 @@ def retrieve(model, batch, training: bool, need_query: bool) -> Tuple[object, Re
     keyed = lifecycle.key_encoder is not None
     by_keys = model.uses_neural_demos and model.config.demos_by_key_encoder
     device = batch["loss_ids"].device
+    stored = training and bool((own >= 0).all())  # every example's own entry holds its query key
     key_query = None
     if keyed and (need_query or by_keys):  # the key encoder's q(x): the stored key of a training example
-        rows = lifecycle.knn_store.keys[own] if training and (own >= 0).all() else lifecycle.query_keys(batch)
+        rows = lifecycle.knn_store.keys[own] if stored else lifecycle.query_keys(batch)
         key_query = torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(device)
     mask_query = None
     wants_mask_query = (model.uses_neural_demos and not by_keys) or (need_query and not keyed)
     if model.has_demonstrations and wants_mask_query:
-        if training and (own >= 0).all():
+        if stored:
             mask_query = torch.from_numpy(lifecycle.store.keys[own]).to(device)  # refreshed this pass
         else:  # q(x) must be demonstration-free, like the store's keys
             with torch.no_grad():

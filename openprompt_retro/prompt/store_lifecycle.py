@@ -142,15 +142,19 @@ class StoreLifecycle:
         """Drop the cached key-encoder keys (after the encoder's weights were replaced)."""
         self._key_cache = {}
 
-    def query_keys(self, batch) -> np.ndarray:
-        """The key encoder's keys of a batch's examples (read through their identities), (B, D) float32."""
-        uids = batch_example_ids(batch)
+    def keys_of_ids(self, uids, fix: str) -> np.ndarray:
+        """The key encoder's keys of the examples behind example identities (None or -1: unknown), (n, D)
+        float32; an example that cannot be traced back to its InputExample is a ValueError ending in ``fix``."""
         examples = [] if uids is None else [_example_at(int(u)) if u >= 0 else None for u in uids]
         if uids is None or any(e is None for e in examples):
             raise ValueError(f"key_encoder={self.model.config.key_encoder!r} reads each example's raw text, and "
-                             "this batch's examples cannot be traced back to theirs: build the PromptDataLoader "
-                             "after constructing the model, and keep it alive while it is used")
+                             f"these examples cannot be traced back to theirs: {fix}")
         return self.encode_examples(examples)
+
+    def query_keys(self, batch) -> np.ndarray:
+        """The key encoder's keys of a batch's examples (read through their identities), (B, D) float32."""
+        return self.keys_of_ids(batch_example_ids(batch), "build the PromptDataLoader after constructing the "
+                                                          "model, and keep it alive while it is used")
 
     def knn_distribution(self, queries, exclude_ids, k: int, temperature: float, readout: str, scale: str,
                          top_m: Optional[int] = None) -> np.ndarray:
@@ -230,12 +234,8 @@ class StoreLifecycle:
                 texts.append(by_guid.get(g) if g is not None else None)
         key_keys = None
         if self.key_encoder is not None:
-            examples = [_example_at(int(u)) if u >= 0 else None for u in uids]
-            if any(e is None for e in examples):
-                raise ValueError(f"key_encoder={self.model.config.key_encoder!r} encodes each training example's "
-                                 "raw text: build the store from a PromptDataLoader made after constructing the "
-                                 "model (its examples are traced back to their InputExamples)")
-            key_keys = self.encode_examples(examples)
+            key_keys = self.keys_of_ids(uids, "build the store from a PromptDataLoader made after constructing "
+                                              "the model")
         return keys, key_keys, labels, guids, texts, uids
 
 
