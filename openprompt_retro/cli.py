@@ -125,6 +125,10 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
     g.add_argument("--zs-lambda", type=_weight, default=0.5)
     g.add_argument("--zs-k", type=_positive_int, default=16)
     g.add_argument("--zs-temperature", type=_positive, default=1.0, help="in standard deviations of the scores")
+    g.add_argument("--zs-key-encoder", choices=["mask", "frozen-mean"], default="mask",
+                   help="keys of zero-shot-retro's store: the untrained model's [MASK] states read by top-k voting "
+                        "(--zs-k, --zs-temperature), or the frozen encoder's mean-pooled input read by class means "
+                        "at RetroConfig's class_mean_temperature (nothing to tune it on without labels)")
 
 
 def _add_grid(p, tasks, methods, seeds, out) -> None:

@@ -233,3 +233,25 @@ def test_text_demonstrations_are_chosen_by_the_key_encoder(tiny_bert, tiny_dirs,
     assert retriever(query) == want
     assert isinstance(retro_model(tiny_bert, demonstrations="text", pool=pool).template.text_retriever,
                       R.TfidfDemoRetriever)  # [MASK] keys: TF-IDF, as before
+
+
+# ------------------------------------------------------------------ big-pool
+def test_big_pool_adds_the_pool_to_the_store_the_readout_reads(tmp_path):
+    """``big-pool`` with the default store: the pool examples get frozen keys beside the 16-shot ones, and each
+    store's class-mean temperature is tuned on dev for that store."""
+    import json
+    import os
+
+    from openprompt_retro.cli import main
+
+    data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "text")
+    if not os.path.isdir(os.path.join(data, "pools")):
+        pytest.skip("../shared data not present")
+    main(["big-pool", "--model", "tiny-bert", "--task", "SST-2", "--seed", "13", "--max-steps", "2",
+          "--eval-every", "2", "--pool-size", "40", "--no-progress", "--data-root", data, "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "big_pool.json").read_text())["rows"]
+    assert [r["entries"] for r in rows] == [32, 72]  # 16 per class, then the 40 pool examples
+    assert all(r["knn_readout"] == "class-mean" and r["class_mean_temperature"] in CLASS_MEAN_TEMPERATURES
+               for r in rows)
+    table = (tmp_path / "big_pool.md").read_text()
+    assert f"class means, T {rows[1]['class_mean_temperature']}" in table

@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from openprompt_retro.cli import main
@@ -84,3 +85,36 @@ def test_fields_this_version_does_not_know_are_kept():
 def test_a_row_without_a_test_accuracy_is_not_a_record():
     with pytest.raises(KeyError):
         RunRecord.from_row({k: v for k, v in LEGACY_PROMPT.items() if k != "test_accuracy"})
+
+
+@needs_data
+def test_zero_shot_retro_reads_the_store_its_key_encoder_names(tmp_path):
+    """--zs-key-encoder frozen-mean: the same pseudo-labels, keyed by the frozen encoder and read by class means
+    (no top-k search); the default keeps the [MASK] store and the settings id rows had before the option."""
+    from store_spy import spy_store
+
+    rows, calls = {}, {}
+    for keys in ("mask", "frozen-mean"):
+        out = tmp_path / keys
+        with spy_store() as calls[keys]:
+            main(["run", "--model", "tiny-bert", "--tasks", "SST-2", "--seeds", "13", "--no-progress",
+                  "--data-root", DATA, "--zs-pool-size", "48", "--methods", "zero-shot-retro",
+                  "--zs-key-encoder", keys, "--out", str(out)])
+        with open(out / "results.jsonl", encoding="utf-8") as f:
+            (rows[keys],) = map(json.loads, f)
+    mask, frozen = rows["mask"], rows["frozen-mean"]
+    store = RunRecord.from_row(frozen).pseudo_labels
+    assert RunRecord.from_row(mask).pseudo_labels == store  # the same zero-shot model chose the same entries
+    store_size = store.store_size
+    assert {c.kind for c in calls["mask"]} == {"search"}
+    assert {c.kind for c in calls["frozen-mean"]} == {"class_mean"}
+    for call in calls["frozen-mean"]:
+        assert call.store_keys.shape[0] == store_size
+        np.testing.assert_allclose(np.linalg.norm(call.store_keys, axis=1), 1.0, rtol=1e-5)  # cosine keys
+    assert frozen["settings"]["key_encoder"] == "frozen-mean" and frozen["settings"]["knn_readout"] == "class-mean"
+    assert frozen["settings_id"] != mask["settings_id"]
+    # a row written before the option (no key encoder in its settings, no settings id) keys as the default
+    old = {k: v for k, v in mask.items() if k != "settings_id"}
+    old["settings"] = {k: v for k, v in mask["settings"].items()
+                       if k not in ("key_encoder", "knn_readout", "class_mean_temperature")}
+    assert run_key(old) == run_key(mask)

@@ -4,7 +4,9 @@
 # beside the methods that read no store (prompt, demo-text, fine-tune, linear-probe), copied from issue 11's grid
 # in benchmarks/results/ (those methods run the same code path; the copy keeps their settings ids), and beside
 # the chosen variant's 9 study runs (the same runs: same settings, same key).
-#   HELD_OUT=1: then CoLA, MRPC, RTE, QNLI (5 seeds) with prompt, the chosen variant and the linear probe.
+#   HELD_OUT=1: then the held-out tasks CoLA, MRPC, RTE, QNLI (5 seeds, one seed at a time so that a stopped run
+#   leaves whole seeds) with prompt, the chosen variant, retro-no-demo, the linear probe and fine-tuning, into
+#   benchmarks/results-frozen-heldout/. Nothing is tuned on them: every choice was made on the 3 dev tasks.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python}
@@ -38,5 +40,7 @@ grid() {  # out tasks seeds methods
 }
 grid "$OUT" SST-2,sst-5,mr,cr,mpqa,subj,trec 13,21,42,87,100 "$METHOD"
 if [ "${HELD_OUT:-0}" = 1 ]; then
-  grid benchmarks/results-frozen-heldout CoLA,MRPC,RTE,QNLI 13,21,42,87,100 "prompt,$METHOD,linear-probe"
+  for seed in 13 21 42 87 100; do
+    grid benchmarks/results-frozen-heldout CoLA,MRPC,RTE,QNLI "$seed" "prompt,$METHOD,retro-no-demo,linear-probe,fine-tune"
+  done
 fi

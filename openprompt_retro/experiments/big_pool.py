@@ -39,7 +39,9 @@ def run_big_pool(ns) -> None:
         model.knn_distribution(q)  # the tuned k and T (config)
         search_ms = 1000 * (time.perf_counter() - t1) / 256
         row = {"store": name, "entries": len(model.knn_store), "test_accuracy": acc, "dev_accuracy": tuned["dev_accuracy"],
-               "knn_lambda": tuned["knn_lambda"], "knn_k": tuned["knn_k"], "knn_temperature": tuned["knn_temperature"],
+               "knn_lambda": tuned["knn_lambda"], "knn_readout": model.config.knn_readout,
+               "knn_k": tuned["knn_k"], "knn_temperature": tuned["knn_temperature"],
+               "class_mean_temperature": tuned["class_mean_temperature"],
                "test_ms_per_example": round(1000 * seconds / len(data["test"]), 3),
                "search_ms_per_query_batch256": round(search_ms, 4)}
         print(json.dumps(row), flush=True)
@@ -58,11 +60,13 @@ def run_big_pool(ns) -> None:
     rows.append({**measure(f"16-shot train + {len(pool)} pool examples ({ns.pool})"), "store_build_s": round(build_s, 1)})
     with open(os.path.join(ns.out, "big_pool.json"), "w") as f:
         json.dump({"task": spec.name, "seed": ns.seed, "model": ns.model, "rows": rows}, f, indent=2)
-    lines = ["| store | entries | test acc. | dev acc. (tuning) | lambda | k | T | test ms/example | kNN search ms/query |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| store | entries | test acc. | dev acc. (tuning) | lambda | read-out (tuned on dev) | test ms/example "
+             "| kNN search ms/query |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        readout = (f"class means, T {r['class_mean_temperature']}" if r["knn_readout"] == "class-mean"
+                   else f"top-{r['knn_k']}, T {r['knn_temperature']}")
         lines.append(f"| {r['store']} | {r['entries']} | {100 * r['test_accuracy']:.1f} | {100 * r['dev_accuracy']:.1f} | "
-                     f"{r['knn_lambda']} | {r['knn_k']} | {r['knn_temperature']} | {r['test_ms_per_example']} | "
+                     f"{r['knn_lambda']} | {readout} | {r['test_ms_per_example']} | "
                      f"{r['search_ms_per_query_batch256']} |")
     with open(os.path.join(ns.out, "big_pool.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -53,7 +53,7 @@ _RESULT_OPTIONS: Dict[str, Dict] = {
     "linear-probe": {"max_seq_length": 128},
     "zero-shot": {"max_seq_length": 128, "amp": None},
     "zero-shot-retro": {"max_seq_length": 128, "amp": None, "zs_fraction": 0.3, "zs_pool_size": 4000,
-                        "zs_lambda": 0.5, "zs_k": 16, "zs_temperature": 1.0},
+                        "zs_lambda": 0.5, "zs_k": 16, "zs_temperature": 1.0, "zs_key_encoder": "mask"},
 }
 #: RetroConfig fields a run's settings do not choose: the method's preset (loss) or tuned on dev (lambda, k, T)
 _NOT_CHOSEN = ("loss", "knn_lambda", "knn_k", "knn_temperature")
@@ -112,7 +112,7 @@ def _legacy_options(row: Mapping) -> Dict:
     if kind == "zero-shot-retro":
         s.update(zs_fraction=s.get("fraction", 0.3), zs_pool_size=s.get("pool_size_cap", 4000),
                  zs_lambda=row.get("knn_lambda", 0.5), zs_k=row.get("knn_k", 16),
-                 zs_temperature=row.get("knn_temperature", 1.0))
+                 zs_temperature=row.get("knn_temperature", 1.0), zs_key_encoder=s.get("key_encoder", "mask"))
     if kind == "trained" and method == "demo-text" and "max_seq_length" in s:
         s["max_seq_length"] = s["max_seq_length"] // 2  # recorded with the room for text demonstrations
     return s

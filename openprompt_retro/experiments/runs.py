@@ -387,9 +387,11 @@ def run_zero_shot(task: str, method: str, seed: int, run_spec: RunSpec) -> RunRe
     spec = get_task(task)
     test = load_test(run_spec.data_root, spec.name, 16, seed)
     plm, tok, _, wrapper = load_backbone(run_spec.model, run_spec.model_type)
-    # the zero-shot store as measured (section 3 of benchmarks/README.md): [MASK] keys of the untrained model,
-    # top-k voting at --zs-temperature; its rows' settings ids carry no RetroConfig, so it is pinned here
-    config = RetroConfig(knn_lambda=0.0, key_encoder="mask", knn_readout="topk")
+    # the store's keys come from --zs-key-encoder, not --config (zero-shot rows' settings ids carry no
+    # RetroConfig): "mask", as measured in section 3 of benchmarks/README.md, is the untrained model's [MASK]
+    # states read by top-k voting; "frozen-mean" reads the frozen encoder's keys by class means
+    keys = run_spec.zs_key_encoder if method == "zero-shot-retro" else "mask"
+    config = RetroConfig(knn_lambda=0.0, key_encoder=keys, knn_readout="topk" if keys == "mask" else "class-mean")
     trainer = build_trainer(plm, tok, wrapper, spec.template, spec.label_words, "none", config,
                             args=TrainingArgs(max_seq_length=run_spec.max_seq_length, progress=not run_spec.no_progress,
                                               device=run_spec.device or "auto",
@@ -418,7 +420,10 @@ def run_zero_shot(task: str, method: str, seed: int, run_spec: RunSpec) -> RunRe
                      knn_lambda=model.config.knn_lambda, knn_k=model.config.knn_k,
                      knn_temperature=model.config.knn_temperature,
                      settings={"fraction": run_spec.zs_fraction, "pool_size_cap": run_spec.zs_pool_size,
-                               "device": trainer.args.device, "amp": trainer.args.amp})
+                               "device": trainer.args.device, "amp": trainer.args.amp,
+                               **({"key_encoder": config.key_encoder, "knn_readout": config.knn_readout,
+                                   "class_mean_temperature": config.class_mean_temperature}
+                                  if method == "zero-shot-retro" else {})})
 
 
 # ---------------------------------------------------------------------- the grid

@@ -41,6 +41,7 @@ class RunSpec:
     zs_lambda: float = 0.5
     zs_k: int = 16
     zs_temperature: float = 1.0
+    zs_key_encoder: str = "mask"
 
     @classmethod
     def from_namespace(cls, ns) -> "RunSpec":
