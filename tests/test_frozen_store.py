@@ -99,6 +99,24 @@ def test_class_mean_inference_is_the_formula_on_pre_trained_keys(tiny_bert, tiny
     np.testing.assert_allclose(model.predict_proba(test), 0.3 * p_cm + 0.7 * p_plm, atol=1e-5)
 
 
+def test_a_loaders_first_batch_encodes_its_whole_dataset_once(tiny_bert, tiny_dirs, examples):
+    """Predicting batch by batch, the key encoder runs once, over every example of the loader (sorted by
+    length, so with little padding), and gives the keys each text has alone."""
+    model = frozen_model(tiny_bert, knn_lambda=1.0, class_mean_temperature=0.1)
+    tr = trainer(model, tiny_bert)
+    train, test = examples[:4], examples[4:] + examples[:2]
+    model.attach(tr.loader(train))
+    encoder, calls = model.key_encoder, []
+    encode_texts = encoder.encode_texts
+    encoder.encode_texts = lambda a, b=None: calls.append(list(a)) or encode_texts(a, b)
+    probs = model.predict_proba(model.loader(test, batch_size=2))
+    assert calls == [[e.text_a for e in examples[4:]]]  # the training texts were cached when the store was built
+    keys = pretrained_keys(tiny_dirs, train)
+    one_by_one = np.concatenate([pretrained_keys(tiny_dirs, [e]) for e in test])
+    np.testing.assert_allclose(probs, class_mean_distribution(one_by_one, keys, labels_of(train), 2, 0.1),
+                               atol=1e-5)
+
+
 def test_plm_temperature_rescales_the_plm_distribution(tiny_bert, examples):
     model = frozen_model(tiny_bert, knn_lambda=0.0)
     model.attach(trainer(model, tiny_bert).loader(examples))

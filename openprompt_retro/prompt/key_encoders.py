@@ -35,7 +35,8 @@ class MeanPoolEncoder:
         model: a transformers encoder whose forward returns ``last_hidden_state``.
         tokenizer: its tokenizer.
         max_length: tokens per input (pairs are truncated longest-first).
-        batch_size: inputs per forward pass; the keys do not depend on it.
+        batch_size: inputs per forward pass (inputs of similar length go together: little padding); the keys
+            do not depend on it.
         progress: show a tqdm bar while encoding.
         kind, source: what :meth:`describe` records (the encoder type and its checkpoint).
     """
@@ -83,17 +84,19 @@ class MeanPoolEncoder:
             raise ValueError(f"texts_b has {len(texts_b)} entries for {len(texts_a)} texts_a")
         self.model.eval()
         out = np.zeros((len(texts_a), self.dim), dtype=np.float32)
-        starts = range(0, len(texts_a), self.batch_size)
+        encoded = [self.tokenizer(a, b or None, truncation=True, max_length=self.max_length)
+                   for a, b in zip(texts_a, texts_b)]  # a pair where an input has a text_b
+        order = np.argsort([len(e["input_ids"]) for e in encoded], kind="stable")  # batches of similar length
+        starts = range(0, len(order), self.batch_size)
         for s in tqdm(starts, desc=f"{self.kind} keys", disable=not self.progress, leave=False):
-            batch = self._tokenize(texts_a[s:s + self.batch_size], texts_b[s:s + self.batch_size])
+            rows = order[s:s + self.batch_size]
+            batch = self._pad([encoded[i] for i in rows])
             hidden = self.model(**batch).last_hidden_state
-            out[s:s + len(hidden)] = mean_pool(hidden, batch["attention_mask"]).float().cpu().numpy()
+            out[rows] = mean_pool(hidden, batch["attention_mask"]).float().cpu().numpy()
         return out
 
-    def _tokenize(self, texts_a: Sequence[str], texts_b: Sequence[Optional[str]]) -> Dict[str, torch.Tensor]:
-        """Each input tokenized alone (a pair where it has a text_b), then right-padded into one batch."""
-        encoded = [self.tokenizer(a, b or None, truncation=True, max_length=self.max_length)
-                   for a, b in zip(texts_a, texts_b)]
+    def _pad(self, encoded: Sequence[Dict]) -> Dict[str, torch.Tensor]:
+        """Tokenized inputs right-padded into one batch on the encoder's device."""
         width = max(len(e["input_ids"]) for e in encoded)
         pad = {"input_ids": self.tokenizer.pad_token_id or 0}
         return {name: torch.tensor([list(e[name]) + [pad.get(name, 0)] * (width - len(e[name])) for e in encoded],

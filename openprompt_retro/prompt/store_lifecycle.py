@@ -102,6 +102,7 @@ class StoreLifecycle:
             self.key_store = KnowledgeStore(self.key_encoder.dim, model.num_classes, metric="ip",
                                             index_factory=c.index_factory, built_by=self.key_encoder.describe())
         self._key_cache: Dict[tuple, np.ndarray] = {}  # (text_a, text_b) -> the key encoder's key
+        self._encoded_loaders: set = set()  # serials of the loaders whose examples are all in the key cache
         self._source_ref = None  # weak reference to the training data the store is built from
         self._source_serials: set = set()  # serials of the loaders whose examples are that training data
         self._source_passes: Optional[int] = None  # passes over the source at the last build (None: rebuild)
@@ -127,7 +128,7 @@ class StoreLifecycle:
     def encode_examples(self, examples) -> np.ndarray:
         """The key encoder's keys of InputExamples, (n, D) float32; each distinct text is encoded once."""
         pairs = [(e.text_a, getattr(e, "text_b", None) or None) for e in examples]
-        todo = sorted({p for p in pairs if p not in self._key_cache}, key=str)
+        todo = list(dict.fromkeys(p for p in pairs if p not in self._key_cache))
         if todo:
             device = next(self.model.plm.parameters()).device
             if self.key_encoder.device != device:
@@ -141,6 +142,7 @@ class StoreLifecycle:
     def forget_keys(self) -> None:
         """Drop the cached key-encoder keys (after the encoder's weights were replaced)."""
         self._key_cache = {}
+        self._encoded_loaders = set()
 
     def keys_of_ids(self, uids, fix: str) -> np.ndarray:
         """The key encoder's keys of the examples behind example identities (None or -1: unknown), (n, D)
@@ -149,6 +151,12 @@ class StoreLifecycle:
         if uids is None or any(e is None for e in examples):
             raise ValueError(f"key_encoder={self.model.config.key_encoder!r} reads each example's raw text, and "
                              f"these examples cannot be traced back to theirs: {fix}")
+        for serial in {int(s) for s in loaders.serials(np.asarray(uids))} - self._encoded_loaders:
+            # the first batch of a loader encodes its whole dataset: one pass sorted by length, little padding
+            raw = getattr(loaders.loader_of(serial), "raw_dataset", None)
+            if raw is not None:
+                self.encode_examples(raw)
+                self._encoded_loaders.add(serial)
         return self.encode_examples(examples)
 
     def query_keys(self, batch) -> np.ndarray:
