@@ -255,8 +255,9 @@ def test_text_demonstrations_are_chosen_by_the_key_encoder(tiny_bert, tiny_dirs,
 
 # ------------------------------------------------------------------ big-pool
 def test_big_pool_adds_the_pool_to_the_store_the_readout_reads(tmp_path):
-    """``big-pool`` with the default store: the pool examples get frozen keys beside the 16-shot ones, and each
-    store's class-mean temperature is tuned on dev for that store."""
+    """``big-pool`` with the default store: the pool examples get frozen keys beside the 16-shot ones, each
+    store's class-mean temperature is tuned on dev for that store, and each store stands beside a linear probe
+    trained on its examples."""
     import json
     import os
 
@@ -273,3 +274,9 @@ def test_big_pool_adds_the_pool_to_the_store_the_readout_reads(tmp_path):
                for r in rows)
     table = (tmp_path / "big_pool.md").read_text()
     assert f"class means, T {rows[1]['class_mean_temperature']}" in table
+    # beside each store, a linear probe on its examples: on the 16-shot store, the grid's linear-probe baseline
+    main(["run", "--model", "tiny-bert", "--tasks", "SST-2", "--seeds", "13", "--methods", "linear-probe",
+          "--no-progress", "--data-root", data, "--out", str(tmp_path / "grid")])
+    baseline = json.loads((tmp_path / "grid" / "results.jsonl").read_text().splitlines()[0])
+    assert rows[0]["linear_probe_test_accuracy"] == baseline["test_accuracy"]
+    assert rows[0]["linear_probe_C"] == baseline["settings"]["C"]
