@@ -30,6 +30,7 @@ def run_big_pool(ns) -> None:
     trainer.args.tune_inference = True
     trainer.fit(data["train"], data["dev"])
     model = trainer.model
+    probe_plm, probe_tok, _, _ = load_backbone(run_spec.model, run_spec.model_type)  # pre-trained, as the baseline
 
     def measure(name, labelled):
         """The store's row; ``labelled``: the examples in the store, on which the probe is trained."""
@@ -48,8 +49,7 @@ def run_big_pool(ns) -> None:
                "class_mean_temperature": tuned["class_mean_temperature"],
                "test_ms_per_example": round(1000 * seconds / len(data["test"]), 3),
                "search_ms_per_query_batch256": round(search_ms, 4)}
-        plm, tok, _, _ = load_backbone(run_spec.model, run_spec.model_type)  # pre-trained, as the baseline uses it
-        probe = linear_probe(plm, tok, labelled, data["dev"], data["test"], run_spec.max_seq_length, seed=ns.seed)
+        probe = linear_probe(probe_plm, probe_tok, labelled, data["dev"], data["test"], run_spec.max_seq_length, seed=ns.seed)
         row.update(linear_probe_test_accuracy=probe["test_accuracy"], linear_probe_C=probe["C"])
         print(json.dumps(row), flush=True)
         return row
