@@ -14,7 +14,7 @@ from openprompt_retro.prompt.batch import DEMO_KEY, EXAMPLE_KEY
 from openprompt_retro.prompt.key_encoders import FrozenMeanEncoder, SentenceEncoder
 from openprompt_retro.prompt.saved_run import SavedRunError
 
-from helpers import first_batch, retro_model, trainer
+from helpers import WORDS, base_template, base_verbalizer, first_batch, retro_model, trainer
 
 FROZEN = {"key_encoder": "frozen-mean", "knn_readout": "class-mean"}
 
@@ -251,6 +251,30 @@ def test_text_demonstrations_are_chosen_by_the_key_encoder(tiny_bert, tiny_dirs,
     assert retriever(query) == want
     assert isinstance(retro_model(tiny_bert, demonstrations="text", pool=pool).template.text_retriever,
                       R.TfidfDemoRetriever)  # [MASK] keys: TF-IDF, as before
+
+
+def test_a_loader_built_before_the_model_is_warned_that_it_keeps_tfidf_demonstrations(tiny_bert, examples):
+    """OpenPrompt wraps a loader's examples when it is built: one built before the model chose the key encoder
+    holds TF-IDF demonstrations, and the user hears of it; building the loaders after the model is silent."""
+    import warnings
+
+    from openprompt import PromptDataLoader
+
+    plm, tok, _, wrapper = tiny_bert
+    template = R.RetroTemplate(base_template("manual", plm, tok), WORDS, demonstrations="text", plm=plm,
+                               text_pool=examples)
+    PromptDataLoader(examples[:2], template, tokenizer=tok, tokenizer_wrapper_class=wrapper, max_seq_length=64)
+    config = R.RetroConfig(key_encoder="frozen-mean", demo_topk=2, knn_k=3, train_knn_k=3)
+    with pytest.warns(UserWarning, match="PromptDataLoaders built before this keep the TF-IDF"):
+        R.RetroPromptForClassification(plm, template, base_verbalizer("manual", plm, tok), config=config)
+    assert isinstance(template.text_retriever, R.EncoderDemoRetriever)
+
+    template = R.RetroTemplate(base_template("manual", plm, tok), WORDS, demonstrations="text", plm=plm,
+                               text_pool=examples)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        R.RetroPromptForClassification(plm, template, base_verbalizer("manual", plm, tok), config=config)
+        PromptDataLoader(examples[:2], template, tokenizer=tok, tokenizer_wrapper_class=wrapper, max_seq_length=64)
 
 
 # ------------------------------------------------------------------ big-pool

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence, Union
 
+import warnings
 import weakref
 
 import torch
@@ -94,6 +95,7 @@ class RetroTemplate(PassThroughToBase, Template):
                 raise ValueError(f"placeholder {self.placeholder!r} must be one token, got {len(ids)}")
         self.text_retriever = text_retriever
         self.text_encoder = None  # set_text_encoder: pool demonstrations by encoder keys instead of TF-IDF
+        self._wrapped_by_tfidf = False  # examples were wrapped with TF-IDF demonstrations (see set_text_encoder)
         self._text_pool = text_pool if demonstrations == "text" and text_retriever is None else None
         if label_words is not None:
             self.set_label_words(label_words)
@@ -174,7 +176,14 @@ class RetroTemplate(PassThroughToBase, Template):
 
     def set_text_encoder(self, encoder) -> None:
         """Choose the text demonstrations of a pool by ``encoder``'s keys (``encode(examples)``, unit length)
-        instead of TF-IDF; a retriever given as ``text_retriever`` is kept as it is."""
+        instead of TF-IDF; a retriever given as ``text_retriever`` is kept as it is.
+
+        A PromptDataLoader wraps its examples when it is built: one built before this call keeps the TF-IDF
+        demonstrations it drew, and a warning says so."""
+        if self._wrapped_by_tfidf and isinstance(self.text_retriever, TfidfDemoRetriever):
+            warnings.warn("RetroTemplate: examples were already wrapped with TF-IDF text demonstrations; from now "
+                          "on the key encoder chooses them, and PromptDataLoaders built before this keep the TF-IDF "
+                          "ones: build the loaders after RetroPromptForClassification", stacklevel=2)
         self.text_encoder = encoder
         if isinstance(self.text_retriever, PoolDemoRetriever):
             self.set_text_pool(self.text_retriever.pool)
@@ -208,6 +217,7 @@ class RetroTemplate(PassThroughToBase, Template):
         else:
             if self.text_retriever is None:
                 raise ValueError("text demonstrations need a pool: pass text_pool=... or call set_text_pool()")
+            self._wrapped_by_tfidf |= isinstance(self.text_retriever, TfidfDemoRetriever)
             for i, (c, demo) in enumerate(self.text_retriever(example)):
                 parts.append(self._piece(flags, "<sep>") if i else sep)
                 demo_parts, _ = self.base.wrap_one_example(demo)
