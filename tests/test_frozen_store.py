@@ -277,6 +277,38 @@ def test_a_loader_built_before_the_model_is_warned_that_it_keeps_tfidf_demonstra
         PromptDataLoader(examples[:2], template, tokenizer=tok, tokenizer_wrapper_class=wrapper, max_seq_length=64)
 
 
+def test_a_loader_waiting_for_the_label_words_gets_the_key_encoders_demonstrations(tiny_bert, examples):
+    """A loader built before the model, with a template that has no label words yet, waits for them and is
+    tokenized when the model hands them over: with the key encoder's demonstrations, as a loader built after
+    the model, and without a warning."""
+    import warnings
+
+    from openprompt import PromptDataLoader
+
+    plm, tok, _, wrapper = tiny_bert
+    config = R.RetroConfig(key_encoder="frozen-mean", demo_topk=2, knn_k=3, train_knn_k=3)
+
+    def ids_of(loader):
+        return [f["input_ids"].tolist() for f in loader.tensor_dataset]
+
+    def build(label_words):
+        template = R.RetroTemplate(base_template("manual", plm, tok), label_words, demonstrations="text",
+                                   plm=plm, text_pool=examples)
+        return template, lambda: PromptDataLoader(examples, template, tokenizer=tok, tokenizer_wrapper_class=wrapper,
+                                                  max_seq_length=64)
+
+    template, loader = build(None)
+    waiting = loader()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        R.RetroPromptForClassification(plm, template, base_verbalizer("manual", plm, tok), config=config)
+    after = loader()
+    assert isinstance(template.text_retriever, R.EncoderDemoRetriever)
+    assert ids_of(waiting) == ids_of(after)
+    _, tfidf_loader = build(WORDS)  # no model: TF-IDF chooses, and differently on these examples
+    assert ids_of(tfidf_loader()) != ids_of(after)
+
+
 # ------------------------------------------------------------------ big-pool
 def test_big_pool_adds_the_pool_to_the_store_the_readout_reads(tmp_path):
     """``big-pool`` with the default store: the pool examples get frozen keys beside the 16-shot ones, each

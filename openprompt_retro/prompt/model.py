@@ -32,7 +32,7 @@ from .batch import (DEMO_KEY, EXCLUDE_KEY, QUERY_KEY, batch_get)
 from .keys import (MaskKeyHead, demonstrations_off, encode_last_hidden, hidden_at_mask)
 from .prediction import Prediction, default_wrapper_class
 from .retrieval import check_batch_template, retrieve, shape_demonstrations
-from .store_lifecycle import StoreLifecycle
+from .store_lifecycle import StoreLifecycle, make_key_encoder
 from .template import RetroTemplate
 from .verbalizer import KnnVerbalizer, Mixing
 
@@ -140,6 +140,11 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
                              "give it num_classes=... or classes=...")
         if not isinstance(template, RetroTemplate):
             template = RetroTemplate(template, demonstrations="none")
+        key_encoder = make_key_encoder(config, plm, verbalizer.tokenizer)  # frozen copy of the weights given
+        if key_encoder is not None and template.demonstrations == "text":
+            # LM-BFF's demonstrations chosen by the key encoder, set before take_from tokenizes the loaders
+            # that wait for the label words
+            template.set_text_encoder(key_encoder)
         template.take_from(verbalizer, plm)
         if not isinstance(verbalizer, KnnVerbalizer):
             verbalizer = KnnVerbalizer(verbalizer, plm)
@@ -154,9 +159,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         self._demo_gen = torch.Generator().manual_seed(0)  # demo_dropout's draws
         self._store_in_state_dict = True  # False inside store_outside_state_dict()
         self.key_head = MaskKeyHead(plm)
-        self.lifecycle = StoreLifecycle(self, self.key_head)  # the store and when it is rebuilt
-        if self.key_encoder is not None and template.demonstrations == "text":
-            template.set_text_encoder(self.key_encoder)  # LM-BFF's demonstrations chosen by the key encoder
+        self.lifecycle = StoreLifecycle(self, self.key_head, key_encoder)  # the store and when it is rebuilt
         self.wrapper_class = wrapper_class or default_wrapper_class(plm)  # how predict() tokenizes examples
         self.max_seq_length = int(max_seq_length)
         self.example_tokenizer = None  # None: the template's

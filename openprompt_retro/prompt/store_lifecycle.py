@@ -91,12 +91,12 @@ def _feature_rows(dataloader):
 class StoreLifecycle:
     """The store of one RetroPromptForClassification (``model``) and when it is (re)built."""
 
-    def __init__(self, model, key_head: MaskKeyHead):
+    def __init__(self, model, key_head: MaskKeyHead, key_encoder):
         c = model.config
         self.model = model
         self.store = KnowledgeStore(int(model.plm.config.hidden_size), model.num_classes, metric=c.metric,
                                     index_factory=c.index_factory, built_by=key_head.describe())
-        self.key_encoder = make_key_encoder(c, model.plm, model.verbalizer.tokenizer)
+        self.key_encoder = key_encoder  # make_key_encoder's, for config.key_encoder (None: "mask")
         self.key_store: Optional[KnowledgeStore] = None  # built by the key encoder (None for key_encoder="mask")
         if self.key_encoder is not None:
             self.key_store = KnowledgeStore(self.key_encoder.dim, model.num_classes, metric="ip",
