@@ -16,7 +16,9 @@ variant() {  # name method config-json
   done
   wait
 }
-variant nodemo-classmean retro-no-demo "$FROZEN, \"knn_readout\": \"class-mean\""
+# demo_retrieval "mask": what this variant ran with (the default then); it has no demonstrations, so it changes
+# nothing but the run's settings id, which keys by what a run ran with
+variant nodemo-classmean retro-no-demo "$FROZEN, \"knn_readout\": \"class-mean\", \"demo_retrieval\": \"mask\""
 variant demo-keyenc-classmean retro "$FROZEN, \"knn_readout\": \"class-mean\", \"demo_retrieval\": \"key-encoder\""
 variant demo-keyenc-classmean-ce retro-no-knn-train "$FROZEN, \"knn_readout\": \"class-mean\", \"demo_retrieval\": \"key-encoder\""
 # demonstrations drawn by the trained model's [MASK] keys, the frozen store for kNN: not run yet (CPU time went
