@@ -54,6 +54,9 @@ def test_paired_table_uses_only_the_splits_both_methods_ran():
     assert "| prompt | 3 | +5.00 | 4.08 | 2 / 1 / 0 | 0.500 |" in lines
     assert "| linear-probe | 1 | -5.00 | 0.00 | 0 / 0 / 1 | 1.000 |" in lines
     assert paired_table([r for r in rows if r["method"] != "retro"]) == ""
+    # retro alone (a study folder), or no split in common: no table, not an empty one
+    assert paired_table([r for r in rows if r["method"] == "retro"]) == ""
+    assert paired_table([run("retro", "A", 1, 0.70), run("prompt", "B", 2, 0.60)]) == ""
 
 
 def test_paired_table_writes_tiny_p_values_as_below_one_in_a_thousand():

@@ -14,6 +14,8 @@ from statistics import mean, pstdev
 TASKS, SEEDS = ("SST-2", "subj", "trec"), (13, 21, 42)
 #: the RetroConfig fields that tell the variants apart (read from their rows' recorded config)
 DEFINING = ("key_encoder", "knn_readout", "demo_retrieval", "demo_center")
+#: methods that read no store: their rows' knn_lambda (0) is not a choice, shown as "-"
+NO_STORE = ("prompt", "demo-text", "linear-probe", "fine-tune")
 
 
 def rows(path):
@@ -24,14 +26,14 @@ def rows(path):
 
 
 def summarise(name, picked):
-    """One table line: dev and test mean ± std over the splits found, with the count."""
+    """One table line: dev and test mean ± std over the splits found, with the count, and the mean lambda."""
     dev = [r["dev_accuracy"] for r in picked]
     test = [r["test_accuracy"] for r in picked]
-    lam = [r["knn_lambda"] for r in picked]
     if not picked:
         return f"| {name} | 0/9 | | | |"
+    lam = "-" if picked[0]["method"] in NO_STORE else f"{mean(r['knn_lambda'] for r in picked):.2f}"
     return (f"| {name} | {len(picked)}/9 | {100 * mean(dev):.1f} ± {100 * pstdev(dev):.1f} | "
-            f"{100 * mean(test):.1f} ± {100 * pstdev(test):.1f} | {mean(lam):.2f} |")
+            f"{100 * mean(test):.1f} ± {100 * pstdev(test):.1f} | {lam} |")
 
 
 def main():

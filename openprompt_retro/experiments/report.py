@@ -145,13 +145,15 @@ def _format_p(p: float) -> str:
 
 def paired_table(rows: List[Dict], reference: str = "retro") -> str:
     """``reference`` against every other method on the splits (task, K, seed) both ran: the mean and std of the
-    per-split differences in test accuracy (points), wins / ties / losses, and the sign-flip p-value."""
+    per-split differences in test accuracy (points), wins / ties / losses, and the sign-flip p-value; "" when
+    no other method ran any of the reference's splits."""
     runs = {(r["task"], row_shots(r), r["seed"], r["method"]): 100.0 * r["test_accuracy"] for r in rows}
     splits = {(t, k, s) for t, k, s, m in runs if m == reference}
     if not splits:
         return ""
-    lines = [f"| {reference} - method | splits | mean difference | std | wins / ties / losses | p (sign flip) |",
-             "|" + "---|" * 6]
+    header = [f"| {reference} - method | splits | mean difference | std | wins / ties / losses | p (sign flip) |",
+              "|" + "---|" * 6]
+    lines = list(header)
     for m in _ordered({key[3] for key in runs} - {reference}, ALL_METHODS):
         d = np.array([runs[(*sp, reference)] - runs[(*sp, m)] for sp in sorted(splits) if (*sp, m) in runs])
         if len(d) == 0:
@@ -159,6 +161,8 @@ def paired_table(rows: List[Dict], reference: str = "retro") -> str:
         wins, ties = int((d > 1e-9).sum()), int((np.abs(d) <= 1e-9).sum())
         lines.append(f"| {m} | {len(d)} | {d.mean():+.2f} | {d.std():.2f} | {wins} / {ties} / {len(d) - wins - ties} "
                      f"| {_format_p(sign_flip_p(d))} |")
+    if lines == header:  # no other method ran any of the reference's splits
+        return ""
     lines += ["", f"Per split (task, seed): {reference}'s test accuracy minus the method's, in points; p: the chance "
               "that random signs on these differences give a mean at least this far from 0."]
     return "\n".join(lines) + "\n"
