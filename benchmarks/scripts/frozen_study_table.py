@@ -11,11 +11,11 @@ import json
 import os
 from statistics import mean, pstdev
 
+from openprompt_retro.methods import METHODS
+
 TASKS, SEEDS = ("SST-2", "subj", "trec"), (13, 21, 42)
 #: the RetroConfig fields that tell the variants apart (read from their rows' recorded config)
 DEFINING = ("key_encoder", "knn_readout", "demo_retrieval", "demo_center")
-#: methods that read no store: their rows' knn_lambda (0) is not a choice, shown as "-"
-NO_STORE = ("prompt", "demo-text", "linear-probe", "fine-tune")
 
 
 def rows(path):
@@ -31,7 +31,8 @@ def summarise(name, picked):
     test = [r["test_accuracy"] for r in picked]
     if not picked:
         return f"| {name} | 0/9 | | | |"
-    lam = "-" if picked[0]["method"] in NO_STORE else f"{mean(r['knn_lambda'] for r in picked):.2f}"
+    preset = METHODS.get(picked[0]["method"])  # lambda is a dev choice only with kNN inference; else "-"
+    lam = f"{mean(r['knn_lambda'] for r in picked):.2f}" if preset and preset.knn_inference else "-"
     return (f"| {name} | {len(picked)}/9 | {100 * mean(dev):.1f} ± {100 * pstdev(dev):.1f} | "
             f"{100 * mean(test):.1f} ± {100 * pstdev(test):.1f} | {lam} |")
 

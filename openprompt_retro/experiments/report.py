@@ -151,9 +151,7 @@ def paired_table(rows: List[Dict], reference: str = "retro") -> str:
     splits = {(t, k, s) for t, k, s, m in runs if m == reference}
     if not splits:
         return ""
-    header = [f"| {reference} - method | splits | mean difference | std | wins / ties / losses | p (sign flip) |",
-              "|" + "---|" * 6]
-    lines = list(header)
+    lines = []
     for m in _ordered({key[3] for key in runs} - {reference}, ALL_METHODS):
         d = np.array([runs[(*sp, reference)] - runs[(*sp, m)] for sp in sorted(splits) if (*sp, m) in runs])
         if len(d) == 0:
@@ -161,8 +159,10 @@ def paired_table(rows: List[Dict], reference: str = "retro") -> str:
         wins, ties = int((d > 1e-9).sum()), int((np.abs(d) <= 1e-9).sum())
         lines.append(f"| {m} | {len(d)} | {d.mean():+.2f} | {d.std():.2f} | {wins} / {ties} / {len(d) - wins - ties} "
                      f"| {_format_p(sign_flip_p(d))} |")
-    if lines == header:  # no other method ran any of the reference's splits
+    if not lines:  # no other method ran any of the reference's splits
         return ""
+    lines = [f"| {reference} - method | splits | mean difference | std | wins / ties / losses | p (sign flip) |",
+             "|" + "---|" * 6] + lines
     lines += ["", f"Per split (task, seed): {reference}'s test accuracy minus the method's, in points; p: the chance "
               "that random signs on these differences give a mean at least this far from 0."]
     return "\n".join(lines) + "\n"
