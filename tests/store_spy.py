@@ -1,5 +1,5 @@
-"""A spy on KnowledgeStore's searches and on class-mean read-outs: which queries were asked, what was excluded,
-what came back (for a class-mean read-out: every entry that took part)."""
+"""A spy on KnowledgeStore's searches and on the score read-outs (class-mean, logistic): which queries were
+asked, what was excluded, what came back (for a score read-out: every entry that took part)."""
 from contextlib import contextmanager
 
 import numpy as np
@@ -33,19 +33,19 @@ class _Keys:
 
 @contextmanager
 def spy_store():
-    from openprompt_retro.prompt import store_lifecycle, verbalizer
+    from openprompt_retro.core import readout as readout_module
 
     calls = []
     search, per_class = KnowledgeStore.search, KnowledgeStore.search_per_class
-    readout = verbalizer.class_mean_distribution
+    readout = readout_module.readout_scores
 
-    def spy_class_mean(queries, keys, labels, num_classes, temperature, top_m=None, exclude_ids=None):
-        out = readout(queries, keys, labels, num_classes, temperature, top_m, exclude_ids)
+    def spy_readout(kind, store, queries, exclude_ids=None, top_m=None, logistic_c=1.0):
+        out = readout(kind, store, queries, exclude_ids, top_m, logistic_c)
         n = len(np.asarray(queries))
-        taking_part = np.tile(np.arange(len(keys)), (n, 1))
+        taking_part = np.tile(np.arange(len(store.keys)), (n, 1))
         for row, excluded in enumerate(KnowledgeStore._exclusions(exclude_ids, n)):
             taking_part[row, excluded] = -1
-        calls.append(Call(_Keys(keys), "class_mean", np.asarray(queries), exclude_ids, taking_part,
+        calls.append(Call(_Keys(store.keys), kind.replace("-", "_"), np.asarray(queries), exclude_ids, taking_part,
                           torch.is_grad_enabled()))
         return out
 
@@ -60,9 +60,9 @@ def spy_store():
         return res
 
     KnowledgeStore.search, KnowledgeStore.search_per_class = spy_search, spy_per_class
-    verbalizer.class_mean_distribution = store_lifecycle.class_mean_distribution = spy_class_mean
+    readout_module.readout_scores = spy_readout
     try:
         yield calls
     finally:
         KnowledgeStore.search, KnowledgeStore.search_per_class = search, per_class
-        verbalizer.class_mean_distribution = store_lifecycle.class_mean_distribution = readout
+        readout_module.readout_scores = readout

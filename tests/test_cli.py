@@ -50,8 +50,9 @@ def test_smoke_run_writes_well_formed_outputs(tmp_path):
     assert set(diag["test_accuracy_by_inference"]) == {"plm_only", "fixed", "knn_only", "knn_plm_agreement",
                                                       "knn_only_by_readout"}  # the default frozen store
     by_readout = diag["test_accuracy_by_inference"]["knn_only_by_readout"]
-    assert set(by_readout) == {"topk", "class-mean"}
-    assert by_readout["class-mean"] == diag["test_accuracy_by_inference"]["knn_only"]  # the read-out in use
+    assert set(by_readout) == {"topk", "class-mean", "logistic"}
+    in_use = rows[1]["settings"]["config"]["knn_readout"]  # as dev chose it, where the read-out was "auto"
+    assert by_readout[in_use] == diag["test_accuracy_by_inference"]["knn_only"]
     if rows[1]["knn_lambda"] == 0.0:
         assert diag["test_accuracy_by_inference"]["plm_only"] == rows[1]["test_accuracy"]
     assert {"permuted_change", "removed_change"} <= set(diag["demonstration_reliance_dev"])

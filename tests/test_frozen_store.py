@@ -39,7 +39,7 @@ def labels_of(examples):
 @pytest.mark.parametrize("fields, message", [
     ({"key_encoder": "sentence"}, "key_encoder_path"),
     ({"key_encoder_path": "some/folder"}, "key_encoder_path"),
-    ({"key_encoder": "mask", "demo_retrieval": "key-encoder"}, "needs key_encoder='frozen-mean' or 'sentence'"),
+    ({"key_encoder": "mask", "demo_retrieval": "key-encoder"}, "needs key_encoder='frozen-mean', 'adapted' or 'sentence'"),
     ({"knn_readout": "mean"}, "knn_readout must be one of"),
     ({"key_encoder": "frozen"}, "key_encoder must be one of"),
     ({"class_mean_temperature": 0.0}, "class_mean_temperature"),

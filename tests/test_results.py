@@ -99,7 +99,7 @@ def test_the_no_knn_infer_ablation_is_measured_on_retros_weights_as_if_trained_a
     """retro and retro-no-knn-infer train identically: in one grid the ablation reuses retro's training, and its
     row is the row a separate training gives (lambda reset to 0 although retro's mixture uses 0.5)."""
     tiny = ["--model", "tiny-bert", "--tasks", "SST-2", "--epochs", "1", "--no-progress", "--data-root", DATA,
-            "--mixture-grid", "fixed"]
+            "--mixture-grid", "fixed", "--config", '{"store_guard_alpha": null}']  # the random model's store is at chance
     main(["run", *tiny, "--methods", "retro,retro-no-knn-infer", "--out", str(tmp_path / "paired")])
     err = capsys.readouterr().err
     main(["run", *tiny, "--methods", "retro-no-knn-infer", "--out", str(tmp_path / "alone")])
@@ -288,8 +288,9 @@ def test_old_benchmark_rows_key_as_the_benchmark_that_wrote_them():
         return RunSpec.from_namespace(build_parser().parse_args(["benchmark", "--model",
                                                                  "../shared/models/minilm-l6-mlm", *args]))
 
-    issue11 = ["--mixture-grid", "small", "--config",
-               '{"demo_center": true, "key_encoder": "mask", "knn_readout": "topk", "demo_retrieval": "auto"}']
+    issue11 = ["--mixture-grid", "small", "--config",  # and fields that came later, at the values it ran with
+               '{"demo_center": true, "key_encoder": "mask", "knn_readout": "topk", "demo_retrieval": "auto", '
+               '"pair_keys": "joint", "store_guard_alpha": null}']
     bench = spec(*issue11)  # the benchmark as it ran then: [MASK] keys, top-k, the small lambda grid
     assert run_key(LEGACY_RETRO) == runs._key("SST-2", "retro", 13, bench)
     demo_text = {**LEGACY_RETRO, "method": "demo-text", "settings": {**LEGACY_RETRO["settings"], "max_seq_length": 256}}

@@ -10,10 +10,15 @@ from typing import Any, Dict, Optional
 
 LOSSES = ("ce", "knn", "focal")
 #: what builds the store's keys: the trained model's [MASK] state (refreshed), a frozen copy of the pre-trained
-#: encoder (mean-pooled raw text), or a separate sentence encoder loaded from ``key_encoder_path``
-KEY_ENCODERS = ("mask", "frozen-mean", "sentence")
-#: how p_kNN is read from the store: top-k voting, or each class's mean key (see core/readout.py)
-KNN_READOUTS = ("topk", "class-mean")
+#: encoder (mean-pooled raw text), that copy first adapted to the training labels, or a separate sentence
+#: encoder loaded from ``key_encoder_path``
+KEY_ENCODERS = ("mask", "frozen-mean", "adapted", "sentence")
+#: how p_kNN is read from the store: top-k voting, each class's mean key, a logistic regression on the store's
+#: keys (see core/readout.py), or "auto": the one of them that scores best on dev (logistic until then)
+KNN_READOUTS = ("topk", "class-mean", "logistic", "auto")
+#: keys of sentence pairs: one joint input, relation features of the two segments, or "auto" (relation
+#: features when the training examples have a text_b)
+PAIR_KEYS = ("joint", "relation", "auto")
 
 
 def check_int(config, name: str, low: int = 1) -> None:
@@ -108,11 +113,26 @@ class RetroConfig(LossConfig):
     Keys and read-out (kNN inference and the kNN-guided loss read the same store):
         key_encoder: "mask" (the trained model's [MASK] state, refreshed every pass), "frozen-mean" (a frozen
             copy of the pre-trained encoder taken when the model is built: mean-pooled raw input text,
-            L2-normalised; computed once, never refreshed) or "sentence" (an encoder loaded from
-            ``key_encoder_path``, used the same way).
-        knn_readout: "topk" (p_kNN from the k nearest entries) or "class-mean" (softmax_c(cos(q, mu_c) / T_cm)
-            over each class's mean key; ``class_mean_top_m``: only the class's m entries nearest to q).
+            L2-normalised; computed once, never refreshed), "adapted" (that copy, first fine-tuned on the
+            training examples by SetFit's contrastive loss, then frozen: see prompt/key_adaptation.py) or
+            "sentence" (an encoder loaded from ``key_encoder_path``, used the same way).
+        adapt_steps, adapt_lr, adapt_batch_size: the adaptation of key_encoder="adapted" (optimizer steps,
+            AdamW learning rate, training examples per step); it reads the training examples only.
+        adapt_pairs: also adapt relation keys of sentence pairs (their segments' cosine fitted to the labels);
+            False keeps the pre-trained encoder for pairs (single texts are adapted either way).
+        pair_keys: keys of two-segment inputs (text_a, text_b): "joint" (the pair as one input), "relation"
+            ([cos(u, v), |u - v|, u * v] of the segments' keys u, v, normalised) or "auto" (relation features
+            when the training data are pairs). Single-segment inputs are unchanged.
+        knn_readout: "topk" (p_kNN from the k nearest entries), "class-mean" (softmax_c(cos(q, mu_c) / T_cm)
+            over each class's mean key; ``class_mean_top_m``: only the class's m entries nearest to q),
+            "logistic" (a logistic regression fitted on the store's keys, C = ``logistic_c``, its log-probabilities
+            scaled by 1 / ``logistic_temperature``) or "auto" (the one of the three with the best store-alone
+            accuracy on dev, chosen when inference is tuned; "logistic" until then).
         class_mean_temperature: T_cm, on the cosine scale (chosen on dev by log-loss when inference is tuned).
+        logistic_temperature: T of the logistic read-out (1: its own probabilities; chosen on dev by log-loss).
+        store_guard_alpha: when inference is tuned on dev, kNN inference is switched off (lambda = 0) unless the
+            store alone beats the dev set's majority-class rate by a one-sided binomial test at this level;
+            None: no guard.
         demo_retrieval: which keys choose the neighbours behind d_c: "mask" (the [MASK] keys), "key-encoder"
             (the frozen / sentence keys; d_c is still built from the neighbours' [MASK] states) or "auto" (the
             key encoder's where there is one, else the [MASK] keys).
@@ -137,6 +157,14 @@ class RetroConfig(LossConfig):
     class_mean_top_m: Optional[int] = None
     demo_retrieval: str = "auto"
     plm_temperature: float = 1.0
+    adapt_steps: int = 20
+    adapt_lr: float = 5e-5
+    adapt_batch_size: int = 32
+    adapt_pairs: bool = False
+    pair_keys: str = "auto"
+    logistic_c: float = 1.0
+    logistic_temperature: float = 1.0
+    store_guard_alpha: Optional[float] = 0.1
 
     def validate(self) -> "RetroConfig":
         super().validate()
@@ -162,15 +190,36 @@ class RetroConfig(LossConfig):
         check_choice(self, "demo_retrieval", ("mask", "key-encoder", "auto"))
         if self.demo_retrieval == "key-encoder" and self.key_encoder == "mask":
             raise ValueError("demo_retrieval='key-encoder' chooses the demonstrations' neighbours by the key "
-                             "encoder's keys: it needs key_encoder='frozen-mean' or 'sentence', not 'mask'")
+                             "encoder's keys: it needs key_encoder='frozen-mean', 'adapted' or 'sentence', not 'mask'")
         check_float(self, "plm_temperature", 0.0, low_open=True)
+        check_int(self, "adapt_steps", low=0)
+        check_float(self, "adapt_lr", 0.0, low_open=True)
+        check_int(self, "adapt_batch_size", low=2)
+        check_choice(self, "adapt_pairs", (True, False))
+        check_choice(self, "pair_keys", PAIR_KEYS)
+        if self.pair_keys == "relation" and self.key_encoder == "mask":
+            raise ValueError("pair_keys='relation' builds keys from the two segments' raw texts: it needs "
+                             "key_encoder='frozen-mean', 'adapted' or 'sentence', not 'mask'")
+        check_float(self, "logistic_c", 0.0, low_open=True)
+        check_float(self, "logistic_temperature", 0.0, low_open=True)
+        if self.store_guard_alpha is not None:
+            check_float(self, "store_guard_alpha", 0.0, 1.0, low_open=True)
         return self
 
-    def readout_temperature(self, training: bool = False) -> float:
-        """The temperature of ``knn_readout``: ``class_mean_temperature`` for class means, else
-        ``train_knn_temperature`` (the loss's p_kNN) or ``knn_temperature`` (inference)."""
-        if self.knn_readout == "class-mean":
+    @property
+    def readout(self) -> str:
+        """The read-out in use: ``knn_readout``, with "auto" (before dev chose one) read as "logistic"."""
+        return "logistic" if self.knn_readout == "auto" else self.knn_readout
+
+    def readout_temperature(self, training: bool = False, readout: Optional[str] = None) -> float:
+        """The temperature of ``readout`` (default: :attr:`readout`): ``class_mean_temperature`` for class means,
+        ``logistic_temperature`` for the logistic read-out, else ``train_knn_temperature`` (the loss's p_kNN) or
+        ``knn_temperature`` (inference)."""
+        readout = readout or self.readout
+        if readout == "class-mean":
             return self.class_mean_temperature
+        if readout == "logistic":
+            return self.logistic_temperature
         return self.train_knn_temperature if training else self.knn_temperature
 
     @property

@@ -86,6 +86,40 @@ def knn_label_distribution(scores: np.ndarray, labels: np.ndarray, num_classes: 
     return out.astype(np.float32)
 
 
+def binomial_tail(successes: int, trials: int, p: float) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, p): the one-sided p-value of scoring ``successes`` of ``trials``
+    by chance at rate ``p`` (computed in log space, so large ``trials`` do not underflow)."""
+    import math
+
+    successes, trials = int(successes), int(trials)
+    if not 0 <= successes <= trials or not 0.0 <= p <= 1.0:
+        raise ValueError(f"binomial_tail needs 0 <= successes <= trials and p in [0, 1], got {successes}, {trials}, {p}")
+    if successes == 0:
+        return 1.0
+    if p in (0.0, 1.0):
+        return float(p == 1.0)
+    logs = [math.lgamma(trials + 1) - math.lgamma(i + 1) - math.lgamma(trials - i + 1) + i * math.log(p)
+            + (trials - i) * math.log1p(-p) for i in range(successes, trials + 1)]
+    top = max(logs)
+    return float(min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs)))
+
+
+def store_guard(store_probs, labels, alpha: Optional[float]) -> Dict[str, Union[float, bool, str, None]]:
+    """Whether a store may be mixed in: its accuracy alone on ``labels`` (dev) must beat the majority-class rate
+    r of those labels, by a one-sided binomial test, p = P(X >= correct | n, r) < ``alpha``. Returns
+    ``{"accuracy", "chance", "p_value", "alpha", "passes", "reason"}``; ``alpha`` None always passes."""
+    labels = np.asarray(labels, dtype=np.int64)
+    correct = int((np.asarray(store_probs).argmax(-1) == labels).sum())
+    chance = float(np.bincount(labels).max() / len(labels))
+    p_value = binomial_tail(correct, len(labels), chance)
+    passes = alpha is None or p_value < alpha
+    reason = None if passes else (f"the store alone scores {correct}/{len(labels)} on dev, no better than the "
+                                  f"majority-class rate {chance:.3f} (one-sided binomial p = {p_value:.3f} >= "
+                                  f"{alpha}): kNN inference is off (lambda = 0)")
+    return {"accuracy": correct / len(labels), "chance": chance, "p_value": p_value, "alpha": alpha,
+            "passes": bool(passes), "reason": reason}
+
+
 def mix(p_plm, p_knn, lam: float):
     """P = lambda * p_kNN + (1 - lambda) * p_PLM (numpy arrays or torch tensors)."""
     return lam * p_knn + (1.0 - lam) * p_plm

@@ -51,6 +51,7 @@ _RESULT_OPTIONS: Dict[str, Dict] = {
                 "config": {}},
     "fine-tune": dict(_PROTOCOL),
     "linear-probe": {"max_seq_length": 128},
+    "setfit": {},
     "zero-shot": {"max_seq_length": 128, "amp": None},
     "zero-shot-retro": {"max_seq_length": 128, "amp": None, "zs_fraction": 0.3, "zs_pool_size": 4000,
                         "zs_lambda": 0.5, "zs_k": 16, "zs_temperature": 1.0, "zs_key_encoder": "mask"},
@@ -73,7 +74,9 @@ def auto_demo_topk(shots: int) -> int:
 #: gives new runs a new id while older rows keep theirs.
 _ID_BASELINE = {"key_encoder": "mask", "key_encoder_path": None, "knn_readout": "topk",
                 "class_mean_temperature": 0.05, "class_mean_top_m": None, "demo_retrieval": "mask",
-                "plm_temperature": 1.0}
+                "plm_temperature": 1.0, "adapt_steps": 20, "adapt_lr": 5e-5, "adapt_batch_size": 32,
+                "adapt_pairs": False, "pair_keys": "joint", "logistic_c": 1.0, "logistic_temperature": 1.0,
+                "store_guard_alpha": None}
 
 
 def _config_overrides(config: Mapping, legacy: bool = False) -> Dict:

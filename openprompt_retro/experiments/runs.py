@@ -160,6 +160,11 @@ def check_grid(ns) -> None:
         if not getattr(ns, option):
             raise UserError(f"--{option}: none given (a comma-separated list)")
     _check_methods(ns.methods)
+    if "setfit" in ns.methods:
+        from .setfit_baseline import SETFIT_MISSING, setfit_available
+
+        if not setfit_available():
+            raise UserError(f"--methods setfit: {SETFIT_MISSING}")
     for task in ns.tasks:
         spec = _task_spec(task)
         if getattr(ns, "hf_dataset", None):
@@ -273,17 +278,36 @@ def run_trained(task: str, method: str, seed: int, run_spec: RunSpec, also: Opti
     t0 = time.time()
     test_loader = trainer.loader(data["test"], split="test", require_labels=True)  # tokenized once
     load_s = time.time() - t0
-    records = [_trained_record(trainer, spec, data, test_loader, history, method, seed, run_spec, train_s, load_s)]
+    honest = _honest_store_accuracy(trainer, data["train"], spec, seed, run_spec)
+    records = [_trained_record(trainer, spec, data, test_loader, history, method, seed, run_spec, train_s, load_s,
+                               honest)]
     if also is not None:
         trainer.model.apply_config(**untuned)  # lambda = 0: the PLM alone
         trainer.tuned = None
-        rec = _trained_record(trainer, spec, data, test_loader, history, also, seed, run_spec, train_s, load_s)
+        rec = _trained_record(trainer, spec, data, test_loader, history, also, seed, run_spec, train_s, load_s,
+                              honest)
         records.append(dataclasses.replace(rec, shares_training_with=method))
     return records
 
 
+def _honest_store_accuracy(trainer, train, spec, seed: int, run_spec: RunSpec) -> Optional[Dict]:
+    """The store's accuracy on training examples whose keys never saw their labels (a diagnostic, timed apart
+    from training): held-out folds for adapted keys, the loss store's leave-one-out for frozen ones."""
+    model = trainer.model
+    if model.key_encoder is None or not model.uses_store:
+        return None
+    if model.config.key_encoder != "adapted":
+        return {"accuracy": model.store_loo_accuracy, "kind": "leave-one-out"}
+    from .backbones import load_backbone
+    from .store_diagnostics import held_out_fold_accuracy
+
+    plm, tok, _, _ = load_backbone(run_spec.model, run_spec.model_type)  # the pre-trained weights, not the trained
+    out = held_out_fold_accuracy(plm, tok, train, model.config, spec.num_classes, seed)
+    return {**out, "kind": "held-out folds"}
+
+
 def _trained_record(trainer, spec, data, test_loader, history, method: str, seed: int, run_spec, train_s: float,
-                    load_s: float) -> RunRecord:
+                    load_s: float, honest: Optional[Dict] = None) -> RunRecord:
     """Evaluate the trained model on test (and its retrieval diagnostics); the run's result record.
     test_seconds: tokenizing the test split (``load_s``) and one evaluation pass."""
     t0 = time.time()
@@ -297,7 +321,15 @@ def _trained_record(trainer, spec, data, test_loader, history, method: str, seed
                                    for h in history]}
     if tuned:
         diagnostics["dev_accuracy_plm_only"] = tuned["dev_accuracy_plm_only"]
+        for name in ("readout_dev", "store_guard"):
+            if name in tuned:
+                diagnostics[name] = tuned[name]
         diagnostics["test_accuracy_by_inference"] = inference_settings_on(trainer, test_loader)
+    adaptation = getattr(trainer.model.key_encoder, "adaptation", None)
+    if adaptation is not None:
+        diagnostics["key_adaptation"] = adaptation
+    if honest is not None:
+        diagnostics["honest_store_accuracy"] = honest
     if trainer.model.uses_neural_demos:
         diagnostics["demonstration_reliance"] = trainer.demonstration_reliance(test_loader,
                                                                                known_accuracy=test["accuracy"])
@@ -324,27 +356,27 @@ def inference_settings_on(trainer, loader) -> Dict[str, float]:
 
     p_plm, queries, labels = trainer.collect(loader)  # one pass; P = lambda p_kNN + (1 - lambda) p_PLM
     fixed = MixtureGrid.fixed()
-    topk = trainer.model.config.knn_readout == "topk"  # the class-mean read-out keeps its dev-chosen T
+    topk = trainer.model.config.readout == "topk"  # the score read-outs keep their dev-chosen T
     p_knn = trainer.model.knn_distribution(queries, fixed.ks[0], fixed.temperatures[0] if topk else None)
     out = {"plm_only": accuracy(p_plm, labels), "fixed": accuracy(mix(p_plm, p_knn, fixed.lambdas[0]), labels),
            "knn_only": accuracy(p_knn, labels),
            "knn_plm_agreement": float((p_knn.argmax(-1) == p_plm.argmax(-1)).mean())}
     model = trainer.model
-    if model.key_encoder is not None:  # the store alone by each read-out, on the same keys (k 16, T 1; T_cm tuned)
+    if model.key_encoder is not None:  # the store alone by each read-out, on the same keys (argmax: T plays no part)
         c = model.config
         out["knn_only_by_readout"] = {
-            "topk": accuracy(model.lifecycle.knn_distribution(queries, None, 16, 1.0, "topk", c.knn_score_scale),
-                             labels),
-            "class-mean": accuracy(model.lifecycle.knn_distribution(queries, None, 16, c.class_mean_temperature,
-                                                                    "class-mean", c.knn_score_scale,
-                                                                    c.class_mean_top_m), labels)}
+            readout: accuracy(model.lifecycle.knn_distribution(queries, None, 16, c.readout_temperature(readout=readout),
+                                                               readout, c.knn_score_scale, c.class_mean_top_m), labels)
+            for readout in ("topk", "class-mean", "logistic")}
     return out
 
 
 def run_baseline(task: str, method: str, seed: int, run_spec: RunSpec) -> RunRecord:
-    """fine-tune or linear-probe on the same split and backbone as the prompt methods."""
+    """fine-tune, linear-probe or setfit on the same split and backbone as the prompt methods."""
     import torch
 
+    if method == "setfit":
+        return run_setfit_baseline(task, seed, run_spec)
     from .backbones import load_backbone
     from .baselines import fine_tune, linear_probe
     from .tasks import get_task
@@ -368,6 +400,28 @@ def run_baseline(task: str, method: str, seed: int, run_spec: RunSpec) -> RunRec
                      test_accuracy=out["test_accuracy"], n_test=out["n_test"], dev_accuracy=out["dev_accuracy"],
                      epochs_run=None, train_seconds=train_s, test_seconds=test_s,
                      knn_lambda=0.0, knn_k=None, knn_temperature=None, settings=settings)
+
+
+def run_setfit_baseline(task: str, seed: int, run_spec: RunSpec) -> RunRecord:
+    """The setfit package with its defaults on the run's encoder folder and split (``setfit_baseline.py``)."""
+    import torch
+
+    from .setfit_baseline import run_setfit
+    from .tasks import get_task
+
+    spec = get_task(task)
+    data = load_split(task, seed, run_spec)
+    torch.manual_seed(seed)
+    model = run_spec.model
+    if model.startswith("tiny-"):
+        from ..testing import ensure_tiny_mlm
+
+        model = ensure_tiny_mlm(model)
+    out = run_setfit(model, data["train"], data["dev"], data["test"], seed, progress=not run_spec.no_progress)
+    return RunRecord(**_identity(spec.name, "setfit", seed, run_spec), test_accuracy=out["test_accuracy"],
+                     n_test=out["n_test"], dev_accuracy=out["dev_accuracy"], epochs_run=None,
+                     train_seconds=out["train_seconds"], test_seconds=out["test_seconds"], knn_lambda=None,
+                     knn_k=None, knn_temperature=None, settings=out["settings"])
 
 
 def run_zero_shot(task: str, method: str, seed: int, run_spec: RunSpec) -> RunRecord:

@@ -7,9 +7,19 @@ example's raw text (``text_a``, with ``text_b`` as the second segment of a pair 
 no demonstrations. Keys have unit length, so inner products are cosines (a store with ``metric="cosine"``
 or ``"ip"`` scores them alike).
 
-Two encoders share this interface (``encode(examples) -> (n, D) float32``, ``describe() -> dict``):
+Sentence pairs. By default (``relation = False``) a pair goes through the encoder as one input, so its key
+says what the pair is about. With ``relation = True`` each segment is encoded alone, u = key(a), v = key(b),
+and the key describes how they relate:
+
+    key(a, b) = r / ||r||,    r = [cos(u, v), |u - v|, u * v]          (dimension 2 D + 1)
+
+A store holds one kind of key: an encoder in relation mode encodes a single text as the pair (a, "").
+
+Three encoders share this interface (``encode(examples) -> (n, D) float32``, ``describe() -> dict``):
 
 - :class:`FrozenMeanEncoder`: a frozen copy of a PLM's base encoder, taken when it is built (before training).
+- :class:`AdaptedMeanEncoder`: the same copy, first adapted to the training labels (:mod:`.key_adaptation`,
+  SetFit's contrastive recipe), then frozen.
 - :class:`SentenceEncoder`: any encoder ``AutoModel`` loads (a local folder or a hub name), e.g. an SBERT model.
 
 Neither is a ``torch.nn.Module``: an encoder held as an attribute of a model is not one of its submodules, so
@@ -49,6 +59,7 @@ class MeanPoolEncoder:
         self.model, self.tokenizer = model, tokenizer
         self.max_length, self.batch_size, self.progress = max_length, batch_size, progress
         self.kind, self.source = kind, source
+        self.relation = False  # sentence pairs: one joint input (False) or relation features of the segments
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -56,8 +67,13 @@ class MeanPoolEncoder:
         self._fingerprint: Optional[str] = None
 
     @property
-    def dim(self) -> int:
+    def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
+
+    @property
+    def dim(self) -> int:
+        """The key dimension: D, or 2 D + 1 for relation keys."""
+        return 2 * self.hidden_size + 1 if self.relation else self.hidden_size
 
     @property
     def device(self) -> torch.device:
@@ -76,14 +92,29 @@ class MeanPoolEncoder:
                             "have none")
         return self.encode_texts([ex.text_a for ex in examples], [getattr(ex, "text_b", None) for ex in examples])
 
-    @torch.inference_mode()
     def encode_texts(self, texts_a: Sequence[str], texts_b: Optional[Sequence[Optional[str]]] = None) -> np.ndarray:
-        """Keys of raw texts (``texts_b[i]``, where given and not empty, is the second segment of a pair)."""
+        """Keys of raw texts (``texts_b[i]``, where given and not empty, is the second segment of a pair; in
+        relation mode each segment is encoded alone and the key is their relation features)."""
         texts_b = list(texts_b) if texts_b is not None else [None] * len(texts_a)
         if len(texts_b) != len(texts_a):
             raise ValueError(f"texts_b has {len(texts_b)} entries for {len(texts_a)} texts_a")
+        if not self.relation:
+            return self._mean_keys(texts_a, texts_b)
+        segments = list(dict.fromkeys([*texts_a, *[b or "" for b in texts_b]]))  # each distinct text once
+        keys = dict(zip(segments, self._mean_keys(segments, [None] * len(segments))))
+        u = np.stack([keys[a] for a in texts_a]) if texts_a else np.zeros((0, self.hidden_size), np.float32)
+        v = np.stack([keys[b or ""] for b in texts_b]) if texts_b else np.zeros((0, self.hidden_size), np.float32)
+        return relation_features(torch.from_numpy(u), torch.from_numpy(v)).numpy()
+
+    def segment_keys(self, texts: Sequence[str]) -> np.ndarray:
+        """Plain mean-pooled unit keys of single texts (n, D) float32, whatever the pair mode."""
+        return self._mean_keys(list(texts), [None] * len(texts))
+
+    @torch.inference_mode()
+    def _mean_keys(self, texts_a: Sequence[str], texts_b: Sequence[Optional[str]]) -> np.ndarray:
+        """Mean-pooled unit keys of (pairs of) texts through the encoder, (n, D) float32."""
         self.model.eval()
-        out = np.zeros((len(texts_a), self.dim), dtype=np.float32)
+        out = np.zeros((len(texts_a), self.hidden_size), dtype=np.float32)
         encoded = [self.tokenizer(a, b or None, truncation=True, max_length=self.max_length)
                    for a, b in zip(texts_a, texts_b)]  # a pair where an input has a text_b
         order = np.argsort([len(e["input_ids"]) for e in encoded], kind="stable")  # batches of similar length
@@ -94,6 +125,13 @@ class MeanPoolEncoder:
             hidden = self.model(**batch).last_hidden_state
             out[rows] = mean_pool(hidden, batch["attention_mask"]).float().cpu().numpy()
         return out
+
+    def pooled(self, texts_a: Sequence[str], texts_b: Optional[Sequence[Optional[str]]] = None) -> torch.Tensor:
+        """Mean-pooled unit keys (B, D) with gradients, in the model's current mode (key adaptation)."""
+        texts_b = list(texts_b) if texts_b is not None else [None] * len(texts_a)
+        batch = self._pad([self.tokenizer(a, b or None, truncation=True, max_length=self.max_length)
+                           for a, b in zip(texts_a, texts_b)])
+        return mean_pool(self.model(**batch).last_hidden_state, batch["attention_mask"])
 
     def _pad(self, encoded: Sequence[Dict]) -> Dict[str, torch.Tensor]:
         """Tokenized inputs right-padded into one batch on the encoder's device."""
@@ -114,9 +152,17 @@ class MeanPoolEncoder:
         return self._fingerprint
 
     def identity(self) -> Dict[str, object]:
-        """:meth:`describe` without ``source``: what two encoders must share to build the same keys (the same
-        weights may be loaded from different paths)."""
-        return {k: v for k, v in self.describe().items() if k != "source"}
+        """What a saved run records of its key encoder and a model must share to load it: :meth:`describe`
+        without ``source`` (the same weights may be loaded from different paths) and without the pair mode
+        (``dim`` is the encoder's hidden size; the mode is the run's config, checked with its key store)."""
+        out = {k: v for k, v in self.describe().items() if k not in ("source", "pairs")}
+        out["dim"] = self.hidden_size
+        return out
+
+    def store_identity(self) -> Dict[str, object]:
+        """What a key store built by this encoder records (``built_by``): :meth:`describe`, with the pair mode and
+        the key dimension (loading checks every field but ``source``)."""
+        return self.describe()
 
     def forget_fingerprint(self) -> None:
         """Recompute :meth:`fingerprint` at its next call (after the weights were replaced)."""
@@ -125,9 +171,18 @@ class MeanPoolEncoder:
     def describe(self) -> Dict[str, object]:
         """What built the keys (JSON-able), e.g. for ``KnowledgeStore(built_by=...)``: a saved store records it
         and ``KnowledgeStore.load(expected_built_by=...)`` refuses a store built by another encoder."""
-        return {"key_encoder": self.kind, "source": self.source, "architecture": type(self.model).__name__,
-                "dim": self.dim, "pooling": "mean", "normalization": "l2", "max_length": self.max_length,
-                "weights_sha256": self.fingerprint()}
+        out = {"key_encoder": self.kind, "source": self.source, "architecture": type(self.model).__name__,
+               "dim": self.dim, "pooling": "mean", "normalization": "l2", "max_length": self.max_length,
+               "weights_sha256": self.fingerprint()}
+        if self.relation:
+            out["pairs"] = "relation"
+        return out
+
+
+def relation_features(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """r / ||r|| with r = [cos(u, v), |u - v|, u * v] for unit rows u, v (B, D) -> (B, 2 D + 1)."""
+    cos = (u * v).sum(-1, keepdim=True)
+    return F.normalize(torch.cat([cos, (u - v).abs(), u * v], dim=-1), dim=-1)
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -161,6 +216,60 @@ class FrozenMeanEncoder(MeanPoolEncoder):
                          source=getattr(plm.config, "_name_or_path", None) or type(plm).__name__)
 
 
+class AdaptedMeanEncoder(FrozenMeanEncoder):
+    """A frozen copy of ``plm``'s base encoder, as :class:`FrozenMeanEncoder`, that :meth:`adapt` first fine-tunes
+    on labelled training examples (:mod:`.key_adaptation`): the keys then separate the classes the way the labels
+    do, and stay fixed while the PLM trains (the store still cannot memorise what the model learns).
+
+    Until :meth:`adapt` runs it encodes exactly as :class:`FrozenMeanEncoder` does.
+    """
+
+    def __init__(self, plm: torch.nn.Module, tokenizer, max_length: int = 128, batch_size: int = 32,
+                 progress: bool = False):
+        super().__init__(plm, tokenizer, max_length, batch_size, progress)
+        self.kind = "adapted"
+        self.adaptation: Optional[Dict[str, object]] = None  # what adapt() did (None: not adapted yet)
+
+    def identity(self) -> Dict[str, object]:
+        """As :meth:`MeanPoolEncoder.identity`, without the weights: a run's adapted weights travel with it (their
+        checksum is checked against its key store), and a model built to load it has not been adapted yet."""
+        return {k: v for k, v in super().identity().items() if k not in ("weights_sha256", "adapted", "adaptation")}
+
+    def restore(self, state: Dict[str, torch.Tensor], adaptation: Optional[Dict[str, object]] = None) -> None:
+        """Put saved adapted weights in place (strict: every name and shape must fit), frozen as after :meth:`adapt`."""
+        self.model.load_state_dict(state, strict=True)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+        self.forget_fingerprint()
+        self.adaptation = dict(adaptation or {"restored": True})
+
+    @property
+    def adapted(self) -> bool:
+        return self.adaptation is not None
+
+    def adapt(self, examples: Sequence, steps: int, lr: float, batch_size: int, seed: int,
+              pairs: bool = True) -> Dict[str, object]:
+        """Fine-tune on labelled InputExamples (their texts and labels only), then freeze; returns what was done.
+        ``pairs=False``: relation keys of sentence pairs stay pre-trained (nothing is trained)."""
+        from .key_adaptation import adapt_encoder
+
+        if not examples:
+            raise ValueError("key adaptation needs labelled training examples, got none")
+        if self.relation and not pairs:
+            self.adaptation = {"examples": len(examples), "steps": 0, "objective": "none (pairs kept pre-trained)"}
+        else:
+            self.adaptation = adapt_encoder(self, list(examples), steps, lr, batch_size, seed, progress=self.progress)
+        return self.adaptation
+
+    def describe(self) -> Dict[str, object]:
+        out = super().describe()
+        out["adapted"] = self.adapted
+        if self.adaptation is not None:
+            out["adaptation"] = self.adaptation
+        return out
+
+
 class SentenceEncoder(MeanPoolEncoder):
     """Mean-pooled keys from an encoder loaded with ``AutoModel`` / ``AutoTokenizer.from_pretrained``:
     ``path_or_name`` is a local folder (offline) or a hub name. ``device``: where its weights go."""
@@ -178,4 +287,5 @@ class SentenceEncoder(MeanPoolEncoder):
                          source=str(path_or_name))
 
 
-__all__: List[str] = ["MeanPoolEncoder", "FrozenMeanEncoder", "SentenceEncoder", "mean_pool"]
+__all__: List[str] = ["MeanPoolEncoder", "FrozenMeanEncoder", "AdaptedMeanEncoder", "SentenceEncoder", "mean_pool",
+                       "relation_features"]

@@ -42,6 +42,8 @@ STORE_STATE_KEYS = ("retro_store.keys", "retro_store.labels")
 #: the key store's keys (n, D_key) float32, with a key encoder other than "mask" (its labels are the store's),
 #: and the fingerprint of the encoder that built them (uint8 bytes of its weights' sha256 prefix)
 KEY_STORE_STATE_KEY, KEY_ENCODER_STATE_KEY = "retro_key_store.keys", "retro_key_store.encoder_sha256"
+#: adapted keys: the adapted encoder's weights travel under this prefix (the PLM cannot give them back)
+KEY_ENCODER_PREFIX = "retro_key_encoder."
 #: RetroConfig fields fixed when the model is built (the key encoder is made then)
 _BUILD_TIME_FIELDS = ("key_encoder", "key_encoder_path")
 
@@ -195,8 +197,8 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
     def mixing(self) -> Mixing:
         """How an inference forward mixes p_kNN in, from the config (the read-out's own temperature)."""
         c = self.config
-        return Mixing(c.knn_lambda, c.knn_k, c.readout_temperature(), c.knn_score_scale, c.knn_readout,
-                      c.class_mean_top_m, c.plm_temperature)
+        return Mixing(c.knn_lambda, c.knn_k, c.readout_temperature(), c.knn_score_scale, c.readout,
+                      c.class_mean_top_m, c.plm_temperature, c.logistic_c)
 
     @property
     def has_demonstrations(self) -> bool:
@@ -316,6 +318,45 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
                 np.array(self.lifecycle.key_store.keys, dtype=np.float32))
             destination[prefix + KEY_ENCODER_STATE_KEY] = torch.tensor(
                 list(bytes.fromhex(self.key_encoder.fingerprint())), dtype=torch.uint8)
+        if getattr(self.key_encoder, "adapted", False):
+            for name, t in self.key_encoder.model.state_dict().items():
+                destination[prefix + KEY_ENCODER_PREFIX + name] = t if keep_vars else t.detach()
+
+    def _restore_adapted_encoder(self, state_dict, prefix, key_keys, error_msgs) -> bool:
+        """Put a state_dict's adapted key-encoder weights (and the pair mode its key store implies) in place;
+        False (with the reason in ``error_msgs``) when they do not fit this model."""
+        from .saved_run import state_sha256
+
+        start = prefix + KEY_ENCODER_PREFIX
+        state = {k[len(start):]: v for k, v in state_dict.items() if k.startswith(start)}
+        encoder = self.key_encoder
+        if state and getattr(encoder, "kind", None) != "adapted":
+            error_msgs.append(f"{start}*: the state_dict holds an adapted key encoder, this model's key_encoder is "
+                              f"{self.config.key_encoder!r}")
+            return False
+        if key_keys is not None and encoder is not None and key_keys.shape[1] != encoder.dim:
+            relation = key_keys.shape[1] == 2 * encoder.hidden_size + 1
+            if not relation and key_keys.shape[1] != encoder.hidden_size:
+                error_msgs.append(f"{prefix + KEY_STORE_STATE_KEY}: keys of dimension {key_keys.shape[1]}, this "
+                                  f"model's key encoder gives {encoder.hidden_size} (or {2 * encoder.hidden_size + 1} "
+                                  "for sentence-pair relation keys)")
+                return False
+            encoder.relation = relation
+            self.config.pair_keys = "relation" if relation else "joint"
+            self.lifecycle._replace_key_store()
+            self.lifecycle.forget_keys()
+        if not state:
+            return True
+        own = encoder.model.state_dict()
+        wrong = sorted(set(own) ^ set(state)) + sorted(k for k in set(own) & set(state)
+                                                        if own[k].shape != state[k].shape)
+        if wrong:
+            error_msgs.append(f"{start}*: {len(wrong)} weights do not fit this model's key encoder, e.g. {wrong[:3]}")
+            return False
+        if not encoder.adapted or state_sha256(state) != encoder.fingerprint():
+            encoder.restore({k: v.detach().cpu() for k, v in state.items()})
+            self.lifecycle.forget_keys()
+        return True
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -324,7 +365,8 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
                                       error_msgs)
         names = [prefix + n for n in STORE_STATE_KEYS]
         key_name, sha_name = prefix + KEY_STORE_STATE_KEY, prefix + KEY_ENCODER_STATE_KEY
-        unexpected_keys[:] = [k for k in unexpected_keys if k not in names + [key_name, sha_name]]
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in names + [key_name, sha_name]
+                              and not k.startswith(prefix + KEY_ENCODER_PREFIX)]
         if not all(n in state_dict for n in names):
             return
         keys, labels = (state_dict[n].detach().cpu() for n in names)
@@ -334,6 +376,8 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
                               f"state_dict {'lacks' if keyed else 'has'} the key store a key encoder builds")
             return
         key_keys = state_dict[key_name].detach().cpu().float().numpy() if keyed else None
+        if not self._restore_adapted_encoder(state_dict, prefix, key_keys, error_msgs):
+            return
         if keyed and sha_name in state_dict:
             saved = bytes(state_dict[sha_name].detach().cpu().to(torch.uint8).tolist()).hex()
             if saved != self.key_encoder.fingerprint():
@@ -424,9 +468,23 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         return logits, query
 
     def _knn_gold(self, batch, query, labels) -> torch.Tensor:
-        """p_kNN(y_i | x_i) with each example's own entry left out (1 where the label is missing)."""
-        c = self.config
-        p_knn = self.knn_probs(query, batch[EXCLUDE_KEY], c.train_knn_k, c.readout_temperature(training=True))
+        """p_kNN(y_i | x_i) with each example's own entry left out (1 where the label is missing). With adapted
+        keys it is read from the loss store (the entries' keys before adapting) at each example's own entry;
+        an example without one there gets 1."""
+        c, lifecycle = self.config, self.lifecycle
+        if lifecycle.loss_store is lifecycle.knn_store:
+            p_knn = self.knn_probs(query, batch[EXCLUDE_KEY], c.train_knn_k, c.readout_temperature(training=True))
+        else:
+            store = lifecycle.loss_store
+            own = batch[EXCLUDE_KEY]
+            own = np.full(labels.shape[0], -1) if own is None else own.detach().cpu().numpy().astype(np.int64)
+            known = (own >= 0) & (own < len(store))
+            p_knn = torch.ones(labels.shape[0], self.num_classes, device=labels.device)
+            if known.any():
+                p = lifecycle.knn_distribution(store.keys[own[known]], own[known], c.train_knn_k,
+                                               c.readout_temperature(training=True), c.readout, c.knn_score_scale,
+                                               c.class_mean_top_m, store=store)
+                p_knn[torch.from_numpy(known).to(labels.device)] = torch.from_numpy(p).to(p_knn)
         p = p_knn.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1)
         return torch.where(labels >= 0, p, torch.ones_like(p))
 

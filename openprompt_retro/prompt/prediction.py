@@ -100,7 +100,7 @@ class Prediction:
         ones: ``knn_temperature`` for top-k, ``class_mean_temperature`` for the class-mean read-out)."""
         c = self.config
         return self.verbalizer.knn_probs(query, exclude_ids, k or c.knn_k, temperature or c.readout_temperature(),
-                                         c.knn_score_scale, c.knn_readout, c.class_mean_top_m)
+                                         c.knn_score_scale, c.readout, c.class_mean_top_m, c.logistic_c)
 
     def knn_distribution(self, queries, k: Optional[int] = None, temperature: Optional[float] = None,
                          exclude_ids=None) -> np.ndarray:
@@ -109,7 +109,7 @@ class Prediction:
         :meth:`knn_probs`; the class-mean read-out ignores k)."""
         c = self.config
         return self.lifecycle.knn_distribution(np.asarray(queries, dtype=np.float32), exclude_ids, k or c.knn_k,
-                                               temperature or c.readout_temperature(), c.knn_readout,
+                                               temperature or c.readout_temperature(), c.readout,
                                                c.knn_score_scale, c.class_mean_top_m)
 
     @torch.no_grad()
@@ -126,9 +126,9 @@ class Prediction:
         w_j = softmax_j(z_j / T) over those k, z the scores on ``config.knn_score_scale``
         (:func:`~openprompt_retro.core.knn.knn_weights`, the function behind p_kNN);
         the ``top`` best of them are listed with these weights (not renormalised over
-        the listed ones, so they sum to at most 1). With the class-mean read-out p_kNN comes
-        from each class's mean key instead; the neighbours and their weights still show which
-        entries the query is nearest.
+        the listed ones, so they sum to at most 1). With the class-mean or logistic read-out p_kNN
+        comes from each class's mean key or the fitted regression instead; the neighbours and their
+        weights still show which entries the query is nearest.
         """
         check_top(top)
         was = self.training
@@ -140,7 +140,7 @@ class Prediction:
             k, t, scale = c.knn_k, c.knn_temperature, c.knn_score_scale
             res = store.search(query.float().cpu(), k, exclude)
             weights = knn_weights(res.scores, t, res.labels >= 0, scale)
-            if c.knn_readout == "topk":
+            if c.readout == "topk":
                 p_knn = torch.from_numpy(knn_label_distribution(res.scores, res.labels, self.num_classes, t,
                                                                 scale)).to(p_plm)
             else:

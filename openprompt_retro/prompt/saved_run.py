@@ -7,6 +7,8 @@ A run folder holds::
     prompt_model.safetensors  every weight of the model (PLM, soft tokens, verbalizer head ...)
     retro_config.json         RetroConfig, including the tuned lambda / k / T
     store/                    the knowledge store (see KnowledgeStore.save)
+    key_store/                with a key encoder other than "mask": the store it keyed
+    key_encoder.safetensors   adapted keys: the adapted encoder (frozen-mean with save_plm: the frozen copy)
     text_pool.json            text demonstrations only: the labeled pool they are drawn from
     plm/                      with save_plm=True: the PLM and tokenizer (save_pretrained)
     training_args.json        written by RetroTrainer.save
@@ -40,7 +42,8 @@ from ..core.config import RetroConfig
 from ..core.store import KnowledgeStore, atomic_folder, sha256_file
 
 RUN_FILE, WEIGHTS, CONFIG, STORE = "run.json", "prompt_model.safetensors", "retro_config.json", "store"
-#: with a key encoder other than "mask": its store, and (frozen-mean with save_plm) the frozen copy's weights
+#: with a key encoder other than "mask": its store, and the key encoder's own weights where the PLM cannot give
+#: them back: adapted keys (always, once adapted), frozen-mean keys with save_plm (plm/ holds the trained weights)
 KEY_STORE, KEY_ENCODER_WEIGHTS = "key_store", "key_encoder.safetensors"
 PLM_DIR, TEXT_POOL, TRAINING_ARGS, TRAINER_FILE = "plm", "text_pool.json", "training_args.json", "trainer.json"
 #: 2: run.json's checksums cover every file of the folder (1: the weights and the config only)
@@ -281,11 +284,12 @@ def save_run(model, directory: str, save_plm: bool = False, model_type: Optional
         if save_plm:
             model.plm.save_pretrained(os.path.join(tmp, PLM_DIR))
             model.template.tokenizer.save_pretrained(os.path.join(tmp, PLM_DIR))
-            if model.config.key_encoder == "frozen-mean":  # plm/ holds the trained weights, not the frozen ones
-                from safetensors.torch import save_file
+        adapted = getattr(model.key_encoder, "adapted", False)
+        if adapted or (save_plm and model.config.key_encoder == "frozen-mean"):
+            from safetensors.torch import save_file  # plm/ (or the hub) holds other weights than these
 
-                save_file({k: v.contiguous() for k, v in model.key_encoder.model.state_dict().items()},
-                          os.path.join(tmp, KEY_ENCODER_WEIGHTS))
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.key_encoder.model.state_dict().items()},
+                      os.path.join(tmp, KEY_ENCODER_WEIGHTS))
         pool_saved = save_text_pool(model.template, tmp)
         for name, value in (extra_json or {}).items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
@@ -304,6 +308,7 @@ class Loaded(NamedTuple):
     store: KnowledgeStore
     tensors: Dict[str, torch.Tensor]
     key_store: Optional[KnowledgeStore] = None
+    key_encoder_state: Optional[Dict[str, torch.Tensor]] = None  # adapted keys: the adapted weights
 
 
 class Snapshot(NamedTuple):
@@ -540,31 +545,76 @@ def read_checked(model, directory: str) -> Loaded:
     if store.num_classes != model.num_classes:
         raise SavedRunError(f"the store in {os.path.join(directory, STORE)!r} has {store.num_classes} classes, this "
                             f"model has {model.num_classes}; nothing was loaded")
-    key_store = _read_key_store(model, directory, snap)
+    if config.key_encoder != model.config.key_encoder or config.key_encoder_path != model.config.key_encoder_path:
+        raise SavedRunError(f"the run at {directory!r} was saved with key_encoder={config.key_encoder!r} "
+                            f"(key_encoder_path={config.key_encoder_path!r}), this model has "
+                            f"{model.config.key_encoder!r} ({model.config.key_encoder_path!r}); nothing was loaded")
+    encoder_state = _read_adapted_encoder(model, directory, snap)
+    key_store = _read_key_store(model, directory, snap, config, encoder_state)
     path = os.path.join(directory, WEIGHTS)
     try:
         tensors = load_tensors(snap.read(WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:
         raise SavedRunError(f"corrupt {path}: {e}; nothing was loaded") from None
     _check_weights(model, path, tensors)
-    if config.key_encoder != model.config.key_encoder or config.key_encoder_path != model.config.key_encoder_path:
-        raise SavedRunError(f"the run at {directory!r} was saved with key_encoder={config.key_encoder!r} "
-                            f"(key_encoder_path={config.key_encoder_path!r}), this model has "
-                            f"{model.config.key_encoder!r} ({model.config.key_encoder_path!r}); nothing was loaded")
-    return Loaded(config, store, tensors, key_store)
+    return Loaded(config, store, tensors, key_store, encoder_state)
 
 
-def _read_key_store(model, directory: str, snap) -> Optional[KnowledgeStore]:
-    """The saved key store (None for key_encoder="mask"), checked against the model's key encoder."""
+def state_sha256(state: Dict[str, torch.Tensor]) -> str:
+    """The fingerprint of a set of weights, as :meth:`MeanPoolEncoder.fingerprint` computes it for its own."""
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _read_adapted_encoder(model, directory: str, snap) -> Optional[Dict[str, torch.Tensor]]:
+    """An adapted key encoder's saved weights (None: the model's key encoder is not adapted, or the run was saved
+    before adapting), checked against the encoder's names and shapes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_tensors
+
+    if getattr(model.key_encoder, "kind", None) != "adapted":
+        return None
+    data = snap.read(KEY_ENCODER_WEIGHTS)
+    if data is None:
+        return None
+    path = os.path.join(directory, KEY_ENCODER_WEIGHTS)
+    try:
+        state = load_tensors(data)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SavedRunError(f"corrupt {path}: {e}; nothing was loaded") from None
+    own = model.key_encoder.model.state_dict()
+    wrong = sorted(set(own) ^ set(state)) + sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if wrong:
+        raise SavedRunError(f"{path} does not fit this model's key encoder ({len(wrong)} weights differ in name or "
+                            f"shape, e.g. {wrong[:3]}); nothing was loaded")
+    return state
+
+
+def _read_key_store(model, directory: str, snap, config: RetroConfig,
+                    encoder_state: Optional[Dict[str, torch.Tensor]] = None) -> Optional[KnowledgeStore]:
+    """The saved key store (None for key_encoder="mask"), checked against the model's key encoder as the run
+    had it: the saved config's pair keys, and the saved adapted weights where there are some."""
     from ..core.store import StoreError
 
-    if model.key_encoder is None:
+    encoder = model.key_encoder
+    if encoder is None:
         return None
     files = {name[len(KEY_STORE) + 1:]: data for name, data in snap.files.items()
              if name.startswith(KEY_STORE + "/")}
+    expected = encoder.identity()
+    relation = config.pair_keys == "relation"
+    expected["dim"] = 2 * encoder.hidden_size + 1 if relation else encoder.hidden_size
+    if relation:
+        expected["pairs"] = "relation"
+    if encoder.kind == "adapted":
+        expected["weights_sha256"] = state_sha256(encoder_state) if encoder_state is not None \
+            else encoder.fingerprint()
     try:
-        store = KnowledgeStore.load(os.path.join(directory, KEY_STORE), expected_dim=model.key_encoder.dim,
-                                    expected_built_by=model.key_encoder.identity(), files=files)
+        store = KnowledgeStore.load(os.path.join(directory, KEY_STORE), expected_dim=expected["dim"],
+                                    expected_built_by=expected, files=files)
     except StoreError as e:
         raise StoreError(f"{e}; nothing was loaded") from None
     if store.num_classes != model.num_classes:
@@ -577,6 +627,13 @@ def swap_in(model, loaded: Loaded) -> None:
     """Put validated parts in place (names and shapes were checked: this cannot fail half-way)."""
     model.load_state_dict(loaded.tensors, strict=False)
     model.config = loaded.config
+    if model.key_encoder is not None:
+        model.key_encoder.relation = loaded.config.pair_keys == "relation"
+    if loaded.key_encoder_state is not None:
+        adaptation = (loaded.key_store.built_by.get("adaptation") if loaded.key_store is not None else None)
+        model.key_encoder.restore(loaded.key_encoder_state, adaptation)
+    if model.key_encoder is not None:
+        model.lifecycle.forget_keys()
     if loaded.key_store is not None:
         model.lifecycle.key_store = loaded.key_store
     model.store = loaded.store
@@ -600,8 +657,8 @@ def _restore_frozen_encoder(model, directory: str) -> None:
     checked by ``load`` like any other."""
     from safetensors.torch import load as load_tensors
 
-    data = read_snapshot(directory).read(KEY_ENCODER_WEIGHTS) if model.key_encoder is not None else None
-    if data is None:
+    data = read_snapshot(directory).read(KEY_ENCODER_WEIGHTS) if model.config.key_encoder == "frozen-mean" else None
+    if data is None:  # adapted keys: load() puts the adapted weights in place itself
         return
     encoder = model.key_encoder
     try:

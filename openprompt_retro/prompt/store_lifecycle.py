@@ -13,6 +13,12 @@
   holding the same example as entry i of the [MASK] store. Its keys never change, so each text is encoded
   once (a cache by text); kNN inference and the kNN loss read it (:attr:`knn_store`). The [MASK] store is
   then kept only for neural demonstrations.
+* with ``key_encoder="adapted"``: at the first build from training data, the key encoder is adapted to that
+  data's labels (its examples only), then frozen. Keys adapted on the store's own labels would make the loss
+  weights and the gate dishonest (every entry already looks easy), so those read the *loss store*: the same
+  entries keyed by the encoder as it was before adapting (:attr:`loss_store`).
+* the keys of sentence pairs (``RetroConfig.pair_keys``): "auto" is settled at the first build, by whether
+  the examples have a ``text_b``.
 
 Rebuilt: at the first training forward of every pass over the training loader, before the first
 inference forward after training forwards, and before ``state_dict()`` / ``save`` when stale.
@@ -27,7 +33,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from ..core.readout import class_mean_distribution
+from ..core.readout import readout_distribution
 from ..core.store import KnowledgeStore
 from .text import example_text
 from . import distributed, loaders
@@ -62,10 +68,12 @@ def _example_at(uid: int):
 def make_key_encoder(config, plm, tokenizer):
     """The key encoder ``config.key_encoder`` names (None for "mask"): a frozen copy of ``plm``'s encoder taken
     now, or the sentence encoder at ``config.key_encoder_path``."""
-    from .key_encoders import FrozenMeanEncoder, SentenceEncoder
+    from .key_encoders import AdaptedMeanEncoder, FrozenMeanEncoder, SentenceEncoder
 
     if config.key_encoder == "frozen-mean":
         return FrozenMeanEncoder(plm, tokenizer)
+    if config.key_encoder == "adapted":
+        return AdaptedMeanEncoder(plm, tokenizer)
     if config.key_encoder == "sentence":
         return SentenceEncoder(config.key_encoder_path)
     return None
@@ -99,9 +107,13 @@ class StoreLifecycle:
         self.key_encoder = key_encoder  # make_key_encoder's, for config.key_encoder (None: "mask")
         self.key_store: Optional[KnowledgeStore] = None  # built by the key encoder (None for key_encoder="mask")
         if self.key_encoder is not None:
-            self.key_store = KnowledgeStore(self.key_encoder.dim, model.num_classes, metric="ip",
-                                            index_factory=c.index_factory, built_by=self.key_encoder.describe())
+            if c.pair_keys == "relation":
+                self.key_encoder.relation = True
+            self.key_store = self._new_key_store()
         self._key_cache: Dict[tuple, np.ndarray] = {}  # (text_a, text_b) -> the key encoder's key
+        #: adapted keys: (text_a, text_b) -> the key before adapting, and the store of those keys (loss, gate)
+        self._pretrained_cache: Dict[tuple, np.ndarray] = {}
+        self._loss_store: Optional[KnowledgeStore] = None
         self._encoded_loaders: set = set()  # serials of the loaders whose examples are all in the key cache
         self._source_ref = None  # weak reference to the training data the store is built from
         self._source_serials: set = set()  # serials of the loaders whose examples are that training data
@@ -119,6 +131,84 @@ class StoreLifecycle:
     def knn_store(self) -> KnowledgeStore:
         """The store that kNN inference and the kNN-guided loss read: the key store, else the [MASK] store."""
         return self.key_store if self.key_store is not None else self.store
+
+    @property
+    def loss_store(self) -> KnowledgeStore:
+        """The store that the kNN-guided loss weights and the loss gate read: for adapted keys the same entries
+        keyed by the encoder before adapting (honest: no entry's key saw its own label), else :attr:`knn_store`."""
+        return self._loss_store if self._loss_store is not None else self.knn_store
+
+    @property
+    def adapts_keys(self) -> bool:
+        """Whether the key encoder is adapted to the training labels (``key_encoder="adapted"``)."""
+        return getattr(self.key_encoder, "kind", None) == "adapted"
+
+    def _new_key_store(self) -> KnowledgeStore:
+        c = self.model.config
+        return KnowledgeStore(self.key_encoder.dim, self.model.num_classes, metric="ip",
+                              index_factory=c.index_factory, built_by=self.key_encoder.store_identity())
+
+    def _replace_key_store(self) -> None:
+        """An empty key store of the key encoder's current dimension (the verbalizer reads the new one)."""
+        self.key_store = self._new_key_store()
+        verbalizer = getattr(self.model, "verbalizer", None)
+        if verbalizer is not None:
+            verbalizer.store = self.knn_store
+
+    def settle_pair_keys(self, examples) -> None:
+        """Settle ``pair_keys="auto"`` by whether ``examples`` have a text_b (relation features for pairs);
+        the config then names the choice. A no-op once settled, or without a key encoder."""
+        c = self.model.config
+        if self.key_encoder is None or c.pair_keys != "auto":
+            return
+        relation = any(getattr(e, "text_b", None) for e in examples)
+        c.pair_keys = "relation" if relation else "joint"
+        if relation != self.key_encoder.relation:
+            if len(self.key_store):
+                raise ValueError("the key store already holds single-text keys: pair keys cannot be settled now")
+            self.key_encoder.relation = relation
+            self._replace_key_store()
+            self.forget_keys()
+
+    def adapt_keys(self, examples) -> None:
+        """Adapt the key encoder to labelled training ``examples`` (once; ``key_encoder="adapted"`` only), first
+        keeping their keys as they were before adapting (the loss store's). Reads nothing but ``examples``."""
+        if not self.adapts_keys or self.key_encoder.adapted:
+            return
+        c = self.model.config
+        examples = list(examples)
+        if any(getattr(e, "label", None) is None for e in examples):
+            raise ValueError("key adaptation needs labelled training examples: an example has no label")
+        self.encode_examples(examples)  # the pre-trained keys, for the loss store
+        self._pretrained_cache = dict(self._key_cache)
+        import torch
+
+        with torch.random.fork_rng():  # the adaptation's seed comes from the caller's random state, untouched
+            seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+        device = next(self.model.plm.parameters()).device
+        if self.key_encoder.device != device:
+            self.key_encoder.to(device)
+        self.key_encoder.adapt(examples, c.adapt_steps, c.adapt_lr, c.adapt_batch_size, seed, pairs=c.adapt_pairs)
+        self.forget_keys()
+        self._replace_key_store()
+
+    def _build_loss_store(self, labels: np.ndarray, texts_of: list) -> None:
+        """The loss store of adapted keys: entry i keyed by example i's pre-adaptation key (None where unknown)."""
+        if not self.adapts_keys or not self.key_encoder.adapted:
+            self._loss_store = None
+            return
+        missing = [t for t in texts_of if t not in self._pretrained_cache]
+        if missing:  # e.g. training data changed after the adaptation: no honest weights for them
+            if not getattr(self, "_warned_loss_store", False):
+                warnings.warn(f"{len(missing)} store entries were not among the examples the key encoder was adapted "
+                              "on: the kNN-guided loss weights read the adapted keys for them", stacklevel=_callers_level())
+                self._warned_loss_store = True
+            self._loss_store = None
+            return
+        store = KnowledgeStore(self.key_encoder.hidden_size if not self.key_encoder.relation else self.key_encoder.dim,
+                               self.model.num_classes, metric="ip", built_by={"key_encoder": "pre-adaptation"})
+        store.build(np.stack([self._pretrained_cache[t] for t in texts_of]), labels)
+        self._loss_store = store
 
     @property
     def needs_mask_store(self) -> bool:
@@ -165,14 +255,12 @@ class StoreLifecycle:
                                                           "model, and keep it alive while it is used")
 
     def knn_distribution(self, queries, exclude_ids, k: int, temperature: float, readout: str, scale: str,
-                         top_m: Optional[int] = None) -> np.ndarray:
-        """p_kNN(y|x) (B, C) float32 from :attr:`knn_store` by ``readout``: "topk" (k nearest, T in the
-        ``scale``'s units) or "class-mean" (each class's mean key, T on the cosine scale)."""
-        store = self.knn_store
-        if readout == "class-mean":
-            return class_mean_distribution(queries, store.keys, store.labels, self.model.num_classes, temperature,
-                                           top_m, exclude_ids)
-        return store.knn_distribution(queries, k, temperature, exclude_ids, scale)
+                         top_m: Optional[int] = None, store: Optional[KnowledgeStore] = None) -> np.ndarray:
+        """p_kNN(y|x) (B, C) float32 from ``store`` (default :attr:`knn_store`) by ``readout``
+        (:func:`~openprompt_retro.core.readout.readout_distribution`): "topk" (k nearest, T in the ``scale``'s
+        units), "class-mean" (each class's mean key, T on the cosine scale) or "logistic"."""
+        return readout_distribution(readout, self.knn_store if store is None else store, queries, temperature,
+                                    exclude_ids, k, scale, top_m, self.model.config.logistic_c)
 
     @property
     def source(self):
@@ -224,6 +312,8 @@ class StoreLifecycle:
                                  "needs its own guid (or none at all)")
         if hasattr(dataloader, "tensor_dataset") and loaders.serial_of(dataloader) is None:
             loaders.tag_loader(dataloader)  # built before openprompt_retro was imported
+        if self.key_encoder is not None and raw is not None:
+            self.settle_pair_keys(raw)
         if not self.needs_mask_store:
             keys, (labels, guids, uids) = None, _feature_rows(dataloader)
         elif distributed.is_distributed():
@@ -266,12 +356,25 @@ class StoreLifecycle:
 
 
     def _rebuild(self, dataloader, progress: bool, added: list) -> None:
-        """Build the store from ``dataloader`` (then re-add ``added``) and recompute the kNN loss gate."""
+        """Build the store from ``dataloader`` (then re-add ``added``) and recompute the kNN loss gate; adapted
+        keys are adapted first, on ``dataloader``'s examples (the training data)."""
+        if self.adapts_keys and not self.key_encoder.adapted:
+            raw = getattr(dataloader, "raw_dataset", None)
+            if raw is None:
+                raise ValueError("key_encoder='adapted' adapts the keys on the training examples' texts and labels: "
+                                 "build the store from a PromptDataLoader (it keeps its examples)")
+            self.settle_pair_keys(raw)
+            self.adapt_keys(raw)
         keys, key_keys, labels, guids, texts, uids = self._encode(dataloader, progress)
         if keys is not None:
             self.store.build(keys, labels, guids, texts)
         if key_keys is not None:
+            self.key_store.built_by = self.key_encoder.store_identity()
             self.key_store.build(key_keys, labels, guids, texts)
+            if self.adapts_keys:
+                examples = [_example_at(int(u)) if u >= 0 else None for u in uids]
+                self._build_loss_store(labels, [None if e is None else (e.text_a, getattr(e, "text_b", None) or None)
+                                                for e in examples])
         self._entry_of_uid, self._example_entries = {}, {}
         self._note_entries(uids, np.arange(len(uids)))
         serial = loaders.serial_of(dataloader)
@@ -437,17 +540,15 @@ class StoreLifecycle:
 
 
     def update_gate(self) -> float:
-        """Leave-one-out kNN accuracy of the store; the kNN loss term is active only above chance.
+        """Leave-one-out accuracy of :attr:`loss_store` by the configured read-out (each entry read without
+        itself); the kNN loss term is active only above chance.
 
         Chance is the majority-class rate of the store. Returns the accuracy.
         """
-        c, store = self.model.config, self.knn_store
-        if c.knn_readout == "class-mean":
-            p = self.knn_distribution(store.keys, np.arange(len(store)), c.train_knn_k, c.class_mean_temperature,
-                                      "class-mean", c.knn_score_scale, c.class_mean_top_m)
-            acc = float((p.argmax(-1) == store.labels).mean())
-        else:
-            acc = store.leave_one_out_accuracy(c.train_knn_k, c.train_knn_temperature, c.knn_score_scale)
+        c, store = self.model.config, self.loss_store
+        p = self.knn_distribution(store.keys, np.arange(len(store)), c.train_knn_k, c.readout_temperature(training=True),
+                                  c.readout, c.knn_score_scale, c.class_mean_top_m, store=store)
+        acc = float((p.argmax(-1) == store.labels).mean())
         chance = float(np.bincount(store.labels, minlength=self.model.num_classes).max() / len(store))
         self.knn_loss_active = (not c.knn_loss_gate) or acc > chance
         self.store_loo_accuracy = acc

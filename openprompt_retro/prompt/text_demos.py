@@ -83,7 +83,18 @@ class EncoderDemoRetriever(PoolDemoRetriever):
     def __init__(self, pool: Sequence, num_classes: int, encoder):
         super().__init__(pool, num_classes)
         self.encoder = encoder
-        self.keys = np.asarray(encoder.encode(self.pool), dtype=np.float32)
+        self._keys, self._keys_of = None, None
+
+    @property
+    def keys(self) -> np.ndarray:
+        """The pool's keys by the encoder as it is now (encoded again after it was adapted or its pair keys were
+        settled)."""
+        state = (getattr(self.encoder, "dim", None), getattr(self.encoder, "_fingerprint", None),
+                 getattr(self.encoder, "adaptation", None) is not None)
+        if self._keys is None or state != self._keys_of:
+            self._keys = np.asarray(self.encoder.encode(self.pool), dtype=np.float32)
+            self._keys_of = state
+        return self._keys
 
     def similarities(self, example) -> np.ndarray:
         return self.keys @ np.asarray(self.encoder.encode([example]), dtype=np.float32)[0]

@@ -18,8 +18,9 @@ from openprompt.data_utils import InputFeatures
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from ..core.knn import MixtureGrid, accuracy, choose_temperature
-from ..core.readout import CLASS_MEAN_TEMPERATURES, class_mean_scores
+from ..core.knn import (MixtureGrid, accuracy, choose_temperature, log_loss, softmax_scores, store_guard,
+                        temperature_scale)
+from ..core.readout import READOUT_TEMPERATURES, readout_scores
 from ..core.store import StoreError
 from . import distributed
 from .keys import demonstrations_off
@@ -306,25 +307,51 @@ class RetroTrainer:
         return np.concatenate(p), np.concatenate(q), labels
 
     def tune_inference(self, dev) -> Dict[str, float]:
-        """Choose the mixture on the dev split (never on test): with the class-mean read-out first its T_cm, by
-        the dev log-loss of the store alone; then lambda, k and T (and T_plm where the grid has candidates) by
-        dev accuracy, ties broken as the grid says (:class:`~openprompt_retro.core.knn.MixtureGrid`)."""
+        """Choose the mixture on the dev split (never on test), in three steps:
+
+        1. the read-out (``knn_readout="auto"``: the one of top-k, class-mean and logistic with the best
+           store-alone dev accuracy, ties to the smaller dev log-loss) and its temperature (class-mean and
+           logistic: by the dev log-loss of the store alone);
+        2. lambda, k and T (and T_plm where the grid has candidates) by dev accuracy of the mixture, ties broken
+           as the grid says (:class:`~openprompt_retro.core.knn.MixtureGrid`);
+        3. the guard (``store_guard_alpha``): a store that does no better than the dev majority-class rate
+           (:func:`~openprompt_retro.core.knn.store_guard`) gets lambda = 0, the reason in ``tuned["store_guard"]``.
+        """
         model = self.model
         p_plm, queries, labels = self.collect(dev)
-        if model.config.knn_readout == "class-mean":
-            store, c = model.knn_store, model.config
-            scores = class_mean_scores(queries, store.keys, store.labels, model.num_classes, c.class_mean_top_m)
-            model.apply_config(class_mean_temperature=choose_temperature(scores, labels,
-                                                                         CLASS_MEAN_TEMPERATURES).temperature)
-            best = self.grid.select(p_plm, labels, lambda k, t: model.knn_distribution(queries, k))  # T_cm as chosen
-        else:
+        c = model.config
+        readouts = {}
+        for readout in (("topk", "class-mean", "logistic") if c.knn_readout == "auto" else (c.readout,)):
+            if readout == "topk":
+                t = c.knn_temperature
+                p = model.lifecycle.knn_distribution(queries, None, c.knn_k, t, "topk", c.knn_score_scale)
+            else:
+                scores = readout_scores(readout, model.knn_store, queries, None, c.class_mean_top_m, c.logistic_c)
+                t = choose_temperature(scores, labels, READOUT_TEMPERATURES[readout]).temperature
+                p = softmax_scores(scores, t)
+            readouts[readout] = {"accuracy": accuracy(p, labels), "log_loss": log_loss(p, labels), "temperature": t}
+        chosen = max(readouts, key=lambda r: (readouts[r]["accuracy"], -round(readouts[r]["log_loss"], 12)))
+        fields = {"knn_readout": chosen} if c.knn_readout == "auto" else {}
+        if chosen == "class-mean":
+            fields["class_mean_temperature"] = readouts[chosen]["temperature"]
+        elif chosen == "logistic":
+            fields["logistic_temperature"] = readouts[chosen]["temperature"]
+        model.apply_config(**fields)
+        if chosen == "topk":
             best = self.grid.select(p_plm, labels, lambda k, t: model.knn_distribution(queries, k, t))
-        model.apply_config(knn_lambda=best.lam, knn_k=best.k, knn_temperature=best.temperature,
+        else:  # the read-out's own T, as chosen
+            best = self.grid.select(p_plm, labels, lambda k, t: model.knn_distribution(queries, k))
+        guard = store_guard(model.knn_distribution(queries, best.k, best.temperature if chosen == "topk" else None),
+                            labels, c.store_guard_alpha)
+        lam = best.lam if guard["passes"] else 0.0
+        model.apply_config(knn_lambda=lam, knn_k=best.k, knn_temperature=best.temperature,
                            plm_temperature=best.plm_temperature)
-        self.tuned = {"dev_accuracy": best.accuracy, "knn_lambda": best.lam, "knn_k": best.k,
+        dev_acc = best.accuracy if guard["passes"] else accuracy(temperature_scale(p_plm, best.plm_temperature), labels)
+        self.tuned = {"dev_accuracy": dev_acc, "knn_lambda": lam, "knn_k": best.k,
                       "knn_temperature": best.temperature, "dev_accuracy_plm_only": accuracy(p_plm, labels),
                       "plm_temperature": best.plm_temperature,
-                      "class_mean_temperature": model.config.class_mean_temperature}
+                      "class_mean_temperature": model.config.class_mean_temperature,
+                      "knn_readout": chosen, "readout_dev": readouts, "store_guard": guard}
         return self.tuned
 
     # ---------------------------------------------------------------- open book

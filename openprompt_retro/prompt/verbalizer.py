@@ -27,7 +27,7 @@ import torch
 from openprompt.prompt_base import Verbalizer
 
 from ..core.knn import mix
-from ..core.readout import class_mean_distribution
+from ..core.readout import readout_distribution
 from ..core.store import KnowledgeStore
 from . import patches
 from .batch import EXCLUDE_KEY, QUERY_KEY, batch_get
@@ -40,8 +40,9 @@ _EPS = 1e-12
 @dataclass(frozen=True)
 class Mixing:
     """How one forward mixes p_kNN in: P = lam p_kNN + (1 - lam) softmax(z / T_plm), p_kNN read by ``readout``:
-    "topk" (the k nearest entries at temperature T on score scale ``scale``) or "class-mean" (each class's
-    mean key, of its ``top_m`` nearest entries or all, at temperature T on the cosine scale).
+    "topk" (the k nearest entries at temperature T on score scale ``scale``), "class-mean" (each class's
+    mean key, of its ``top_m`` nearest entries or all, at temperature T on the cosine scale) or "logistic" (a
+    regression with C = ``logistic_c`` fitted on the store's keys, its log-probabilities divided by T).
     ``RetroPromptForClassification`` passes one per call (from its RetroConfig); a KnnVerbalizer on its own
     uses its attributes instead."""
 
@@ -52,6 +53,7 @@ class Mixing:
     readout: str = "topk"
     top_m: Optional[int] = None
     plm_temperature: float = 1.0
+    logistic_c: float = 1.0
 
 
 #: what ``process_outputs(..., mixing=...)`` receives from callers that do not pass one (OpenPrompt's own)
@@ -141,20 +143,16 @@ class KnnVerbalizer(PassThroughToBase, Verbalizer):
 
     def knn_probs(self, query_keys: torch.Tensor, exclude_ids=None, k: Optional[int] = None,
                   temperature: Optional[float] = None, scale: Optional[str] = None, readout: str = "topk",
-                  top_m: Optional[int] = None) -> torch.Tensor:
+                  top_m: Optional[int] = None, logistic_c: float = 1.0) -> torch.Tensor:
         """p_kNN(y|x) for query keys (k, T and the score scale default to this verbalizer's); ``readout``:
-        "topk" or "class-mean" (see :class:`Mixing`)."""
+        "topk", "class-mean" or "logistic" (see :class:`Mixing`)."""
         if self.store is None:
             raise ValueError("KnnVerbalizer has no knowledge store: build one (build_store) and set .store")
         q = query_keys.detach().float().cpu()
-        if readout == "class-mean":
-            if hasattr(exclude_ids, "detach"):
-                exclude_ids = exclude_ids.detach().cpu()
-            p = class_mean_distribution(q.numpy(), self.store.keys, self.store.labels, self.num_classes,
-                                        temperature or self.temperature, top_m, exclude_ids)
-        else:
-            p = self.store.knn_distribution(q, k or self.k, temperature or self.temperature, exclude_ids,
-                                            scale or self.scale)
+        if hasattr(exclude_ids, "detach"):
+            exclude_ids = exclude_ids.detach().cpu()
+        p = readout_distribution(readout, self.store, q.numpy(), temperature or self.temperature, exclude_ids,
+                                 k or self.k, scale or self.scale, top_m, logistic_c)
         return torch.from_numpy(p).to(query_keys.device)
 
     def process_outputs(self, outputs, batch, mixing=OWN_RULE, **kwargs):
@@ -173,6 +171,6 @@ class KnnVerbalizer(PassThroughToBase, Verbalizer):
         if query is None:
             query = self.key_head(hidden_at_mask)
         p_knn = self.knn_probs(query, batch_get(batch, EXCLUDE_KEY), mixing.k, mixing.temperature, mixing.scale,
-                               mixing.readout, mixing.top_m).to(plm_out.dtype)
+                               mixing.readout, mixing.top_m, mixing.logistic_c).to(plm_out.dtype)
         p = mix(torch.softmax(plm_out, dim=-1), p_knn, mixing.lam)
         return torch.log(p.clamp_min(_EPS))
