@@ -23,6 +23,7 @@ clipped at norm 1; dropout on while adapting. Only the examples given are read: 
 """
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Optional, Sequence
 
@@ -71,6 +72,7 @@ def adapt_encoder(encoder, examples: Sequence, steps: int, lr: float, batch_size
     ``seed`` fixes the batches and dropout (the global random state is left as it was). Pairs are adapted only
     when ``encoder.relation`` is set (relation keys); single texts always. Returns what was done (JSON-able).
     """
+    t0 = time.time()
     labels = np.array([int(e.label) for e in examples], dtype=np.int64)
     pairs = bool(getattr(encoder, "relation", False))
     info = {"examples": len(examples), "steps": 0, "objective": "segment-cosine" if pairs else "contrastive",
@@ -121,6 +123,7 @@ def adapt_encoder(encoder, examples: Sequence, steps: int, lr: float, batch_size
                 p.requires_grad_(False)
                 p.grad = None
     encoder.forget_fingerprint()
+    info["seconds"] = round(time.time() - t0, 2)
     return info
 
 
