@@ -1,14 +1,20 @@
 """The adapted-keys study table: mean dev accuracy (the choice) and mean test accuracy (shown, never used) of each
 candidate default on the same 18 dev splits (SST-2, subj, trec, MRPC, RTE, QNLI x seeds 13/21/42), and the
-choice written to STUDY/choice.json: the complete candidate with the highest mean dev accuracy (ties: the first
-listed, today's default first).
+choice written to STUDY/choice.json once every candidate is complete: the candidate run with today's code that
+has the highest mean dev accuracy (ties: the first listed). Issue 20's rows are shown beside them, not chosen
+among them: they ran without the mixture guard and with joint pair keys, so their dev accuracies are not
+comparable (dev picked lambda without the guard's check).
 
 Candidates (rows of the same splits):
-  frozen (today)        single texts: benchmarks/frozen_study/demo-keyenc-classmean (issue 20's choice);
-                        pairs: the retro rows of benchmarks/results-frozen-heldout (joint frozen keys)
+  frozen                benchmarks/adapted_study/frozen-auto: the frozen encoder's keys with today's code, on single
+                        texts; on pairs the rows of adapted-auto (which keeps the pre-trained pair encoder: the
+                        same keys, the same runs)
   adapted               benchmarks/adapted_study/adapted-auto (pairs: relation keys, pre-trained encoder)
   adapted + pairs       single texts as "adapted" (adapt_pairs changes nothing there); pairs from
                         benchmarks/adapted_study/adapted-auto-pairs (the pair encoder adapted too)
+Shown:
+  issue 20 (frozen)     single texts: benchmarks/frozen_study/demo-keyenc-classmean (issue 20's choice);
+                        pairs: the retro rows of benchmarks/results-frozen-heldout (joint frozen keys)
 
     python benchmarks/scripts/adapted_study_table.py
 """
@@ -31,16 +37,24 @@ def rows(path, method="retro", tasks=SINGLE + PAIRS):
     return [r for r in out if r["method"] == method and r["task"] in tasks and r["seed"] in SEEDS]
 
 
+def issue20():
+    return rows(os.path.join("benchmarks", "frozen_study", "demo-keyenc-classmean", "results.jsonl"), tasks=SINGLE) \
+        + rows(os.path.join("benchmarks", "results-frozen-heldout", "results.jsonl"), tasks=PAIRS)
+
+
 def candidates():
     adapted = rows(os.path.join(STUDY, "adapted-auto", "results.jsonl"))
     return {
-        "frozen (today)": rows(os.path.join("benchmarks", "frozen_study", "demo-keyenc-classmean", "results.jsonl"),
-                               tasks=SINGLE)
-        + rows(os.path.join("benchmarks", "results-frozen-heldout", "results.jsonl"), tasks=PAIRS),
+        "frozen": rows(os.path.join(STUDY, "frozen-auto", "results.jsonl"), tasks=SINGLE)
+        + [r for r in adapted if r["task"] in PAIRS],
         "adapted": adapted,
         "adapted + pairs": [r for r in adapted if r["task"] in SINGLE]
         + rows(os.path.join(STUDY, "adapted-auto-pairs", "results.jsonl"), tasks=PAIRS),
     }
+
+
+def sorted_rows(picked):
+    return sorted(picked, key=lambda r: (r["task"], r["seed"]))
 
 
 def line(name, picked, tasks):
@@ -57,19 +71,24 @@ def main():
     for title, tasks in (("single texts (SST-2, subj, trec)", SINGLE), ("sentence pairs (MRPC, RTE, QNLI)", PAIRS),
                          ("all 18 splits", SINGLE + PAIRS)):
         print(f"\n{title}\n\n| candidate | splits | dev | test (shown, not used) | mean lambda |\n|---|---|---|---|---|")
-        for name, picked in cands.items():
+        for name, picked in {**cands, "issue 20 (frozen, shown)": issue20()}.items():
             print(line(name, picked, tasks))
     complete = {n: p for n, p in cands.items() if len(p) == len(SINGLE + PAIRS) * len(SEEDS)}
-    if not complete:
-        print("\nno candidate is complete yet")
+    if len(complete) < len(cands):
+        print(f"\nnot every candidate is complete yet ({ {n: len(p) for n, p in cands.items()} }): no choice")
         return
     dev = {n: mean(r["dev_accuracy"] for r in p) for n, p in complete.items()}
     chosen = max(dev, key=lambda n: (dev[n], -list(dev).index(n)))
+    paired = {n: [100 * (a["dev_accuracy"] - b["dev_accuracy"]) for a, b in zip(sorted_rows(complete[n]),
+                                                                             sorted_rows(complete["frozen"]))]
+              for n in complete if n != "frozen"}
+    for n, d in paired.items():
+        print(f"{n} - frozen on dev, per split: mean {mean(d):+.2f}, {sum(x > 0 for x in d)} up / "
+              f"{sum(x == 0 for x in d)} tied / {sum(x < 0 for x in d)} down")
     pick = next(r for r in complete[chosen] if r["task"] in PAIRS)  # a pair row shows every defining field
     config = {k: pick["settings"]["config"].get(k) for k in DEFINING}
     choice = {"chosen": chosen, "method": pick["method"], "config": config,
-              "mixture_grid": pick["settings"]["mixture_grid"], "dev_mean": dev,
-              "incomplete": {n: len(p) for n, p in cands.items() if n not in complete}}
+              "mixture_grid": pick["settings"]["mixture_grid"], "dev_mean": dev}
     with open(os.path.join(STUDY, "choice.json"), "w", encoding="utf-8") as f:
         json.dump(choice, f, indent=2)
     print(f"\nchosen on dev among the complete candidates: {chosen} ({100 * dev[chosen]:.1f}); written to "
