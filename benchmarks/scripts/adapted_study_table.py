@@ -85,8 +85,10 @@ def main():
     for n, d in paired.items():
         print(f"{n} - frozen on dev, per split: mean {mean(d):+.2f}, {sum(x > 0 for x in d)} up / "
               f"{sum(x == 0 for x in d)} tied / {sum(x < 0 for x in d)} down")
-    pick = next(r for r in complete[chosen] if r["task"] in PAIRS)  # a pair row shows every defining field
-    config = {k: pick["settings"]["config"].get(k) for k in DEFINING}
+    single = next(r for r in complete[chosen] if r["task"] in SINGLE)
+    pick = next(r for r in complete[chosen] if r["task"] in PAIRS)
+    config = {k: single["settings"]["config"].get(k) for k in DEFINING}
+    config["adapt_pairs"] = pick["settings"]["config"].get("adapt_pairs")  # what the pairs ran with
     choice = {"chosen": chosen, "method": pick["method"], "config": config,
               "mixture_grid": pick["settings"]["mixture_grid"], "dev_mean": dev}
     with open(os.path.join(STUDY, "choice.json"), "w", encoding="utf-8") as f:
