@@ -27,4 +27,6 @@ variant adapted-auto-pairs MRPC,RTE,QNLI retro "$ADAPTED, \"adapt_pairs\": true"
 # adaptation, so the rows of issue 20 (no guard, joint pair keys) are not the only baseline. Single texts only:
 # on pairs, adapted-auto keeps the pre-trained encoder (adapt_pairs false), so its pair runs are this variant's
 variant frozen-auto SST-2,subj,trec retro '"demo_center": true, "key_encoder": "frozen-mean", "knn_readout": "auto"'
-
+# how the kNN-guided loss weights adapted keys: from the pre-trained copy's keys (the loss store, as built) or
+# off (plain cross-entropy, the retro-no-knn-train preset); pairs keep the pre-trained encoder, so single texts only
+variant adapted-auto-ce SST-2,subj,trec retro-no-knn-train "$ADAPTED"
