@@ -91,6 +91,17 @@ def main():
     config["adapt_pairs"] = pick["settings"]["config"].get("adapt_pairs")  # what the pairs ran with
     choice = {"chosen": chosen, "method": pick["method"], "config": config,
               "mixture_grid": pick["settings"]["mixture_grid"], "dev_mean": dev}
+    ce = rows(os.path.join(STUDY, "adapted-auto-ce", "results.jsonl"), method="retro-no-knn-train", tasks=SINGLE)
+    knn = [r for r in complete["adapted"] if r["task"] in SINGLE]
+    if len(ce) == len(knn):
+        d = [100 * (a["dev_accuracy"] - b["dev_accuracy"]) for a, b in zip(sorted_rows(knn), sorted_rows(ce))]
+        choice["loss_weights"] = {"pretrained copy (kNN-guided loss)": mean(r["dev_accuracy"] for r in knn),
+                                  "off (cross-entropy)": mean(r["dev_accuracy"] for r in ce)}
+        print(f"\nadapted keys, loss weights from the pre-trained copy (retro) against off (retro-no-knn-train), "
+              f"single texts, dev: {100 * mean(r['dev_accuracy'] for r in knn):.1f} vs "
+              f"{100 * mean(r['dev_accuracy'] for r in ce):.1f} ({sum(x > 0 for x in d)} up / "
+              f"{sum(x == 0 for x in d)} tied / {sum(x < 0 for x in d)} down); test (shown, not used) "
+              f"{100 * mean(r['test_accuracy'] for r in knn):.1f} vs {100 * mean(r['test_accuracy'] for r in ce):.1f}")
     with open(os.path.join(STUDY, "choice.json"), "w", encoding="utf-8") as f:
         json.dump(choice, f, indent=2)
     print(f"\nchosen on dev among the complete candidates: {chosen} ({100 * dev[chosen]:.1f}); written to "
