@@ -271,10 +271,7 @@ def test_an_adapted_run_saves_and_rebuilds_bit_identical(tiny_bert, tiny_dirs, e
 
     plm, tok, cfg, wrapper = load_plm("bert", tiny_dirs["bert"])
     fresh = adapted_model((plm, tok, cfg, wrapper), demonstrations="neural", store_guard_alpha=None)
-    fresh.load_state_dict(model.state_dict())
-    fresh.apply_config(**{k: getattr(model.config, k) for k in ("knn_lambda", "knn_readout", "logistic_temperature",
-                                                                "class_mean_temperature", "knn_k", "knn_temperature",
-                                                                "plm_temperature")})
+    fresh.load_state_dict(model.state_dict())  # weights, store, adapted encoder and the tuned mixture
     fresh.set_tokenization(wrapper, model.max_seq_length)
     np.testing.assert_array_equal(fresh.predict_proba(examples), before)
     # the adapted weights are checksummed like every other file

@@ -80,3 +80,32 @@ def test_paired_differences_are_taken_from_the_reference_method_asked_for(tmp_pa
     with pytest.raises(SystemExit) as e:
         main(["report", str(path), "--reference", "retro"])
     assert e.value.code == 2 and "--reference: no runs of 'retro'" in capsys.readouterr().err
+
+
+def test_rows_of_one_method_with_other_settings_or_models_are_never_averaged_together(tmp_path):
+    """Before, the table averaged every row of a method into one cell whatever it ran with."""
+    import json
+    import warnings
+
+    from openprompt_retro.experiments.report import write_report
+
+    def row(seed, acc, sid, model="m1"):
+        return {"task": "SST-2", "method": "retro", "shots": 16, "seed": seed, "model": model, "settings_id": sid,
+                "test_accuracy": acc}
+
+    path = tmp_path / "results.jsonl"
+    rows = [row(13, 0.5, "aaaaaaaaaaaa"), row(42, 0.7, "aaaaaaaaaaaa"), row(13, 0.9, "bbbbbbbbbbbb"),
+            {**row(13, 0.1, "aaaaaaaaaaaa", model="other/m2"), "method": "prompt"},
+            {**row(13, 0.3, "aaaaaaaaaaaa"), "method": "prompt"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="prompt ran with 2 different models or settings; retro ran with 2"):
+        write_report(str(path), str(tmp_path))
+    table = (tmp_path / "table.md").read_text()
+    assert "| retro [settings aaaaaaaaaaaa] | 60.0 ± 10.0 |" in table
+    assert "| retro [settings bbbbbbbbbbbb] | 90.0 ± 0.0 (n=1) |" in table
+    assert "| prompt [model m2] | 10.0 ± 0.0 (n=1) |" in table and "| prompt [model m1] | 30.0 ± 0.0 (n=1) |" in table
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one setting per method: no warning, plain names
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+        write_report(str(path), str(tmp_path))
+    assert "| retro | 60.0 ± 10.0 |" in (tmp_path / "table.md").read_text()

@@ -232,3 +232,29 @@ def test_a_reloaded_model_predicts_explains_and_adds_examples_without_a_trainer(
     assert ids.tolist() == [6] and loaded.store.guids[6] == "new"
     # a model built by hand knows OpenPrompt's wrapper class for its PLM
     assert retro_model(tiny_bert).wrapper_class is tiny_bert[3]
+
+
+def test_a_state_dict_checkpoint_carries_the_tuned_mixture(tiny_bert, tiny_dirs, examples):
+    """Before, state_dict() held weights and store but not the dev-tuned lambda or read-out temperature: a fresh
+    model loaded from it mixed at its own defaults and predicted differently."""
+    from openprompt.plms import load_plm
+
+    from helpers import retro_model, trainer
+
+    torch.manual_seed(0)
+    config = dict(key_encoder="frozen-mean", knn_readout="class-mean", store_guard_alpha=None)
+    model = retro_model(tiny_bert, **config)
+    tr = trainer(model, tiny_bert, epochs=2, lr=1e-2)
+    tr.fit(examples, examples)
+    model.apply_config(knn_lambda=0.7, class_mean_temperature=0.2, plm_temperature=2.0)  # as if dev chose them
+    before = model.predict_proba(examples)
+    plm, tok, cfg, wrapper = load_plm("bert", tiny_dirs["bert"])
+    fresh = retro_model((plm, tok, cfg, wrapper), **config)
+    fresh.set_tokenization(wrapper, model.max_seq_length)
+    fresh.load_state_dict(model.state_dict())
+    assert (fresh.config.knn_lambda, fresh.config.class_mean_temperature, fresh.config.plm_temperature) == \
+        (0.7, 0.2, 2.0)
+    np.testing.assert_array_equal(fresh.predict_proba(examples), before)
+    other = retro_model((plm, tok, cfg, wrapper), key_encoder="mask")  # built otherwise: refused, named
+    with pytest.raises(RuntimeError, match="built with key_encoder='frozen-mean'"):
+        other.load_state_dict(model.state_dict())

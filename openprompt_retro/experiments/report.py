@@ -30,6 +30,35 @@ def read_results(path: str) -> List[Dict]:
     return rows
 
 
+def split_variants(rows: List[Dict], where: str = "results") -> List[Dict]:
+    """Rows of one method run with different models or settings are kept apart: each such row's ``method`` gets
+    the variant in brackets ("retro [settings 3f0415c95a2e]", "prompt [model tiny-bert]"), with a warning, so
+    no table cell, paired difference or bar averages different runs together."""
+    variants = defaultdict(set)
+    for r in rows:
+        variants[r["method"]].add((r.get("model"), str(run_key(r).settings_id)))
+    mixed = {m: v for m, v in variants.items() if len(v) > 1}
+    if not mixed:
+        return rows
+    out = []
+    for r in rows:
+        v = mixed.get(r["method"])
+        if v is None:
+            out.append(r)
+            continue
+        parts = []
+        if len({model for model, _ in v}) > 1:
+            parts.append(f"model {os.path.basename(str(r.get('model')).rstrip('/')) or r.get('model')}")
+        if len({sid for _, sid in v}) > 1:
+            parts.append(f"settings {run_key(r).settings_id}")
+        out.append(dict(r, method=f"{r['method']} [{', '.join(parts)}]"))
+    warnings.warn(f"{where}: " + "; ".join(f"{m} ran with {len(v)} different models or settings" for m, v in
+                                          sorted(mixed.items()))
+                  + ": their rows are shown apart, as '<method> [model ...]' / '<method> [settings <id>]'",
+                  stacklevel=2)
+    return out
+
+
 def _row_name(r: Dict, several_k: bool) -> str:
     return f"{r['method']} (K={row_shots(r)})" if several_k else r["method"]
 
@@ -219,7 +248,7 @@ def write_report(results_path: str, out_dir: str, seeds: Optional[Sequence[int]]
     ``dev_select`` adds the method that picks, per split, whichever of these methods did best on dev;
     ``reference``: the method the paired differences are taken from (default: retro, where it ran)."""
     all_rows = read_results(results_path)
-    rows = [r for r in all_rows if seeds is None or r["seed"] in set(seeds)]
+    rows = split_variants([r for r in all_rows if seeds is None or r["seed"] in set(seeds)], where=results_path)
     if not rows:
         raise UserError(f"{results_path!r} holds no results for seeds {list(seeds)}")
     if dev_select:

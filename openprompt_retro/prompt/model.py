@@ -12,6 +12,7 @@ One forward pass does all three retrievals:
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from contextlib import contextmanager
 from typing import Dict, Optional
@@ -42,6 +43,8 @@ STORE_STATE_KEYS = ("retro_store.keys", "retro_store.labels")
 #: the key store's keys (n, D_key) float32, with a key encoder other than "mask" (its labels are the store's),
 #: and the fingerprint of the encoder that built them (uint8 bytes of its weights' sha256 prefix)
 KEY_STORE_STATE_KEY, KEY_ENCODER_STATE_KEY = "retro_key_store.keys", "retro_key_store.encoder_sha256"
+#: the RetroConfig (with the tuned lambda, k, T and read-out temperatures) as UTF-8 JSON bytes in a uint8 tensor
+CONFIG_STATE_KEY = "retro_config.json"
 #: adapted keys: the adapted encoder's weights travel under this prefix (the PLM cannot give them back)
 KEY_ENCODER_PREFIX = "retro_key_encoder."
 #: RetroConfig fields fixed when the model is built (the key encoder is made then)
@@ -311,6 +314,8 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
             return
         self.sync_store()
         keys_name, labels_name = STORE_STATE_KEYS
+        destination[prefix + CONFIG_STATE_KEY] = torch.tensor(list(json.dumps(self.config.to_dict()).encode("utf-8")),
+                                                              dtype=torch.uint8)
         destination[prefix + keys_name] = torch.from_numpy(np.array(self.store.keys, dtype=np.float32))
         destination[prefix + labels_name] = torch.from_numpy(np.array(self.knn_store.labels, dtype=np.int64))
         if self.lifecycle.key_store is not None:
@@ -365,8 +370,11 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
                                       error_msgs)
         names = [prefix + n for n in STORE_STATE_KEYS]
         key_name, sha_name = prefix + KEY_STORE_STATE_KEY, prefix + KEY_ENCODER_STATE_KEY
-        unexpected_keys[:] = [k for k in unexpected_keys if k not in names + [key_name, sha_name]
+        config_name = prefix + CONFIG_STATE_KEY
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in names + [key_name, sha_name, config_name]
                               and not k.startswith(prefix + KEY_ENCODER_PREFIX)]
+        if config_name in state_dict and not self._load_config_state(state_dict[config_name], config_name, error_msgs):
+            return
         if not all(n in state_dict for n in names):
             return
         keys, labels = (state_dict[n].detach().cpu() for n in names)
@@ -390,6 +398,24 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
             self.lifecycle.load_keys(keys.float().numpy(), labels.long().numpy(), key_keys)
         except StoreError as e:
             error_msgs.append(f"{names[0]} / {names[1]}: {e}")
+
+    def _load_config_state(self, tensor, name: str, error_msgs) -> bool:
+        """Take a state_dict's RetroConfig (the tuned inference settings with it); its build-time fields must
+        be this model's. False, with the reason in ``error_msgs``, when it cannot be read or does not fit."""
+        try:
+            saved = RetroConfig.from_dict(json.loads(bytes(tensor.detach().cpu().to(torch.uint8).tolist())
+                                                     .decode("utf-8")))
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            error_msgs.append(f"{name}: not a RetroConfig ({e})")
+            return False
+        differ = [f for f in _BUILD_TIME_FIELDS if getattr(saved, f) != getattr(self.config, f)]
+        if differ:
+            error_msgs.append(f"{name}: the checkpoint's model was built with "
+                              + ", ".join(f"{f}={getattr(saved, f)!r}" for f in differ) + ", this one with "
+                              + ", ".join(f"{f}={getattr(self.config, f)!r}" for f in differ))
+            return False
+        self.apply_config(**{k: v for k, v in saved.to_dict().items() if k not in _BUILD_TIME_FIELDS})
+        return True
 
     # ---------------------------------------------------------------- forward
     def prepare_batch(self, batch, need_query: Optional[bool] = None, training: Optional[bool] = None):
