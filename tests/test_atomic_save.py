@@ -219,3 +219,33 @@ def test_a_saved_folder_gets_the_permissions_of_a_new_folder_or_keeps_its_own(tm
     os.chmod(tmp_path / "store", 0o750)
     small_store(1).save(str(tmp_path / "store"))
     assert (tmp_path / "store").stat().st_mode & 0o777 == 0o750
+
+
+def test_a_resave_keeps_the_users_own_files_in_the_run_folder(saved, tmp_path):  # noqa: F811
+    """Before, a re-save replaced the whole folder: a user's notes and predictions beside the run were deleted."""
+    import json
+
+    d = copy_run(saved, tmp_path)
+    (d / "notes.txt").write_text("lr 1e-2 looked best")
+    (d / "predictions").mkdir()
+    (d / "predictions" / "test.csv").write_text("id,label\n0,1\n")
+    (d / "store" / "stray.tmp").write_text("x")  # inside the run's own folders: the run's, replaced
+    tr = R.RetroTrainer.from_pretrained(str(d))
+    tr.save(str(d))
+    assert (d / "notes.txt").read_text() == "lr 1e-2 looked best"
+    assert (d / "predictions" / "test.csv").read_text() == "id,label\n0,1\n"
+    assert not (d / "store" / "stray.tmp").exists()
+    listed = json.loads((d / "run.json").read_text())["checksums"]
+    assert "notes.txt" not in listed and "predictions/test.csv" not in listed  # not part of the run
+    np.testing.assert_array_equal(R.RetroTrainer.from_pretrained(str(d)).predict_proba(saved[2]), saved[1])
+    assert beside(d) == ["run"]
+
+
+def test_a_clip_predictor_resave_keeps_other_files(tmp_path):
+    from openprompt_retro.clip.predictor import write_predictor
+
+    d = tmp_path / "pred"
+    write_predictor(str(d), "ZeroShotKnn", {"a": 1}, {"w": torch.zeros(2)})
+    (d / "readme.md").write_text("mine")
+    write_predictor(str(d), "ZeroShotKnn", {"a": 2}, {"w": torch.ones(2)})
+    assert (d / "readme.md").read_text() == "mine"

@@ -42,7 +42,8 @@ def write_predictor(directory: str, predictor: str, settings: Dict, tensors: Dic
     """Save ``settings`` (JSON), ``tensors`` (safetensors) and ``cache`` into the folder ``directory``."""
     from safetensors.torch import save_file
 
-    with atomic_folder(directory, markers=(PREDICTOR_FILE,)) as tmp:
+    own = {PREDICTOR_FILE, TENSORS_FILE, CACHE_DIR}  # a user's other files in the folder are kept
+    with atomic_folder(directory, markers=(PREDICTOR_FILE,), carry=lambda rel: rel.split("/")[0] not in own) as tmp:
         save_file({name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()},
                   os.path.join(tmp, TENSORS_FILE))
         if cache is not None:

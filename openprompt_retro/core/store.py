@@ -562,12 +562,15 @@ def sha256_file(path: str) -> str:
 
 
 @contextmanager
-def atomic_folder(directory: str, markers: Sequence[str] = ()) -> Iterator[str]:
+def atomic_folder(directory: str, markers: Sequence[str] = (),
+                  carry: Optional[Callable[[str], bool]] = None) -> Iterator[str]:
     """Yield a new, empty folder beside ``directory``; once the block completes, it replaces ``directory``.
 
     An existing ``directory`` is replaced only if it is empty or holds one of
     ``markers`` (the files that show it was saved like this before): a folder of
-    other files is refused, not wiped.
+    other files is refused, not wiped. ``carry``: given a file's '/'-separated path relative to the old folder,
+    whether it is not the save's own (a user's notes, predictions): such files the block did not write are
+    copied into the new folder before the swap, so a save keeps them.
 
     The new folder (same parent, unique hidden name) is fsynced, then swapped in: in
     one step where the system can (Linux ``renameat2(RENAME_EXCHANGE)``), else the
@@ -589,6 +592,8 @@ def atomic_folder(directory: str, markers: Sequence[str] = ()) -> Iterator[str]:
     try:
         os.chmod(tmp, os.stat(target).st_mode & 0o7777 if os.path.isdir(target) else _folder_mode())
         yield tmp
+        if carry is not None and os.path.isdir(target):
+            _carry_over(target, tmp, carry)
         _fsync_tree(tmp)
         _swap_in_folder(tmp, target)
     except OSError as e:
@@ -599,6 +604,22 @@ def atomic_folder(directory: str, markers: Sequence[str] = ()) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _carry_over(old: str, new: str, carry: Callable[[str], bool]) -> None:
+    """Copy the files of ``old`` that ``carry`` names (and ``new`` lacks) into ``new``, links as links."""
+    for folder, _, names in os.walk(old):
+        for n in names:
+            src = os.path.join(folder, n)
+            rel = os.path.relpath(src, old).replace(os.sep, "/")
+            dst = os.path.join(new, *rel.split("/"))
+            if not carry(rel) or os.path.lexists(dst):
+                continue
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            if os.path.islink(src):
+                os.symlink(os.readlink(src), dst)
+            else:
+                shutil.copy2(src, dst)
 
 
 def _folder_mode() -> int:

@@ -267,14 +267,33 @@ def run_files(root: str) -> List[str]:
     return sorted(out)
 
 
+#: the names a run folder's own files and folders have at its top (a file by another name is a user's)
+RUN_NAMES = (RUN_FILE, WEIGHTS, CONFIG, STORE, KEY_STORE, KEY_ENCODER_WEIGHTS, PLM_DIR, TEXT_POOL, TRAINING_ARGS,
+             TRAINER_FILE)
+
+
+def _not_the_runs(directory: str, extra_json: Optional[Dict] = None):
+    """Whether a file (path relative to the run folder) is not the run's own: not one of :data:`RUN_NAMES`, not
+    under one of its folders, not a file the old run.json lists, not one of this save's ``extra_json`` files.
+    A re-save keeps such files (notes, predictions) where they were."""
+    try:
+        with open(os.path.join(directory, RUN_FILE), encoding="utf-8") as f:
+            listed = set((json.load(f).get("checksums") or {}).keys())
+    except (OSError, ValueError, AttributeError):
+        listed = set()
+    own = set(RUN_NAMES) | set(extra_json or {})
+    return lambda rel: rel.split("/")[0] not in own and rel not in listed
+
+
 def save_run(model, directory: str, save_plm: bool = False, model_type: Optional[str] = None,
              name_or_path: Optional[str] = None, extra_json: Optional[Dict[str, Dict]] = None) -> None:
     """Weights, config, store, optional PLM/tokenizer, text pool and ``extra_json`` files (name -> object),
     then run.json with the sha256 of every one of them - all in a new folder swapped in at the end
-    (:func:`~openprompt_retro.core.store.atomic_folder`: it replaces an existing run folder, or an empty one)."""
+    (:func:`~openprompt_retro.core.store.atomic_folder`: it replaces an existing run folder, or an empty one).
+    Files in the folder that are not the run's (a user's notes, predictions) are kept, unlisted in run.json."""
     from safetensors.torch import save_model
 
-    with atomic_folder(directory, markers=(RUN_FILE, WEIGHTS)) as tmp:
+    with atomic_folder(directory, markers=(RUN_FILE, WEIGHTS), carry=_not_the_runs(directory, extra_json)) as tmp:
         with model.store_outside_state_dict():  # the store has its own folder
             save_model(model, os.path.join(tmp, WEIGHTS))
         model.config.save(os.path.join(tmp, CONFIG))
