@@ -603,7 +603,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
 
     @classmethod
     def from_pretrained(cls, directory: str, plm_path: Optional[str] = None, model_type: Optional[str] = None,
-                        text_pool=None) -> "RetroPromptForClassification":
+                        text_pool=None, key_encoder_path: Optional[str] = None) -> "RetroPromptForClassification":
         """Rebuild a saved run from its folder alone: PLM, tokenizer, template, verbalizer, config, store, weights.
 
         The PLM comes from ``plm/`` when the run was saved with ``save_plm=True``,
@@ -612,11 +612,13 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         ManualVerbalizer / SoftVerbalizer (what the factory builds is
         ManualTemplate + ManualVerbalizer); for other classes build the model as
         before and call :meth:`load`. Predictions are bit-identical to the saved model's.
+        ``key_encoder_path``: where a run's sentence encoder (``key_encoder="sentence"``) is now, when it moved.
         """
         from . import saved_run
 
         with saved_run.pinned(directory):  # every file from one checkpoint, even while it is being re-saved
             model, tokenizer, wrapper = saved_run.rebuild(directory, cls=cls, plm_path=plm_path,
-                                                          model_type=model_type, text_pool=text_pool)
+                                                          model_type=model_type, text_pool=text_pool,
+                                                          key_encoder_path=key_encoder_path)
             model.set_tokenization(wrapper, saved_run.saved_max_seq_length(directory), tokenizer)
         return model

@@ -44,6 +44,7 @@ from ..core.store import KnowledgeStore, atomic_folder, sha256_file
 RUN_FILE, WEIGHTS, CONFIG, STORE = "run.json", "prompt_model.safetensors", "retro_config.json", "store"
 #: with a key encoder other than "mask": its store, and the key encoder's own weights where the PLM cannot give
 #: them back: adapted keys (always, once adapted), frozen-mean keys with save_plm (plm/ holds the trained weights)
+#: or taken from a PLM that had been trained before the model was built
 KEY_STORE, KEY_ENCODER_WEIGHTS = "key_store", "key_encoder.safetensors"
 PLM_DIR, TEXT_POOL, TRAINING_ARGS, TRAINER_FILE = "plm", "text_pool.json", "training_args.json", "trainer.json"
 #: 2: run.json's checksums cover every file of the folder (1: the weights and the config only)
@@ -304,7 +305,8 @@ def save_run(model, directory: str, save_plm: bool = False, model_type: Optional
             model.plm.save_pretrained(os.path.join(tmp, PLM_DIR))
             model.template.tokenizer.save_pretrained(os.path.join(tmp, PLM_DIR))
         adapted = getattr(model.key_encoder, "adapted", False)
-        if adapted or (save_plm and model.config.key_encoder == "frozen-mean"):
+        trained_copy = bool(getattr(model.key_encoder, "trained_copy", False))  # not the checkpoint's weights
+        if adapted or (model.config.key_encoder == "frozen-mean" and (save_plm or trained_copy)):
             from safetensors.torch import save_file  # plm/ (or the hub) holds other weights than these
 
             save_file({k: v.detach().cpu().contiguous() for k, v in model.key_encoder.model.state_dict().items()},
@@ -564,10 +566,11 @@ def read_checked(model, directory: str) -> Loaded:
     if store.num_classes != model.num_classes:
         raise SavedRunError(f"the store in {os.path.join(directory, STORE)!r} has {store.num_classes} classes, this "
                             f"model has {model.num_classes}; nothing was loaded")
-    if config.key_encoder != model.config.key_encoder or config.key_encoder_path != model.config.key_encoder_path:
-        raise SavedRunError(f"the run at {directory!r} was saved with key_encoder={config.key_encoder!r} "
-                            f"(key_encoder_path={config.key_encoder_path!r}), this model has "
-                            f"{model.config.key_encoder!r} ({model.config.key_encoder_path!r}); nothing was loaded")
+    if config.key_encoder != model.config.key_encoder:
+        raise SavedRunError(f"the run at {directory!r} was saved with key_encoder={config.key_encoder!r}, this model "
+                            f"has {model.config.key_encoder!r}; nothing was loaded")
+    # a sentence encoder is known by its weights (checked with the key store), not by where it was loaded from
+    config.key_encoder_path = model.config.key_encoder_path
     encoder_state = _read_adapted_encoder(model, directory, snap)
     key_store = _read_key_store(model, directory, snap, config, encoder_state)
     path = os.path.join(directory, WEIGHTS)
@@ -685,6 +688,7 @@ def _restore_frozen_encoder(model, directory: str) -> None:
     except (RuntimeError, ValueError) as e:
         raise SavedRunError(f"the frozen key encoder saved at {directory!r} does not fit this PLM: {e}") from None
     encoder.forget_fingerprint()
+    encoder.trained_copy = True  # not what the PLM's checkpoint holds: a re-save keeps it too
     model.lifecycle.forget_keys()
 
 
@@ -711,11 +715,12 @@ def _load_text_pool(directory: str, run: Dict):
 
 
 def rebuild(directory: str, cls, plm_path: Optional[str] = None, model_type: Optional[str] = None,
-            text_pool: Optional[Sequence] = None):
+            text_pool: Optional[Sequence] = None, key_encoder_path: Optional[str] = None):
     """(model, tokenizer, wrapper_class) rebuilt from a run folder alone, then loaded with every check.
 
     ``cls``: the model class to build (RetroPromptForClassification or a subclass; its ``from_pretrained``
-    passes itself, so this module never imports the model's).
+    passes itself, so this module never imports the model's). ``key_encoder_path``: where the run's sentence
+    encoder is now (its weights must be the ones the run's key store was built with).
     """
     from .template import RetroTemplate
 
@@ -795,6 +800,11 @@ def rebuild(directory: str, cls, plm_path: Optional[str] = None, model_type: Opt
         config = RetroConfig.load(os.path.join(directory, CONFIG))
     except (ValueError, TypeError) as e:
         raise SavedRunError(f"corrupt {os.path.join(directory, CONFIG)}: {e}") from None
+    if key_encoder_path is not None:
+        if config.key_encoder != "sentence":
+            raise SavedRunError(f"key_encoder_path: the run at {directory!r} has key_encoder={config.key_encoder!r}, "
+                                "not a sentence encoder loaded from a path")
+        config.key_encoder_path = key_encoder_path
     flags = run["model"]
     model = cls(plm, template, verbalizer, config=config, freeze_plm=bool(flags.get("freeze_plm")),
                 plm_eval_mode=bool(flags.get("plm_eval_mode")))

@@ -384,7 +384,7 @@ class RetroTrainer:
 
     @classmethod
     def from_pretrained(cls, directory: str, plm_path: Optional[str] = None, model_type: Optional[str] = None,
-                        text_pool=None, **training_args) -> "RetroTrainer":
+                        text_pool=None, key_encoder_path: Optional[str] = None, **training_args) -> "RetroTrainer":
         """A trainer rebuilt from a folder that :meth:`save` wrote, with nothing else needed.
 
         The model comes from :meth:`RetroPromptForClassification.from_pretrained`
@@ -397,7 +397,7 @@ class RetroTrainer:
         with saved_run.pinned(directory):  # model and trainer files from one checkpoint
             model, tokenizer, wrapper = saved_run.rebuild(directory, cls=RetroPromptForClassification,
                                                           plm_path=plm_path, model_type=model_type,
-                                                          text_pool=text_pool)
+                                                          text_pool=text_pool, key_encoder_path=key_encoder_path)
             args, grid, state = _read_trainer_files(directory, training_args)
         trainer = cls(model, tokenizer, wrapper, args, grid)
         if state.get("tuned") is not None:
