@@ -147,7 +147,7 @@ def test_the_binomial_tail_and_the_guard_by_hand():
 
 
 def test_a_store_at_chance_on_dev_is_not_mixed_in_and_the_record_says_why(tiny_bert, examples):
-    model = adapted_model(tiny_bert)
+    model = adapted_model(tiny_bert, store_guard_alpha=0.1)
     tr = trainer(model, tiny_bert, epochs=1, lr=1e-3)
     tr.fit(examples, examples)
     flipped = [type(e)(guid=f"f{i}", text_a=e.text_a, label=1 - e.label) for i, e in enumerate(examples)]
@@ -301,3 +301,26 @@ def test_a_saved_pair_run_with_relation_keys_reloads(tiny_bert, tiny_dirs, tmp_p
     again = R.RetroPromptForClassification.from_pretrained(str(tmp_path / "run"), plm_path=tiny_dirs["bert"])
     assert again.key_encoder.relation and again.knn_store.dim == 65
     np.testing.assert_array_equal(again.predict_proba(data), before)
+
+
+def test_untuned_the_default_lambda_never_mixes_in_a_store_at_chance(tiny_bert, examples):
+    """A hand loop never tunes on dev: before, it mixed at the default lambda 0.5 whatever the store was worth
+    (the loss gate passed by one example on RTE). Now the store's leave-one-out accuracy must beat chance by
+    the binomial test first, and the reason is the model's own p-value."""
+    model = retro_model(tiny_bert, demonstrations="none", key_encoder="frozen-mean", knn_readout="class-mean",
+                        store_guard_alpha=0.1)
+    assert model.config.knn_lambda == 0.5 and not model.config.lambda_from_dev
+    model.attach(trainer(model, tiny_bert).loader(examples))
+    p = model.lifecycle.loo_p_value
+    correct = int(round(model.store_loo_accuracy * len(examples)))
+    assert p == pytest.approx(binomial_tail(correct, len(examples), 0.5))
+    assert model.effective_lambda == (0.5 if p < 0.1 else 0.0)
+    model.lifecycle.loo_p_value = 0.5  # as for a store at chance
+    assert model.effective_lambda == 0.0 and model.mixing().lam == 0.0
+    model.lifecycle.loo_p_value = 0.01  # a store that beats chance
+    assert model.effective_lambda == 0.5
+    model.lifecycle.loo_p_value = 0.5
+    model.apply_config(knn_lambda=0.3, lambda_from_dev=True)  # chosen on dev: the dev guard decided already
+    assert model.effective_lambda == 0.3
+    model.apply_config(knn_lambda=0.3)  # set by hand: the leave-one-out guard applies again
+    assert model.effective_lambda == 0.0

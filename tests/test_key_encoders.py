@@ -83,8 +83,10 @@ def test_sentence_encoder_loads_a_local_folder_and_pools_alike(tiny_dirs, tiny_b
     info = sentence.describe()
     assert (info["key_encoder"], info["source"], info["dim"]) == ("sentence", tiny_dirs["bert"], 32)
     assert not any(p.requires_grad for p in sentence.model.parameters())
-    with pytest.raises(ValueError, match="cannot load a sentence encoder from"):
+    with pytest.raises(ValueError, match="no sentence encoder folder at .*was it moved"):
         SentenceEncoder(tiny_dirs["bert"] + "-missing")
+    with pytest.raises(ValueError, match="cannot load a sentence encoder from"):
+        SentenceEncoder(str(__import__("pathlib").Path(tiny_dirs["bert"]).parent))  # a folder, but no model
 
 
 def test_bad_arguments_are_one_clear_error(tiny_bert):

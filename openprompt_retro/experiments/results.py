@@ -73,7 +73,7 @@ _RESULT_OPTIONS: Dict[str, Dict] = {
                         "zs_lambda": 0.5, "zs_k": 16, "zs_temperature": 1.0, "zs_key_encoder": "mask"},
 }
 #: RetroConfig fields a run's settings do not choose: the method's preset (loss) or tuned on dev (lambda, k, T)
-_NOT_CHOSEN = ("loss", "knn_lambda", "knn_k", "knn_temperature")
+_NOT_CHOSEN = ("loss", "knn_lambda", "knn_k", "knn_temperature", "lambda_from_dev")
 
 
 def _kind(method: str) -> str:

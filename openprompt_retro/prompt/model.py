@@ -45,6 +45,8 @@ STORE_STATE_KEYS = ("retro_store.keys", "retro_store.labels")
 KEY_STORE_STATE_KEY, KEY_ENCODER_STATE_KEY = "retro_key_store.keys", "retro_key_store.encoder_sha256"
 #: the RetroConfig (with the tuned lambda, k, T and read-out temperatures) as UTF-8 JSON bytes in a uint8 tensor
 CONFIG_STATE_KEY = "retro_config.json"
+#: the store's leave-one-out p-value against chance (float64; -1: unknown), the untuned mixture's guard
+LOO_STATE_KEY = "retro_store.loo_p_value"
 #: adapted keys: the adapted encoder's weights travel under this prefix (the PLM cannot give them back)
 KEY_ENCODER_PREFIX = "retro_key_encoder."
 #: RetroConfig fields fixed when the model is built (the key encoder is made then)
@@ -180,13 +182,16 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
 
     def apply_config(self, **overrides) -> RetroConfig:
         """Update config fields (e.g. the tuned lambda/k/T). The model's forwards pass them to the verbalizer
-        per call (:class:`.Mixing`); they also become its own settings, for calls made to it directly."""
+        per call (:class:`.Mixing`); they also become its own settings, for calls made to it directly. A
+        ``knn_lambda`` given without ``lambda_from_dev=True`` counts as set by hand (see :attr:`effective_lambda`)."""
         for key in overrides:
             if not hasattr(self.config, key):
                 raise ValueError(f"unknown RetroConfig field {key!r}")
             if key in _BUILD_TIME_FIELDS and overrides[key] != getattr(self.config, key):
                 raise ValueError(f"{key} is fixed when the model is built (the key encoder is made then): build "
                                  f"a new model with RetroConfig({key}={overrides[key]!r})")
+        if "knn_lambda" in overrides and "lambda_from_dev" not in overrides:
+            overrides["lambda_from_dev"] = False  # a lambda set by hand: the leave-one-out guard applies
         dataclasses.replace(self.config, **overrides).validate()  # a rejected value never reaches the model
         for key, value in overrides.items():
             setattr(self.config, key, value)
@@ -200,8 +205,18 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
     def mixing(self) -> Mixing:
         """How an inference forward mixes p_kNN in, from the config (the read-out's own temperature)."""
         c = self.config
-        return Mixing(c.knn_lambda, c.knn_k, c.readout_temperature(), c.knn_score_scale, c.readout,
+        return Mixing(self.effective_lambda, c.knn_k, c.readout_temperature(), c.knn_score_scale, c.readout,
                       c.class_mean_top_m, c.plm_temperature, c.logistic_c)
+
+    @property
+    def effective_lambda(self) -> float:
+        """The lambda inference mixes with: ``config.knn_lambda``, or 0 while the guard holds the store back. A
+        lambda chosen on dev passed the dev guard already; any other (the default, one set by hand) needs the
+        store's leave-one-out accuracy to beat chance (``store_guard_alpha``; not yet known: no guard)."""
+        c, p = self.config, self.lifecycle.loo_p_value
+        if c.lambda_from_dev or c.store_guard_alpha is None or p is None or p < c.store_guard_alpha:
+            return c.knn_lambda
+        return 0.0
 
     @property
     def has_demonstrations(self) -> bool:
@@ -317,6 +332,8 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         destination[prefix + CONFIG_STATE_KEY] = torch.tensor(list(json.dumps(self.config.to_dict()).encode("utf-8")),
                                                               dtype=torch.uint8)
         destination[prefix + keys_name] = torch.from_numpy(np.array(self.store.keys, dtype=np.float32))
+        p = self.lifecycle.loo_p_value
+        destination[prefix + LOO_STATE_KEY] = torch.tensor(-1.0 if p is None else p, dtype=torch.float64)
         destination[prefix + labels_name] = torch.from_numpy(np.array(self.knn_store.labels, dtype=np.int64))
         if self.lifecycle.key_store is not None:
             destination[prefix + KEY_STORE_STATE_KEY] = torch.from_numpy(
@@ -370,8 +387,8 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
                                       error_msgs)
         names = [prefix + n for n in STORE_STATE_KEYS]
         key_name, sha_name = prefix + KEY_STORE_STATE_KEY, prefix + KEY_ENCODER_STATE_KEY
-        config_name = prefix + CONFIG_STATE_KEY
-        unexpected_keys[:] = [k for k in unexpected_keys if k not in names + [key_name, sha_name, config_name]
+        config_name, loo_name = prefix + CONFIG_STATE_KEY, prefix + LOO_STATE_KEY
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in names + [key_name, sha_name, config_name, loo_name]
                               and not k.startswith(prefix + KEY_ENCODER_PREFIX)]
         if config_name in state_dict and not self._load_config_state(state_dict[config_name], config_name, error_msgs):
             return
@@ -398,6 +415,10 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
             self.lifecycle.load_keys(keys.float().numpy(), labels.long().numpy(), key_keys)
         except StoreError as e:
             error_msgs.append(f"{names[0]} / {names[1]}: {e}")
+            return
+        if loo_name in state_dict:
+            p = float(state_dict[loo_name])
+            self.lifecycle.loo_p_value = p if 0.0 <= p <= 1.0 else None
 
     def _load_config_state(self, tensor, name: str, error_msgs) -> bool:
         """Take a state_dict's RetroConfig (the tuned inference settings with it); its build-time fields must

@@ -148,7 +148,7 @@ class Prediction:
                                          ).to(p_plm)
             if c.plm_temperature != 1.0:
                 p_plm = torch.softmax(torch.log(p_plm.clamp_min(1e-12)) / c.plm_temperature, -1)
-            p = mix(p_plm, p_knn, c.knn_lambda)
+            p = mix(p_plm, p_knn, self.effective_lambda)
             out = []
             for i in range(query.shape[0]):
                 out.append({

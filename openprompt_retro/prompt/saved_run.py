@@ -229,7 +229,8 @@ def describe_run(model, save_plm: bool, model_type: Optional[str], name_or_path:
         "model": {"freeze_plm": bool(getattr(pm, "freeze_plm", False)),
                   "plm_eval_mode": bool(getattr(pm, "plm_eval_mode", False)),
                   "mask_only_head": bool(model.mask_only_head),
-                  "exclude_self_in_eval": bool(model.exclude_self_in_eval)},
+                  "exclude_self_in_eval": bool(model.exclude_self_in_eval),
+                  "store_loo_p_value": model.lifecycle.loo_p_value},
     }
 
 
@@ -330,6 +331,7 @@ class Loaded(NamedTuple):
     tensors: Dict[str, torch.Tensor]
     key_store: Optional[KnowledgeStore] = None
     key_encoder_state: Optional[Dict[str, torch.Tensor]] = None  # adapted keys: the adapted weights
+    loo_p_value: Optional[float] = None  # the store's leave-one-out p-value (the untuned mixture's guard)
 
 
 class Snapshot(NamedTuple):
@@ -579,7 +581,9 @@ def read_checked(model, directory: str) -> Loaded:
     except (SafetensorError, OSError, ValueError) as e:
         raise SavedRunError(f"corrupt {path}: {e}; nothing was loaded") from None
     _check_weights(model, path, tensors)
-    return Loaded(config, store, tensors, key_store, encoder_state)
+    p = (snap.run.get("model") or {}).get("store_loo_p_value")
+    loo = float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p <= 1.0 else None
+    return Loaded(config, store, tensors, key_store, encoder_state, loo)
 
 
 def state_sha256(state: Dict[str, torch.Tensor]) -> str:
@@ -659,6 +663,7 @@ def swap_in(model, loaded: Loaded) -> None:
     if loaded.key_store is not None:
         model.lifecycle.key_store = loaded.key_store
     model.store = loaded.store
+    model.lifecycle.loo_p_value = loaded.loo_p_value
     model.apply_config()
 
 

@@ -33,6 +33,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from ..core.knn import binomial_tail
 from ..core.readout import readout_distribution
 from ..core.store import KnowledgeStore
 from .text import example_text
@@ -124,6 +125,7 @@ class StoreLifecycle:
         self.stale = False  # training forwards ran since the last build
         self.knn_loss_active = True  # recomputed after every build by update_gate()
         self.store_loo_accuracy: Optional[float] = None  # the store's leave-one-out kNN accuracy (the gate's input)
+        self.loo_p_value: Optional[float] = None  # P(that accuracy or more | chance): the untuned mixture's guard
         self.total_training_steps: Optional[int] = None  # demo_warmup's denominator: see plan_training()
         self.training_forwards = 0  # training forwards since plan_training(): demo_warmup's counter
 
@@ -552,6 +554,8 @@ class StoreLifecycle:
         chance = float(np.bincount(store.labels, minlength=self.model.num_classes).max() / len(store))
         self.knn_loss_active = (not c.knn_loss_gate) or acc > chance
         self.store_loo_accuracy = acc
+        correct = int(round(acc * len(store)))
+        self.loo_p_value = binomial_tail(correct, len(store), chance)
         return acc
 
     def load_keys(self, keys: np.ndarray, labels: np.ndarray, key_keys: Optional[np.ndarray] = None) -> None:

@@ -345,7 +345,7 @@ class RetroTrainer:
                             labels, c.store_guard_alpha)
         lam = best.lam if guard["passes"] else 0.0
         model.apply_config(knn_lambda=lam, knn_k=best.k, knn_temperature=best.temperature,
-                           plm_temperature=best.plm_temperature)
+                           plm_temperature=best.plm_temperature, lambda_from_dev=True)
         dev_acc = best.accuracy if guard["passes"] else accuracy(temperature_scale(p_plm, best.plm_temperature), labels)
         self.tuned = {"dev_accuracy": dev_acc, "knn_lambda": lam, "knn_k": best.k,
                       "knn_temperature": best.temperature, "dev_accuracy_plm_only": accuracy(p_plm, labels),
