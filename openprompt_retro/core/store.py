@@ -166,6 +166,7 @@ class KnowledgeStore:
         self.guids: List[Optional[str]] = []
         self.texts: List[Optional[str]] = []
         self._guid_to_id: Dict[str, int] = {}
+        self.guids_repeat = False  # entries added with guids_may_repeat reused a guid (saved, and allowed on load)
         self.index = faiss.index_factory(self._dim, self.index_factory, faiss.METRIC_INNER_PRODUCT)
         self._apply_search_knobs()
         self._gpu_index = None
@@ -216,8 +217,12 @@ class KnowledgeStore:
 
     # ------------------------------------------------------------------ writing
     def add(self, keys: ArrayLike, labels: ArrayLike, guids: Optional[Iterable] = None,
-            texts: Optional[Iterable] = None) -> np.ndarray:
-        """Add entries; returns their ids. Validates everything before changing anything."""
+            texts: Optional[Iterable] = None, guids_may_repeat: bool = False) -> np.ndarray:
+        """Add entries; returns their ids. Validates everything before changing anything.
+
+        A guid already in the store is an error, unless ``guids_may_repeat`` (entries known by something else
+        than their guid, e.g. Hugging Face splits whose ``idx`` restarts in every split): then
+        :meth:`ids_of` keeps answering with the first entry of that guid."""
         keys = self._prepare(keys, "keys")
         labels = np.asarray(labels.detach().cpu() if hasattr(labels, "detach") else labels).reshape(-1)
         n = keys.shape[0]
@@ -233,7 +238,8 @@ class KnowledgeStore:
             raise StoreError(f"got {n} keys but {len(guids)} guids and {len(texts)} texts")
         named = [g for g in guids if g is not None]
         clash = set(named) & self._guid_to_id.keys()
-        if clash or len(set(named)) != len(named):
+        repeats = bool(clash) or len(set(named)) != len(named)
+        if repeats and not guids_may_repeat:
             dup = sorted(clash) or sorted({g for g in named if named.count(g) > 1})
             raise StoreError(f"duplicate guids in the store: {dup[:5]}")
         if n == 0:
@@ -252,7 +258,8 @@ class KnowledgeStore:
         self.texts.extend(texts)
         for i, g in enumerate(guids):
             if g is not None:
-                self._guid_to_id[g] = start + i
+                self._guid_to_id.setdefault(g, start + i)
+        self.guids_repeat = self.guids_repeat or repeats
         return np.arange(start, start + n, dtype=np.int64)
 
     def train(self, sample: ArrayLike) -> "KnowledgeStore":
@@ -429,6 +436,7 @@ class KnowledgeStore:
                 "metric": self.metric, "index_factory": self.index_factory, "nprobe": self.nprobe,
                 "ef_search": self.ef_search, "built_by": self.built_by, "size": len(self),
                 "guids": self.guids, "texts": self.texts,
+                **({"guids_repeat": True} if self.guids_repeat else {}),
             }
             meta["checksums"] = {name: sha256_file(os.path.join(tmp, name)) for name in _DATA_FILES}
             meta["checksums"][_META_FILE] = _meta_checksum(meta)
@@ -532,7 +540,7 @@ class KnowledgeStore:
             if not all(v is None or isinstance(v, str) for v in values):
                 raise StoreError(f"knowledge store at {directory!r}: {what} in {_META_FILE} must be strings or null")
         named = [g for g in guids if g is not None]
-        if len(set(named)) != len(named):
+        if len(set(named)) != len(named) and meta.get("guids_repeat") is not True:
             dup = sorted({g for g in named if named.count(g) > 1})[:5]
             raise StoreError(f"knowledge store at {directory!r}: duplicate guids in {_META_FILE}: {dup}")
         if meta["format_version"] >= 2 and _meta_checksum(meta) != meta["checksums"][_META_FILE]:
@@ -547,7 +555,11 @@ class KnowledgeStore:
         store._apply_search_knobs()
         store._to_gpu()
         store.guids, store.texts = list(guids), list(texts)
-        store._guid_to_id = {g: i for i, g in enumerate(store.guids) if g is not None}
+        store._guid_to_id = {}
+        for i, g in enumerate(store.guids):
+            if g is not None:
+                store._guid_to_id.setdefault(g, i)
+        store.guids_repeat = meta.get("guids_repeat") is True
         return store
 
 

@@ -397,12 +397,14 @@ class StoreLifecycle:
 
 
     def _add(self, dataloader, progress: bool) -> np.ndarray:
+        """Add a loader's examples; they are known by identity (loader and position), so their guids may repeat
+        the training data's (Hugging Face ``idx`` restarts in every split)."""
         keys, key_keys, labels, guids, texts, uids = self._encode(dataloader, progress)
         ids = None
         if keys is not None:
-            ids = self.store.add(keys, labels, guids, texts)
+            ids = self.store.add(keys, labels, guids, texts, guids_may_repeat=True)
         if key_keys is not None:
-            ids = self.key_store.add(key_keys, labels, guids, texts)
+            ids = self.key_store.add(key_keys, labels, guids, texts, guids_may_repeat=True)
         self._note_entries(uids, ids)
         return ids
 
