@@ -258,3 +258,25 @@ def test_a_state_dict_checkpoint_carries_the_tuned_mixture(tiny_bert, tiny_dirs,
     other = retro_model((plm, tok, cfg, wrapper), key_encoder="mask")  # built otherwise: refused, named
     with pytest.raises(RuntimeError, match="built with key_encoder='frozen-mean'"):
         other.load_state_dict(model.state_dict())
+
+
+def test_the_progress_bar_shows_the_learning_rate_as_it_is(tiny_bert, examples, monkeypatch):
+    """Before, the bar rounded every number to 4 decimals: lr 5e-05 showed as lr=0."""
+    from openprompt_retro.prompt import trainer as trainer_module
+    from openprompt_retro.prompt.trainer import progress_postfix
+
+    assert progress_postfix({"lr": 5e-05, "loss": 0.693147, "step": 3, "dev_accuracy": 0.5}) == \
+        {"lr": "5e-05", "loss": "0.6931", "dev_accuracy": "0.5"}
+    shown = []
+    real = trainer_module.tqdm
+
+    class Bar(real):
+        def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+            shown.append(dict(ordered_dict or {}))
+            return super().set_postfix(ordered_dict, refresh, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "tqdm", Bar)
+    model = retro_model(tiny_bert)
+    tr = trainer(model, tiny_bert, epochs=1, lr=5e-5, progress=True)
+    tr.fit(examples, examples)
+    assert shown and all(float(p["lr"]) > 0 for p in shown)

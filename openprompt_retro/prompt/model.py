@@ -535,6 +535,19 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         p = p_knn.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1)
         return torch.where(labels >= 0, p, torch.ones_like(p))
 
+    def training_loss_weights(self):
+        """(w, p) for every training entry, as a training forward weighs it: p_i = p_kNN(y_i|x_i) read from the
+        loss store without entry i, and w_i its kNN-guided loss weight (capped at ``max_loss_weight``; 1 while
+        the gate is off). Both (n,) tensors, in store order."""
+        c, lifecycle = self.config, self.lifecycle
+        store = lifecycle.loss_store
+        p = lifecycle.knn_distribution(store.keys, np.arange(len(store)), c.train_knn_k,
+                                       c.readout_temperature(training=True), c.readout, c.knn_score_scale,
+                                       c.class_mean_top_m, store=store)
+        gold = torch.from_numpy(p[np.arange(len(store)), store.labels])
+        kind = c.loss if self.knn_loss_active else "ce"
+        return knn_loss_weights(gold, kind, c.loss_beta, c.focal_gamma, c.max_loss_weight), gold
+
     def forward(self, batch) -> torch.Tensor:
         """Log-probabilities over classes: kNN-mixed in an inference forward when lambda > 0.
 

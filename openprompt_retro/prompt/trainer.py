@@ -229,7 +229,7 @@ class RetroTrainer:
             run.stopped = run.bad_evals >= self.args.patience
         self.history.append(record)
         if bar is not None:
-            bar.set_postfix({k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
+            bar.set_postfix(progress_postfix(record))
 
     def _snapshot(self):
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -440,6 +440,12 @@ def _read_trainer_files(directory: str, overrides: Dict) -> Tuple[TrainingArgs, 
     except (TypeError, ValueError) as e:
         raise SavedRunError(f"invalid grid in {os.path.join(directory, TRAINER_FILE)}: {e}") from None
     return args, grid, state
+
+
+def progress_postfix(record: Dict) -> Dict[str, str]:
+    """An evaluation record's numbers for the progress bar, each to 4 significant digits (a learning rate of
+    5e-05 shows as 5e-05, not as 0)."""
+    return {k: f"{v:.4g}" for k, v in record.items() if isinstance(v, float)}
 
 
 def linear_schedule(optimizer, total_steps: int, warmup_ratio: float = 0.0):
