@@ -249,3 +249,51 @@ def test_a_clip_predictor_resave_keeps_other_files(tmp_path):
     (d / "readme.md").write_text("mine")
     write_predictor(str(d), "ZeroShotKnn", {"a": 2}, {"w": torch.ones(2)})
     assert (d / "readme.md").read_text() == "mine"
+
+
+@pytest.mark.parametrize("case", ["cwd", "mount", "long name", "faiss", "safetensors"])
+def test_save_mistakes_and_writer_failures_are_one_savefailed_naming_the_folder(saved, tmp_path, monkeypatch,
+                                                                               case):  # noqa: F811
+    """Before: save('.') swapped out the working folder; a mount point failed with EBUSY after writing the whole
+    run beside it; a 240-character folder name overflowed the temporary name; FAISS and safetensors failures
+    surfaced as their own errors naming temporary paths."""
+    tr = R.RetroTrainer.from_pretrained(str(saved[0]))
+    target = tmp_path / "run"
+    if case == "cwd":
+        monkeypatch.chdir(tmp_path)
+        target = tmp_path
+    elif case == "mount":
+        target.mkdir()
+        real = os.path.ismount
+        monkeypatch.setattr(os.path, "ismount", lambda p: os.path.realpath(p) == str(target) or real(p))
+    elif case == "long name":
+        target = tmp_path / ("r" * 240)
+    elif case == "faiss":
+        import faiss
+
+        def broken(index, path):
+            raise RuntimeError(f"Error in faiss::FileIOWriter: could not open {path} for writing: No space left")
+        monkeypatch.setattr(faiss, "write_index", broken)
+    else:
+        import safetensors.torch
+
+        class SafetensorError(Exception):
+            pass
+
+        def broken(model, path, *a, **k):
+            raise SafetensorError(f"Error while serializing: IoError(Os {{ code: 28, kind: StorageFull }}) at {path}")
+        from openprompt_retro.prompt import saved_run
+
+        monkeypatch.setattr(safetensors.torch, "save_model", broken)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    if case == "long name":
+        tr.save(str(target))  # saved: the temporary folder's name is cut, the run's is not
+        assert (target / "run.json").is_file()
+        return
+    with pytest.raises(store_module.SaveFailed) as err:
+        tr.save(str(target))
+    message = str(err.value)
+    assert ".saving-" not in message and repr(str(target)) in message
+    assert {"cwd": "current folder", "mount": "mount point", "faiss": "RuntimeError: Error in faiss",
+            "safetensors": "SafetensorError"}[case] in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, nothing left behind

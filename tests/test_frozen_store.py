@@ -409,3 +409,26 @@ def test_a_model_built_on_the_pretrained_plm_saves_no_copy(tiny_bert, examples, 
     model.attach(trainer(model, tiny_bert).loader(examples))
     model.save(str(tmp_path / "run"))
     assert not (tmp_path / "run" / "key_encoder.safetensors").exists()
+
+
+def test_a_run_whose_two_stores_do_not_match_is_refused_on_load(tiny_bert, tiny_dirs, examples, tmp_path):
+    """A format-1 run (before every file had a checksum) could hold a [MASK] store and a key store of different
+    entries: before, it loaded and failed at the first prediction."""
+    import json
+
+    from openprompt_retro.core.store import KnowledgeStore, sha256_file
+
+    model = frozen_model(tiny_bert, demonstrations="neural")
+    model.attach(trainer(model, tiny_bert).loader(examples))
+    run = tmp_path / "run"
+    model.save(str(run))
+    key_store = KnowledgeStore.load(str(run / "key_store"))
+    short = KnowledgeStore(key_store.dim, 2, built_by=key_store.built_by)
+    short.build(key_store.keys[:-1], key_store.labels[:-1])
+    short.save(str(run / "key_store"))
+    meta = json.loads((run / "run.json").read_text())
+    for name in list(meta["checksums"]):  # as if no checksum had guarded them
+        meta["checksums"][name] = sha256_file(str(run / name))
+    (run / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(SavedRunError, match="store of 8 entries and a key store of 7"):
+        R.RetroPromptForClassification.from_pretrained(str(run), plm_path=tiny_dirs["bert"])

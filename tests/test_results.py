@@ -611,3 +611,20 @@ def test_a_run_on_other_data_is_another_run(tmp_path):
     assert key("--data-root", str(copy)) != key("--data-root", shared)
     assert key("--data-root", str(copy)) == key("--data-root", str(copy) + os.sep)
     assert run_key(row()).settings_id == key("--data-root", shared).settings_id  # rows written before keep theirs
+
+
+def test_a_deeply_nested_line_is_a_skipped_row_not_a_crash(tmp_path):
+    """Before, one hostile line (json nested 100k deep) raised RecursionError in every command on the folder."""
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(row(13, 0.5)) + "\n" + "[" * 100000 + "]" * 100000 + "\n")
+    with pytest.warns(UserWarning, match="line 2: skipped a malformed row .*nested too deeply"):
+        rows = read_rows(str(path))
+    assert len(rows) == 1
+
+
+def test_a_deeply_nested_run_json_is_a_one_line_error(tmp_path):
+    from openprompt_retro.prompt.saved_run import SavedRunError, read_run_json
+
+    (tmp_path / "run.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(SavedRunError, match="corrupt run.json .*nested too deeply"):
+        read_run_json(str(tmp_path), required=True)

@@ -40,6 +40,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 import faiss
 import numpy as np
 
+from ..errors import json_loads
 from .knn import knn_label_distribution
 
 ArrayLike = Union[np.ndarray, Sequence, "torch.Tensor"]  # noqa: F821 (torch tensors are accepted, not required)
@@ -594,13 +595,24 @@ def atomic_folder(directory: str, markers: Sequence[str] = (),
     target = os.path.realpath(directory)
     if os.path.exists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"cannot save to {directory!r}: it is a file, not a folder")
+    cwd = os.path.realpath(os.getcwd())
+    if os.path.commonpath([cwd, target]) == target:
+        raise SaveFailed(errno.EINVAL, f"cannot save to {directory!r}: it is the current folder or holds it, and a "
+                                       "save replaces the whole folder; save to a folder of its own (e.g. 'run/')")
+    if os.path.isdir(target) and os.path.ismount(target):
+        raise SaveFailed(errno.EBUSY, f"cannot save to {directory!r}: it is a mount point, which a save cannot "
+                                      "replace; save to a folder inside it")
     present = sorted(os.listdir(target)) if os.path.isdir(target) else []
     if present and not set(markers) & set(present):
         raise FileExistsError(f"cannot save to {directory!r}: it holds other files ({present[:8]}), and a save "
                               f"replaces the whole folder; save to a new or empty folder")
     parent, name = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name[:64]}.saving-", dir=parent)  # a long name leaves room for the suffix
+    except OSError as e:
+        raise SaveFailed(e.errno, f"saving to {directory!r} failed ({e.strerror or e}); nothing was changed") \
+            from None
     try:
         os.chmod(tmp, os.stat(target).st_mode & 0o7777 if os.path.isdir(target) else _folder_mode())
         yield tmp
@@ -610,12 +622,27 @@ def atomic_folder(directory: str, markers: Sequence[str] = (),
         _swap_in_folder(tmp, target)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        cause = e.__cause__ if isinstance(e, SaveFailed) else e  # a nested atomic_folder's failure
-        raise SaveFailed(cause.errno, f"saving to {directory!r} failed ({cause.strerror or cause}); nothing was "
-                         "changed: the folder holds what it held before") from cause
+        reason = getattr(e, "reason", None) or str(e.strerror or e)  # a nested save's reason, or the OS's
+        raise _save_failed(directory, e.errno, reason.replace(tmp, directory)) from (e.__cause__ or e)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError"):
+            raise
+        # a writer that reports its own way (FAISS: RuntimeError, safetensors: SafetensorError), naming temp paths
+        text = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise _save_failed(directory, errno.EIO, f"{type(e).__name__}: {text}".replace(tmp, directory)) from e
+
+
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _save_failed(directory: str, code, reason: str) -> "SaveFailed":
+    err = SaveFailed(code, f"saving to {directory!r} failed ({reason}); nothing was changed: the folder holds "
+                           "what it held before")
+    err.reason = reason  # an outer save (a run holding this store) reports it under its own folder
+    return err
 
 
 def _carry_over(old: str, new: str, carry: Callable[[str], bool]) -> None:
@@ -719,7 +746,7 @@ def _read_meta(directory: str, data: bytes) -> Dict:
     """store.json (its bytes), with every required field present and of the right type."""
     where = f"knowledge store at {directory!r}"
     try:
-        meta = json.loads(data.decode("utf-8"))
+        meta = json_loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise StoreError(f"{where} has a corrupt {_META_FILE}: {e}") from None
     if not isinstance(meta, dict):

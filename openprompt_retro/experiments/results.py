@@ -25,7 +25,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional
 
-from ..errors import UserError
+from ..errors import UserError, json_loads
 from .methods import BASELINE_METHODS, ZERO_SHOT_METHODS
 
 
@@ -188,7 +188,7 @@ def read_rows(path: str) -> List[Dict]:
             if not raw.strip():
                 continue
             try:
-                row = _upgraded(json.loads(raw.decode("utf-8")))
+                row = _upgraded(json_loads(raw.decode("utf-8")))
                 run_key(row)
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 warnings.warn(f"{path}, line {n}: skipped a malformed row ({type(e).__name__}: {e})", stacklevel=2)

@@ -315,7 +315,8 @@ class AdaptedMeanEncoder(FrozenMeanEncoder):
 
 class SentenceEncoder(MeanPoolEncoder):
     """Mean-pooled keys from an encoder loaded with ``AutoModel`` / ``AutoTokenizer.from_pretrained``:
-    ``path_or_name`` is a local folder (offline) or a hub name. ``device``: where its weights go."""
+    ``path_or_name`` is a local folder (offline) or a hub name, with safetensors weights (pickled weights are
+    never loaded). ``device``: where its weights go."""
 
     def __init__(self, path_or_name: str, max_length: int = 128, batch_size: int = 32, progress: bool = False,
                  device="cpu"):
@@ -327,11 +328,17 @@ class SentenceEncoder(MeanPoolEncoder):
         if (os.path.isabs(path) or path.startswith(".") or path.count("/") > 1) and not os.path.isdir(path):
             raise ValueError(f"no sentence encoder folder at {path_or_name!r} (was it moved? give its new place: "
                              "RetroConfig(key_encoder_path=...), or from_pretrained(dir, key_encoder_path=...))")
+        if os.path.isdir(path) and not any(n.endswith(".safetensors") for n in os.listdir(path)):
+            pickled = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")))
+            raise ValueError(f"cannot load a sentence encoder from {path_or_name!r}: it holds no .safetensors "
+                             f"weights{f' (only {pickled[:3]}: pickled weights are never loaded)' if pickled else ''}"
+                             "; save the model with safetensors (model.save_pretrained(...) does by default)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path_or_name)
-            model = AutoModel.from_pretrained(path_or_name)
+            model = AutoModel.from_pretrained(path_or_name, use_safetensors=True)  # never unpickle weights
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load a sentence encoder from {path_or_name!r}: {e}") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"cannot load a sentence encoder from {path_or_name!r}: {first}") from None
         super().__init__(model.to(device), tokenizer, max_length, batch_size, progress, kind="sentence",
                          source=str(path_or_name))
 

@@ -39,6 +39,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
 import torch
 
 from ..core.config import RetroConfig
+from ..errors import json_loads
 from ..core.store import KnowledgeStore, atomic_folder, sha256_file
 
 RUN_FILE, WEIGHTS, CONFIG, STORE = "run.json", "prompt_model.safetensors", "retro_config.json", "store"
@@ -367,7 +368,7 @@ def _no_run_json(directory: str) -> SavedRunError:
 def _parse_run_json(directory: str, data: bytes) -> Dict:
     """run.json's bytes, validated as a RetroPrompt run."""
     try:
-        run = json.loads(data.decode("utf-8"))
+        run = json_loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise SavedRunError(f"corrupt {RUN_FILE} in {directory!r}: {e}") from None
     if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
@@ -495,7 +496,7 @@ def read_json_file(directory: str, name: str) -> Optional[Any]:
     if data is None:
         return None
     try:
-        return json.loads(data.decode("utf-8"))
+        return json_loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise SavedRunError(f"corrupt {os.path.join(directory, name)}: {e}") from None
 
@@ -556,7 +557,7 @@ def read_checked(model, directory: str) -> Loaded:
                             "or rebuild it from the folder with from_pretrained(dir)")
     config_path = os.path.join(directory, CONFIG)
     try:
-        config = RetroConfig.from_dict(json.loads(snap.read(CONFIG).decode("utf-8")))
+        config = RetroConfig.from_dict(json_loads(snap.read(CONFIG).decode("utf-8")))
     except (ValueError, TypeError, AttributeError) as e:
         raise SavedRunError(f"corrupt {config_path}: {e}; nothing was loaded") from None
     store_files = {name[len(STORE) + 1:]: data for name, data in snap.files.items() if name.startswith(STORE + "/")}
@@ -575,6 +576,11 @@ def read_checked(model, directory: str) -> Loaded:
     config.key_encoder_path = model.config.key_encoder_path
     encoder_state = _read_adapted_encoder(model, directory, snap)
     key_store = _read_key_store(model, directory, snap, config, encoder_state)
+    if key_store is not None and len(store) and (len(store) != len(key_store)
+                                                 or not (store.labels == key_store.labels).all()):
+        raise SavedRunError(f"the run at {directory!r} has a [MASK] store of {len(store)} entries and a key store of "
+                            f"{len(key_store)} whose entries do not match one for one (a run saved in format 1, "
+                            "before every file had a checksum, and changed since?); nothing was loaded")
     path = os.path.join(directory, WEIGHTS)
     try:
         tensors = load_tensors(snap.read(WEIGHTS))
