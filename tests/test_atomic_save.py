@@ -252,8 +252,8 @@ def test_a_clip_predictor_resave_keeps_other_files(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["cwd", "mount", "long name", "faiss", "safetensors"])
-def test_save_mistakes_and_writer_failures_are_one_savefailed_naming_the_folder(saved, tmp_path, monkeypatch,
-                                                                               case):  # noqa: F811
+def test_save_mistakes_and_writer_failures_are_one_savefailed_naming_the_folder(saved, tmp_path, monkeypatch,  # noqa: F811
+                                                                               case):
     """Before: save('.') swapped out the working folder; a mount point failed with EBUSY after writing the whole
     run beside it; a 240-character folder name overflowed the temporary name; FAISS and safetensors failures
     surfaced as their own errors naming temporary paths."""
@@ -282,7 +282,6 @@ def test_save_mistakes_and_writer_failures_are_one_savefailed_naming_the_folder(
 
         def broken(model, path, *a, **k):
             raise SafetensorError(f"Error while serializing: IoError(Os {{ code: 28, kind: StorageFull }}) at {path}")
-        from openprompt_retro.prompt import saved_run
 
         monkeypatch.setattr(safetensors.torch, "save_model", broken)
     before = sorted(p.name for p in tmp_path.iterdir())
