@@ -68,7 +68,6 @@ class RetroTrainer:
         self.model.set_tokenization(wrapper_class, self.args.max_seq_length, tokenizer)
         self.history: List[Dict] = []
         self.tuned: Optional[Dict] = None  # what tune_inference chose on dev
-        self._train_examples = None
 
     # ---------------------------------------------------------------- data
     def loader(self, examples, batch_size: Optional[int] = None, shuffle: bool = False, split: str = "data",
@@ -106,7 +105,6 @@ class RetroTrainer:
         if dev:
             check_labels(dev, n_classes, "dev", True, words)
         check_training_set(labels, n_classes, self.model.uses_store, words)
-        self._train_examples = train
         run = self._start_run(train, dev)
         self.model.plan_training(run.total_steps)  # demo_warmup counts the model's training forwards
         self._refresh(run)
