@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import openprompt_retro as R
-from openprompt_retro.core import store as store_module
+from openprompt_retro.core import folders as folders_module, store as store_module
 from openprompt_retro.core.store import KnowledgeStore
 from openprompt_retro.prompt.saved_run import SavedRunError
 
@@ -51,7 +51,7 @@ KILLED_RESAVE = textwrap.dedent("""
     import os, sys
     import torch
     import openprompt_retro as R
-    from openprompt_retro.core import store as S
+    from openprompt_retro.core import folders as F, store as S
 
     run, where = sys.argv[1], sys.argv[2]
     tr = R.RetroTrainer.from_pretrained(run)
@@ -62,8 +62,8 @@ KILLED_RESAVE = textwrap.dedent("""
         real = S.KnowledgeStore.save
         S.KnowledgeStore.save = lambda self, d: (real(self, d), os._exit(137))
     else:  # every file written and fsynced, not yet swapped in
-        real_sync = S._fsync_tree
-        S._fsync_tree = lambda root: (real_sync(root), os._exit(137))
+        real_sync = F._fsync_tree
+        F._fsync_tree = lambda root: (real_sync(root), os._exit(137))
     tr.save(run)
     sys.exit(3)  # not reached
 """)
@@ -117,7 +117,7 @@ def test_a_failed_swap_puts_the_old_store_back(tmp_path, monkeypatch):
     d = tmp_path / "store"
     old = small_store(0)
     old.save(str(d))
-    monkeypatch.setattr(store_module, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(folders_module, "_exchange", lambda a, b: False)
     small_store(1).save(str(d))  # the two-rename swap works
     np.testing.assert_array_equal(KnowledgeStore.load(str(d)).keys, small_store(1).keys)
     # the first rename (old aside) works, the second (new in) fails, the third puts the old one back

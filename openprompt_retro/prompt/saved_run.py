@@ -15,7 +15,7 @@ A run folder holds::
     trainer.json              written by RetroTrainer.save: (lambda, k, T) grid, tuned values, history
 
 A save (:func:`save_run`) writes a complete new folder beside the target and
-swaps it in (:func:`~openprompt_retro.core.store.atomic_folder`): a failed or
+swaps it in (:func:`~openprompt_retro.core.folders.atomic_folder`): a failed or
 killed save leaves the old run loadable. Loading (:func:`read_checked`) reads
 run.json and the bytes of every file it lists, checks each against its sha256
 (one retry from scratch if a concurrent save swapped the folder meanwhile), and
@@ -40,7 +40,8 @@ import torch
 
 from ..core.config import RetroConfig
 from ..errors import json_loads
-from ..core.store import KnowledgeStore, atomic_folder, sha256_file
+from ..core.folders import atomic_folder, sha256_file
+from ..core.store import KnowledgeStore
 
 RUN_FILE, WEIGHTS, CONFIG, STORE = "run.json", "prompt_model.safetensors", "retro_config.json", "store"
 #: with a key encoder other than "mask": its store, and the key encoder's own weights where the PLM cannot give
@@ -292,7 +293,7 @@ def save_run(model, directory: str, save_plm: bool = False, model_type: Optional
              name_or_path: Optional[str] = None, extra_json: Optional[Dict[str, Dict]] = None) -> None:
     """Weights, config, store, optional PLM/tokenizer, text pool and ``extra_json`` files (name -> object),
     then run.json with the sha256 of every one of them - all in a new folder swapped in at the end
-    (:func:`~openprompt_retro.core.store.atomic_folder`: it replaces an existing run folder, or an empty one).
+    (:func:`~openprompt_retro.core.folders.atomic_folder`: it replaces an existing run folder, or an empty one).
     Files in the folder that are not the run's (a user's notes, predictions) are kept, unlisted in run.json."""
     from safetensors.torch import save_model
 
