@@ -648,10 +648,10 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         before and call :meth:`load`. Predictions are bit-identical to the saved model's.
         ``key_encoder_path``: where a run's sentence encoder (``key_encoder="sentence"``) is now, when it moved.
         """
-        from . import saved_run
+        from . import rebuild, saved_run
 
         with saved_run.pinned(directory):  # every file from one checkpoint, even while it is being re-saved
-            model, tokenizer, wrapper = saved_run.rebuild(directory, cls=cls, plm_path=plm_path,
+            model, tokenizer, wrapper = rebuild.rebuild_run(directory, cls=cls, plm_path=plm_path,
                                                           model_type=model_type, text_pool=text_pool,
                                                           key_encoder_path=key_encoder_path)
             model.set_tokenization(wrapper, saved_run.saved_max_seq_length(directory), tokenizer)

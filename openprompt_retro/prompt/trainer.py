@@ -390,10 +390,10 @@ class RetroTrainer:
         args from training_args.json, with ``training_args`` overriding fields
         (e.g. ``device="cpu"``); the grid, tuned values and history from trainer.json.
         """
-        from . import saved_run
+        from . import rebuild, saved_run
 
         with saved_run.pinned(directory):  # model and trainer files from one checkpoint
-            model, tokenizer, wrapper = saved_run.rebuild(directory, cls=RetroPromptForClassification,
+            model, tokenizer, wrapper = rebuild.rebuild_run(directory, cls=RetroPromptForClassification,
                                                           plm_path=plm_path, model_type=model_type,
                                                           text_pool=text_pool, key_encoder_path=key_encoder_path)
             args, grid, state = _read_trainer_files(directory, training_args)
