@@ -138,12 +138,13 @@ def test_the_binomial_tail_and_the_guard_by_hand():
     assert binomial_tail(2, 3, 0.5) == pytest.approx(0.5)  # P(X >= 2) = (3 + 1) / 8
     labels = np.array([0, 1] * 16)
     right = np.eye(2)[labels]
-    good = store_guard(right, labels, alpha=0.1)
+    good = store_guard(right, labels)
     assert good["passes"] and good["reason"] is None and good["p_value"] == pytest.approx(2.0 ** -32)
-    chance = store_guard(np.eye(2)[np.r_[labels[:18], 1 - labels[18:]]], labels, alpha=0.1)  # 18 of 32
-    assert chance["p_value"] == pytest.approx(binomial_tail(18, 32, 0.5))
-    assert not chance["passes"] and "no better than the majority-class rate" in chance["reason"]
-    assert store_guard(np.eye(2)[1 - labels], labels, alpha=None)["passes"]
+    at_chance = store_guard(np.eye(2)[np.r_[labels[:16], 1 - labels[16:]]], labels)  # 16 of 32: the majority rate
+    assert at_chance["p_value"] == pytest.approx(binomial_tail(16, 32, 0.5))
+    assert not at_chance["passes"] and "no better than the majority-class rate" in at_chance["reason"]
+    assert store_guard(np.eye(2)[np.r_[labels[:17], 1 - labels[17:]]], labels)["passes"]  # 17 of 32: above it
+    assert store_guard(np.eye(2)[1 - labels], labels, enabled=False)["passes"]
 
 
 def test_a_store_at_chance_on_dev_is_not_mixed_in_and_the_record_says_why(tiny_bert, examples):

@@ -130,10 +130,11 @@ class RetroConfig(LossConfig):
             accuracy on dev, chosen when inference is tuned; "logistic" until then).
         class_mean_temperature: T_cm, on the cosine scale (chosen on dev by log-loss when inference is tuned).
         logistic_temperature: T of the logistic read-out (1: its own probabilities; chosen on dev by log-loss).
-        store_guard_alpha: kNN inference is switched off (lambda = 0) unless the store beats chance by a one-sided
-            binomial test at this level: on dev when inference is tuned (the store alone against the dev set's
-            majority-class rate), else (a hand loop, a lambda set by hand) by its leave-one-out accuracy on
-            the training entries against their majority-class rate. None: no guard.
+        store_guard_alpha: the guard on the mixture (None: off). When inference is tuned on dev, kNN inference
+            is switched off (lambda = 0) if the store alone scores no better than the dev set's majority-class
+            rate. Without tuning (a hand loop, a lambda set by hand: no dev evidence at all) the store must beat
+            chance by a one-sided binomial test at this level on its leave-one-out accuracy over the training
+            entries.
         lambda_from_dev: set by tuning: knn_lambda was chosen on dev (and the dev guard applied).
         demo_retrieval: which keys choose the neighbours behind d_c: "mask" (the [MASK] keys), "key-encoder"
             (the frozen / sentence keys; d_c is still built from the neighbours' [MASK] states) or "auto" (the

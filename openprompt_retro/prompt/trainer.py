@@ -312,8 +312,9 @@ class RetroTrainer:
            logistic: by the dev log-loss of the store alone);
         2. lambda, k and T (and T_plm where the grid has candidates) by dev accuracy of the mixture, ties broken
            as the grid says (:class:`~openprompt_retro.core.knn.MixtureGrid`);
-        3. the guard (``store_guard_alpha``): a store that does no better than the dev majority-class rate
-           (:func:`~openprompt_retro.core.knn.store_guard`) gets lambda = 0, the reason in ``tuned["store_guard"]``.
+        3. the guard (on unless ``store_guard_alpha`` is None): a store that does no better than the dev
+           majority-class rate (:func:`~openprompt_retro.core.knn.store_guard`) gets lambda = 0, the reason in
+           ``tuned["store_guard"]``.
         """
         model = self.model
         p_plm, queries, labels = self.collect(dev)
@@ -340,7 +341,7 @@ class RetroTrainer:
         else:  # the read-out's own T, as chosen
             best = self.grid.select(p_plm, labels, lambda k, t: model.knn_distribution(queries, k))
         guard = store_guard(model.knn_distribution(queries, best.k, best.temperature if chosen == "topk" else None),
-                            labels, c.store_guard_alpha)
+                            labels, enabled=c.store_guard_alpha is not None)
         lam = best.lam if guard["passes"] else 0.0
         model.apply_config(knn_lambda=lam, knn_k=best.k, knn_temperature=best.temperature,
                            plm_temperature=best.plm_temperature, lambda_from_dev=True)
