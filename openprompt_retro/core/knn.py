@@ -108,7 +108,7 @@ def store_guard(store_probs, labels, enabled: bool = True) -> Dict[str, Union[fl
     """Whether a store tuned into the mixture on dev may stay in it: its accuracy alone on ``labels`` (dev) must
     be above the majority-class rate r of those labels. A lenient test on purpose: dev already chose lambda for
     the mixture's accuracy, and with 32 dev examples a significance test would also throw out useful stores (at
-    p < 0.1 a store right 70% of the time fails one run in three). Returns ``{"accuracy", "chance", "p_value",
+    p < 0.1 a store right 70% of the time fails one run in four, one right 65% of the time one run in two). Returns ``{"accuracy", "chance", "p_value",
     "passes", "reason"}``, p = P(X >= correct | n, r) for the record; ``enabled=False`` always passes."""
     labels = np.asarray(labels, dtype=np.int64)
     correct = int((np.asarray(store_probs).argmax(-1) == labels).sum())
