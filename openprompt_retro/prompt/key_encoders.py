@@ -146,13 +146,7 @@ class MeanPoolEncoder:
         """sha256 (first 16 hex digits) of the names, dtypes, shapes and bytes of the weights the keys depend on
         (not a pooler's: mean pooling never reads it, and a checkpoint without one gets a random one each load)."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for name, t in sorted(self.model.state_dict().items()):
-                if _unused(name):
-                    continue
-                h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = weights_sha256(self.model.state_dict())
         return self._fingerprint
 
     def identity(self) -> Dict[str, object]:
@@ -207,6 +201,18 @@ def differs_from_checkpoint(base: torch.nn.Module, prefix: str, source: Optional
     except (SafetensorError, OSError, RuntimeError):
         return None
     return False
+
+
+def weights_sha256(state: Dict[str, torch.Tensor]) -> str:
+    """sha256 (first 16 hex digits) of a state dict's names, dtypes, shapes and bytes, a pooler's left out: the
+    fingerprint of a key encoder's weights, wherever they are (a model, a saved file, a checkpoint)."""
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        if _unused(name):
+            continue
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _unused(name: str) -> bool:
@@ -344,4 +350,4 @@ class SentenceEncoder(MeanPoolEncoder):
 
 
 __all__: List[str] = ["MeanPoolEncoder", "FrozenMeanEncoder", "AdaptedMeanEncoder", "SentenceEncoder", "mean_pool",
-                       "relation_features"]
+                       "relation_features", "weights_sha256"]

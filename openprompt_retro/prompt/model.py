@@ -347,7 +347,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
     def _restore_adapted_encoder(self, state_dict, prefix, key_keys, error_msgs) -> bool:
         """Put a state_dict's adapted key-encoder weights (and the pair mode its key store implies) in place;
         False (with the reason in ``error_msgs``) when they do not fit this model."""
-        from .saved_run import state_sha256
+        from .key_encoders import weights_sha256
 
         start = prefix + KEY_ENCODER_PREFIX
         state = {k[len(start):]: v for k, v in state_dict.items() if k.startswith(start)}
@@ -375,7 +375,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         if wrong:
             error_msgs.append(f"{start}*: {len(wrong)} weights do not fit this model's key encoder, e.g. {wrong[:3]}")
             return False
-        if not encoder.adapted or state_sha256(state) != encoder.fingerprint():
+        if not encoder.adapted or weights_sha256(state) != encoder.fingerprint():
             encoder.restore({k: v.detach().cpu() for k, v in state.items()})
             self.lifecycle.forget_keys()
         return True

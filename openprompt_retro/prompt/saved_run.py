@@ -42,6 +42,7 @@ from ..core.config import RetroConfig
 from ..errors import json_loads
 from ..core.folders import atomic_folder, sha256_file
 from ..core.store import KnowledgeStore
+from .key_encoders import weights_sha256
 
 RUN_FILE, WEIGHTS, CONFIG, STORE = "run.json", "prompt_model.safetensors", "retro_config.json", "store"
 #: with a key encoder other than "mask": its store, and the key encoder's own weights where the PLM cannot give
@@ -593,15 +594,6 @@ def read_checked(model, directory: str) -> Loaded:
     return Loaded(config, store, tensors, key_store, encoder_state, loo)
 
 
-def state_sha256(state: Dict[str, torch.Tensor]) -> str:
-    """The fingerprint of a set of weights, as :meth:`MeanPoolEncoder.fingerprint` computes it for its own."""
-    h = hashlib.sha256()
-    for name, t in sorted(state.items()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _read_adapted_encoder(model, directory: str, snap) -> Optional[Dict[str, torch.Tensor]]:
     """An adapted key encoder's saved weights (None: the model's key encoder is not adapted, or the run was saved
     before adapting), checked against the encoder's names and shapes."""
@@ -643,7 +635,7 @@ def _read_key_store(model, directory: str, snap, config: RetroConfig,
     if relation:
         expected["pairs"] = "relation"
     if encoder.kind == "adapted":
-        expected["weights_sha256"] = state_sha256(encoder_state) if encoder_state is not None \
+        expected["weights_sha256"] = weights_sha256(encoder_state) if encoder_state is not None \
             else encoder.fingerprint()
     try:
         store = KnowledgeStore.load(os.path.join(directory, KEY_STORE), expected_dim=expected["dim"],
