@@ -229,7 +229,7 @@ def test_pair_keys_are_settled_by_the_data_and_the_cache_tells_pairs_apart(tiny_
     data = pairs(8)
     model.attach(trainer(model, tiny_bert).loader(data))
     assert model.config.pair_keys == "relation" and model.knn_store.dim == 65
-    assert model.verbalizer.store is model.knn_store
+    assert model.mixing().store is model.knn_store
     # the same text_a with another text_b is another key (the cache is keyed by both segments)
     assert data[0].text_a == data[1].text_a and data[0].text_b != data[1].text_b
     assert not np.allclose(model.knn_store.keys[0], model.knn_store.keys[1], atol=1e-4)

@@ -65,7 +65,7 @@ def test_explain_shows_the_weights_of_the_k_neighbours_behind_p_knn(tiny_bert, e
         np.add.at(p_knn, res.labels[i], w)
         np.testing.assert_allclose(row["p_knn"], p_knn, rtol=1e-5)
         np.testing.assert_allclose(row["probs"], 0.5 * p_knn + 0.5 * np.array(row["p_plm"]), rtol=1e-5)
-    np.testing.assert_allclose([r["p_knn"] for r in out], model.verbalizer.knn_probs(query).numpy(), rtol=1e-5)
+    np.testing.assert_allclose([r["p_knn"] for r in out], model.knn_probs(query).numpy(), rtol=1e-5)
 
 
 # ------------------------------------------------------------------ a kNN loss needs a store

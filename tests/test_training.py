@@ -90,9 +90,12 @@ def test_tuned_mixture_is_the_one_applied_and_reproduces_its_dev_accuracy(tiny_b
     want = R.select_mixture(p_plm, labels, lambda k, t: model.store.knn_distribution(queries, k, t),
                             tr.grid.lambdas, tr.grid.ks, tr.grid.temperatures)
     assert (tuned["knn_lambda"], tuned["knn_k"], tuned["knn_temperature"]) == (want.lam, want.k, want.temperature)
-    c, v = model.config, model.verbalizer
-    assert (c.knn_lambda, c.knn_k, c.knn_temperature) == (v.lam, v.k, v.temperature) == (
+    c, m = model.config, model.mixing()
+    assert (c.knn_lambda, c.knn_k, c.knn_temperature) == (m.lam, m.k, m.temperature) == (
         want.lam, want.k, want.temperature)
+    assert m.store is model.knn_store  # the verbalizer gets all of it per call, and keeps no copy
+    v = model.verbalizer
+    assert v.store is None and (v.lam, v.k, v.temperature) == (0.5, 16, 1.0)
     assert tr.evaluate(dev)["accuracy"] == tuned["dev_accuracy"]
 
 
@@ -181,7 +184,7 @@ def test_plm_probabilities_for_tuning_leave_the_knn_mixture_out(tiny_bert, examp
     model.refresh_store(loader, progress=False)
     model.eval()
     p_plm, _ = model.plm_probs_and_queries(batch)
-    assert model.verbalizer.lam == 1.0  # restored
+    assert model.config.knn_lambda == 1.0 and model.mixing().lam == 1.0  # restored
     model.apply_config(knn_lambda=0.0)
     with torch.no_grad():
         assert torch.allclose(p_plm, torch.exp(model(batch)), atol=1e-6)
@@ -193,6 +196,9 @@ def test_mixing_in_training_only_when_asked(tiny_bert, examples, mix_in_training
     loader, batch = first_batch(trainer(model, tiny_bert), examples)
     model.refresh_store(loader, progress=False)
     v, scale = model.verbalizer, model.config.knn_score_scale
+    # the verbalizer's own rule, as it runs when OpenPrompt code calls it directly: its own settings (the model
+    # keeps none on it: its forwards hand it a Mixing per call)
+    v.store, v.lam, v.k, v.temperature, v.scale = model.knn_store, 0.4, 3, 2.0, scale
     v.mix_in_training = mix_in_training
     model.train()
     prepared = model.prepare_batch(batch)  # a training forward: batch of the store's loader, gradients on

@@ -181,9 +181,9 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         return self.verbalizer.num_classes
 
     def apply_config(self, **overrides) -> RetroConfig:
-        """Update config fields (e.g. the tuned lambda/k/T). The model's forwards pass them to the verbalizer
-        per call (:class:`.Mixing`); they also become its own settings, for calls made to it directly. A
-        ``knn_lambda`` given without ``lambda_from_dev=True`` counts as set by hand (see :attr:`effective_lambda`)."""
+        """Update config fields (e.g. the tuned lambda/k/T). The config is the one place they live: the model's
+        forwards hand them to the verbalizer per call (:meth:`mixing`). A ``knn_lambda`` given without
+        ``lambda_from_dev=True`` counts as set by hand (see :attr:`effective_lambda`)."""
         for key in overrides:
             if not hasattr(self.config, key):
                 raise ValueError(f"unknown RetroConfig field {key!r}")
@@ -196,17 +196,14 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         for key, value in overrides.items():
             setattr(self.config, key, value)
         self.config.validate()
-        v = self.verbalizer
-        v.store, v.k, v.temperature = self.knn_store, self.config.knn_k, self.config.knn_temperature
-        v.lam = self.config.knn_lambda
-        v.scale = self.config.knn_score_scale
         return self.config
 
     def mixing(self) -> Mixing:
-        """How an inference forward mixes p_kNN in, from the config (the read-out's own temperature)."""
+        """How an inference forward mixes p_kNN in: the config's settings (the read-out's own temperature) and the
+        store to read, handed to the verbalizer with every call."""
         c = self.config
         return Mixing(self.effective_lambda, c.knn_k, c.readout_temperature(), c.knn_score_scale, c.readout,
-                      c.class_mean_top_m, c.plm_temperature, c.logistic_c)
+                      c.class_mean_top_m, c.plm_temperature, c.logistic_c, store=self.knn_store)
 
     @property
     def effective_lambda(self) -> float:
@@ -239,7 +236,6 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
     @store.setter
     def store(self, store: KnowledgeStore) -> None:
         self.lifecycle.store = store
-        self.verbalizer.store = self.knn_store
 
     @property
     def knn_store(self) -> KnowledgeStore:

@@ -116,9 +116,10 @@ class Prediction:
                   temperature: Optional[float] = None) -> torch.Tensor:
         """p_kNN(y|x) for query keys by the config's read-out and score scale (k, T default to the inference
         ones: ``knn_temperature`` for top-k, ``class_mean_temperature`` for the class-mean read-out)."""
-        c = self.config
-        return self.verbalizer.knn_probs(query, exclude_ids, k or c.knn_k, temperature or c.readout_temperature(),
-                                         c.knn_score_scale, c.readout, c.class_mean_top_m, c.logistic_c)
+        if hasattr(exclude_ids, "detach"):
+            exclude_ids = exclude_ids.detach().cpu()
+        p = self.knn_distribution(query.detach().float().cpu().numpy(), k, temperature, exclude_ids)
+        return torch.from_numpy(p).to(query.device)
 
     def knn_distribution(self, queries, k: Optional[int] = None, temperature: Optional[float] = None,
                          exclude_ids=None) -> np.ndarray:

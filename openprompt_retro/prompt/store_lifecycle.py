@@ -151,11 +151,8 @@ class StoreLifecycle:
                               index_factory=c.index_factory, built_by=self.key_encoder.store_identity())
 
     def _replace_key_store(self) -> None:
-        """An empty key store of the key encoder's current dimension (the verbalizer reads the new one)."""
+        """An empty key store of the key encoder's current dimension."""
         self.key_store = self._new_key_store()
-        verbalizer = getattr(self.model, "verbalizer", None)
-        if verbalizer is not None:
-            verbalizer.store = self.knn_store
 
     def settle_pair_keys(self, examples) -> None:
         """Settle ``pair_keys="auto"`` by whether ``examples`` have a text_b (relation features for pairs);
