@@ -1,17 +1,16 @@
 """Retrieval for training: the kNN-guided loss weights hard examples more.
 
-    w_i = 1 + beta * (-log p_kNN(y_i | x_i))   (own entry excluded; p_kNN has no gradient)
+    w_i = min(1 + beta * (-log p_kNN(y_i | x_i)), max_loss_weight)   (own entry excluded; p_kNN has no gradient)
 
 p_kNN is read from the store kNN uses (by default keyed by a frozen copy of the pre-trained encoder, read
 by class means), so the weights stay informative through training.
 
     python examples/03_knn_guided_training.py --model tiny-bert
 """
-import numpy as np
 import torch
 from _common import parse, setup
 
-from openprompt_retro import RetroConfig, TrainingArgs, build_trainer, knn_loss_weights
+from openprompt_retro import RetroConfig, TrainingArgs, build_trainer
 
 ns = parse(__doc__, epochs=dict(type=int, default=3))
 spec, data, plm, tok, Wrapper = setup(ns)
@@ -22,10 +21,10 @@ model = trainer.model
 
 train_loader = trainer.loader(data["train"])
 model.refresh_store(train_loader, progress=False)
-s = model.knn_store
-p = model.knn_distribution(s.keys, exclude_ids=np.arange(len(s)))
-p_gold = torch.from_numpy(p[np.arange(len(s)), s.labels])
-w = knn_loss_weights(p_gold, "knn", beta=1.0)
+s = model.lifecycle.loss_store
+w, p_gold = model.training_loss_weights()  # what training uses: the cap, the gate, the training read-out
+print(f"the loss weights are capped at {model.config.max_loss_weight}; the gate is "
+      f"{'on' if model.knn_loss_active else 'off (weights 1)'}")
 print("hardest training examples for the store (highest loss weight):")
 for i in torch.argsort(w, descending=True)[:5].tolist():
     print(f"  w={w[i]:.2f}  p_kNN(gold)={p_gold[i]:.3f}  label {s.labels[i]}  {s.texts[i][:70]!r}")

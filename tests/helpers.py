@@ -5,6 +5,9 @@ WORDS = ["terrible", "great"]
 #: the [MASK]-key store with top-k voting (the default before issue 20): tests of its mechanics name it
 MASK = {"key_encoder": "mask", "knn_readout": "topk"}
 TEXT = '{"placeholder":"text_a"} it was {"mask"} .'
+#: the random tiny models' stores are at chance, and the guard (store_guard_alpha) would keep them out of every
+#: mixture: tests of the mixture's mechanics turn it off; tests of the guard set it
+NO_GUARD = {"store_guard_alpha": None}
 
 
 def base_template(kind, plm, tok):
@@ -31,7 +34,7 @@ def retro_model(tiny, template="manual", verbalizer="manual", demonstrations="ne
     plm, tok, _, wrapper = tiny
     t = R.RetroTemplate(base_template(template, plm, tok), WORDS, demonstrations=demonstrations, plm=plm,
                         text_pool=pool)
-    cfg = R.RetroConfig(**{"demo_topk": 2, "knn_k": 3, "train_knn_k": 3, **MASK, **config})
+    cfg = R.RetroConfig(**{"demo_topk": 2, "knn_k": 3, "train_knn_k": 3, **MASK, **NO_GUARD, **config})
     return R.RetroPromptForClassification(plm, t, base_verbalizer(verbalizer, plm, tok), config=cfg)
 
 

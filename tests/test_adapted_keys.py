@@ -138,16 +138,17 @@ def test_the_binomial_tail_and_the_guard_by_hand():
     assert binomial_tail(2, 3, 0.5) == pytest.approx(0.5)  # P(X >= 2) = (3 + 1) / 8
     labels = np.array([0, 1] * 16)
     right = np.eye(2)[labels]
-    good = store_guard(right, labels, alpha=0.1)
+    good = store_guard(right, labels)
     assert good["passes"] and good["reason"] is None and good["p_value"] == pytest.approx(2.0 ** -32)
-    chance = store_guard(np.eye(2)[np.r_[labels[:18], 1 - labels[18:]]], labels, alpha=0.1)  # 18 of 32
-    assert chance["p_value"] == pytest.approx(binomial_tail(18, 32, 0.5))
-    assert not chance["passes"] and "no better than the majority-class rate" in chance["reason"]
-    assert store_guard(np.eye(2)[1 - labels], labels, alpha=None)["passes"]
+    at_chance = store_guard(np.eye(2)[np.r_[labels[:16], 1 - labels[16:]]], labels)  # 16 of 32: the majority rate
+    assert at_chance["p_value"] == pytest.approx(binomial_tail(16, 32, 0.5))
+    assert not at_chance["passes"] and "no better than the majority-class rate" in at_chance["reason"]
+    assert store_guard(np.eye(2)[np.r_[labels[:17], 1 - labels[17:]]], labels)["passes"]  # 17 of 32: above it
+    assert store_guard(np.eye(2)[1 - labels], labels, enabled=False)["passes"]
 
 
 def test_a_store_at_chance_on_dev_is_not_mixed_in_and_the_record_says_why(tiny_bert, examples):
-    model = adapted_model(tiny_bert)
+    model = adapted_model(tiny_bert, store_guard_alpha=0.1)
     tr = trainer(model, tiny_bert, epochs=1, lr=1e-3)
     tr.fit(examples, examples)
     flipped = [type(e)(guid=f"f{i}", text_a=e.text_a, label=1 - e.label) for i, e in enumerate(examples)]
@@ -228,7 +229,7 @@ def test_pair_keys_are_settled_by_the_data_and_the_cache_tells_pairs_apart(tiny_
     data = pairs(8)
     model.attach(trainer(model, tiny_bert).loader(data))
     assert model.config.pair_keys == "relation" and model.knn_store.dim == 65
-    assert model.verbalizer.store is model.knn_store
+    assert model.mixing().store is model.knn_store
     # the same text_a with another text_b is another key (the cache is keyed by both segments)
     assert data[0].text_a == data[1].text_a and data[0].text_b != data[1].text_b
     assert not np.allclose(model.knn_store.keys[0], model.knn_store.keys[1], atol=1e-4)
@@ -271,10 +272,7 @@ def test_an_adapted_run_saves_and_rebuilds_bit_identical(tiny_bert, tiny_dirs, e
 
     plm, tok, cfg, wrapper = load_plm("bert", tiny_dirs["bert"])
     fresh = adapted_model((plm, tok, cfg, wrapper), demonstrations="neural", store_guard_alpha=None)
-    fresh.load_state_dict(model.state_dict())
-    fresh.apply_config(**{k: getattr(model.config, k) for k in ("knn_lambda", "knn_readout", "logistic_temperature",
-                                                                "class_mean_temperature", "knn_k", "knn_temperature",
-                                                                "plm_temperature")})
+    fresh.load_state_dict(model.state_dict())  # weights, store, adapted encoder and the tuned mixture
     fresh.set_tokenization(wrapper, model.max_seq_length)
     np.testing.assert_array_equal(fresh.predict_proba(examples), before)
     # the adapted weights are checksummed like every other file
@@ -304,3 +302,26 @@ def test_a_saved_pair_run_with_relation_keys_reloads(tiny_bert, tiny_dirs, tmp_p
     again = R.RetroPromptForClassification.from_pretrained(str(tmp_path / "run"), plm_path=tiny_dirs["bert"])
     assert again.key_encoder.relation and again.knn_store.dim == 65
     np.testing.assert_array_equal(again.predict_proba(data), before)
+
+
+def test_untuned_the_default_lambda_never_mixes_in_a_store_at_chance(tiny_bert, examples):
+    """A hand loop never tunes on dev: before, it mixed at the default lambda 0.5 whatever the store was worth
+    (the loss gate passed by one example on RTE). Now the store's leave-one-out accuracy must beat chance by
+    the binomial test first, and the reason is the model's own p-value."""
+    model = retro_model(tiny_bert, demonstrations="none", key_encoder="frozen-mean", knn_readout="class-mean",
+                        store_guard_alpha=0.1)
+    assert model.config.knn_lambda == 0.5 and not model.config.lambda_from_dev
+    model.attach(trainer(model, tiny_bert).loader(examples))
+    p = model.lifecycle.loo_p_value
+    correct = int(round(model.store_loo_accuracy * len(examples)))
+    assert p == pytest.approx(binomial_tail(correct, len(examples), 0.5))
+    assert model.effective_lambda == (0.5 if p < 0.1 else 0.0)
+    model.lifecycle.loo_p_value = 0.5  # as for a store at chance
+    assert model.effective_lambda == 0.0 and model.mixing().lam == 0.0
+    model.lifecycle.loo_p_value = 0.01  # a store that beats chance
+    assert model.effective_lambda == 0.5
+    model.lifecycle.loo_p_value = 0.5
+    model.apply_config(knn_lambda=0.3, lambda_from_dev=True)  # chosen on dev: the dev guard decided already
+    assert model.effective_lambda == 0.3
+    model.apply_config(knn_lambda=0.3)  # set by hand: the leave-one-out guard applies again
+    assert model.effective_lambda == 0.0

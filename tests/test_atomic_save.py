@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import openprompt_retro as R
-from openprompt_retro.core import store as store_module
+from openprompt_retro.core import folders as folders_module, store as store_module
 from openprompt_retro.core.store import KnowledgeStore
 from openprompt_retro.prompt.saved_run import SavedRunError
 
@@ -51,7 +51,7 @@ KILLED_RESAVE = textwrap.dedent("""
     import os, sys
     import torch
     import openprompt_retro as R
-    from openprompt_retro.core import store as S
+    from openprompt_retro.core import folders as F, store as S
 
     run, where = sys.argv[1], sys.argv[2]
     tr = R.RetroTrainer.from_pretrained(run)
@@ -62,8 +62,8 @@ KILLED_RESAVE = textwrap.dedent("""
         real = S.KnowledgeStore.save
         S.KnowledgeStore.save = lambda self, d: (real(self, d), os._exit(137))
     else:  # every file written and fsynced, not yet swapped in
-        real_sync = S._fsync_tree
-        S._fsync_tree = lambda root: (real_sync(root), os._exit(137))
+        real_sync = F._fsync_tree
+        F._fsync_tree = lambda root: (real_sync(root), os._exit(137))
     tr.save(run)
     sys.exit(3)  # not reached
 """)
@@ -117,7 +117,7 @@ def test_a_failed_swap_puts_the_old_store_back(tmp_path, monkeypatch):
     d = tmp_path / "store"
     old = small_store(0)
     old.save(str(d))
-    monkeypatch.setattr(store_module, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(folders_module, "_exchange", lambda a, b: False)
     small_store(1).save(str(d))  # the two-rename swap works
     np.testing.assert_array_equal(KnowledgeStore.load(str(d)).keys, small_store(1).keys)
     # the first rename (old aside) works, the second (new in) fails, the third puts the old one back
@@ -219,3 +219,80 @@ def test_a_saved_folder_gets_the_permissions_of_a_new_folder_or_keeps_its_own(tm
     os.chmod(tmp_path / "store", 0o750)
     small_store(1).save(str(tmp_path / "store"))
     assert (tmp_path / "store").stat().st_mode & 0o777 == 0o750
+
+
+def test_a_resave_keeps_the_users_own_files_in_the_run_folder(saved, tmp_path):  # noqa: F811
+    """Before, a re-save replaced the whole folder: a user's notes and predictions beside the run were deleted."""
+    import json
+
+    d = copy_run(saved, tmp_path)
+    (d / "notes.txt").write_text("lr 1e-2 looked best")
+    (d / "predictions").mkdir()
+    (d / "predictions" / "test.csv").write_text("id,label\n0,1\n")
+    (d / "store" / "stray.tmp").write_text("x")  # inside the run's own folders: the run's, replaced
+    tr = R.RetroTrainer.from_pretrained(str(d))
+    tr.save(str(d))
+    assert (d / "notes.txt").read_text() == "lr 1e-2 looked best"
+    assert (d / "predictions" / "test.csv").read_text() == "id,label\n0,1\n"
+    assert not (d / "store" / "stray.tmp").exists()
+    listed = json.loads((d / "run.json").read_text())["checksums"]
+    assert "notes.txt" not in listed and "predictions/test.csv" not in listed  # not part of the run
+    np.testing.assert_array_equal(R.RetroTrainer.from_pretrained(str(d)).predict_proba(saved[2]), saved[1])
+    assert beside(d) == ["run"]
+
+
+def test_a_clip_predictor_resave_keeps_other_files(tmp_path):
+    from openprompt_retro.clip.predictor import write_predictor
+
+    d = tmp_path / "pred"
+    write_predictor(str(d), "ZeroShotKnn", {"a": 1}, {"w": torch.zeros(2)})
+    (d / "readme.md").write_text("mine")
+    write_predictor(str(d), "ZeroShotKnn", {"a": 2}, {"w": torch.ones(2)})
+    assert (d / "readme.md").read_text() == "mine"
+
+
+@pytest.mark.parametrize("case", ["cwd", "mount", "long name", "faiss", "safetensors"])
+def test_save_mistakes_and_writer_failures_are_one_savefailed_naming_the_folder(saved, tmp_path, monkeypatch,  # noqa: F811
+                                                                               case):
+    """Before: save('.') swapped out the working folder; a mount point failed with EBUSY after writing the whole
+    run beside it; a 240-character folder name overflowed the temporary name; FAISS and safetensors failures
+    surfaced as their own errors naming temporary paths."""
+    tr = R.RetroTrainer.from_pretrained(str(saved[0]))
+    target = tmp_path / "run"
+    if case == "cwd":
+        monkeypatch.chdir(tmp_path)
+        target = tmp_path
+    elif case == "mount":
+        target.mkdir()
+        real = os.path.ismount
+        monkeypatch.setattr(os.path, "ismount", lambda p: os.path.realpath(p) == str(target) or real(p))
+    elif case == "long name":
+        target = tmp_path / ("r" * 240)
+    elif case == "faiss":
+        import faiss
+
+        def broken(index, path):
+            raise RuntimeError(f"Error in faiss::FileIOWriter: could not open {path} for writing: No space left")
+        monkeypatch.setattr(faiss, "write_index", broken)
+    else:
+        import safetensors.torch
+
+        class SafetensorError(Exception):
+            pass
+
+        def broken(model, path, *a, **k):
+            raise SafetensorError(f"Error while serializing: IoError(Os {{ code: 28, kind: StorageFull }}) at {path}")
+
+        monkeypatch.setattr(safetensors.torch, "save_model", broken)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    if case == "long name":
+        tr.save(str(target))  # saved: the temporary folder's name is cut, the run's is not
+        assert (target / "run.json").is_file()
+        return
+    with pytest.raises(store_module.SaveFailed) as err:
+        tr.save(str(target))
+    message = str(err.value)
+    assert ".saving-" not in message and repr(str(target)) in message
+    assert {"cwd": "current folder", "mount": "mount point", "faiss": "RuntimeError: Error in faiss",
+            "safetensors": "SafetensorError"}[case] in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, nothing left behind

@@ -197,4 +197,4 @@ def test_a_rejected_config_value_never_reaches_the_model(tiny_bert):
     before = model.config.to_dict()
     with pytest.raises(ValueError, match="knn_k"):
         model.apply_config(knn_k=0, knn_lambda=0.25)
-    assert model.config.to_dict() == before and model.verbalizer.lam == before["knn_lambda"]
+    assert model.config.to_dict() == before and model.mixing().lam == before["knn_lambda"]

@@ -179,3 +179,36 @@ def test_bad_counts_of_other_commands_are_one_line(capsys, tmp_path, argv, messa
     out = [] if argv[0] == "speed" else ["--out", str(tmp_path)]
     line = one_line_error(capsys, [argv[0], *out, *argv[1:]])
     assert message in line, line
+
+
+@needs_data
+def test_cli_length_the_model_cannot_read_and_a_local_tiny_folder(tmp_path, capsys, monkeypatch, tiny_dirs):
+    """Before: --max-seq-length beyond the model's positions crashed in training; --model tiny-x was refused as
+    'not a tiny model' although a local folder of that name was meant."""
+    line = one_line_error(capsys, ["run", "--model", "tiny-bert", "--tasks", "SST-2", "--methods", "prompt",
+                                   "--max-seq-length", "1000", "--epochs", "1", "--no-progress", "--data-root", DATA,
+                                   "--out", str(tmp_path / "a")])
+    assert "max_seq_length 1000 is above what BertForMaskedLM can read: 256 positions" in line
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_dirs["bert"], tmp_path / "tiny-mine")
+    main(["run", "--model", "tiny-mine", "--tasks", "SST-2", "--methods", "linear-probe", "--no-progress",
+          "--data-root", DATA, "--out", str(tmp_path / "b")])
+    assert (tmp_path / "b" / "results.jsonl").is_file()
+    capsys.readouterr()
+    line = one_line_error(capsys, ["run", "--model", "tiny-nope", "--tasks", "SST-2", "--data-root", DATA,
+                                   "--out", str(tmp_path / "c")])
+    assert "the tiny test models are tiny-bert and tiny-roberta (and no folder of that name is here)" in line
+
+
+def test_runs_claimed_elsewhere_are_named_briefly(tmp_path, monkeypatch, capsys):
+    """Before, every run claimed by another host was listed in one line (hundreds in a full grid)."""
+    from openprompt_retro.experiments import runs
+    from openprompt_retro.experiments.results import ResultsFile
+
+    monkeypatch.setattr(runs, "check_grid", lambda ns: None)
+    monkeypatch.setattr(ResultsFile, "claim", lambda self, key, take_over=False: "1@elsewhere")
+    line = one_line_error(capsys, ["run", "--model", "tiny-bert", "--tasks", "SST-2,mr", "--methods",
+                                   "prompt,retro,linear-probe", "--seeds", "13,21", "--out", str(tmp_path)])
+    assert line.count("claimed by 1@elsewhere") == 5 and "12 run(s) not done" in line and "and 7 more" in line

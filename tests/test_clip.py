@@ -344,3 +344,26 @@ def test_a_failed_save_keeps_the_previous_one(tiny_clip, tmp_path, monkeypatch):
     with pytest.raises(SaveFailed, match="nothing was changed"):
         zs.save(str(tmp_path / "zs"))
     assert ZeroShotKnn.load(str(tmp_path / "zs")).mixture.lam == 0.4
+
+
+def test_clip_mixture_search_is_the_grids_own_with_tie_breaks_and_plm_temperatures():
+    """Before, tune_mixture called select_mixture with lambdas, ks and temperatures only: a grid's tie-breaks
+    and PLM temperatures were silently dropped (text and CLIP chose differently from the same grid)."""
+    from openprompt_retro.clip.cache import ImageCache, tune_mixture
+    from openprompt_retro.core.knn import MixtureGrid
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(12, 4)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    labels = np.arange(12) % 3
+    cache = ImageCache(feats, labels, num_classes=3)
+    p_model = rng.dirichlet(np.ones(3), size=12).astype(np.float32)
+    grid = MixtureGrid.fine(plm_temperature=True)
+    want = grid.select(p_model, labels, lambda k, t: cache.p_knn(feats, k, t))
+    got = tune_mixture(p_model, cache, feats, labels, grid)
+    assert got == want
+    mixed = cache.mixed(p_model, feats, got)
+    from openprompt_retro.core.knn import mix, temperature_scale
+
+    expected = mix(temperature_scale(p_model, got.plm_temperature), cache.p_knn(feats, got.k, got.temperature), got.lam)
+    np.testing.assert_allclose(mixed, expected, rtol=1e-6)

@@ -65,7 +65,7 @@ def test_explain_shows_the_weights_of_the_k_neighbours_behind_p_knn(tiny_bert, e
         np.add.at(p_knn, res.labels[i], w)
         np.testing.assert_allclose(row["p_knn"], p_knn, rtol=1e-5)
         np.testing.assert_allclose(row["probs"], 0.5 * p_knn + 0.5 * np.array(row["p_plm"]), rtol=1e-5)
-    np.testing.assert_allclose([r["p_knn"] for r in out], model.verbalizer.knn_probs(query).numpy(), rtol=1e-5)
+    np.testing.assert_allclose([r["p_knn"] for r in out], model.knn_probs(query).numpy(), rtol=1e-5)
 
 
 # ------------------------------------------------------------------ a kNN loss needs a store
@@ -103,3 +103,20 @@ def test_tip_adapter_f_uses_a_cosine_rate_over_all_steps():
     # 3 batches per epoch, S = 6 steps; the last batch of epoch e is step s = 3 (e + 1) - 1
     want = [1e-2 * (1 + math.cos(math.pi * s / 6)) / 2 for s in (2, 5)]
     assert [h["lr"] for h in tip.history] == pytest.approx(want, rel=1e-6)
+
+
+def test_explain_given_a_list_and_a_length_the_model_cannot_read_are_one_line(tiny_bert, examples):
+    """Before: explain([a, b]) failed deep inside tokenization; a max_seq_length above the model's positions
+    failed at the first long input with an index error."""
+    from helpers import retro_model, trainer
+
+    model = retro_model(tiny_bert, demonstrations="none")
+    trainer(model, tiny_bert).fit(examples)
+    with pytest.raises(TypeError, match=r"explain takes one InputExample, got a list of 2"):
+        model.explain(examples[:2])
+    limit = model.plm.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"max_seq_length {limit + 1} is above what BertForMaskedLM can read: {limit}"):
+        model.set_tokenization(max_seq_length=limit + 1)
+    with pytest.raises(ValueError, match="above what"):
+        trainer(model, tiny_bert, max_seq_length=limit + 1)
+    model.set_tokenization(max_seq_length=limit)  # the limit itself is fine

@@ -134,3 +134,24 @@ def test_text_demonstrations_in_a_guidless_loader(tiny_bert, examples):
     text = " ".join(tok.convert_ids_to_tokens(ids))
     assert "it was terrible ." in text and "it was great ." in text  # one demonstration per class
     assert text.count(pool[0].text_a) == 1  # the query itself is not one of its demonstrations
+
+
+def test_add_examples_takes_a_hugging_face_split_whose_idx_repeats_the_training_guids(tiny_bert, tmp_path):
+    """Hugging Face's ``idx`` restarts in every split: before, add_examples(dataset['validation']) was refused
+    for 'duplicate guids'. Entries are known by identity; the store keeps both, saves and reloads them."""
+    data = splits()  # guids "0", "1", ... in each split
+    assert {e.guid for e in data["validation"]} <= {e.guid for e in data["train"]}
+    model = retro_model(tiny_bert, demonstrations="none", key_encoder="frozen-mean", knn_readout="class-mean")
+    tr = trainer(model, tiny_bert, epochs=1)
+    tr.fit(data["train"])
+    ids = model.add_examples(data["validation"])
+    assert list(ids) == list(range(8, 12)) and len(model.knn_store) == 12
+    assert model.knn_store.guids[8:] == [str(e.guid) for e in data["validation"]]
+    assert model.knn_store.ids_of([data["train"][0].guid])[0] == 0  # a guid names its first entry
+    before = model.predict_proba(data["validation"])
+    model.save(str(tmp_path / "run"))
+    again = R.RetroPromptForClassification.from_pretrained(str(tmp_path / "run"))
+    assert len(again.knn_store) == 12
+    np.testing.assert_array_equal(again.predict_proba(data["validation"]), before)
+    with pytest.raises(Exception, match="duplicate guids"):  # one dataset with a guid twice is still a mistake
+        model.add_examples([data["validation"][0], data["validation"][0]])

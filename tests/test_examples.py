@@ -33,8 +33,11 @@ def check_demonstrations(out):
 def check_knn_guided_training(out):
     pairs = [(float(w), float(p)) for w, p in re.findall(rf"w={NUM}\s+p_kNN\(gold\)={NUM}", out)]
     assert len(pairs) == 5 and [w for w, _ in pairs] == sorted((w for w, _ in pairs), reverse=True)
-    for w, p in pairs:  # w = 1 + beta * (-log p), beta = 1
-        assert w >= 1 and (p < 0.005 or w == pytest.approx(1 - math.log(p), abs=0.12))  # p printed to 3 decimals
+    cap = float(re.search(rf"capped at {NUM}", out).group(1))
+    gate_on = "the gate is on" in out
+    for w, p in pairs:  # w = min(1 + beta * (-log p), cap), beta = 1, while the gate is on: what training uses
+        expected = min(1 - math.log(max(p, 1e-12)), cap) if gate_on else 1.0
+        assert 1 <= w <= cap and (p < 0.005 or w == pytest.approx(expected, abs=0.12))
     table = re.findall(rf"^\s+(\d+)\s+{NUM}\s+{NUM}$", out.split("dev accuracy")[1], re.M)
     assert [int(e) for e, _, _ in table] == [0]  # --epochs 1
     assert all(math.isfinite(float(loss)) and 0 <= float(acc) <= 1 for _, loss, acc in table)

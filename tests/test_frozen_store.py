@@ -336,3 +336,99 @@ def test_big_pool_adds_the_pool_to_the_store_the_readout_reads(tmp_path):
     baseline = json.loads((tmp_path / "grid" / "results.jsonl").read_text().splitlines()[0])
     assert rows[0]["linear_probe_test_accuracy"] == baseline["test_accuracy"]
     assert rows[0]["linear_probe_C"] == baseline["settings"]["C"]
+
+
+def test_a_sentence_encoder_is_known_by_its_weights_and_a_moved_one_can_be_pointed_at(tiny_bert, tiny_dirs, examples,
+                                                                                      tmp_path):
+    """Before: two loads of one folder had different fingerprints (a random pooler), so a sentence-key run was
+    always refused on reload; a moved folder gave "Repo id must be in the form ..." with no way to point at its
+    new place; the same weights at another path were refused by a path check."""
+    import shutil
+
+    assert SentenceEncoder(tiny_dirs["bert"]).fingerprint() == SentenceEncoder(tiny_dirs["bert"]).fingerprint()
+    place = tmp_path / "encoder"
+    shutil.copytree(tiny_dirs["bert"], place)
+    model = retro_model(tiny_bert, demonstrations="none", key_encoder="sentence", key_encoder_path=str(place),
+                        knn_readout="class-mean", store_guard_alpha=None)
+    tr = trainer(model, tiny_bert, epochs=1, lr=1e-2)
+    tr.fit(examples, examples)
+    before = model.predict_proba(examples)
+    model.save(str(tmp_path / "run"))
+    np.testing.assert_array_equal(
+        R.RetroPromptForClassification.from_pretrained(str(tmp_path / "run"), plm_path=tiny_dirs["bert"])
+        .predict_proba(examples), before)
+    moved = tmp_path / "moved"
+    place.rename(moved)
+    with pytest.raises(ValueError, match=r"no sentence encoder folder at .*key_encoder_path="):
+        R.RetroPromptForClassification.from_pretrained(str(tmp_path / "run"), plm_path=tiny_dirs["bert"])
+    again = R.RetroPromptForClassification.from_pretrained(str(tmp_path / "run"), plm_path=tiny_dirs["bert"],
+                                                           key_encoder_path=str(moved))
+    np.testing.assert_array_equal(again.predict_proba(examples), before)
+    assert again.config.key_encoder_path == str(moved)
+    # other weights at the new place are refused (by the key store's record of them), whatever the path says
+    other = tmp_path / "other"
+    shutil.copytree(moved, other)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(other / "model.safetensors"))
+    first = sorted(k for k in weights if "embeddings" in k)[0]
+    weights[first] = weights[first] + 1.0
+    save_file(weights, str(other / "model.safetensors"))
+    with pytest.raises(ValueError, match="weights_sha256"):
+        R.RetroPromptForClassification.from_pretrained(str(tmp_path / "run"), plm_path=tiny_dirs["bert"],
+                                                       key_encoder_path=str(other))
+
+
+def test_a_model_built_on_an_already_trained_plm_says_so_and_its_run_rebuilds(tiny_bert, tiny_dirs, examples,
+                                                                             tmp_path):
+    """A notebook re-running its cells builds the model on a PLM trained before: the frozen copy is of trained
+    weights. Before, nothing said so and the run saved without plm/ could not be rebuilt (fingerprint differs)."""
+    plm, tok, _, _ = tiny_bert
+    with torch.no_grad():
+        next(plm.base_model.parameters()).add_(0.5)  # as if an earlier cell had trained it
+    with pytest.warns(UserWarning, match="differs from its checkpoint .* trained already"):
+        model = frozen_model(tiny_bert, store_guard_alpha=None)
+    tr = trainer(model, tiny_bert, epochs=1, lr=1e-2)
+    tr.fit(examples, examples)
+    before = model.predict_proba(examples)
+    model.save(str(tmp_path / "run"))
+    assert (tmp_path / "run" / "key_encoder.safetensors").is_file()
+    again = R.RetroPromptForClassification.from_pretrained(str(tmp_path / "run"), plm_path=tiny_dirs["bert"])
+    np.testing.assert_array_equal(again.predict_proba(examples), before)
+    again.save(str(tmp_path / "run2"))  # and again from the rebuilt one
+    assert (tmp_path / "run2" / "key_encoder.safetensors").is_file()
+
+
+def test_a_model_built_on_the_pretrained_plm_saves_no_copy(tiny_bert, examples, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = frozen_model(tiny_bert)
+    assert model.key_encoder.trained_copy is False
+    model.attach(trainer(model, tiny_bert).loader(examples))
+    model.save(str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "key_encoder.safetensors").exists()
+
+
+def test_a_run_whose_two_stores_do_not_match_is_refused_on_load(tiny_bert, tiny_dirs, examples, tmp_path):
+    """A format-1 run (before every file had a checksum) could hold a [MASK] store and a key store of different
+    entries: before, it loaded and failed at the first prediction."""
+    import json
+
+    from openprompt_retro.core.store import KnowledgeStore, sha256_file
+
+    model = frozen_model(tiny_bert, demonstrations="neural")
+    model.attach(trainer(model, tiny_bert).loader(examples))
+    run = tmp_path / "run"
+    model.save(str(run))
+    key_store = KnowledgeStore.load(str(run / "key_store"))
+    short = KnowledgeStore(key_store.dim, 2, built_by=key_store.built_by)
+    short.build(key_store.keys[:-1], key_store.labels[:-1])
+    short.save(str(run / "key_store"))
+    meta = json.loads((run / "run.json").read_text())
+    for name in list(meta["checksums"]):  # as if no checksum had guarded them
+        meta["checksums"][name] = sha256_file(str(run / name))
+    (run / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(SavedRunError, match="store of 8 entries and a key store of 7"):
+        R.RetroPromptForClassification.from_pretrained(str(run), plm_path=tiny_dirs["bert"])

@@ -90,3 +90,31 @@ def test_an_hf_dataset_that_cannot_be_loaded_is_one_line(tmp_path, monkeypatch, 
     assert err.strip().splitlines()[-1] == ("openprompt-retro run: error: --hf-dataset glue:sst2: could not be loaded "
                                             "(ConnectionError: Couldn't reach 'glue' on the Hub "
                                             "(LocalEntryNotFoundError))")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="optional 'datasets' not installed")
+@pytest.mark.parametrize("splits, extra, message", [
+    (("validation", "test"), [], "has no 'train' split"),
+    (("train", "validation"), ["--hf-label-map", '{"0": 0, "1": 5}'], "label map sends '1' to class 5"),
+    (("train", "validation"), ["--hf-label-map", '{"0": 0}'], "label 1 is not in the label map"),  # was already
+    (("train", "validation"), ["--hf-label-map", '{"0": "zero", "1": 1}'], "label map sends '0' to 'zero'"),
+])
+def test_hugging_face_data_mistakes_are_one_line(tmp_path, monkeypatch, capsys, splits, extra, message):
+    """Before: a KeyError traceback for a dataset without a train split, and tracebacks for label maps that send
+    a label nowhere or to no class."""
+    import datasets
+
+    from openprompt_retro import cli
+
+    for split in splits:
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows(20)))
+    files = {s: str(tmp_path / f"{s}.jsonl") for s in splits}
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: real("json", data_files=files))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--model", "tiny-bert", "--tasks", "SST-2", "--methods", "prompt", "--hf-dataset",
+                  "local-json", "--k", "4", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "Traceback" not in err and last.startswith("openprompt-retro run: error: ")
+    assert message in last, last

@@ -83,8 +83,10 @@ def test_sentence_encoder_loads_a_local_folder_and_pools_alike(tiny_dirs, tiny_b
     info = sentence.describe()
     assert (info["key_encoder"], info["source"], info["dim"]) == ("sentence", tiny_dirs["bert"], 32)
     assert not any(p.requires_grad for p in sentence.model.parameters())
-    with pytest.raises(ValueError, match="cannot load a sentence encoder from"):
+    with pytest.raises(ValueError, match="no sentence encoder folder at .*was it moved"):
         SentenceEncoder(tiny_dirs["bert"] + "-missing")
+    with pytest.raises(ValueError, match="cannot load a sentence encoder from"):
+        SentenceEncoder(str(__import__("pathlib").Path(tiny_dirs["bert"]).parent))  # a folder, but no model
 
 
 def test_bad_arguments_are_one_clear_error(tiny_bert):
@@ -109,3 +111,15 @@ def test_a_saved_store_records_its_encoder_and_refuses_another(tmp_path, tiny_be
         next(plm.parameters()).mul_(2.0)  # e.g. a fine-tuned PLM copied instead of the pre-trained one
     with pytest.raises(StoreError, match="was built with weights_sha256="):
         KnowledgeStore.load(str(tmp_path / "store"), expected_built_by=FrozenMeanEncoder(plm, tok).describe())
+
+
+def test_a_sentence_encoder_folder_holding_only_pickled_weights_is_refused(tiny_dirs, tmp_path):
+    """Before: a folder with pytorch_model.bin was loaded by unpickling (or failed with a long traceback)."""
+    import shutil
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_dirs["bert"], folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a model")
+    with pytest.raises(ValueError, match=r"holds no .safetensors weights \(only \['pytorch_model.bin'\]: pickled"):
+        SentenceEncoder(str(folder))

@@ -1,4 +1,5 @@
 """The report's retrieval-diagnostics and paired-difference tables, by hand."""
+import os
 import json
 
 import pytest
@@ -80,3 +81,91 @@ def test_paired_differences_are_taken_from_the_reference_method_asked_for(tmp_pa
     with pytest.raises(SystemExit) as e:
         main(["report", str(path), "--reference", "retro"])
     assert e.value.code == 2 and "--reference: no runs of 'retro'" in capsys.readouterr().err
+
+
+def test_rows_of_one_method_with_other_settings_or_models_are_never_averaged_together(tmp_path):
+    """Before, the table averaged every row of a method into one cell whatever it ran with."""
+    import json
+    import warnings
+
+    from openprompt_retro.experiments.report import write_report
+
+    def row(seed, acc, sid, model="m1"):
+        return {"task": "SST-2", "method": "retro", "shots": 16, "seed": seed, "model": model, "settings_id": sid,
+                "test_accuracy": acc}
+
+    path = tmp_path / "results.jsonl"
+    rows = [row(13, 0.5, "aaaaaaaaaaaa"), row(42, 0.7, "aaaaaaaaaaaa"), row(13, 0.9, "bbbbbbbbbbbb"),
+            {**row(13, 0.1, "aaaaaaaaaaaa", model="other/m2"), "method": "prompt"},
+            {**row(13, 0.3, "aaaaaaaaaaaa"), "method": "prompt"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="prompt ran with 2 different models or settings; retro ran with 2"):
+        write_report(str(path), str(tmp_path))
+    table = (tmp_path / "table.md").read_text()
+    assert "| retro [settings aaaaaaaaaaaa] | 60.0 ± 10.0 |" in table
+    assert "| retro [settings bbbbbbbbbbbb] | 90.0 ± 0.0 (n=1) |" in table
+    assert "| prompt [model m2] | 10.0 ± 0.0 (n=1) |" in table and "| prompt [model m1] | 30.0 ± 0.0 (n=1) |" in table
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one setting per method: no warning, plain names
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+        write_report(str(path), str(tmp_path))
+    assert "| retro | 60.0 ± 10.0 |" in (tmp_path / "table.md").read_text()
+
+
+def _one_row_results(tmp_path):
+    import json
+
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps({"task": "SST-2", "method": "prompt", "shots": 16, "seed": 13, "model": "m",
+                                "settings_id": "aaaaaaaaaaaa", "test_accuracy": 0.5}) + "\n")
+    return path
+
+
+def test_report_files_replace_planted_links_and_never_write_through_them(tmp_path):
+    """Before, links planted at table.md, results.csv, summary.csv, accuracy.png were followed and their targets
+    overwritten (an --out in a world-writable folder)."""
+    from openprompt_retro.experiments.report import write_report
+
+    path = _one_row_results(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    victims = {}
+    for name in ("table.md", "results.csv", "summary.csv", "accuracy.png"):
+        victim = tmp_path / f"victim-{name}"
+        victim.write_text("precious")
+        (out / name).symlink_to(victim)
+        victims[name] = victim
+    write_report(str(path), str(out))
+    for name, victim in victims.items():
+        assert victim.read_text() == "precious"
+        assert (out / name).is_file() and not (out / name).is_symlink()
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| prompt | 50.0 ± 0.0 |" in (out / "table.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "results.csv", "summary.csv", "table.md"]
+
+
+def test_report_into_a_file_or_onto_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from openprompt_retro.cli import main
+
+    path = _one_row_results(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    for args, message in ((["--out", str(tmp_path / "afile")], "it is a file, not a folder"),):
+        with pytest.raises(SystemExit):
+            main(["report", str(path), *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "table.md").write_text("old table")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(SystemExit):
+        main(["report", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0]
+    assert (tmp_path / "out" / "table.md").read_text() == "old table"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["table.md"]  # no temporary file left

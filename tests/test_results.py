@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from openprompt_retro.cli import main
-from openprompt_retro.experiments.results import ResultsFile, RunKey, read_rows
+from openprompt_retro.experiments.results import ResultsFile, RunKey, read_rows, run_key
 from openprompt_retro.experiments.spec import RunSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,7 +201,8 @@ def test_a_claim_file_holds_its_holder_from_the_moment_it_appears(tmp_path, monk
     monkeypatch.setattr(results_module.os, "link", link_then_look)
     key = RunKey("SST-2", "prompt", 16, 13, "tiny-bert", "0123456789ab")
     assert results.claim(key) is None
-    assert seen and seen[0] == f"{os.getpid()}@{__import__('socket').gethostname()}"
+    assert seen and seen[0] == results_module.this_process()
+    assert seen[0].startswith(f"{os.getpid()}@{__import__('socket').gethostname()}/")
     assert results.claim(key) == seen[0]  # held: a second claim names the holder
     (name,) = os.listdir(tmp_path / ".claims")  # no temporary file left
     assert name.startswith("SST-2__prompt__16__13__")
@@ -241,9 +242,73 @@ def test_a_dead_process_claim_is_taken_over_under_the_folder_lock(tmp_path, monk
     monkeypatch.setattr(results_module, "_remove", remove_while_probing_the_lock)
     assert results.claim(key) is None
     assert lock_was_held == [True]
-    me = f"{os.getpid()}@{socket.gethostname()}"
+    me = results_module.this_process()
     assert results.holder(key) == me
     assert results.claim(key) == me  # now held by a live process: not taken over again
+
+
+def test_a_claim_naming_this_pid_but_not_taken_by_it_is_stale(tmp_path):
+    """A restarted container gives the new process the old one's pid and host name: the claim the old one left
+    names this process, which never took it, so it holds nothing (before, `run` waited for itself forever)."""
+    import socket
+
+    results, key = ResultsFile(str(tmp_path)), RunKey("SST-2", "prompt", 16, 13, "tiny-bert", "0123456789ab")
+    os.makedirs(results.claims)
+    for left in (f"{os.getpid()}@{socket.gethostname()}", f"{os.getpid()}@{socket.gethostname()}/1"):
+        with open(results._claim_path(key), "w") as f:
+            f.write(left)
+        assert results.holder(key) is None
+        assert results.claim(key) is None  # taken over at once
+        assert ResultsFile(str(tmp_path)).holder(key) is None  # the same pid in another object: still this process
+        assert results.holder(key) is not None  # this object took it: held
+        results.release(key)
+
+
+def test_a_pid_reused_by_another_process_holds_nothing(tmp_path):
+    import socket
+    import time
+
+    from openprompt_retro.experiments import results as results_module
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for _ in range(50):
+            if results_module._process_start(sleeper.pid):
+                break
+            time.sleep(0.05)
+        start = results_module._process_start(sleeper.pid)
+        results, key = ResultsFile(str(tmp_path)), RunKey("SST-2", "prompt", 16, 13, "tiny-bert", "0123456789ab")
+        os.makedirs(results.claims)
+        live = f"{sleeper.pid}@{socket.gethostname()}/{start}"
+        with open(results._claim_path(key), "w") as f:
+            f.write(live)
+        assert results.holder(key) == live and results.claim(key) == live  # alive, the same process: held
+        with open(results._claim_path(key), "w") as f:
+            f.write(f"{sleeper.pid}@{socket.gethostname()}/{int(start) + 1}")  # that pid, another start time
+        assert results.holder(key) is None and results.claim(key) is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_the_grid_does_not_wait_for_a_claim_this_pid_left_before(tmp_path, monkeypatch):
+    import socket
+
+    from openprompt_retro.experiments import runs
+
+    calls = []
+    monkeypatch.setattr(runs, "run_one", fake_run_one(calls))
+    monkeypatch.setattr(runs, "check_grid", lambda ns: None)
+    ns = grid_ns("--out", str(tmp_path), "--overwrite")
+    key = runs._key("SST-2", "prompt", 13, runs.RunSpec.from_namespace(ns))
+    results = ResultsFile(str(tmp_path))
+    os.makedirs(results.claims)
+    with open(results._claim_path(key), "w") as f:
+        f.write(f"{os.getpid()}@{socket.gethostname()}")
+    monkeypatch.setattr(runs, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(runs, "_wait_while_held", lambda *a: pytest.fail("waited for its own stale claim"))
+    runs.run_grid(ns)
+    assert len(calls) == 1
 
 
 # ---------------------------------------------------------------------- what makes a run a run
@@ -529,3 +594,37 @@ def test_report_skips_a_row_without_test_accuracy_with_a_warning(tmp_path):
                                          "test_accuracy"):
         main(["report", str(path)])
     assert "| prompt | 60.0 ± 10.0 |" in (tmp_path / "table.md").read_text()
+
+
+def test_a_run_on_other_data_is_another_run(tmp_path):
+    """--data-root is part of the run's key (before, a run on other data was 'already in results.jsonl')."""
+    from openprompt_retro.experiments import runs
+    from openprompt_retro.experiments.paths import shared_data_root
+
+    def key(*args):
+        return runs._key("SST-2", "prompt", 13, runs.RunSpec.from_namespace(grid_ns(*args)))
+
+    shared = shared_data_root()
+    copy = tmp_path / "data"
+    copy.mkdir()
+    assert key("--data-root", shared) == key("--data-root", os.path.relpath(shared)) == key()  # the same folder
+    assert key("--data-root", str(copy)) != key("--data-root", shared)
+    assert key("--data-root", str(copy)) == key("--data-root", str(copy) + os.sep)
+    assert run_key(row()).settings_id == key("--data-root", shared).settings_id  # rows written before keep theirs
+
+
+def test_a_deeply_nested_line_is_a_skipped_row_not_a_crash(tmp_path):
+    """Before, one hostile line (json nested 100k deep) raised RecursionError in every command on the folder."""
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(row(13, 0.5)) + "\n" + "[" * 100000 + "]" * 100000 + "\n")
+    with pytest.warns(UserWarning, match="line 2: skipped a malformed row .*nested too deeply"):
+        rows = read_rows(str(path))
+    assert len(rows) == 1
+
+
+def test_a_deeply_nested_run_json_is_a_one_line_error(tmp_path):
+    from openprompt_retro.prompt.saved_run import SavedRunError, read_run_json
+
+    (tmp_path / "run.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(SavedRunError, match="corrupt run.json .*nested too deeply"):
+        read_run_json(str(tmp_path), required=True)

@@ -62,7 +62,7 @@ def assert_unchanged(model, snap):
     assert model.config.to_dict() == config
     s = model.store
     assert len(s) == n and np.array_equal(s.keys, keys) and np.array_equal(s.labels, labels) and s.guids == guids
-    assert model.verbalizer.store is s
+    assert model.mixing().store is model.knn_store
 
 
 # ------------------------------------------------------------------ the saved folder

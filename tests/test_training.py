@@ -90,9 +90,12 @@ def test_tuned_mixture_is_the_one_applied_and_reproduces_its_dev_accuracy(tiny_b
     want = R.select_mixture(p_plm, labels, lambda k, t: model.store.knn_distribution(queries, k, t),
                             tr.grid.lambdas, tr.grid.ks, tr.grid.temperatures)
     assert (tuned["knn_lambda"], tuned["knn_k"], tuned["knn_temperature"]) == (want.lam, want.k, want.temperature)
-    c, v = model.config, model.verbalizer
-    assert (c.knn_lambda, c.knn_k, c.knn_temperature) == (v.lam, v.k, v.temperature) == (
+    c, m = model.config, model.mixing()
+    assert (c.knn_lambda, c.knn_k, c.knn_temperature) == (m.lam, m.k, m.temperature) == (
         want.lam, want.k, want.temperature)
+    assert m.store is model.knn_store  # the verbalizer gets all of it per call, and keeps no copy
+    v = model.verbalizer
+    assert v.store is None and (v.lam, v.k, v.temperature) == (0.5, 16, 1.0)
     assert tr.evaluate(dev)["accuracy"] == tuned["dev_accuracy"]
 
 
@@ -181,7 +184,7 @@ def test_plm_probabilities_for_tuning_leave_the_knn_mixture_out(tiny_bert, examp
     model.refresh_store(loader, progress=False)
     model.eval()
     p_plm, _ = model.plm_probs_and_queries(batch)
-    assert model.verbalizer.lam == 1.0  # restored
+    assert model.config.knn_lambda == 1.0 and model.mixing().lam == 1.0  # restored
     model.apply_config(knn_lambda=0.0)
     with torch.no_grad():
         assert torch.allclose(p_plm, torch.exp(model(batch)), atol=1e-6)
@@ -193,6 +196,9 @@ def test_mixing_in_training_only_when_asked(tiny_bert, examples, mix_in_training
     loader, batch = first_batch(trainer(model, tiny_bert), examples)
     model.refresh_store(loader, progress=False)
     v, scale = model.verbalizer, model.config.knn_score_scale
+    # the verbalizer's own rule, as it runs when OpenPrompt code calls it directly: its own settings (the model
+    # keeps none on it: its forwards hand it a Mixing per call)
+    v.store, v.lam, v.k, v.temperature, v.scale = model.knn_store, 0.4, 3, 2.0, scale
     v.mix_in_training = mix_in_training
     model.train()
     prepared = model.prepare_batch(batch)  # a training forward: batch of the store's loader, gradients on
@@ -232,3 +238,51 @@ def test_a_reloaded_model_predicts_explains_and_adds_examples_without_a_trainer(
     assert ids.tolist() == [6] and loaded.store.guids[6] == "new"
     # a model built by hand knows OpenPrompt's wrapper class for its PLM
     assert retro_model(tiny_bert).wrapper_class is tiny_bert[3]
+
+
+def test_a_state_dict_checkpoint_carries_the_tuned_mixture(tiny_bert, tiny_dirs, examples):
+    """Before, state_dict() held weights and store but not the dev-tuned lambda or read-out temperature: a fresh
+    model loaded from it mixed at its own defaults and predicted differently."""
+    from openprompt.plms import load_plm
+
+    from helpers import retro_model, trainer
+
+    torch.manual_seed(0)
+    config = dict(key_encoder="frozen-mean", knn_readout="class-mean", store_guard_alpha=None)
+    model = retro_model(tiny_bert, **config)
+    tr = trainer(model, tiny_bert, epochs=2, lr=1e-2)
+    tr.fit(examples, examples)
+    model.apply_config(knn_lambda=0.7, class_mean_temperature=0.2, plm_temperature=2.0)  # as if dev chose them
+    before = model.predict_proba(examples)
+    plm, tok, cfg, wrapper = load_plm("bert", tiny_dirs["bert"])
+    fresh = retro_model((plm, tok, cfg, wrapper), **config)
+    fresh.set_tokenization(wrapper, model.max_seq_length)
+    fresh.load_state_dict(model.state_dict())
+    assert (fresh.config.knn_lambda, fresh.config.class_mean_temperature, fresh.config.plm_temperature) == \
+        (0.7, 0.2, 2.0)
+    np.testing.assert_array_equal(fresh.predict_proba(examples), before)
+    other = retro_model((plm, tok, cfg, wrapper), key_encoder="mask")  # built otherwise: refused, named
+    with pytest.raises(RuntimeError, match="built with key_encoder='frozen-mean'"):
+        other.load_state_dict(model.state_dict())
+
+
+def test_the_progress_bar_shows_the_learning_rate_as_it_is(tiny_bert, examples, monkeypatch):
+    """Before, the bar rounded every number to 4 decimals: lr 5e-05 showed as lr=0."""
+    from openprompt_retro.prompt import trainer as trainer_module
+    from openprompt_retro.prompt.trainer import progress_postfix
+
+    assert progress_postfix({"lr": 5e-05, "loss": 0.693147, "step": 3, "dev_accuracy": 0.5}) == \
+        {"lr": "5e-05", "loss": "0.6931", "dev_accuracy": "0.5"}
+    shown = []
+    real = trainer_module.tqdm
+
+    class Bar(real):
+        def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+            shown.append(dict(ordered_dict or {}))
+            return super().set_postfix(ordered_dict, refresh, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "tqdm", Bar)
+    model = retro_model(tiny_bert)
+    tr = trainer(model, tiny_bert, epochs=1, lr=5e-5, progress=True)
+    tr.fit(examples, examples)
+    assert shown and all(float(p["lr"]) > 0 for p in shown)

@@ -79,20 +79,48 @@ def assert_no_self_retrieval(calls):
     return training_rows
 
 
+def wraps_the_query(template, example):
+    """The tutorials print ``mytemplate.wrap_one_example(dataset['train'][0])`` right after building the
+    template, before any model gave it label words: the query as the base template wraps it (before, an error)."""
+    wrapped, others = template.wrap_one_example(example)
+    base, _ = template.base.wrap_one_example(example)
+    assert [p["text"] for p in wrapped] == [p["text"] for p in base] and others is not None
+    return wrapped
+
+
+def held_back(model):
+    """Whether the guard keeps the store out of the mixture (its leave-one-out accuracy is at chance: likely for
+    a random tiny model), and it says why."""
+    if model.effective_lambda > 0:
+        return False
+    assert model.config.knn_lambda > 0 and model.lifecycle.loo_p_value >= model.config.store_guard_alpha
+    return True
+
+
 def assert_used_retrieval(model, calls, n_train, n_valid):
     assert len(model.knn_store) == n_train
     assert assert_no_self_retrieval(calls) > 0  # training forwards searched the store, own entry left out
-    inference = [c for c in calls if c.kind in ("search", "class_mean") and c.exclude is None]
-    assert sum(len(c.queries) for c in inference) >= n_valid  # p_kNN for every validation example
+    inference = [c for c in calls if c.kind in ("search", "class_mean", "logistic") and c.exclude is None]
+    if held_back(model):  # a chance-level store is not mixed in: nothing is read at inference
+        assert not inference
+    else:
+        assert sum(len(c.queries) for c in inference) >= n_valid  # p_kNN for every validation example
 
 
 def check_lambda_matters(model, val_loader, probs):
-    lam = model.config.knn_lambda
+    lam, alpha = model.config.knn_lambda, model.config.store_guard_alpha
     model.apply_config(knn_lambda=0.0)
     try:
         plain = evaluate(model, val_loader, "no_grad")
     finally:
         model.apply_config(knn_lambda=lam)
+    if held_back(model):  # the output is the plain model's; without the guard the same loop would mix
+        torch.testing.assert_close(probs, plain)
+        model.apply_config(store_guard_alpha=None)
+        try:
+            probs = evaluate(model, val_loader, "no_grad")
+        finally:
+            model.apply_config(store_guard_alpha=alpha)
     assert not torch.allclose(probs, plain)  # the mixture changed the output
 
 
@@ -154,7 +182,12 @@ def test_swapping_only_the_model_class_is_not_a_plain_run(tiny_bert):
     probs = evaluate(model, val_loader, "no_eval")
     with torch.no_grad():
         plain_probs = torch.cat([torch.softmax(plain(b), -1) for b in val_loader])
-    assert len(model.knn_store) == 8 and not torch.allclose(probs, plain_probs)
+    assert len(model.knn_store) == 8
+    if held_back(model):  # a chance-level store is kept out: the plain output, until the guard is lifted
+        torch.testing.assert_close(probs, plain_probs)
+        model.apply_config(store_guard_alpha=None)
+        probs = evaluate(model, val_loader, "no_eval")
+    assert not torch.allclose(probs, plain_probs)
 
 
 # ------------------------------------------------------------------ tutorial 1.1: mixed template
@@ -166,6 +199,7 @@ def test_mixed_template_tutorial_two_optimizers(tiny_bert):
     verbalizer = ManualVerbalizer(tok, num_classes=2, label_words=WORDS)
     template = R.RetroTemplate(MixedTemplate(model=plm, tokenizer=tok,
                                              text='{"placeholder":"text_a"} {"soft"} {"soft"} {"mask"} .'))
+    wraps_the_query(template, data["train"][0])
     model = R.RetroPromptForClassification(plm=plm, template=template, verbalizer=verbalizer)
     assert model.template.label_words == ["terrible", "great"]  # given once, to the verbalizer
     train_loader = loader(data["train"], template, tiny_bert, shuffle=True)
@@ -193,9 +227,10 @@ def test_soft_verbalizer_tutorial_parameter_groups(tiny_bert):
 
     plm, tok, _, _ = tiny_bert
     data = splits()
-    template = R.RetroTemplate(ManualTemplate(tokenizer=tok, text=TEXT), ["terrible", "great"])
-    train_loader = loader(data["train"], template, tiny_bert, shuffle=True)
-    verbalizer = R.KnnVerbalizer(SoftVerbalizer(tok, plm, num_classes=2, label_words=WORDS), plm)
+    template = R.RetroTemplate(ManualTemplate(tokenizer=tok, text=TEXT))  # as the README writes it
+    wraps_the_query(template, data["train"][0])
+    train_loader = loader(data["train"], template, tiny_bert, shuffle=True)  # waits for the label words
+    verbalizer = SoftVerbalizer(tok, plm, num_classes=2, label_words=WORDS)
     model = R.RetroPromptForClassification(plm=plm, template=template, verbalizer=verbalizer)
     groups1 = [{"params": [p for n, p in model.plm.named_parameters()], "weight_decay": 0.0}]
     groups2 = [{"params": model.verbalizer.group_parameters_1, "lr": 3e-5},
@@ -220,6 +255,7 @@ def test_soft_template_tutorial_with_checkpoint_reload(tiny_bert, tmp_path):
     plm, tok, _, _ = tiny_bert
     data = splits()
     template = R.RetroTemplate(SoftTemplate(model=plm, tokenizer=tok, text=TEXT, num_tokens=3))
+    wraps_the_query(template, data["train"][0])
     verbalizer = ManualVerbalizer(tok, classes=["negative", "positive"], label_words=WORDS)
     model = R.RetroPromptForClassification(plm=plm, template=template, verbalizer=verbalizer, freeze_plm=True)
     assert model.template.num_tokens == 3 and model.template.soft_embeds.shape[0] == 3
@@ -469,6 +505,8 @@ def test_readme_recipe_as_written_in_the_basic_tutorial(tiny_bert):
     plm, tokenizer, _, WrapperClass = tiny_bert
     dataset = splits()
     mytemplate = R.RetroTemplate(ManualTemplate(tokenizer=tokenizer, text=TEXT))   # (2) wrap the template
+    wrapped_example = mytemplate.wrap_one_example(dataset["train"][0])  # the tutorial's own next line
+    assert wrapped_example == [wraps_the_query(mytemplate, dataset["train"][0]), wrapped_example[1]]
     train_dataloader = PromptDataLoader(dataset=dataset["train"], template=mytemplate, tokenizer=tokenizer,
                                         tokenizer_wrapper_class=WrapperClass, max_seq_length=64, batch_size=4,
                                         shuffle=True, teacher_forcing=False, predict_eos_token=False,

@@ -8,7 +8,7 @@ import torch
 
 import openprompt_retro as R
 
-from helpers import MASK, WORDS, base_template
+from helpers import MASK, NO_GUARD, WORDS, base_template
 from store_spy import spy_store
 from test_tutorial_loops import evaluate, loader, splits, train_loop
 
@@ -40,7 +40,7 @@ def test_every_verbalizer_trains_and_evaluates_with_retrieval(tiny_bert, tname, 
     torch.manual_seed(0)
     template = R.RetroTemplate(base_template(tname, plm, tok))
     model = R.RetroPromptForClassification(plm, template, make_verbalizer(vname, plm, tok),
-                                           config=R.RetroConfig(demo_topk=2, knn_k=3, train_knn_k=3, **MASK))
+                                           config=R.RetroConfig(demo_topk=2, knn_k=3, train_knn_k=3, **MASK, **NO_GUARD))
     assert model.template.label_words == ["terrible", "great"]
     data = splits()
     train_loader = loader(data["train"], template, tiny_bert, shuffle=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..core.knn import MixtureChoice, MixtureGrid, mix, select_mixture
+from ..core.knn import MixtureChoice, MixtureGrid, mix, temperature_scale
 from ..core.store import KnowledgeStore
 
 #: the mixture before any tuning: the model alone
@@ -60,7 +60,10 @@ class ImageCache:
         return self.store.knn_distribution(np.asarray(queries), k, temperature, exclude)
 
     def mixed(self, p_model: np.ndarray, feats: np.ndarray, choice: MixtureChoice) -> np.ndarray:
-        """P = lambda p_kNN + (1 - lambda) p_model at ``choice``; p_model itself when lambda is 0."""
+        """P = lambda p_kNN + (1 - lambda) p_model^T at ``choice`` (p_model temperature-scaled by the choice's
+        T_plm, as the dev search mixed it); p_model itself (scaled) when lambda is 0."""
+        if choice.plm_temperature != 1.0:
+            p_model = temperature_scale(p_model, choice.plm_temperature).astype(np.asarray(p_model).dtype)
         if choice.lam == 0.0:
             return p_model
         return mix(p_model, self.p_knn(feats, choice.k, choice.temperature), choice.lam)
@@ -68,6 +71,6 @@ class ImageCache:
 
 def tune_mixture(p_model: np.ndarray, cache: ImageCache, val_feats: np.ndarray, val_labels: np.ndarray,
                  grid: MixtureGrid) -> MixtureChoice:
-    """Pick lambda, k, T on validation data (:func:`~openprompt_retro.core.knn.select_mixture`)."""
-    return select_mixture(p_model, val_labels, lambda k, t: cache.p_knn(val_feats, k, t), grid.lambdas, grid.ks,
-                          grid.temperatures)
+    """Pick lambda, k, T (and T_plm) on validation data by the grid's own search, tie-breaks and PLM temperatures
+    included (:meth:`~openprompt_retro.core.knn.MixtureGrid.select`, the text side's too)."""
+    return grid.select(p_model, val_labels, lambda k, t: cache.p_knn(val_feats, k, t))

@@ -10,7 +10,7 @@ A saved predictor is one folder; nothing in it is unpickled:
                           index.faiss, store.json with checksums)
 
 The files go to a new folder that replaces ``directory`` only once complete
-(:func:`~openprompt_retro.core.store.atomic_folder`): a failed save leaves the previous one as it was.
+(:func:`~openprompt_retro.core.folders.atomic_folder`): a failed save leaves the previous one as it was.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-from ..core.store import atomic_folder, sha256_file
+from ..core.folders import atomic_folder, sha256_file
 from .cache import ImageCache
 
 FORMAT_VERSION = 1
@@ -42,7 +42,8 @@ def write_predictor(directory: str, predictor: str, settings: Dict, tensors: Dic
     """Save ``settings`` (JSON), ``tensors`` (safetensors) and ``cache`` into the folder ``directory``."""
     from safetensors.torch import save_file
 
-    with atomic_folder(directory, markers=(PREDICTOR_FILE,)) as tmp:
+    own = {PREDICTOR_FILE, TENSORS_FILE, CACHE_DIR}  # a user's other files in the folder are kept
+    with atomic_folder(directory, markers=(PREDICTOR_FILE,), carry=lambda rel: rel.split("/")[0] not in own) as tmp:
         save_file({name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()},
                   os.path.join(tmp, TENSORS_FILE))
         if cache is not None:

@@ -130,9 +130,12 @@ class RetroConfig(LossConfig):
             accuracy on dev, chosen when inference is tuned; "logistic" until then).
         class_mean_temperature: T_cm, on the cosine scale (chosen on dev by log-loss when inference is tuned).
         logistic_temperature: T of the logistic read-out (1: its own probabilities; chosen on dev by log-loss).
-        store_guard_alpha: when inference is tuned on dev, kNN inference is switched off (lambda = 0) unless the
-            store alone beats the dev set's majority-class rate by a one-sided binomial test at this level;
-            None: no guard.
+        store_guard_alpha: the guard on the mixture (None: off). When inference is tuned on dev, kNN inference
+            is switched off (lambda = 0) if the store alone scores no better than the dev set's majority-class
+            rate. Without tuning (a hand loop, a lambda set by hand: no dev evidence at all) the store must beat
+            chance by a one-sided binomial test at this level on its leave-one-out accuracy over the training
+            entries.
+        lambda_from_dev: set by tuning: knn_lambda was chosen on dev (and the dev guard applied).
         demo_retrieval: which keys choose the neighbours behind d_c: "mask" (the [MASK] keys), "key-encoder"
             (the frozen / sentence keys; d_c is still built from the neighbours' [MASK] states) or "auto" (the
             key encoder's where there is one, else the [MASK] keys).
@@ -165,6 +168,7 @@ class RetroConfig(LossConfig):
     logistic_c: float = 1.0
     logistic_temperature: float = 1.0
     store_guard_alpha: Optional[float] = 0.1
+    lambda_from_dev: bool = False
 
     def validate(self) -> "RetroConfig":
         super().validate()
@@ -204,6 +208,7 @@ class RetroConfig(LossConfig):
         check_float(self, "logistic_temperature", 0.0, low_open=True)
         if self.store_guard_alpha is not None:
             check_float(self, "store_guard_alpha", 0.0, 1.0, low_open=True)
+        check_choice(self, "lambda_from_dev", (True, False))
         return self
 
     @property

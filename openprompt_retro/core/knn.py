@@ -104,20 +104,21 @@ def binomial_tail(successes: int, trials: int, p: float) -> float:
     return float(min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs)))
 
 
-def store_guard(store_probs, labels, alpha: Optional[float]) -> Dict[str, Union[float, bool, str, None]]:
-    """Whether a store may be mixed in: its accuracy alone on ``labels`` (dev) must beat the majority-class rate
-    r of those labels, by a one-sided binomial test, p = P(X >= correct | n, r) < ``alpha``. Returns
-    ``{"accuracy", "chance", "p_value", "alpha", "passes", "reason"}``; ``alpha`` None always passes."""
+def store_guard(store_probs, labels, enabled: bool = True) -> Dict[str, Union[float, bool, str, None]]:
+    """Whether a store tuned into the mixture on dev may stay in it: its accuracy alone on ``labels`` (dev) must
+    be above the majority-class rate r of those labels. A lenient test on purpose: dev already chose lambda for
+    the mixture's accuracy, and with 32 dev examples a significance test would also throw out useful stores (at
+    p < 0.1 a store right 70% of the time fails one run in four, one right 65% of the time one run in two). Returns ``{"accuracy", "chance", "p_value",
+    "passes", "reason"}``, p = P(X >= correct | n, r) for the record; ``enabled=False`` always passes."""
     labels = np.asarray(labels, dtype=np.int64)
     correct = int((np.asarray(store_probs).argmax(-1) == labels).sum())
     chance = float(np.bincount(labels).max() / len(labels))
     p_value = binomial_tail(correct, len(labels), chance)
-    passes = alpha is None or p_value < alpha
+    passes = (not enabled) or correct > chance * len(labels)
     reason = None if passes else (f"the store alone scores {correct}/{len(labels)} on dev, no better than the "
-                                  f"majority-class rate {chance:.3f} (one-sided binomial p = {p_value:.3f} >= "
-                                  f"{alpha}): kNN inference is off (lambda = 0)")
-    return {"accuracy": correct / len(labels), "chance": chance, "p_value": p_value, "alpha": alpha,
-            "passes": bool(passes), "reason": reason}
+                                  f"majority-class rate {chance:.3f}: kNN inference is off (lambda = 0)")
+    return {"accuracy": correct / len(labels), "chance": chance, "p_value": p_value, "passes": bool(passes),
+            "reason": reason}
 
 
 def mix(p_plm, p_knn, lam: float):

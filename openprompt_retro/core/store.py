@@ -24,22 +24,19 @@ checks on a sample of entries that the index holds exactly the codes of
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import faiss
 import numpy as np
 
+from ..errors import json_loads
+from .folders import SaveFailed, atomic_folder, sha256_file  # noqa: F401  (SaveFailed: part of this module's API)
 from .knn import knn_label_distribution
 
 ArrayLike = Union[np.ndarray, Sequence, "torch.Tensor"]  # noqa: F821 (torch tensors are accepted, not required)
@@ -60,10 +57,6 @@ AGREEMENT_SAMPLE = 64
 
 class StoreError(ValueError):
     """Raised for bad input to a :class:`KnowledgeStore`; nothing is changed."""
-
-
-class SaveFailed(OSError):
-    """A save that could not complete (full disk, no permission ...); the folder saved to was not changed."""
 
 
 @dataclass
@@ -166,6 +159,7 @@ class KnowledgeStore:
         self.guids: List[Optional[str]] = []
         self.texts: List[Optional[str]] = []
         self._guid_to_id: Dict[str, int] = {}
+        self.guids_repeat = False  # entries added with guids_may_repeat reused a guid (saved, and allowed on load)
         self.index = faiss.index_factory(self._dim, self.index_factory, faiss.METRIC_INNER_PRODUCT)
         self._apply_search_knobs()
         self._gpu_index = None
@@ -216,8 +210,12 @@ class KnowledgeStore:
 
     # ------------------------------------------------------------------ writing
     def add(self, keys: ArrayLike, labels: ArrayLike, guids: Optional[Iterable] = None,
-            texts: Optional[Iterable] = None) -> np.ndarray:
-        """Add entries; returns their ids. Validates everything before changing anything."""
+            texts: Optional[Iterable] = None, guids_may_repeat: bool = False) -> np.ndarray:
+        """Add entries; returns their ids. Validates everything before changing anything.
+
+        A guid already in the store is an error, unless ``guids_may_repeat`` (entries known by something else
+        than their guid, e.g. Hugging Face splits whose ``idx`` restarts in every split): then
+        :meth:`ids_of` keeps answering with the first entry of that guid."""
         keys = self._prepare(keys, "keys")
         labels = np.asarray(labels.detach().cpu() if hasattr(labels, "detach") else labels).reshape(-1)
         n = keys.shape[0]
@@ -233,7 +231,8 @@ class KnowledgeStore:
             raise StoreError(f"got {n} keys but {len(guids)} guids and {len(texts)} texts")
         named = [g for g in guids if g is not None]
         clash = set(named) & self._guid_to_id.keys()
-        if clash or len(set(named)) != len(named):
+        repeats = bool(clash) or len(set(named)) != len(named)
+        if repeats and not guids_may_repeat:
             dup = sorted(clash) or sorted({g for g in named if named.count(g) > 1})
             raise StoreError(f"duplicate guids in the store: {dup[:5]}")
         if n == 0:
@@ -252,7 +251,8 @@ class KnowledgeStore:
         self.texts.extend(texts)
         for i, g in enumerate(guids):
             if g is not None:
-                self._guid_to_id[g] = start + i
+                self._guid_to_id.setdefault(g, start + i)
+        self.guids_repeat = self.guids_repeat or repeats
         return np.arange(start, start + n, dtype=np.int64)
 
     def train(self, sample: ArrayLike) -> "KnowledgeStore":
@@ -429,6 +429,7 @@ class KnowledgeStore:
                 "metric": self.metric, "index_factory": self.index_factory, "nprobe": self.nprobe,
                 "ef_search": self.ef_search, "built_by": self.built_by, "size": len(self),
                 "guids": self.guids, "texts": self.texts,
+                **({"guids_repeat": True} if self.guids_repeat else {}),
             }
             meta["checksums"] = {name: sha256_file(os.path.join(tmp, name)) for name in _DATA_FILES}
             meta["checksums"][_META_FILE] = _meta_checksum(meta)
@@ -532,7 +533,7 @@ class KnowledgeStore:
             if not all(v is None or isinstance(v, str) for v in values):
                 raise StoreError(f"knowledge store at {directory!r}: {what} in {_META_FILE} must be strings or null")
         named = [g for g in guids if g is not None]
-        if len(set(named)) != len(named):
+        if len(set(named)) != len(named) and meta.get("guids_repeat") is not True:
             dup = sorted({g for g in named if named.count(g) > 1})[:5]
             raise StoreError(f"knowledge store at {directory!r}: duplicate guids in {_META_FILE}: {dup}")
         if meta["format_version"] >= 2 and _meta_checksum(meta) != meta["checksums"][_META_FILE]:
@@ -547,126 +548,15 @@ class KnowledgeStore:
         store._apply_search_knobs()
         store._to_gpu()
         store.guids, store.texts = list(guids), list(texts)
-        store._guid_to_id = {g: i for i, g in enumerate(store.guids) if g is not None}
+        store._guid_to_id = {}
+        for i, g in enumerate(store.guids):
+            if g is not None:
+                store._guid_to_id.setdefault(g, i)
+        store.guids_repeat = meta.get("guids_repeat") is True
         return store
 
 
 # ---------------------------------------------------------------------- disk helpers
-def sha256_file(path: str) -> str:
-    """The sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@contextmanager
-def atomic_folder(directory: str, markers: Sequence[str] = ()) -> Iterator[str]:
-    """Yield a new, empty folder beside ``directory``; once the block completes, it replaces ``directory``.
-
-    An existing ``directory`` is replaced only if it is empty or holds one of
-    ``markers`` (the files that show it was saved like this before): a folder of
-    other files is refused, not wiped.
-
-    The new folder (same parent, unique hidden name) is fsynced, then swapped in: in
-    one step where the system can (Linux ``renameat2(RENAME_EXCHANGE)``), else the
-    old folder is renamed aside, the new one renamed in, and the old one removed.
-    If the block fails, the new folder is removed and ``directory`` is untouched; a
-    failed write is re-raised as :class:`SaveFailed` (an ``OSError``) saying so. A process killed midway
-    leaves ``directory`` as it was (and a ``.NAME.saving-*`` folder beside it, safe to delete).
-    """
-    target = os.path.realpath(directory)
-    if os.path.exists(target) and not os.path.isdir(target):
-        raise NotADirectoryError(f"cannot save to {directory!r}: it is a file, not a folder")
-    present = sorted(os.listdir(target)) if os.path.isdir(target) else []
-    if present and not set(markers) & set(present):
-        raise FileExistsError(f"cannot save to {directory!r}: it holds other files ({present[:8]}), and a save "
-                              f"replaces the whole folder; save to a new or empty folder")
-    parent, name = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
-    try:
-        os.chmod(tmp, os.stat(target).st_mode & 0o7777 if os.path.isdir(target) else _folder_mode())
-        yield tmp
-        _fsync_tree(tmp)
-        _swap_in_folder(tmp, target)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        cause = e.__cause__ if isinstance(e, SaveFailed) else e  # a nested atomic_folder's failure
-        raise SaveFailed(cause.errno, f"saving to {directory!r} failed ({cause.strerror or cause}); nothing was "
-                         "changed: the folder holds what it held before") from cause
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _folder_mode() -> int:
-    """The permissions ``os.makedirs`` gives a new folder: 0o777 minus the umask (mkdtemp's are 0o700)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o777 & ~mask
-
-
-def _fsync_tree(root: str) -> None:
-    """fsync every file and folder under ``root`` (and ``root``): their bytes are on disk before the swap."""
-    for folder, _, names in os.walk(root):
-        for n in names:
-            fd = os.open(os.path.join(folder, n), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(folder)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # systems that cannot open folders (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Swap two existing paths in one atomic step (Linux ``renameat2``); False where the system cannot."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), b)
-
-
-def _swap_in_folder(new: str, target: str) -> None:
-    """Put folder ``new`` at ``target``; the folder that was there is removed."""
-    parent = os.path.dirname(target)
-    if not os.path.exists(target):
-        os.rename(new, target)
-    elif _exchange(new, target):
-        shutil.rmtree(new, ignore_errors=True)  # it holds the old folder now
-    else:
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
-        os.rmdir(old)  # a unique free name
-        os.rename(target, old)
-        try:
-            os.rename(new, target)
-        except OSError:
-            os.rename(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(parent)
-
-
 def _meta_checksum(meta: Dict) -> str:
     """sha256 of store.json's fields (all but the store.json checksum itself), in a canonical form."""
     fields = dict(meta)
@@ -686,7 +576,7 @@ def _read_meta(directory: str, data: bytes) -> Dict:
     """store.json (its bytes), with every required field present and of the right type."""
     where = f"knowledge store at {directory!r}"
     try:
-        meta = json.loads(data.decode("utf-8"))
+        meta = json_loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise StoreError(f"{where} has a corrupt {_META_FILE}: {e}") from None
     if not isinstance(meta, dict):

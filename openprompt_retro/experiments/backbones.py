@@ -8,7 +8,9 @@ def load_backbone(model: str, model_type: str):
     """(plm, tokenizer, config, WrapperClass); 'tiny-bert' / 'tiny-roberta' build a random test model."""
     from openprompt.plms import load_plm
 
-    if model.startswith("tiny-"):
+    import os
+
+    if model.startswith("tiny-") and not os.path.isdir(os.path.expanduser(model)):  # a local folder wins
         from ..testing import ensure_tiny_mlm
 
         kind = model.split("-", 1)[1]

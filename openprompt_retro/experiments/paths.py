@@ -27,6 +27,11 @@ def _is_below(path: str, root: str) -> bool:
         return False
 
 
+def shared_data_root() -> str:
+    """The shared text data beside the checkout (whatever the environment variable says)."""
+    return os.path.join(os.path.dirname(_CHECKOUT), "shared", "data", "text")
+
+
 def default_data_root() -> str:
     return os.environ.get(DATA_ENV) or _shared("data", "text")
 

@@ -30,6 +30,35 @@ def read_results(path: str) -> List[Dict]:
     return rows
 
 
+def split_variants(rows: List[Dict], where: str = "results") -> List[Dict]:
+    """Rows of one method run with different models or settings are kept apart: each such row's ``method`` gets
+    the variant in brackets ("retro [settings 3f0415c95a2e]", "prompt [model tiny-bert]"), with a warning, so
+    no table cell, paired difference or bar averages different runs together."""
+    variants = defaultdict(set)
+    for r in rows:
+        variants[r["method"]].add((r.get("model"), str(run_key(r).settings_id)))
+    mixed = {m: v for m, v in variants.items() if len(v) > 1}
+    if not mixed:
+        return rows
+    out = []
+    for r in rows:
+        v = mixed.get(r["method"])
+        if v is None:
+            out.append(r)
+            continue
+        parts = []
+        if len({model for model, _ in v}) > 1:
+            parts.append(f"model {os.path.basename(str(r.get('model')).rstrip('/')) or r.get('model')}")
+        if len({sid for _, sid in v}) > 1:
+            parts.append(f"settings {run_key(r).settings_id}")
+        out.append(dict(r, method=f"{r['method']} [{', '.join(parts)}]"))
+    warnings.warn(f"{where}: " + "; ".join(f"{m} ran with {len(v)} different models or settings" for m, v in
+                                          sorted(mixed.items()))
+                  + ": their rows are shown apart, as '<method> [model ...]' / '<method> [settings <id>]'",
+                  stacklevel=2)
+    return out
+
+
 def _row_name(r: Dict, several_k: bool) -> str:
     return f"{r['method']} (K={row_shots(r)})" if several_k else r["method"]
 
@@ -191,7 +220,7 @@ def plot(rows: List[Dict], path: str) -> None:
     ax.legend(fontsize=7, ncol=min(3, len(methods)))
     ax.set_title("Few-shot accuracy, mean ± std over seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -219,7 +248,7 @@ def write_report(results_path: str, out_dir: str, seeds: Optional[Sequence[int]]
     ``dev_select`` adds the method that picks, per split, whichever of these methods did best on dev;
     ``reference``: the method the paired differences are taken from (default: retro, where it ran)."""
     all_rows = read_results(results_path)
-    rows = [r for r in all_rows if seeds is None or r["seed"] in set(seeds)]
+    rows = split_variants([r for r in all_rows if seeds is None or r["seed"] in set(seeds)], where=results_path)
     if not rows:
         raise UserError(f"{results_path!r} holds no results for seeds {list(seeds)}")
     if dev_select:
@@ -227,29 +256,72 @@ def write_report(results_path: str, out_dir: str, seeds: Optional[Sequence[int]]
         if missing:
             raise UserError(f"--dev-select: no runs of {missing} in {results_path!r}")
         rows = rows + dev_selected(rows, dev_select)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(markdown_table(rows))
-        diagnostics = diagnostics_table([r for r in rows if not r["method"].startswith("dev-select")])
-        if diagnostics:
-            f.write("\nRetrieval diagnostics (from each run's record):\n\n" + diagnostics)
-        if reference is not None and reference not in {r["method"] for r in rows}:
-            raise UserError(f"--reference: no runs of {reference!r} in {results_path!r}")
-        paired = paired_table(rows, reference or "retro")
-        if paired:
-            f.write("\nPaired differences (the same splits):\n\n" + paired)
+    if reference is not None and reference not in {r["method"] for r in rows}:
+        raise UserError(f"--reference: no runs of {reference!r} in {results_path!r}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out {out_dir}: it is a file, not a folder (the report writes table.md, results.csv, "
+                        "summary.csv and accuracy.png there)")
+    table = markdown_table(rows)
+    diagnostics = diagnostics_table([r for r in rows if not r["method"].startswith("dev-select")])
+    if diagnostics:
+        table += "\nRetrieval diagnostics (from each run's record):\n\n" + diagnostics
+    paired = paired_table(rows, reference or "retro")
+    if paired:
+        table += "\nPaired differences (the same splits):\n\n" + paired
     keys = ["task", "method", "shots", "seed", "test_accuracy", "dev_accuracy", "n_test", "epochs_run",
             "train_seconds", "test_seconds", "knn_lambda", "knn_k", "knn_temperature", "model", "settings_id"]
-    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+
+    def results_csv(f):
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(all_rows)
-    with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
+
+    def summary_csv(f):
         w = csv.writer(f)
         w.writerow(["method", "task", "mean_accuracy", "std_accuracy", "n_seeds"])
         for (m, t), (mean, std, n) in sorted(summarize(rows).items()):
             w.writerow([m, t, round(mean, 3), round(std, 3), n])
-    plot(rows, os.path.join(out_dir, "accuracy.png"))
+
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        write_atomic(os.path.join(out_dir, "table.md"), lambda f: f.write(table))
+        write_atomic(os.path.join(out_dir, "results.csv"), results_csv)
+        write_atomic(os.path.join(out_dir, "summary.csv"), summary_csv)
+        write_atomic(os.path.join(out_dir, "accuracy.png"), lambda path: plot(rows, path), by_path=True)
+    except OSError as e:
+        raise UserError(f"cannot write the report files in {out_dir} ({e.strerror or e}); files already there "
+                        "are as they were") from None
+
+
+def write_atomic(path: str, write, by_path: bool = False) -> None:
+    """Write ``path`` by ``write`` (given an open text file, or with ``by_path`` a file name) into a new file
+    beside it, then rename that over ``path``: a link planted at ``path`` is replaced, never followed (its
+    target is untouched), and a failed write leaves the old file whole."""
+    import tempfile
+
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)  # O_EXCL: never an existing path
+    try:
+        if by_path:
+            os.close(fd)
+            write(tmp)
+        else:
+            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+                write(f)
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def run_report(ns) -> None:

@@ -3,7 +3,10 @@
 - a run is identified by :class:`RunKey`: task, method, shots, seed, model and ``settings_id`` (a hash of the
   options that change its result); a finished run is skipped unless ``overwrite``;
 - processes working on one folder claim runs (an exclusive file per run under ``.claims/``), so none is
-  done twice; a claim whose process has died, or an unreadable claim, is taken over;
+  done twice; a claim whose process has died, or an unreadable claim, is taken over. A claim names its holder
+  as ``pid@host/start`` (start: the process's start time, read from /proc): a pid alive now but started at
+  another time (reused, or a restarted container that gave this process the same pid and host name) holds
+  nothing;
 - rows are written under a file lock, by rewriting the whole file to a temporary file and renaming it, so a
   crash never leaves a partial line; a line that is not a row (partial, not JSON, not UTF-8) is skipped with
   a warning naming file and line.
@@ -22,7 +25,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional
 
-from ..errors import UserError
+from ..errors import UserError, json_loads
 from .methods import BASELINE_METHODS, ZERO_SHOT_METHODS
 
 
@@ -37,9 +40,22 @@ class RunKey(NamedTuple):
 
 
 # ---------------------------------------------------------------------- the settings that change a result
-#: option -> its ``run`` default, for every method: where the data comes from
+#: option -> its ``run`` default, for every method: where the data comes from (``data_root``: None for the
+#: workplace's shared data, else the folder's real path; see :func:`data_identity`)
 _DATA_OPTIONS = {"hf_dataset": None, "hf_test_split": None, "hf_text_fields": [], "hf_label_field": "label",
-                 "hf_label_map": None}
+                 "hf_label_map": None, "data_root": None}
+
+
+def data_identity(data_root, hf_dataset=None):
+    """What ``--data-root`` contributes to a run's identity: None when the data come from a Hugging Face dataset
+    or from the shared data beside the checkout (the rows written before the option was keyed), else the real
+    path of the folder, so a run on other data is another run."""
+    from .paths import shared_data_root
+
+    if hf_dataset or not data_root:
+        return None
+    real = os.path.realpath(os.path.expanduser(str(data_root)))
+    return None if real == os.path.realpath(shared_data_root()) else real
 #: per method, the options that change its result and the values settings ids are relative to: ``run``'s
 #: defaults when rows first had ids (``demo_topk`` None: 8 for shots >= 16, else 2; ``config``: RetroConfig
 #: fields set by ``--config``, see :data:`_ID_BASELINE`). ``mixture_grid`` is "fine" in ``run`` today: its
@@ -57,7 +73,7 @@ _RESULT_OPTIONS: Dict[str, Dict] = {
                         "zs_lambda": 0.5, "zs_k": 16, "zs_temperature": 1.0, "zs_key_encoder": "mask"},
 }
 #: RetroConfig fields a run's settings do not choose: the method's preset (loss) or tuned on dev (lambda, k, T)
-_NOT_CHOSEN = ("loss", "knn_lambda", "knn_k", "knn_temperature")
+_NOT_CHOSEN = ("loss", "knn_lambda", "knn_k", "knn_temperature", "lambda_from_dev")
 
 
 def _kind(method: str) -> str:
@@ -99,6 +115,7 @@ def result_options(method: str, shots: int, options: Mapping, legacy: bool = Fal
     row's settings id: ``--config``'s demo_topk and loss_beta override ``--demo-topk`` and ``--loss-beta``."""
     wanted = {**_RESULT_OPTIONS[_kind(method)], **_DATA_OPTIONS}
     out = {name: options.get(name, default) for name, default in wanted.items()}
+    out["data_root"] = data_identity(options.get("data_root"), options.get("hf_dataset"))
     if "config" in wanted:
         config = dict(options.get("config") or {})
         out["demo_topk"] = config.get("demo_topk", options.get("demo_topk")) or auto_demo_topk(shots)
@@ -171,7 +188,7 @@ def read_rows(path: str) -> List[Dict]:
             if not raw.strip():
                 continue
             try:
-                row = _upgraded(json.loads(raw.decode("utf-8")))
+                row = _upgraded(json_loads(raw.decode("utf-8")))
                 run_key(row)
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 warnings.warn(f"{path}, line {n}: skipped a malformed row ({type(e).__name__}: {e})", stacklevel=2)
@@ -204,6 +221,7 @@ class ResultsFile:
         self.folder = folder
         self.path = os.path.join(folder, "results.jsonl")
         self.claims = os.path.join(folder, ".claims")
+        self._mine: set = set()  # claim files this object took and has not released
 
     def check(self) -> None:
         """Fail now, with a :class:`UserError`, if runs cannot be claimed or rows locked in this folder."""
@@ -261,7 +279,7 @@ class ResultsFile:
         A claim of a dead process on this host, or one whose content is not a holder, is taken over; with
         ``take_over_remote`` so is a claim from another host (whose process cannot be checked from here)."""
         path = self._claim_path(key)
-        me = f"{os.getpid()}@{socket.gethostname()}"
+        me = this_process()
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
             os.makedirs(self.claims, exist_ok=True)
@@ -273,6 +291,7 @@ class ResultsFile:
         try:
             try:
                 os.link(tmp, path)
+                self._mine.add(path)
                 return None
             except FileExistsError:
                 pass
@@ -285,6 +304,7 @@ class ResultsFile:
                 _remove(path)
                 try:
                     os.link(tmp, path)
+                    self._mine.add(path)
                     return None
                 except FileExistsError:  # a fresh claim got in between (fresh claims take no lock)
                     return _read(path) or "another process"
@@ -292,18 +312,25 @@ class ResultsFile:
             _remove(tmp)
 
     def holder(self, key: RunKey, take_over_remote: bool = False) -> Optional[str]:
-        """Who holds the run's claim now ("pid@host"), or None: unclaimed, its process is gone, its content is
-        not a holder, or (``take_over_remote``) it comes from another host."""
-        holder = _read(self._claim_path(key))
+        """Who holds the run's claim now ("pid@host/start"), or None: unclaimed, its process is gone (or its pid
+        now belongs to another process), it names this very process but this process never took it (a claim
+        left by an earlier process that had the same pid and host name), its content is not a holder, or
+        (``take_over_remote``) it comes from another host."""
+        path = self._claim_path(key)
+        holder = _read(path)
         if not _is_holder(holder) or _dead(holder) or (take_over_remote and not on_this_host(holder)):
+            return None
+        if _same_pid_here(holder) and path not in self._mine:
             return None
         return holder
 
     def release(self, key: RunKey) -> None:
         """Drop this process's claim; if the folder no longer lets it, the claim stays and, its process gone,
         is taken over later."""
+        path = self._claim_path(key)
+        self._mine.discard(path)
         try:
-            _remove(self._claim_path(key))
+            _remove(path)
         except OSError:
             pass
 
@@ -323,23 +350,56 @@ def _remove(path: str) -> None:
         pass
 
 
+def _process_start(pid: int) -> Optional[str]:
+    """The start time of process ``pid`` (clock ticks after boot, /proc/<pid>/stat field 22), or None where it
+    cannot be read (no such process, no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def this_process() -> str:
+    """This process as a claim names it: "pid@host/start" (or "pid@host" where the start time is unknown)."""
+    start = _process_start(os.getpid())
+    return f"{os.getpid()}@{socket.gethostname()}" + (f"/{start}" if start else "")
+
+
+def _parts(holder: str):
+    """(pid, host, start or None) of "pid@host[/start]"."""
+    pid, _, rest = holder.partition("@")
+    host, _, start = rest.partition("/")
+    return pid, host, start or None
+
+
 def _is_holder(holder: str) -> bool:
-    pid, at, host = holder.partition("@")
-    return pid.isdigit() and bool(at) and bool(host)
+    pid, host, start = _parts(holder)
+    return pid.isdigit() and "@" in holder and bool(host) and (start is None or start.isdigit())
 
 
 def on_this_host(holder: str) -> bool:
-    return holder.partition("@")[2] == socket.gethostname()
+    return _parts(holder)[1] == socket.gethostname()
+
+
+def _same_pid_here(holder: str) -> bool:
+    return on_this_host(holder) and _parts(holder)[0] == str(os.getpid())
 
 
 def _dead(holder: str) -> bool:
-    """Whether the claim's process is gone (only decidable on this host)."""
+    """Whether the claim's process is gone (only decidable on this host): no process has its pid, or the one
+    that has it started at another time than the claim records (the pid was reused)."""
     if not on_this_host(holder):
         return False
+    pid, _, start = _parts(holder)
     try:
-        os.kill(int(holder.partition("@")[0]), 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
     except PermissionError:
-        return False
+        pass
+    if start is not None:
+        now = _process_start(int(pid))
+        return now is not None and now != start
     return False

@@ -45,9 +45,10 @@ def split_k_for(shots: int, splits: Dict[int, List[int]], task: str) -> int:
 def check_model(model: str, model_type: str = "bert") -> None:
     """A tiny test model's name, or a local folder that exists and whose config.json names the family
     ``--model-type`` loads (a mismatch would load a re-initialised model); hub names are checked on loading."""
-    if model.startswith("tiny-"):
+    if model.startswith("tiny-") and not os.path.isdir(os.path.expanduser(model)):  # a local folder wins
         if model not in ("tiny-bert", "tiny-roberta"):
-            raise UserError(f"--model {model}: the tiny test models are tiny-bert and tiny-roberta")
+            raise UserError(f"--model {model}: the tiny test models are tiny-bert and tiny-roberta (and no folder "
+                            f"of that name is here)")
         return
     looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep + "." in model
     if looks_local and not os.path.isdir(os.path.expanduser(model)):
@@ -264,7 +265,10 @@ def run_trained(task: str, method: str, seed: int, run_spec: RunSpec, also: Opti
         raise ValueError(f"{also!r} does not train like {method!r}")
     data = load_split(task, seed, run_spec)
     torch.manual_seed(seed)
-    trainer, spec = method_trainer(method, task, run_spec, data["train"], seed)
+    try:
+        trainer, spec = method_trainer(method, task, run_spec, data["train"], seed)
+    except ValueError as e:  # e.g. a max length the model cannot read
+        raise UserError(f"{task} {method} seed {seed}: {e}") from None
     trainer.args.progress = not run_spec.no_progress
     config = trainer.model.config
     untuned = {name: getattr(config, name) for name in ("knn_lambda", "knn_k", "knn_temperature",
@@ -541,9 +545,11 @@ def run_grid(ns) -> List[Dict]:
                          finished)
         finally:
             results.release(key)
-    _write_report(results, ns.out)
+    if results.done():  # nothing to report when every run was held elsewhere
+        _write_report(results, ns.out)
     if missing:
-        raise UserError(f"{len(missing)} run(s) not done: {'; '.join(missing)}. Run again when they are finished, "
+        shown = "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(f"{len(missing)} run(s) not done: {shown}. Run again when they are finished, "
                         "or with --overwrite to take over claims from other hosts")
     return records
 

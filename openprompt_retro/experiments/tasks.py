@@ -196,6 +196,13 @@ def examples_from_rows(rows: Sequence[Dict], spec: TaskSpec, text_fields: Sequen
     rows = list(rows)
     if not rows:
         raise ValueError(f"{where} holds no examples")
+    for raw, cls in (label_map or {}).items():
+        if isinstance(cls, bool) or not isinstance(cls, int):
+            raise ValueError(f"the label map sends {raw!r} to {cls!r}: map each label to a class index "
+                             f"0..{spec.num_classes - 1} ({', '.join(spec.label_words)})")
+        if not 0 <= cls < spec.num_classes:
+            raise ValueError(f"the label map sends {raw!r} to class {cls}: {spec.name} has classes "
+                             f"0..{spec.num_classes - 1} ({', '.join(spec.label_words)})")
     fields = _pick_columns(rows[0], spec, text_fields, where)
     if label_field not in rows[0]:
         raise ValueError(f"{where}: no label column {label_field!r}; columns are {sorted(rows[0])}")
@@ -266,5 +273,8 @@ def load_hf_few_shot(dataset: str, task: str, k: int = 16, seed: int = 42, test_
         test_split = "test" if labeled_test else "validation"
     if test_split not in ds:
         raise ValueError(f"{dataset} has no split {test_split!r}; splits are {list(ds)}")
+    if "train" not in ds:
+        raise ValueError(f"{dataset} has no 'train' split to draw the few-shot train and dev sets from; splits are "
+                         f"{list(ds)}")
     return few_shot_from_rows(ds["train"], ds[test_split], spec, k, seed, text_fields=text_fields,
                               label_field=label_field, label_map=label_map)

@@ -1,4 +1,5 @@
-"""One wiring point: template, verbalizer, model and trainer from template text and label words given once.
+"""One wiring point: template, verbalizer, model and trainer from template text and label words given once
+(:mod:`.rebuild` assembles them from a saved run's folder; :mod:`.saved_run` reads and writes the format).
 
     trainer = retroprompt("bert", "../shared/models/minilm-l6-mlm",
                           '{"placeholder":"text_a"} it was {"mask"} .', ["terrible", "great"])

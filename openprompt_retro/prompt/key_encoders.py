@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -142,13 +143,10 @@ class MeanPoolEncoder:
                 for name in encoded[0].keys()}
 
     def fingerprint(self) -> str:
-        """sha256 (first 16 hex digits) of the weights' names, dtypes, shapes and bytes: tells encoders apart."""
+        """sha256 (first 16 hex digits) of the names, dtypes, shapes and bytes of the weights the keys depend on
+        (not a pooler's: mean pooling never reads it, and a checkpoint without one gets a random one each load)."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for name, t in sorted(self.model.state_dict().items()):
-                h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = weights_sha256(self.model.state_dict())
         return self._fingerprint
 
     def identity(self) -> Dict[str, object]:
@@ -177,6 +175,49 @@ class MeanPoolEncoder:
         if self.relation:
             out["pairs"] = "relation"
         return out
+
+
+def differs_from_checkpoint(base: torch.nn.Module, prefix: str, source: Optional[str]) -> Optional[bool]:
+    """Whether ``base``'s weights differ from those in the local checkpoint folder ``source`` (its
+    model.safetensors; keys with or without the model's ``prefix``), or None when there is none to read."""
+    import os
+
+    path = os.path.join(str(source or ""), "model.safetensors")
+    if not source or not os.path.isfile(path):
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            names = set(f.keys())
+            for name, t in base.state_dict().items():
+                if _unused(name):
+                    continue
+                stored = f"{prefix}.{name}" if f"{prefix}.{name}" in names else name
+                if stored not in names:
+                    return None  # not this model's checkpoint layout: cannot tell
+                if not torch.equal(f.get_tensor(stored).to(t.dtype), t.detach().cpu()):
+                    return True
+    except (SafetensorError, OSError, RuntimeError):
+        return None
+    return False
+
+
+def weights_sha256(state: Dict[str, torch.Tensor]) -> str:
+    """sha256 (first 16 hex digits) of a state dict's names, dtypes, shapes and bytes, a pooler's left out: the
+    fingerprint of a key encoder's weights, wherever they are (a model, a saved file, a checkpoint)."""
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        if _unused(name):
+            continue
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _unused(name: str) -> bool:
+    """Weights mean-pooled keys never read: a [CLS] pooler."""
+    return name.startswith("pooler.") or ".pooler." in name
 
 
 def relation_features(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -214,6 +255,14 @@ class FrozenMeanEncoder(MeanPoolEncoder):
             module._forward_pre_hooks.clear()
         super().__init__(frozen, tokenizer, max_length, batch_size, progress, kind="frozen-mean",
                          source=getattr(plm.config, "_name_or_path", None) or type(plm).__name__)
+        #: the PLM given had been trained: its weights differ from its checkpoint's (None: no local checkpoint
+        #: to compare with). A run then saves this copy, which the checkpoint cannot give back.
+        self.trained_copy = differs_from_checkpoint(base, getattr(plm, "base_model_prefix", ""), self.source)
+        if self.trained_copy:
+            warnings.warn(f"the PLM given to build this model differs from its checkpoint {self.source!r} (it was "
+                          "trained already, e.g. by an earlier cell or model): the frozen key encoder is a copy of "
+                          "these trained weights, not the pre-trained ones. Saved runs keep this copy; load the PLM "
+                          "afresh (load_plm) for keys from the pre-trained weights", stacklevel=4)
 
 
 class AdaptedMeanEncoder(FrozenMeanEncoder):
@@ -272,20 +321,33 @@ class AdaptedMeanEncoder(FrozenMeanEncoder):
 
 class SentenceEncoder(MeanPoolEncoder):
     """Mean-pooled keys from an encoder loaded with ``AutoModel`` / ``AutoTokenizer.from_pretrained``:
-    ``path_or_name`` is a local folder (offline) or a hub name. ``device``: where its weights go."""
+    ``path_or_name`` is a local folder (offline) or a hub name, with safetensors weights (pickled weights are
+    never loaded). ``device``: where its weights go."""
 
     def __init__(self, path_or_name: str, max_length: int = 128, batch_size: int = 32, progress: bool = False,
                  device="cpu"):
+        import os
+
         from transformers import AutoModel, AutoTokenizer
 
+        path = os.path.expanduser(str(path_or_name))
+        if (os.path.isabs(path) or path.startswith(".") or path.count("/") > 1) and not os.path.isdir(path):
+            raise ValueError(f"no sentence encoder folder at {path_or_name!r} (was it moved? give its new place: "
+                             "RetroConfig(key_encoder_path=...), or from_pretrained(dir, key_encoder_path=...))")
+        if os.path.isdir(path) and not any(n.endswith(".safetensors") for n in os.listdir(path)):
+            pickled = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")))
+            raise ValueError(f"cannot load a sentence encoder from {path_or_name!r}: it holds no .safetensors "
+                             f"weights{f' (only {pickled[:3]}: pickled weights are never loaded)' if pickled else ''}"
+                             "; save the model with safetensors (model.save_pretrained(...) does by default)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path_or_name)
-            model = AutoModel.from_pretrained(path_or_name)
+            model = AutoModel.from_pretrained(path_or_name, use_safetensors=True)  # never unpickle weights
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load a sentence encoder from {path_or_name!r}: {e}") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"cannot load a sentence encoder from {path_or_name!r}: {first}") from None
         super().__init__(model.to(device), tokenizer, max_length, batch_size, progress, kind="sentence",
                          source=str(path_or_name))
 
 
 __all__: List[str] = ["MeanPoolEncoder", "FrozenMeanEncoder", "AdaptedMeanEncoder", "SentenceEncoder", "mean_pool",
-                       "relation_features"]
+                       "relation_features", "weights_sha256"]

@@ -12,6 +12,7 @@ One forward pass does all three retrievals:
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from contextlib import contextmanager
 from typing import Dict, Optional
@@ -42,6 +43,10 @@ STORE_STATE_KEYS = ("retro_store.keys", "retro_store.labels")
 #: the key store's keys (n, D_key) float32, with a key encoder other than "mask" (its labels are the store's),
 #: and the fingerprint of the encoder that built them (uint8 bytes of its weights' sha256 prefix)
 KEY_STORE_STATE_KEY, KEY_ENCODER_STATE_KEY = "retro_key_store.keys", "retro_key_store.encoder_sha256"
+#: the RetroConfig (with the tuned lambda, k, T and read-out temperatures) as UTF-8 JSON bytes in a uint8 tensor
+CONFIG_STATE_KEY = "retro_config.json"
+#: the store's leave-one-out p-value against chance (float64; -1: unknown), the untuned mixture's guard
+LOO_STATE_KEY = "retro_store.loo_p_value"
 #: adapted keys: the adapted encoder's weights travel under this prefix (the PLM cannot give them back)
 KEY_ENCODER_PREFIX = "retro_key_encoder."
 #: RetroConfig fields fixed when the model is built (the key encoder is made then)
@@ -176,29 +181,39 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         return self.verbalizer.num_classes
 
     def apply_config(self, **overrides) -> RetroConfig:
-        """Update config fields (e.g. the tuned lambda/k/T). The model's forwards pass them to the verbalizer
-        per call (:class:`.Mixing`); they also become its own settings, for calls made to it directly."""
+        """Update config fields (e.g. the tuned lambda/k/T). The config is the one place they live: the model's
+        forwards hand them to the verbalizer per call (:meth:`mixing`). A ``knn_lambda`` given without
+        ``lambda_from_dev=True`` counts as set by hand (see :attr:`effective_lambda`)."""
         for key in overrides:
             if not hasattr(self.config, key):
                 raise ValueError(f"unknown RetroConfig field {key!r}")
             if key in _BUILD_TIME_FIELDS and overrides[key] != getattr(self.config, key):
                 raise ValueError(f"{key} is fixed when the model is built (the key encoder is made then): build "
                                  f"a new model with RetroConfig({key}={overrides[key]!r})")
+        if "knn_lambda" in overrides and "lambda_from_dev" not in overrides:
+            overrides["lambda_from_dev"] = False  # a lambda set by hand: the leave-one-out guard applies
         dataclasses.replace(self.config, **overrides).validate()  # a rejected value never reaches the model
         for key, value in overrides.items():
             setattr(self.config, key, value)
         self.config.validate()
-        v = self.verbalizer
-        v.store, v.k, v.temperature = self.knn_store, self.config.knn_k, self.config.knn_temperature
-        v.lam = self.config.knn_lambda
-        v.scale = self.config.knn_score_scale
         return self.config
 
     def mixing(self) -> Mixing:
-        """How an inference forward mixes p_kNN in, from the config (the read-out's own temperature)."""
+        """How an inference forward mixes p_kNN in: the config's settings (the read-out's own temperature) and the
+        store to read, handed to the verbalizer with every call."""
         c = self.config
-        return Mixing(c.knn_lambda, c.knn_k, c.readout_temperature(), c.knn_score_scale, c.readout,
-                      c.class_mean_top_m, c.plm_temperature, c.logistic_c)
+        return Mixing(self.effective_lambda, c.knn_k, c.readout_temperature(), c.knn_score_scale, c.readout,
+                      c.class_mean_top_m, c.plm_temperature, c.logistic_c, store=self.knn_store)
+
+    @property
+    def effective_lambda(self) -> float:
+        """The lambda inference mixes with: ``config.knn_lambda``, or 0 while the guard holds the store back. A
+        lambda chosen on dev passed the dev guard already; any other (the default, one set by hand) needs the
+        store's leave-one-out accuracy to beat chance (``store_guard_alpha``; not yet known: no guard)."""
+        c, p = self.config, self.lifecycle.loo_p_value
+        if c.lambda_from_dev or c.store_guard_alpha is None or p is None or p < c.store_guard_alpha:
+            return c.knn_lambda
+        return 0.0
 
     @property
     def has_demonstrations(self) -> bool:
@@ -221,7 +236,6 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
     @store.setter
     def store(self, store: KnowledgeStore) -> None:
         self.lifecycle.store = store
-        self.verbalizer.store = self.knn_store
 
     @property
     def knn_store(self) -> KnowledgeStore:
@@ -311,7 +325,11 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
             return
         self.sync_store()
         keys_name, labels_name = STORE_STATE_KEYS
+        destination[prefix + CONFIG_STATE_KEY] = torch.tensor(list(json.dumps(self.config.to_dict()).encode("utf-8")),
+                                                              dtype=torch.uint8)
         destination[prefix + keys_name] = torch.from_numpy(np.array(self.store.keys, dtype=np.float32))
+        p = self.lifecycle.loo_p_value
+        destination[prefix + LOO_STATE_KEY] = torch.tensor(-1.0 if p is None else p, dtype=torch.float64)
         destination[prefix + labels_name] = torch.from_numpy(np.array(self.knn_store.labels, dtype=np.int64))
         if self.lifecycle.key_store is not None:
             destination[prefix + KEY_STORE_STATE_KEY] = torch.from_numpy(
@@ -325,7 +343,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
     def _restore_adapted_encoder(self, state_dict, prefix, key_keys, error_msgs) -> bool:
         """Put a state_dict's adapted key-encoder weights (and the pair mode its key store implies) in place;
         False (with the reason in ``error_msgs``) when they do not fit this model."""
-        from .saved_run import state_sha256
+        from .key_encoders import weights_sha256
 
         start = prefix + KEY_ENCODER_PREFIX
         state = {k[len(start):]: v for k, v in state_dict.items() if k.startswith(start)}
@@ -353,7 +371,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         if wrong:
             error_msgs.append(f"{start}*: {len(wrong)} weights do not fit this model's key encoder, e.g. {wrong[:3]}")
             return False
-        if not encoder.adapted or state_sha256(state) != encoder.fingerprint():
+        if not encoder.adapted or weights_sha256(state) != encoder.fingerprint():
             encoder.restore({k: v.detach().cpu() for k, v in state.items()})
             self.lifecycle.forget_keys()
         return True
@@ -365,8 +383,11 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
                                       error_msgs)
         names = [prefix + n for n in STORE_STATE_KEYS]
         key_name, sha_name = prefix + KEY_STORE_STATE_KEY, prefix + KEY_ENCODER_STATE_KEY
-        unexpected_keys[:] = [k for k in unexpected_keys if k not in names + [key_name, sha_name]
+        config_name, loo_name = prefix + CONFIG_STATE_KEY, prefix + LOO_STATE_KEY
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in names + [key_name, sha_name, config_name, loo_name]
                               and not k.startswith(prefix + KEY_ENCODER_PREFIX)]
+        if config_name in state_dict and not self._load_config_state(state_dict[config_name], config_name, error_msgs):
+            return
         if not all(n in state_dict for n in names):
             return
         keys, labels = (state_dict[n].detach().cpu() for n in names)
@@ -390,6 +411,28 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
             self.lifecycle.load_keys(keys.float().numpy(), labels.long().numpy(), key_keys)
         except StoreError as e:
             error_msgs.append(f"{names[0]} / {names[1]}: {e}")
+            return
+        if loo_name in state_dict:
+            p = float(state_dict[loo_name])
+            self.lifecycle.loo_p_value = p if 0.0 <= p <= 1.0 else None
+
+    def _load_config_state(self, tensor, name: str, error_msgs) -> bool:
+        """Take a state_dict's RetroConfig (the tuned inference settings with it); its build-time fields must
+        be this model's. False, with the reason in ``error_msgs``, when it cannot be read or does not fit."""
+        try:
+            saved = RetroConfig.from_dict(json.loads(bytes(tensor.detach().cpu().to(torch.uint8).tolist())
+                                                     .decode("utf-8")))
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            error_msgs.append(f"{name}: not a RetroConfig ({e})")
+            return False
+        differ = [f for f in _BUILD_TIME_FIELDS if getattr(saved, f) != getattr(self.config, f)]
+        if differ:
+            error_msgs.append(f"{name}: the checkpoint's model was built with "
+                              + ", ".join(f"{f}={getattr(saved, f)!r}" for f in differ) + ", this one with "
+                              + ", ".join(f"{f}={getattr(self.config, f)!r}" for f in differ))
+            return False
+        self.apply_config(**{k: v for k, v in saved.to_dict().items() if k not in _BUILD_TIME_FIELDS})
+        return True
 
     # ---------------------------------------------------------------- forward
     def prepare_batch(self, batch, need_query: Optional[bool] = None, training: Optional[bool] = None):
@@ -488,6 +531,19 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         p = p_knn.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1)
         return torch.where(labels >= 0, p, torch.ones_like(p))
 
+    def training_loss_weights(self):
+        """(w, p) for every training entry, as a training forward weighs it: p_i = p_kNN(y_i|x_i) read from the
+        loss store without entry i, and w_i its kNN-guided loss weight (capped at ``max_loss_weight``; 1 while
+        the gate is off). Both (n,) tensors, in store order."""
+        c, lifecycle = self.config, self.lifecycle
+        store = lifecycle.loss_store
+        p = lifecycle.knn_distribution(store.keys, np.arange(len(store)), c.train_knn_k,
+                                       c.readout_temperature(training=True), c.readout, c.knn_score_scale,
+                                       c.class_mean_top_m, store=store)
+        gold = torch.from_numpy(p[np.arange(len(store)), store.labels])
+        kind = c.loss if self.knn_loss_active else "ce"
+        return knn_loss_weights(gold, kind, c.loss_beta, c.focal_gamma, c.max_loss_weight), gold
+
     def forward(self, batch) -> torch.Tensor:
         """Log-probabilities over classes: kNN-mixed in an inference forward when lambda > 0.
 
@@ -577,7 +633,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
 
     @classmethod
     def from_pretrained(cls, directory: str, plm_path: Optional[str] = None, model_type: Optional[str] = None,
-                        text_pool=None) -> "RetroPromptForClassification":
+                        text_pool=None, key_encoder_path: Optional[str] = None) -> "RetroPromptForClassification":
         """Rebuild a saved run from its folder alone: PLM, tokenizer, template, verbalizer, config, store, weights.
 
         The PLM comes from ``plm/`` when the run was saved with ``save_plm=True``,
@@ -586,11 +642,13 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         ManualVerbalizer / SoftVerbalizer (what the factory builds is
         ManualTemplate + ManualVerbalizer); for other classes build the model as
         before and call :meth:`load`. Predictions are bit-identical to the saved model's.
+        ``key_encoder_path``: where a run's sentence encoder (``key_encoder="sentence"``) is now, when it moved.
         """
-        from . import saved_run
+        from . import rebuild, saved_run
 
         with saved_run.pinned(directory):  # every file from one checkpoint, even while it is being re-saved
-            model, tokenizer, wrapper = saved_run.rebuild(directory, cls=cls, plm_path=plm_path,
-                                                          model_type=model_type, text_pool=text_pool)
+            model, tokenizer, wrapper = rebuild.rebuild_run(directory, cls=cls, plm_path=plm_path,
+                                                          model_type=model_type, text_pool=text_pool,
+                                                          key_encoder_path=key_encoder_path)
             model.set_tokenization(wrapper, saved_run.saved_max_seq_length(directory), tokenizer)
         return model

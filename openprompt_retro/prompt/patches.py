@@ -94,7 +94,3 @@ def install() -> None:
     truncation.patch_truncate()
     _record_template_text()
     _installed = True
-
-
-def installed() -> bool:
-    return _installed

@@ -29,6 +29,17 @@ def default_wrapper_class(plm):
     return _MODEL_CLASSES[model_type].wrapper if model_type else None
 
 
+def position_limit(plm) -> Optional[int]:
+    """How many tokens ``plm`` can read (max_position_embeddings, less RoBERTa's padding offset), or None."""
+    config = getattr(plm, "config", None)
+    n = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n, int):
+        return None
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer"):
+        n -= int(getattr(config, "pad_token_id", 1) or 1) + 1  # positions start after the padding index
+    return n
+
+
 class Prediction:
     """predict_proba / predict / explain / add_examples on InputExamples, for RetroPromptForClassification."""
 
@@ -39,6 +50,10 @@ class Prediction:
         if max_seq_length is not None:
             if int(max_seq_length) < 1:
                 raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
+            limit = position_limit(self.plm)
+            if limit is not None and int(max_seq_length) > limit:
+                raise ValueError(f"max_seq_length {max_seq_length} is above what {type(self.plm).__name__} can read: "
+                                 f"{limit} positions (its max_position_embeddings); use {limit} or less")
             self.max_seq_length = int(max_seq_length)
         if tokenizer is not None:
             self.example_tokenizer = tokenizer
@@ -83,6 +98,9 @@ class Prediction:
 
     def explain(self, example, top: int = 5) -> Dict:
         """The prediction for one InputExample and the neighbours behind it (text, label, weight)."""
+        if isinstance(example, (list, tuple)):
+            raise TypeError(f"explain takes one InputExample, got a {type(example).__name__} of {len(example)}: "
+                            "call it for each example ([model.explain(e) for e in examples])")
         check_top(top)
         loader = self.loader([example], batch_size=1)  # kept alive: a key encoder reads the example through it
         batch = next(iter(loader))
@@ -98,9 +116,10 @@ class Prediction:
                   temperature: Optional[float] = None) -> torch.Tensor:
         """p_kNN(y|x) for query keys by the config's read-out and score scale (k, T default to the inference
         ones: ``knn_temperature`` for top-k, ``class_mean_temperature`` for the class-mean read-out)."""
-        c = self.config
-        return self.verbalizer.knn_probs(query, exclude_ids, k or c.knn_k, temperature or c.readout_temperature(),
-                                         c.knn_score_scale, c.readout, c.class_mean_top_m, c.logistic_c)
+        if hasattr(exclude_ids, "detach"):
+            exclude_ids = exclude_ids.detach().cpu()
+        p = self.knn_distribution(query.detach().float().cpu().numpy(), k, temperature, exclude_ids)
+        return torch.from_numpy(p).to(query.device)
 
     def knn_distribution(self, queries, k: Optional[int] = None, temperature: Optional[float] = None,
                          exclude_ids=None) -> np.ndarray:
@@ -148,7 +167,7 @@ class Prediction:
                                          ).to(p_plm)
             if c.plm_temperature != 1.0:
                 p_plm = torch.softmax(torch.log(p_plm.clamp_min(1e-12)) / c.plm_temperature, -1)
-            p = mix(p_plm, p_knn, c.knn_lambda)
+            p = mix(p_plm, p_knn, self.effective_lambda)
             out = []
             for i in range(query.shape[0]):
                 out.append({

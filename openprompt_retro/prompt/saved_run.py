@@ -15,7 +15,7 @@ A run folder holds::
     trainer.json              written by RetroTrainer.save: (lambda, k, T) grid, tuned values, history
 
 A save (:func:`save_run`) writes a complete new folder beside the target and
-swaps it in (:func:`~openprompt_retro.core.store.atomic_folder`): a failed or
+swaps it in (:func:`~openprompt_retro.core.folders.atomic_folder`): a failed or
 killed save leaves the old run loadable. Loading (:func:`read_checked`) reads
 run.json and the bytes of every file it lists, checks each against its sha256
 (one retry from scratch if a concurrent save swapped the folder meanwhile), and
@@ -39,11 +39,15 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
 import torch
 
 from ..core.config import RetroConfig
-from ..core.store import KnowledgeStore, atomic_folder, sha256_file
+from ..errors import json_loads
+from ..core.folders import atomic_folder, sha256_file
+from ..core.store import KnowledgeStore
+from .key_encoders import weights_sha256
 
 RUN_FILE, WEIGHTS, CONFIG, STORE = "run.json", "prompt_model.safetensors", "retro_config.json", "store"
 #: with a key encoder other than "mask": its store, and the key encoder's own weights where the PLM cannot give
 #: them back: adapted keys (always, once adapted), frozen-mean keys with save_plm (plm/ holds the trained weights)
+#: or taken from a PLM that had been trained before the model was built
 KEY_STORE, KEY_ENCODER_WEIGHTS = "key_store", "key_encoder.safetensors"
 PLM_DIR, TEXT_POOL, TRAINING_ARGS, TRAINER_FILE = "plm", "text_pool.json", "training_args.json", "trainer.json"
 #: 2: run.json's checksums cover every file of the folder (1: the weights and the config only)
@@ -228,7 +232,8 @@ def describe_run(model, save_plm: bool, model_type: Optional[str], name_or_path:
         "model": {"freeze_plm": bool(getattr(pm, "freeze_plm", False)),
                   "plm_eval_mode": bool(getattr(pm, "plm_eval_mode", False)),
                   "mask_only_head": bool(model.mask_only_head),
-                  "exclude_self_in_eval": bool(model.exclude_self_in_eval)},
+                  "exclude_self_in_eval": bool(model.exclude_self_in_eval),
+                  "store_loo_p_value": model.lifecycle.loo_p_value},
     }
 
 
@@ -267,14 +272,33 @@ def run_files(root: str) -> List[str]:
     return sorted(out)
 
 
+#: the names a run folder's own files and folders have at its top (a file by another name is a user's)
+RUN_NAMES = (RUN_FILE, WEIGHTS, CONFIG, STORE, KEY_STORE, KEY_ENCODER_WEIGHTS, PLM_DIR, TEXT_POOL, TRAINING_ARGS,
+             TRAINER_FILE)
+
+
+def _not_the_runs(directory: str, extra_json: Optional[Dict] = None):
+    """Whether a file (path relative to the run folder) is not the run's own: not one of :data:`RUN_NAMES`, not
+    under one of its folders, not a file the old run.json lists, not one of this save's ``extra_json`` files.
+    A re-save keeps such files (notes, predictions) where they were."""
+    try:
+        with open(os.path.join(directory, RUN_FILE), encoding="utf-8") as f:
+            listed = set((json.load(f).get("checksums") or {}).keys())
+    except (OSError, ValueError, AttributeError):
+        listed = set()
+    own = set(RUN_NAMES) | set(extra_json or {})
+    return lambda rel: rel.split("/")[0] not in own and rel not in listed
+
+
 def save_run(model, directory: str, save_plm: bool = False, model_type: Optional[str] = None,
              name_or_path: Optional[str] = None, extra_json: Optional[Dict[str, Dict]] = None) -> None:
     """Weights, config, store, optional PLM/tokenizer, text pool and ``extra_json`` files (name -> object),
     then run.json with the sha256 of every one of them - all in a new folder swapped in at the end
-    (:func:`~openprompt_retro.core.store.atomic_folder`: it replaces an existing run folder, or an empty one)."""
+    (:func:`~openprompt_retro.core.folders.atomic_folder`: it replaces an existing run folder, or an empty one).
+    Files in the folder that are not the run's (a user's notes, predictions) are kept, unlisted in run.json."""
     from safetensors.torch import save_model
 
-    with atomic_folder(directory, markers=(RUN_FILE, WEIGHTS)) as tmp:
+    with atomic_folder(directory, markers=(RUN_FILE, WEIGHTS), carry=_not_the_runs(directory, extra_json)) as tmp:
         with model.store_outside_state_dict():  # the store has its own folder
             save_model(model, os.path.join(tmp, WEIGHTS))
         model.config.save(os.path.join(tmp, CONFIG))
@@ -285,7 +309,8 @@ def save_run(model, directory: str, save_plm: bool = False, model_type: Optional
             model.plm.save_pretrained(os.path.join(tmp, PLM_DIR))
             model.template.tokenizer.save_pretrained(os.path.join(tmp, PLM_DIR))
         adapted = getattr(model.key_encoder, "adapted", False)
-        if adapted or (save_plm and model.config.key_encoder == "frozen-mean"):
+        trained_copy = bool(getattr(model.key_encoder, "trained_copy", False))  # not the checkpoint's weights
+        if adapted or (model.config.key_encoder == "frozen-mean" and (save_plm or trained_copy)):
             from safetensors.torch import save_file  # plm/ (or the hub) holds other weights than these
 
             save_file({k: v.detach().cpu().contiguous() for k, v in model.key_encoder.model.state_dict().items()},
@@ -309,6 +334,7 @@ class Loaded(NamedTuple):
     tensors: Dict[str, torch.Tensor]
     key_store: Optional[KnowledgeStore] = None
     key_encoder_state: Optional[Dict[str, torch.Tensor]] = None  # adapted keys: the adapted weights
+    loo_p_value: Optional[float] = None  # the store's leave-one-out p-value (the untuned mixture's guard)
 
 
 class Snapshot(NamedTuple):
@@ -344,7 +370,7 @@ def _no_run_json(directory: str) -> SavedRunError:
 def _parse_run_json(directory: str, data: bytes) -> Dict:
     """run.json's bytes, validated as a RetroPrompt run."""
     try:
-        run = json.loads(data.decode("utf-8"))
+        run = json_loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise SavedRunError(f"corrupt {RUN_FILE} in {directory!r}: {e}") from None
     if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
@@ -472,7 +498,7 @@ def read_json_file(directory: str, name: str) -> Optional[Any]:
     if data is None:
         return None
     try:
-        return json.loads(data.decode("utf-8"))
+        return json_loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise SavedRunError(f"corrupt {os.path.join(directory, name)}: {e}") from None
 
@@ -533,7 +559,7 @@ def read_checked(model, directory: str) -> Loaded:
                             "or rebuild it from the folder with from_pretrained(dir)")
     config_path = os.path.join(directory, CONFIG)
     try:
-        config = RetroConfig.from_dict(json.loads(snap.read(CONFIG).decode("utf-8")))
+        config = RetroConfig.from_dict(json_loads(snap.read(CONFIG).decode("utf-8")))
     except (ValueError, TypeError, AttributeError) as e:
         raise SavedRunError(f"corrupt {config_path}: {e}; nothing was loaded") from None
     store_files = {name[len(STORE) + 1:]: data for name, data in snap.files.items() if name.startswith(STORE + "/")}
@@ -545,28 +571,27 @@ def read_checked(model, directory: str) -> Loaded:
     if store.num_classes != model.num_classes:
         raise SavedRunError(f"the store in {os.path.join(directory, STORE)!r} has {store.num_classes} classes, this "
                             f"model has {model.num_classes}; nothing was loaded")
-    if config.key_encoder != model.config.key_encoder or config.key_encoder_path != model.config.key_encoder_path:
-        raise SavedRunError(f"the run at {directory!r} was saved with key_encoder={config.key_encoder!r} "
-                            f"(key_encoder_path={config.key_encoder_path!r}), this model has "
-                            f"{model.config.key_encoder!r} ({model.config.key_encoder_path!r}); nothing was loaded")
+    if config.key_encoder != model.config.key_encoder:
+        raise SavedRunError(f"the run at {directory!r} was saved with key_encoder={config.key_encoder!r}, this model "
+                            f"has {model.config.key_encoder!r}; nothing was loaded")
+    # a sentence encoder is known by its weights (checked with the key store), not by where it was loaded from
+    config.key_encoder_path = model.config.key_encoder_path
     encoder_state = _read_adapted_encoder(model, directory, snap)
     key_store = _read_key_store(model, directory, snap, config, encoder_state)
+    if key_store is not None and len(store) and (len(store) != len(key_store)
+                                                 or not (store.labels == key_store.labels).all()):
+        raise SavedRunError(f"the run at {directory!r} has a [MASK] store of {len(store)} entries and a key store of "
+                            f"{len(key_store)} whose entries do not match one for one (a run saved in format 1, "
+                            "before every file had a checksum, and changed since?); nothing was loaded")
     path = os.path.join(directory, WEIGHTS)
     try:
         tensors = load_tensors(snap.read(WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:
         raise SavedRunError(f"corrupt {path}: {e}; nothing was loaded") from None
     _check_weights(model, path, tensors)
-    return Loaded(config, store, tensors, key_store, encoder_state)
-
-
-def state_sha256(state: Dict[str, torch.Tensor]) -> str:
-    """The fingerprint of a set of weights, as :meth:`MeanPoolEncoder.fingerprint` computes it for its own."""
-    h = hashlib.sha256()
-    for name, t in sorted(state.items()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    p = (snap.run.get("model") or {}).get("store_loo_p_value")
+    loo = float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p <= 1.0 else None
+    return Loaded(config, store, tensors, key_store, encoder_state, loo)
 
 
 def _read_adapted_encoder(model, directory: str, snap) -> Optional[Dict[str, torch.Tensor]]:
@@ -610,7 +635,7 @@ def _read_key_store(model, directory: str, snap, config: RetroConfig,
     if relation:
         expected["pairs"] = "relation"
     if encoder.kind == "adapted":
-        expected["weights_sha256"] = state_sha256(encoder_state) if encoder_state is not None \
+        expected["weights_sha256"] = weights_sha256(encoder_state) if encoder_state is not None \
             else encoder.fingerprint()
     try:
         store = KnowledgeStore.load(os.path.join(directory, KEY_STORE), expected_dim=expected["dim"],
@@ -637,6 +662,7 @@ def swap_in(model, loaded: Loaded) -> None:
     if loaded.key_store is not None:
         model.lifecycle.key_store = loaded.key_store
     model.store = loaded.store
+    model.lifecycle.loo_p_value = loaded.loo_p_value
     model.apply_config()
 
 
@@ -648,139 +674,3 @@ def saved_max_seq_length(directory: str) -> Optional[int]:
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, int) and value > 0 else None
-
-
-# ---------------------------------------------------------------------- rebuilding
-def _restore_frozen_encoder(model, directory: str) -> None:
-    """Put the saved frozen copy's weights into a rebuilt model's key encoder (a run saved with save_plm: the
-    model was just built from the trained PLM, whose copy is not the frozen one). Its fingerprint is then
-    checked by ``load`` like any other."""
-    from safetensors.torch import load as load_tensors
-
-    data = read_snapshot(directory).read(KEY_ENCODER_WEIGHTS) if model.config.key_encoder == "frozen-mean" else None
-    if data is None:  # adapted keys: load() puts the adapted weights in place itself
-        return
-    encoder = model.key_encoder
-    try:
-        encoder.model.load_state_dict(load_tensors(data), strict=True)
-    except (RuntimeError, ValueError) as e:
-        raise SavedRunError(f"the frozen key encoder saved at {directory!r} does not fit this PLM: {e}") from None
-    encoder.forget_fingerprint()
-    model.lifecycle.forget_keys()
-
-
-def _escaped(words) -> List[List[str]]:
-    """Verbalizer label words as saved (prefix already applied), escaped so OpenPrompt adds no second prefix."""
-    return [["<!>" + w for w in ([ws] if isinstance(ws, str) else ws)] for ws in words]
-
-
-def _load_text_pool(directory: str, run: Dict):
-    from openprompt.data_utils import InputExample
-
-    name = run["template"].get("text_pool")
-    if not name:
-        return None
-    path = os.path.join(directory, name)
-    records = read_json_file(directory, name)
-    if records is None:
-        raise SavedRunError(f"cannot read the text-demonstration pool {path}: {RUN_FILE} has no checksum of it")
-    try:
-        return [InputExample(guid=r["guid"], text_a=r["text_a"], text_b=r.get("text_b") or "", label=r["label"],
-                             meta=r.get("meta") or {}, tgt_text=r.get("tgt_text")) for r in records]
-    except (ValueError, KeyError, TypeError) as e:
-        raise SavedRunError(f"cannot read the text-demonstration pool {path}: {e}") from None
-
-
-def rebuild(directory: str, cls, plm_path: Optional[str] = None, model_type: Optional[str] = None,
-            text_pool: Optional[Sequence] = None):
-    """(model, tokenizer, wrapper_class) rebuilt from a run folder alone, then loaded with every check.
-
-    ``cls``: the model class to build (RetroPromptForClassification or a subclass; its ``from_pretrained``
-    passes itself, so this module never imports the model's).
-    """
-    from .template import RetroTemplate
-
-    check_files(directory)
-    run = read_run_json(directory, required=True)
-    t_info, v_info, p_info = run["template"], run["verbalizer"], run["plm"]
-    if t_info.get("class") not in REBUILDABLE_TEMPLATES or v_info.get("class") not in REBUILDABLE_VERBALIZERS:
-        raise SavedRunError(f"from_pretrained rebuilds {'/'.join(REBUILDABLE_TEMPLATES)} with "
-                            f"{'/'.join(REBUILDABLE_VERBALIZERS)}; the run at {directory!r} used "
-                            f"{t_info.get('class')} with {v_info.get('class')}. Build that model as before and call "
-                            "model.load(dir) (or trainer.load(dir)) instead")
-    if not isinstance(t_info.get("text"), str):
-        raise SavedRunError(f"the template text of the run at {directory!r} was not recorded (the template was built "
-                            "before openprompt_retro.prompt was imported); build the model as before and call "
-                            "model.load(dir) instead")
-    if v_info.get("label_words") is None and v_info["class"] == "ManualVerbalizer":
-        raise SavedRunError(f"{RUN_FILE} in {directory!r} records no label words for its ManualVerbalizer")
-    demonstrations = t_info.get("demonstrations", "none")
-    if demonstrations == "text" and text_pool is None:
-        text_pool = _load_text_pool(directory, run)
-        if text_pool is None:
-            raise SavedRunError(f"the run at {directory!r} uses text demonstrations but saved no pool "
-                                f"({TEXT_POOL}): pass text_pool=[...labeled InputExamples...]")
-    model_type = model_type or p_info.get("model_type")
-    saved_plm = os.path.join(directory, PLM_DIR)
-    path = plm_path or (saved_plm if p_info.get("saved") and os.path.isdir(saved_plm) else p_info.get("name_or_path"))
-    if not model_type:
-        raise SavedRunError(f"{RUN_FILE} in {directory!r} records no OpenPrompt model type for its "
-                            f"{run['fingerprint']['architecture']}: pass model_type='bert' / 'roberta' / ...")
-    if not path:
-        raise SavedRunError(f"{RUN_FILE} in {directory!r} records no PLM path: pass plm_path=...")
-    if (os.path.isabs(path) or path.startswith(".")) and not os.path.isdir(path):
-        raise SavedRunError(f"the PLM of the run at {directory!r} is the folder {path!r}, which does not exist here: "
-                            "pass plm_path=... (a local copy), or save the run with save_plm=True")
-    from openprompt.plms import load_plm
-
-    try:
-        plm, tokenizer, _, wrapper = load_plm(model_type, path)
-    except Exception as e:  # noqa: BLE001 - any loader failure gets the same advice
-        raise SavedRunError(f"cannot load the PLM of the run at {directory!r} ({model_type!r} from {path!r}): "
-                            f"{type(e).__name__}: {e}. Pass plm_path=... (a local copy), or save the run with "
-                            "save_plm=True") from None
-    from .keys import MaskKeyHead
-
-    plm_side = {"model_type": infer_model_type(plm), "architecture": type(plm).__name__,
-                "key_type": MaskKeyHead(plm).kind, "key_dim": int(plm.config.hidden_size),
-                "tokenizer": type(tokenizer).__name__, "vocab_size": len(tokenizer)}
-    diffs = differences({k: run["fingerprint"][k] for k in plm_side}, plm_side)
-    if diffs:
-        raise SavedRunError(f"the PLM loaded from {path!r} is not the one the run at {directory!r} was trained on: "
-                            + "; ".join(diffs))
-    from openprompt.prompts import (ManualTemplate, ManualVerbalizer, MixedTemplate, SoftTemplate,
-                                    SoftVerbalizer)
-
-    text = t_info["text"]
-    if t_info["class"] == "ManualTemplate":
-        base = ManualTemplate(tokenizer=tokenizer, text=text)
-    elif t_info["class"] == "MixedTemplate":
-        base = MixedTemplate(model=plm, tokenizer=tokenizer, text=text)
-    else:
-        base = SoftTemplate(model=plm, tokenizer=tokenizer, text=text, num_tokens=int(t_info.get("num_tokens") or 0))
-    template = RetroTemplate(base, t_info["label_words"], demonstrations=demonstrations, plm=plm,
-                             text_pool=text_pool, placeholder=t_info.get("placeholder"))
-    n = int(run["fingerprint"]["num_classes"])
-    words = _escaped(v_info["label_words"]) if v_info.get("label_words") is not None else None
-    prefix = v_info.get("prefix") if v_info.get("prefix") is not None else " "
-    handler = v_info.get("multi_token_handler") or "first"
-    if v_info["class"] == "ManualVerbalizer":
-        post = v_info.get("post_log_softmax")
-        verbalizer = ManualVerbalizer(tokenizer, num_classes=n, label_words=words, prefix=prefix,
-                                      multi_token_handler=handler,
-                                      post_log_softmax=True if post is None else bool(post))
-    else:
-        verbalizer = SoftVerbalizer(tokenizer, plm, num_classes=n, label_words=words, prefix=prefix,
-                                    multi_token_handler=handler)
-    try:
-        config = RetroConfig.load(os.path.join(directory, CONFIG))
-    except (ValueError, TypeError) as e:
-        raise SavedRunError(f"corrupt {os.path.join(directory, CONFIG)}: {e}") from None
-    flags = run["model"]
-    model = cls(plm, template, verbalizer, config=config, freeze_plm=bool(flags.get("freeze_plm")),
-                plm_eval_mode=bool(flags.get("plm_eval_mode")))
-    model.mask_only_head = bool(flags.get("mask_only_head", True))
-    model.exclude_self_in_eval = bool(flags.get("exclude_self_in_eval", False))
-    _restore_frozen_encoder(model, directory)
-    model.load(directory)
-    return model, tokenizer, wrapper

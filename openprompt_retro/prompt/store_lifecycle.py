@@ -33,6 +33,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from ..core.knn import binomial_tail
 from ..core.readout import readout_distribution
 from ..core.store import KnowledgeStore
 from .text import example_text
@@ -124,6 +125,7 @@ class StoreLifecycle:
         self.stale = False  # training forwards ran since the last build
         self.knn_loss_active = True  # recomputed after every build by update_gate()
         self.store_loo_accuracy: Optional[float] = None  # the store's leave-one-out kNN accuracy (the gate's input)
+        self.loo_p_value: Optional[float] = None  # P(that accuracy or more | chance): the untuned mixture's guard
         self.total_training_steps: Optional[int] = None  # demo_warmup's denominator: see plan_training()
         self.training_forwards = 0  # training forwards since plan_training(): demo_warmup's counter
 
@@ -149,11 +151,8 @@ class StoreLifecycle:
                               index_factory=c.index_factory, built_by=self.key_encoder.store_identity())
 
     def _replace_key_store(self) -> None:
-        """An empty key store of the key encoder's current dimension (the verbalizer reads the new one)."""
+        """An empty key store of the key encoder's current dimension."""
         self.key_store = self._new_key_store()
-        verbalizer = getattr(self.model, "verbalizer", None)
-        if verbalizer is not None:
-            verbalizer.store = self.knn_store
 
     def settle_pair_keys(self, examples) -> None:
         """Settle ``pair_keys="auto"`` by whether ``examples`` have a text_b (relation features for pairs);
@@ -395,12 +394,14 @@ class StoreLifecycle:
 
 
     def _add(self, dataloader, progress: bool) -> np.ndarray:
+        """Add a loader's examples; they are known by identity (loader and position), so their guids may repeat
+        the training data's (Hugging Face ``idx`` restarts in every split)."""
         keys, key_keys, labels, guids, texts, uids = self._encode(dataloader, progress)
         ids = None
         if keys is not None:
-            ids = self.store.add(keys, labels, guids, texts)
+            ids = self.store.add(keys, labels, guids, texts, guids_may_repeat=True)
         if key_keys is not None:
-            ids = self.key_store.add(key_keys, labels, guids, texts)
+            ids = self.key_store.add(key_keys, labels, guids, texts, guids_may_repeat=True)
         self._note_entries(uids, ids)
         return ids
 
@@ -552,6 +553,8 @@ class StoreLifecycle:
         chance = float(np.bincount(store.labels, minlength=self.model.num_classes).max() / len(store))
         self.knn_loss_active = (not c.knn_loss_gate) or acc > chance
         self.store_loo_accuracy = acc
+        correct = int(round(acc * len(store)))
+        self.loo_p_value = binomial_tail(correct, len(store), chance)
         return acc
 
     def load_keys(self, keys: np.ndarray, labels: np.ndarray, key_keys: Optional[np.ndarray] = None) -> None:

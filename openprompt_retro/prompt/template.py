@@ -195,17 +195,18 @@ class RetroTemplate(PassThroughToBase, Template):
         return piece
 
     def wrap_one_example(self, example):
+        """The base template's wrapping of ``example``, then its demonstration segment. Before the label words
+        are known (the model takes them from its verbalizer) there is no segment yet: the query alone, as
+        OpenPrompt's tutorials print it right after building the template. PromptDataLoaders built then wait
+        for the words (:meth:`defer`) and never see this form."""
         parts, others = self.base.wrap_one_example(example)
         flags = [k for k in parts[0] if k != "text"]
         for p in parts:
             p[SLOT_KEY], p[SEGMENT_KEY] = 0, 0
         if self.demonstrations == "none":
             return [parts, others]
-        if self.label_words is None:
-            raise ValueError(f"RetroTemplate(demonstrations={self.demonstrations!r}) does not know the label words "
-                             "yet, and demonstrations show them: pass label_words=[...], or build "
-                             "RetroPromptForClassification(plm, template, verbalizer) (it takes them from the "
-                             "verbalizer) before the PromptDataLoader")
+        if self.label_words is None:  # e.g. a tutorial printing an example right after building the template:
+            return [parts, others]      # the query as it is (loaders wait for the words; see defer)
         # "<s> query </s>" stays exactly as without demonstrations; the segment follows it
         sep = self._piece(flags, "<sep>")
         sep[SEGMENT_KEY] = 0

@@ -68,7 +68,6 @@ class RetroTrainer:
         self.model.set_tokenization(wrapper_class, self.args.max_seq_length, tokenizer)
         self.history: List[Dict] = []
         self.tuned: Optional[Dict] = None  # what tune_inference chose on dev
-        self._train_examples = None
 
     # ---------------------------------------------------------------- data
     def loader(self, examples, batch_size: Optional[int] = None, shuffle: bool = False, split: str = "data",
@@ -106,7 +105,6 @@ class RetroTrainer:
         if dev:
             check_labels(dev, n_classes, "dev", True, words)
         check_training_set(labels, n_classes, self.model.uses_store, words)
-        self._train_examples = train
         run = self._start_run(train, dev)
         self.model.plan_training(run.total_steps)  # demo_warmup counts the model's training forwards
         self._refresh(run)
@@ -229,7 +227,7 @@ class RetroTrainer:
             run.stopped = run.bad_evals >= self.args.patience
         self.history.append(record)
         if bar is not None:
-            bar.set_postfix({k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
+            bar.set_postfix(progress_postfix(record))
 
     def _snapshot(self):
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -314,8 +312,9 @@ class RetroTrainer:
            logistic: by the dev log-loss of the store alone);
         2. lambda, k and T (and T_plm where the grid has candidates) by dev accuracy of the mixture, ties broken
            as the grid says (:class:`~openprompt_retro.core.knn.MixtureGrid`);
-        3. the guard (``store_guard_alpha``): a store that does no better than the dev majority-class rate
-           (:func:`~openprompt_retro.core.knn.store_guard`) gets lambda = 0, the reason in ``tuned["store_guard"]``.
+        3. the guard (on unless ``store_guard_alpha`` is None): a store that does no better than the dev
+           majority-class rate (:func:`~openprompt_retro.core.knn.store_guard`) gets lambda = 0, the reason in
+           ``tuned["store_guard"]``.
         """
         model = self.model
         p_plm, queries, labels = self.collect(dev)
@@ -342,10 +341,10 @@ class RetroTrainer:
         else:  # the read-out's own T, as chosen
             best = self.grid.select(p_plm, labels, lambda k, t: model.knn_distribution(queries, k))
         guard = store_guard(model.knn_distribution(queries, best.k, best.temperature if chosen == "topk" else None),
-                            labels, c.store_guard_alpha)
+                            labels, enabled=c.store_guard_alpha is not None)
         lam = best.lam if guard["passes"] else 0.0
         model.apply_config(knn_lambda=lam, knn_k=best.k, knn_temperature=best.temperature,
-                           plm_temperature=best.plm_temperature)
+                           plm_temperature=best.plm_temperature, lambda_from_dev=True)
         dev_acc = best.accuracy if guard["passes"] else accuracy(temperature_scale(p_plm, best.plm_temperature), labels)
         self.tuned = {"dev_accuracy": dev_acc, "knn_lambda": lam, "knn_k": best.k,
                       "knn_temperature": best.temperature, "dev_accuracy_plm_only": accuracy(p_plm, labels),
@@ -384,7 +383,7 @@ class RetroTrainer:
 
     @classmethod
     def from_pretrained(cls, directory: str, plm_path: Optional[str] = None, model_type: Optional[str] = None,
-                        text_pool=None, **training_args) -> "RetroTrainer":
+                        text_pool=None, key_encoder_path: Optional[str] = None, **training_args) -> "RetroTrainer":
         """A trainer rebuilt from a folder that :meth:`save` wrote, with nothing else needed.
 
         The model comes from :meth:`RetroPromptForClassification.from_pretrained`
@@ -392,12 +391,12 @@ class RetroTrainer:
         args from training_args.json, with ``training_args`` overriding fields
         (e.g. ``device="cpu"``); the grid, tuned values and history from trainer.json.
         """
-        from . import saved_run
+        from . import rebuild, saved_run
 
         with saved_run.pinned(directory):  # model and trainer files from one checkpoint
-            model, tokenizer, wrapper = saved_run.rebuild(directory, cls=RetroPromptForClassification,
+            model, tokenizer, wrapper = rebuild.rebuild_run(directory, cls=RetroPromptForClassification,
                                                           plm_path=plm_path, model_type=model_type,
-                                                          text_pool=text_pool)
+                                                          text_pool=text_pool, key_encoder_path=key_encoder_path)
             args, grid, state = _read_trainer_files(directory, training_args)
         trainer = cls(model, tokenizer, wrapper, args, grid)
         if state.get("tuned") is not None:
@@ -440,6 +439,12 @@ def _read_trainer_files(directory: str, overrides: Dict) -> Tuple[TrainingArgs, 
     except (TypeError, ValueError) as e:
         raise SavedRunError(f"invalid grid in {os.path.join(directory, TRAINER_FILE)}: {e}") from None
     return args, grid, state
+
+
+def progress_postfix(record: Dict) -> Dict[str, str]:
+    """An evaluation record's numbers for the progress bar, each to 4 significant digits (a learning rate of
+    5e-05 shows as 5e-05, not as 0)."""
+    return {k: f"{v:.4g}" for k, v in record.items() if isinstance(v, float)}
 
 
 def linear_schedule(optimizer, total_steps: int, warmup_ratio: float = 0.0):

@@ -54,6 +54,7 @@ class Mixing:
     top_m: Optional[int] = None
     plm_temperature: float = 1.0
     logistic_c: float = 1.0
+    store: Optional[KnowledgeStore] = None  # the store to read (None: the verbalizer's own)
 
 
 #: what ``process_outputs(..., mixing=...)`` receives from callers that do not pass one (OpenPrompt's own)
@@ -143,15 +144,17 @@ class KnnVerbalizer(PassThroughToBase, Verbalizer):
 
     def knn_probs(self, query_keys: torch.Tensor, exclude_ids=None, k: Optional[int] = None,
                   temperature: Optional[float] = None, scale: Optional[str] = None, readout: str = "topk",
-                  top_m: Optional[int] = None, logistic_c: float = 1.0) -> torch.Tensor:
-        """p_kNN(y|x) for query keys (k, T and the score scale default to this verbalizer's); ``readout``:
-        "topk", "class-mean" or "logistic" (see :class:`Mixing`)."""
-        if self.store is None:
+                  top_m: Optional[int] = None, logistic_c: float = 1.0,
+                  store: Optional[KnowledgeStore] = None) -> torch.Tensor:
+        """p_kNN(y|x) for query keys from ``store`` (default: this verbalizer's; k, T and the score scale default
+        to its own too); ``readout``: "topk", "class-mean" or "logistic" (see :class:`Mixing`)."""
+        store = self.store if store is None else store
+        if store is None:
             raise ValueError("KnnVerbalizer has no knowledge store: build one (build_store) and set .store")
         q = query_keys.detach().float().cpu()
         if hasattr(exclude_ids, "detach"):
             exclude_ids = exclude_ids.detach().cpu()
-        p = readout_distribution(readout, self.store, q.numpy(), temperature or self.temperature, exclude_ids,
+        p = readout_distribution(readout, store, q.numpy(), temperature or self.temperature, exclude_ids,
                                  k or self.k, scale or self.scale, top_m, logistic_c)
         return torch.from_numpy(p).to(query_keys.device)
 
@@ -171,6 +174,6 @@ class KnnVerbalizer(PassThroughToBase, Verbalizer):
         if query is None:
             query = self.key_head(hidden_at_mask)
         p_knn = self.knn_probs(query, batch_get(batch, EXCLUDE_KEY), mixing.k, mixing.temperature, mixing.scale,
-                               mixing.readout, mixing.top_m, mixing.logistic_c).to(plm_out.dtype)
+                               mixing.readout, mixing.top_m, mixing.logistic_c, mixing.store).to(plm_out.dtype)
         p = mix(torch.softmax(plm_out, dim=-1), p_knn, mixing.lam)
         return torch.log(p.clamp_min(_EPS))
