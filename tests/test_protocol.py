@@ -103,26 +103,24 @@ def test_benchmark_runs_with_what_the_committed_search_chose():
     assert ns.methods == GRID_METHODS and len(ns.tasks) * len(ns.seeds) * len(ns.methods) == 280
 
 
-def test_benchmark_and_retroconfig_defaults_are_what_the_frozen_study_chose():
-    """Issue 20's dev-only study (benchmarks/frozen_study/choice.json) fixed the store's defaults: a
-    ``benchmark`` run with no options is the same run (same key) as the chosen variant's study rows, and
+def test_benchmark_and_retroconfig_defaults_are_what_the_adapted_study_chose():
+    """The dev-only study of keys (benchmarks/adapted_study/choice.json) fixed the store's defaults: a ``benchmark``
+    run with no options is the same run (same settings id) as one given the chosen candidate's options, and
     RetroConfig() - the drop-in path's default - holds the same choice."""
     from openprompt_retro.cli import build_parser
     from openprompt_retro.core.config import RetroConfig
-    from openprompt_retro.experiments import runs
-    from openprompt_retro.experiments.results import run_key
+    from openprompt_retro.experiments.results import settings_id
     from openprompt_retro.experiments.spec import RunSpec
 
-    study = os.path.join(ROOT, "benchmarks", "frozen_study")
-    with open(os.path.join(study, "choice.json")) as f:
+    with open(os.path.join(ROOT, "benchmarks", "adapted_study", "choice.json")) as f:
         choice = json.load(f)
-    with open(os.path.join(study, choice["chosen"], "results.jsonl")) as f:
-        chosen_rows = [json.loads(line) for line in f]
-    spec = RunSpec.from_namespace(build_parser().parse_args(["benchmark", "--model", chosen_rows[0]["model"]]))
-    for r in chosen_rows:
-        assert run_key(r) == runs._key(r["task"], choice["method"], r["seed"], spec)
+    parse = build_parser().parse_args
+    default = RunSpec.from_namespace(parse(["benchmark"]))
+    chosen = RunSpec.from_namespace(parse(["benchmark", "--config", json.dumps(choice["config"]),
+                                           "--mixture-grid", choice["mixture_grid"]]))
+    assert settings_id(choice["method"], 16, default.options()) == settings_id(choice["method"], 16, chosen.options())
+    assert default.mixture_grid == choice["mixture_grid"]
     defaults = RetroConfig()
-    assert (defaults.key_encoder, defaults.knn_readout) == (choice["config"]["key_encoder"],
-                                                             choice["config"]["knn_readout"])
-    assert defaults.demos_by_key_encoder == (choice["config"]["demo_retrieval"] == "key-encoder")
-    assert spec.mixture_grid == choice["mixture_grid"]
+    for field, value in choice["config"].items():
+        if field != "demo_center":  # the benchmark's protocol (checked above), not the drop-in default
+            assert getattr(defaults, field) == value, field

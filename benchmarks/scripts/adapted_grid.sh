@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 29's grid: retro with the default chosen on dev (benchmarks/adapted_study/choice.json) and the SetFit baseline
 # (the setfit package, its defaults; pip install -e ".[setfit]") on 7 tasks x 5 seeds into benchmarks/results-adapted/,
-# then on the held-out tasks CoLA, MRPC, RTE, QNLI x 5 seeds into benchmarks/results-adapted-heldout/ (one seed at a
-# time, so that a stopped run leaves whole seeds). Two 1-thread processes share each folder (resumable: finished runs
+# and on the held-out tasks CoLA, MRPC, RTE, QNLI x 5 seeds into benchmarks/results-adapted-heldout/, one seed at a
+# time (both sets), so that a stopped grid leaves whole seeds. Two 1-thread processes share each folder (resumable: finished runs
 # are skipped). prompt, fine-tune, linear-probe and today's frozen-key retro are the rows of
 # benchmarks/results-frozen(-heldout) on the same splits (their code paths are unchanged);
 # benchmarks/scripts/adapted_tables.py puts them side by side.
@@ -24,7 +24,7 @@ grid() {  # out tasks seeds methods
   done
   wait
 }
-grid benchmarks/results-adapted SST-2,sst-5,mr,cr,mpqa,subj,trec 13,21,42,87,100 "$METHOD,setfit"
 for seed in 13 21 42 87 100; do
+  grid benchmarks/results-adapted SST-2,sst-5,mr,cr,mpqa,subj,trec "$seed" "$METHOD,setfit"
   grid benchmarks/results-adapted-heldout CoLA,MRPC,RTE,QNLI "$seed" "$METHOD,setfit"
 done

@@ -24,9 +24,13 @@ from statistics import mean, pstdev
 
 SINGLE, PAIRS, SEEDS = ("SST-2", "subj", "trec"), ("MRPC", "RTE", "QNLI"), (13, 21, 42)
 STUDY = os.path.join("benchmarks", "adapted_study")
-#: the RetroConfig fields that define a candidate (read from its rows' recorded config)
-DEFINING = ("key_encoder", "knn_readout", "demo_retrieval", "demo_center", "adapt_pairs", "adapt_steps", "adapt_lr",
-            "store_guard_alpha")
+#: each candidate's --config, as adapted_study.sh gives it (a row records its tuned config: the read-out dev chose
+#: and the lambda, not "auto"); the rows are checked against it
+CONFIGS = {
+    "frozen": {"demo_center": True, "key_encoder": "frozen-mean", "knn_readout": "auto"},
+    "adapted": {"demo_center": True, "key_encoder": "adapted", "knn_readout": "auto"},
+    "adapted + pairs": {"demo_center": True, "key_encoder": "adapted", "knn_readout": "auto", "adapt_pairs": True},
+}
 
 
 def rows(path, method="retro", tasks=SINGLE + PAIRS):
@@ -85,10 +89,12 @@ def main():
     for n, d in paired.items():
         print(f"{n} - frozen on dev, per split: mean {mean(d):+.2f}, {sum(x > 0 for x in d)} up / "
               f"{sum(x == 0 for x in d)} tied / {sum(x < 0 for x in d)} down")
+    config = CONFIGS[chosen]
     single = next(r for r in complete[chosen] if r["task"] in SINGLE)
     pick = next(r for r in complete[chosen] if r["task"] in PAIRS)
-    config = {k: single["settings"]["config"].get(k) for k in DEFINING}
-    config["adapt_pairs"] = pick["settings"]["config"].get("adapt_pairs")  # what the pairs ran with
+    for r, fields in ((single, ("demo_center", "key_encoder")), (pick, ("adapt_pairs",))):
+        for k in fields:  # the rows ran what CONFIGS says (adapt_pairs only matters, and is only set, on pairs)
+            assert r["settings"]["config"][k] == config.get(k, False), (chosen, k, r["settings"]["config"][k])
     choice = {"chosen": chosen, "method": pick["method"], "config": config,
               "mixture_grid": pick["settings"]["mixture_grid"], "dev_mean": dev}
     ce = rows(os.path.join(STUDY, "adapted-auto-ce", "results.jsonl"), method="retro-no-knn-train", tasks=SINGLE)

@@ -153,9 +153,9 @@ class RetroConfig(LossConfig):
     knn_lambda: float = 0.5
     metric: str = "ip"
     index_factory: str = "Flat"
-    key_encoder: str = "frozen-mean"
+    key_encoder: str = "adapted"
     key_encoder_path: Optional[str] = None
-    knn_readout: str = "class-mean"
+    knn_readout: str = "auto"
     class_mean_temperature: float = 0.05
     class_mean_top_m: Optional[int] = None
     demo_retrieval: str = "auto"
@@ -163,7 +163,7 @@ class RetroConfig(LossConfig):
     adapt_steps: int = 20
     adapt_lr: float = 5e-5
     adapt_batch_size: int = 32
-    adapt_pairs: bool = False
+    adapt_pairs: bool = True
     pair_keys: str = "auto"
     logistic_c: float = 1.0
     logistic_temperature: float = 1.0
