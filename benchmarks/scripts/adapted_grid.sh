@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python}
+OUT=${OUT:-benchmarks}  # where results-adapted(-heldout)/ go
 CHOICE=benchmarks/adapted_study/choice.json
 read -r METHOD CONFIG GRID < <($PY - "$CHOICE" <<'PY'
 import json, sys
@@ -25,6 +26,6 @@ grid() {  # out tasks seeds methods
   wait
 }
 for seed in 13 21 42 87 100; do
-  grid benchmarks/results-adapted SST-2,sst-5,mr,cr,mpqa,subj,trec "$seed" "$METHOD,setfit"
-  grid benchmarks/results-adapted-heldout CoLA,MRPC,RTE,QNLI "$seed" "$METHOD,setfit"
+  grid "$OUT/results-adapted" SST-2,sst-5,mr,cr,mpqa,subj,trec "$seed" "$METHOD,setfit"
+  grid "$OUT/results-adapted-heldout" CoLA,MRPC,RTE,QNLI "$seed" "$METHOD,setfit"
 done
