@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from openprompt_retro.core.config import RetroConfig
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "..", "shared", "data", "text")
 needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "k-shot")), reason="../shared data not present")
@@ -83,7 +85,7 @@ def test_speed_reports_ratios_and_offers_only_inference_options():
               "retro_cold_over_plain"}
     assert set(out) == seconds | ratios | {"task", "n_test", "n_train", "model", "torch_threads", "repeats", "device",
                                            "amp", "test_subset", "key_encoder"}
-    assert out["key_encoder"] == "frozen-mean"
+    assert out["key_encoder"] == RetroConfig().key_encoder  # the default store's
     assert out["device"] == "cpu" and out["test_subset"]["limit"] == 16
     for key in seconds | ratios:  # sub-millisecond timings must not round to 0 (4 significant digits)
         assert isinstance(out[key], float) and 0 < out[key] < 600, (key, out[key])

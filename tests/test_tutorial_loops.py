@@ -614,9 +614,33 @@ def test_state_dict_right_after_training_carries_the_store_the_model_uses(tiny_b
 
 
 def test_a_frozen_store_checkpoint_loads_only_into_a_model_with_the_same_key_encoder(tiny_bert, tiny_dirs, tmp_path):
-    """The default store is keyed by a frozen copy of the pre-trained encoder: a checkpoint loads into a model
-    built from the pre-trained PLM and predicts the same; a model whose copy was taken from the trained PLM is
-    refused, naming the key encoder."""
+    """A store keyed by a frozen copy of the pre-trained encoder: a checkpoint loads into a model built from the
+    pre-trained PLM and predicts the same; a model whose copy was taken from the trained PLM is refused, naming
+    the key encoder."""
+    from openprompt.plms import load_plm
+    from openprompt.prompts import ManualTemplate, ManualVerbalizer
+
+    def build(plm, tok):
+        return R.RetroPromptForClassification(plm, R.RetroTemplate(ManualTemplate(tokenizer=tok, text=TEXT)),
+                                               ManualVerbalizer(tok, num_classes=2, label_words=WORDS),
+                                               config=R.RetroConfig(key_encoder="frozen-mean"))
+
+    plm, tok, _, _ = tiny_bert
+    model = build(plm, tok)
+    val_loader = train_and_checkpoint(model, tiny_bert, tmp_path / "ckpt")
+    fresh_plm, fresh_tok, _, _ = load_plm("bert", tiny_dirs["bert"])  # the pre-trained weights again
+    fresh = build(fresh_plm, fresh_tok)
+    fresh.load_state_dict(torch.load(tmp_path / "ckpt"))
+    torch.testing.assert_close(evaluate(fresh, val_loader, "eval"), evaluate(model, val_loader, "eval"))
+    with pytest.warns(UserWarning):  # built on a trained PLM: told so
+        on_trained = build(plm, tok)  # its frozen copy is of the trained PLM
+    with pytest.raises(RuntimeError, match="the key store was built by a key encoder with weights"):
+        on_trained.load_state_dict(torch.load(tmp_path / "ckpt"))
+
+
+def test_a_checkpoint_of_the_default_adapted_keys_carries_them(tiny_bert, tiny_dirs, tmp_path):
+    """The default store (keys adapted to the training labels): ``state_dict()`` carries the adapted encoder, so
+    a model built fresh from the pre-trained PLM loads the checkpoint and predicts the same."""
     from openprompt.plms import load_plm
     from openprompt.prompts import ManualTemplate, ManualVerbalizer
 
@@ -626,15 +650,14 @@ def test_a_frozen_store_checkpoint_loads_only_into_a_model_with_the_same_key_enc
 
     plm, tok, _, _ = tiny_bert
     model = build(plm, tok)
-    assert model.config.key_encoder == "frozen-mean"  # the default
+    assert model.config.key_encoder == "adapted"  # the default
     val_loader = train_and_checkpoint(model, tiny_bert, tmp_path / "ckpt")
-    fresh_plm, fresh_tok, _, _ = load_plm("bert", tiny_dirs["bert"])  # the pre-trained weights again
+    state = torch.load(tmp_path / "ckpt")
+    assert any(k.startswith("retro_key_encoder.") for k in state)
+    fresh_plm, fresh_tok, _, _ = load_plm("bert", tiny_dirs["bert"])
     fresh = build(fresh_plm, fresh_tok)
-    fresh.load_state_dict(torch.load(tmp_path / "ckpt"))
+    fresh.load_state_dict(state)
     torch.testing.assert_close(evaluate(fresh, val_loader, "eval"), evaluate(model, val_loader, "eval"))
-    on_trained = build(plm, tok)  # its frozen copy is of the trained PLM
-    with pytest.raises(RuntimeError, match="the key store was built by a key encoder with weights"):
-        on_trained.load_state_dict(torch.load(tmp_path / "ckpt"))
 
 
 def test_a_neural_loader_fed_to_a_model_without_that_template_is_refused(tiny_bert):

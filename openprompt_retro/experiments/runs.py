@@ -271,8 +271,9 @@ def run_trained(task: str, method: str, seed: int, run_spec: RunSpec, also: Opti
         raise UserError(f"{task} {method} seed {seed}: {e}") from None
     trainer.args.progress = not run_spec.no_progress
     config = trainer.model.config
-    untuned = {name: getattr(config, name) for name in ("knn_lambda", "knn_k", "knn_temperature",
-                                                        "class_mean_temperature", "plm_temperature")}
+    untuned = {name: getattr(config, name) for name in ("knn_lambda", "knn_k", "knn_temperature", "knn_readout",
+                                                        "class_mean_temperature", "logistic_temperature",
+                                                        "plm_temperature", "lambda_from_dev")}
     t0 = time.time()
     try:
         history = trainer.fit(data["train"], data["dev"])
@@ -288,6 +289,7 @@ def run_trained(task: str, method: str, seed: int, run_spec: RunSpec, also: Opti
     if also is not None:
         trainer.model.apply_config(**untuned)  # lambda = 0: the PLM alone
         trainer.tuned = None
+        honest = _honest_store_accuracy(trainer, data["train"], spec, seed, run_spec)  # by the untuned read-out
         rec = _trained_record(trainer, spec, data, test_loader, history, also, seed, run_spec, train_s, load_s,
                               honest)
         records.append(dataclasses.replace(rec, shares_training_with=method))

@@ -191,8 +191,9 @@ class StoreLifecycle:
         self.forget_keys()
         self._replace_key_store()
 
-    def _build_loss_store(self, labels: np.ndarray, texts_of: list) -> None:
-        """The loss store of adapted keys: entry i keyed by example i's pre-adaptation key (None where unknown)."""
+    def _build_loss_store(self, labels: np.ndarray, texts_of: list, guids=None, texts=None) -> None:
+        """The loss store of adapted keys: entry i keyed by example i's pre-adaptation key (None where unknown),
+        with the key store's labels, guids and texts (so its entries can be shown)."""
         if not self.adapts_keys or not self.key_encoder.adapted:
             self._loss_store = None
             return
@@ -206,7 +207,7 @@ class StoreLifecycle:
             return
         store = KnowledgeStore(self.key_encoder.hidden_size if not self.key_encoder.relation else self.key_encoder.dim,
                                self.model.num_classes, metric="ip", built_by={"key_encoder": "pre-adaptation"})
-        store.build(np.stack([self._pretrained_cache[t] for t in texts_of]), labels)
+        store.build(np.stack([self._pretrained_cache[t] for t in texts_of]), labels, guids, texts)
         self._loss_store = store
 
     @property
@@ -373,7 +374,7 @@ class StoreLifecycle:
             if self.adapts_keys:
                 examples = [_example_at(int(u)) if u >= 0 else None for u in uids]
                 self._build_loss_store(labels, [None if e is None else (e.text_a, getattr(e, "text_b", None) or None)
-                                                for e in examples])
+                                                for e in examples], guids, texts)
         self._entry_of_uid, self._example_entries = {}, {}
         self._note_entries(uids, np.arange(len(uids)))
         serial = loaders.serial_of(dataloader)
