@@ -7,7 +7,9 @@ diagnostics (store alone, PLM alone, the mixture, the honest held-out-fold accur
 Rows: retro and setfit from benchmarks/results-adapted(-heldout)/; prompt, fine-tune, linear-probe and the frozen-key
 retro ("retro (frozen)") from benchmarks/results-frozen(-heldout)/, which ran the same splits. Every number is a test
 accuracy in %, mean ± std over the seeds (population std), averaged over tasks (std: mean of the per-task stds);
-paired: per split (task, seed), retro minus the other method, with the sign-flip p-value of the report.
+paired: per split (task, seed), retro minus the other method, with the sign-flip p-value of the report. Only whole
+seeds are shown (every task of the set done by retro and setfit), so every method's average is over the same splits
+while the grid is running; ``--all-seeds`` shows every row there is.
 """
 import argparse
 import json
@@ -46,8 +48,30 @@ def collect(held_out: bool):
     return out
 
 
-def accuracy_table(runs, tasks):
+def whole_seeds(runs, tasks):
+    """The seeds whose splits retro and setfit have all finished."""
+    return tuple(s for s in SEEDS if all((m, t, s) in runs for m in ("retro", "setfit") for t in tasks))
+
+
+def majority_floor(tasks):
+    """Always answering the test set's most frequent label (it reads the test labels: a floor, not a method)."""
+    from collections import Counter
+
+    from openprompt_retro.experiments.paths import DEFAULT_DATA_ROOT
+    from openprompt_retro.experiments.tasks import load_test
+
+    out = {}
+    for t in tasks:
+        labels = [e.label for e in load_test(DEFAULT_DATA_ROOT, t, seed=13)]  # one test set for every seed
+        out[t] = 100 * Counter(labels).most_common(1)[0][1] / len(labels)
+    return "| majority class of test | " + " | ".join(f"{out[t]:.1f}" for t in tasks) + \
+        f" | {mean(out.values()):.1f} | |"
+
+
+def accuracy_table(runs, tasks, floor=None):
     lines = ["| method | " + " | ".join(tasks) + " | avg | splits |", "|" + "---|" * (len(tasks) + 3)]
+    if floor:
+        lines.append(floor)
     for m in ORDER:
         cells, means, stds, n = [], [], [], 0
         for t in tasks:
@@ -126,10 +150,17 @@ def diagnostics_table(runs, tasks):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--held-out", action="store_true", help="the held-out tasks CoLA, MRPC, RTE, QNLI")
+    ap.add_argument("--all-seeds", action="store_true", help="every row, not only whole seeds")
     ns = ap.parse_args()
     tasks = HELD_OUT if ns.held_out else SEVEN
     runs = collect(ns.held_out)
-    print(accuracy_table(runs, tasks), "", paired_table(runs, tasks), "", timing_table(runs, tasks), "",
+    global SEEDS
+    if not ns.all_seeds:
+        SEEDS = whole_seeds(runs, tasks)
+        print(f"whole seeds (every task done by retro and setfit): {', '.join(map(str, SEEDS)) or 'none yet'}; "
+              f"{len(SEEDS) * len(tasks)} splits\n")
+    floor = majority_floor(tasks) if ns.held_out else None
+    print(accuracy_table(runs, tasks, floor), "", paired_table(runs, tasks), "", timing_table(runs, tasks), "",
           diagnostics_table(runs, tasks), sep="\n")
 
 
