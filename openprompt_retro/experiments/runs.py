@@ -448,7 +448,7 @@ def run_zero_shot(task: str, method: str, seed: int, run_spec: RunSpec) -> RunRe
     test = load_test(run_spec.data_root, spec.name, 16, seed)
     plm, tok, _, wrapper = load_backbone(run_spec.model, run_spec.model_type)
     # the store's keys come from --zs-key-encoder, not --config (zero-shot rows' settings ids carry no
-    # RetroConfig): "mask", as measured in section 3 of benchmarks/README.md, is the untrained model's [MASK]
+    # RetroConfig): "mask", as measured in benchmarks/README.md (zero-shot), is the untrained model's [MASK]
     # states read by top-k voting; "frozen-mean" reads the frozen encoder's keys by class means
     keys = run_spec.zs_key_encoder if method == "zero-shot-retro" else "mask"
     config = RetroConfig(knn_lambda=0.0, key_encoder=keys, knn_readout="topk" if keys == "mask" else "class-mean")
