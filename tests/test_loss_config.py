@@ -88,3 +88,51 @@ def test_retro_coop_config_embeds_a_mixture_grid_with_the_old_clip_candidates():
     assert grid.lambdas == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     assert (grid.ks, grid.temperatures) == ((4, 8, 16, 32), (0.01, 0.02, 0.05, 0.1))
     assert RetroCoOpConfig().grid is not grid  # each config owns its grid
+
+
+# ------------------------------------------------------------------ RetroConfig composed of small configs
+def test_retro_config_is_composed_of_its_parts_and_gives_them_back():
+    from openprompt_retro.core.config import KeyConfig, MixtureConfig
+
+    composed = RetroConfig.compose(keys=KeyConfig(key_encoder="frozen-mean"), mixture=MixtureConfig(knn_lambda=0.3),
+                                   demo_topk=4)
+    assert composed == RetroConfig(key_encoder="frozen-mean", knn_lambda=0.3, demo_topk=4)  # the flat names
+    assert composed.part("keys") == KeyConfig(key_encoder="frozen-mean")
+    assert composed.part("mixture").knn_lambda == 0.3
+    assert RetroConfig.from_dict(composed.to_dict()) == composed  # the flat JSON of saved runs and --config
+
+
+def test_every_field_belongs_to_one_part_and_has_a_line_of_help():
+    from openprompt_retro.core.config import PARTS
+
+    owners = [f.name for cls in PARTS.values() for f in dataclasses.fields(cls)]
+    assert sorted(owners) == sorted(f.name for f in dataclasses.fields(RetroConfig))
+    assert len(owners) == len(set(owners))
+    assert all(len(text) > 10 for text in RetroConfig.field_help().values())
+
+
+def test_composing_names_what_is_wrong():
+    from openprompt_retro.core.config import KeyConfig, ReadoutConfig
+
+    with pytest.raises(ValueError, match=r"\['key_encoder'\] given twice"):
+        RetroConfig.compose(keys=KeyConfig(), key_encoder="mask")
+    with pytest.raises(ValueError, match="keys must be a KeyConfig, got ReadoutConfig"):
+        RetroConfig.compose(keys=ReadoutConfig())
+    with pytest.raises(ValueError, match=r"unknown RetroConfig fields: \['knn_lamda'\]"):
+        RetroConfig.compose(knn_lamda=0.3)
+    with pytest.raises(ValueError, match="unknown part 'mix'"):
+        RetroConfig().part("mix")
+    with pytest.raises(ValueError, match="key_encoder must be one of"):  # a part checks its own fields
+        KeyConfig(key_encoder="bogus")
+    with pytest.raises(ValueError, match="knn_k must be at least 1"):
+        ReadoutConfig(knn_k=0)
+
+
+def test_the_settings_page_is_the_code():
+    import os
+
+    from openprompt_retro.core.config import settings_markdown
+
+    page = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "settings.md")
+    with open(page, encoding="utf-8") as f:
+        assert f.read() == settings_markdown(), "docs/settings.md is stale: write it from settings_markdown()"

@@ -75,7 +75,7 @@ def main():
     for title, tasks in (("single texts (SST-2, subj, trec)", SINGLE), ("sentence pairs (MRPC, RTE, QNLI)", PAIRS),
                          ("all 18 splits", SINGLE + PAIRS)):
         print(f"\n{title}\n\n| candidate | splits | dev | test (shown, not used) | mean lambda |\n|---|---|---|---|---|")
-        for name, picked in {**cands, "issue 20 (frozen, shown)": issue20()}.items():
+        for name, picked in {**cands, "earlier frozen store (shown)": issue20()}.items():
             print(line(name, picked, tasks))
     complete = {n: p for n, p in cands.items() if len(p) == len(SINGLE + PAIRS) * len(SEEDS)}
     if len(complete) < len(cands):

@@ -52,29 +52,41 @@ def check_choice(config, name: str, choices) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
-@dataclass
-class LossConfig:
-    """The kNN-guided training loss: the same fields, meaning and checks for text and CLIP.
+def _field(default, help: str):
+    """A config field with its line of help (``RetroConfig.field_help()``, the docs)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
-        loss: "ce" (plain), "knn" (CE_i min(1 + beta (-log p_kNN(y_i|x_i)), max_loss_weight)) or
-            "focal" (CE_i (1 - p_kNN(y_i|x_i))^gamma).
-        loss_beta, focal_gamma: the weights' strength (finite, >= 0).
-        max_loss_weight: the bound of the "knn" weights (finite, >= 1), or None for no bound.
-        knn_loss_gate: apply the kNN weights only while the store's leave-one-out kNN accuracy is above
-            chance (the majority-class rate); below it the store knows nothing and the weights are noise.
-        train_knn_k, train_knn_temperature: the p_kNN used for the weights (each example's own entry left out).
-    """
 
-    loss: str = "knn"
-    loss_beta: float = 1.0
-    focal_gamma: float = 2.0
-    max_loss_weight: Optional[float] = 3.0
-    knn_loss_gate: bool = True
-    train_knn_k: int = 16
-    train_knn_temperature: float = 1.0
+class _Part:
+    """A small config: its fields, their help, and :meth:`validate` (a ValueError naming the first bad field)."""
 
     def __post_init__(self):
         self.validate()
+
+    def validate(self):
+        return self
+
+    @classmethod
+    def field_help(cls) -> Dict[str, str]:
+        """Field name -> its line of help."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+@dataclass
+class LossConfig(_Part):
+    """The kNN-guided training loss, the same fields, meaning and checks for text and CLIP:
+    ``L = mean_i CE_i * w_i``, ``w_i = min(1 + beta * (-log p_kNN(y_i|x_i)), max_loss_weight)`` ("knn") or
+    ``(1 - p_kNN(y_i|x_i))^gamma`` ("focal"), p_kNN read without example i's own entry."""
+
+    loss: str = _field("knn", '"ce" (plain), "knn" (CE weighted by min(1 + beta (-log p_kNN), cap)) or "focal" '
+                              '(CE (1 - p_kNN)^gamma)')
+    loss_beta: float = _field(1.0, "beta: the strength of the knn weights (finite, >= 0)")
+    focal_gamma: float = _field(2.0, "gamma of the focal weights (finite, >= 0)")
+    max_loss_weight: Optional[float] = _field(3.0, "the cap of the knn weights (finite, >= 1), None for none")
+    knn_loss_gate: bool = _field(True, "weights apply only while the store's leave-one-out accuracy beats the "
+                                       "majority-class rate (below it they are noise)")
+    train_knn_k: int = _field(16, "k of the p_kNN the weights read (top-k read-out)")
+    train_knn_temperature: float = _field(1.0, "T of the p_kNN the weights read (top-k read-out)")
 
     def validate(self):
         """Raise a ValueError naming the first bad field; returns self."""
@@ -90,112 +102,54 @@ class LossConfig:
 
 
 @dataclass
-class RetroConfig(LossConfig):
-    """Hyper-parameters of RetroPrompt: the loss fields of :class:`LossConfig` and these.
+class DemonstrationConfig(_Part):
+    """Retrieval for input: per class c, the top-m neighbours' [MASK] states, weighted by softmax of their
+    z-normalised scores, averaged into d_c and injected beside the class's label word."""
 
-    Retrieval for input (neural demonstrations):
-        demo_topk: m, neighbours per class averaged into one demonstration
-            (8 for 16-shot, 2 for 4-shot in the paper's code).
-        demo_center: inject d_c - mean(store keys): what differs between the classes' demonstrations
-            stands out instead of the component every key shares.
-        demo_norm: "none", or "match": rescale each d_c to the mean norm of the PLM's word embeddings.
-        demo_dropout: in training, each example's demonstrations are all hidden with this probability.
-        demo_warmup: a warm start: demonstrations are hidden in the first ``demo_warmup`` fraction of the
-            training steps, so the prompt is learned first and d_c added to a model that already works.
-    Scores (shared by inference, the loss and ``explain``):
-        knn_score_scale: "zscore" (default: each query's k scores standardised, so p_kNN is a real
-            distribution whatever the key norm; T is in standard deviations) or "raw" (s_j / T).
-    Retrieval for inference:
-        knn_k, knn_temperature: p_kNN(y|x) = sum_{j<=k} softmax_j(z_j / T) 1[y_j = y].
-        knn_lambda: P = lambda p_kNN + (1 - lambda) p_PLM; 0 turns kNN inference off.
-    Store:
-        metric: "ip" or "cosine"; index_factory: a FAISS factory string.
-    Keys and read-out (kNN inference and the kNN-guided loss read the same store):
-        key_encoder: "mask" (the trained model's [MASK] state, refreshed every pass), "frozen-mean" (a frozen
-            copy of the pre-trained encoder taken when the model is built: mean-pooled raw input text,
-            L2-normalised; computed once, never refreshed), "adapted" (that copy, first fine-tuned on the
-            training examples by SetFit's contrastive loss, then frozen: see prompt/key_adaptation.py) or
-            "sentence" (an encoder loaded from ``key_encoder_path``, used the same way).
-        adapt_steps, adapt_lr, adapt_batch_size: the adaptation of key_encoder="adapted" (optimizer steps,
-            AdamW learning rate, training examples per step); it reads the training examples only.
-        adapt_pairs: also adapt relation keys of sentence pairs (their segments' cosine fitted to the labels);
-            False keeps the pre-trained encoder for pairs (single texts are adapted either way).
-        pair_keys: keys of two-segment inputs (text_a, text_b): "joint" (the pair as one input), "relation"
-            ([cos(u, v), |u - v|, u * v] of the segments' keys u, v, normalised) or "auto" (relation features
-            when the training data are pairs). Single-segment inputs are unchanged.
-        knn_readout: "topk" (p_kNN from the k nearest entries), "class-mean" (softmax_c(cos(q, mu_c) / T_cm)
-            over each class's mean key; ``class_mean_top_m``: only the class's m entries nearest to q),
-            "logistic" (a logistic regression fitted on the store's keys, C = ``logistic_c``, its log-probabilities
-            scaled by 1 / ``logistic_temperature``) or "auto" (the one of the three with the best store-alone
-            accuracy on dev, chosen when inference is tuned; "logistic" until then).
-        class_mean_temperature: T_cm, on the cosine scale (chosen on dev by log-loss when inference is tuned).
-        logistic_temperature: T of the logistic read-out (1: its own probabilities; chosen on dev by log-loss).
-        store_guard_alpha: the guard on the mixture (None: off). When inference is tuned on dev, kNN inference
-            is switched off (lambda = 0) if the store alone scores no better than the dev set's majority-class
-            rate. Without tuning (a hand loop, a lambda set by hand: no dev evidence at all) the store must beat
-            chance by a one-sided binomial test at this level on its leave-one-out accuracy over the training
-            entries.
-        lambda_from_dev: set by tuning: knn_lambda was chosen on dev (and the dev guard applied).
-        demo_retrieval: which keys choose the neighbours behind d_c: "mask" (the [MASK] keys), "key-encoder"
-            (the frozen / sentence keys; d_c is still built from the neighbours' [MASK] states) or "auto" (the
-            key encoder's where there is one, else the [MASK] keys).
-        plm_temperature: T_plm, p_PLM = softmax(z / T_plm) in the mixture (1: unscaled; set on dev).
-    """
+    demo_topk: int = _field(8, "m: neighbours per class averaged into one demonstration (8 for 16-shot)")
+    demo_center: bool = _field(False, "inject d_c - mean(store keys), so what differs between the classes stands out")
+    demo_norm: str = _field("none", '"none", or "match": rescale each d_c to the mean norm of the word embeddings')
+    demo_dropout: float = _field(0.0, "in training, hide each example's demonstrations with this probability")
+    demo_warmup: float = _field(0.0, "hide the demonstrations in this first fraction of the training steps")
+    demo_retrieval: str = _field("auto", 'which keys choose the neighbours behind d_c: "mask", "key-encoder", or '
+                                         '"auto" (the key encoder\'s where there is one)')
 
-    demo_topk: int = 8
-    demo_center: bool = False
-    demo_norm: str = "none"
-    demo_dropout: float = 0.0
-    demo_warmup: float = 0.0
-    knn_score_scale: str = "zscore"
-    knn_k: int = 16
-    knn_temperature: float = 1.0
-    knn_lambda: float = 0.5
-    metric: str = "ip"
-    index_factory: str = "Flat"
-    key_encoder: str = "adapted"
-    key_encoder_path: Optional[str] = None
-    knn_readout: str = "auto"
-    class_mean_temperature: float = 0.05
-    class_mean_top_m: Optional[int] = None
-    demo_retrieval: str = "auto"
-    plm_temperature: float = 1.0
-    adapt_steps: int = 20
-    adapt_lr: float = 5e-5
-    adapt_batch_size: int = 32
-    adapt_pairs: bool = True
-    pair_keys: str = "auto"
-    logistic_c: float = 1.0
-    logistic_temperature: float = 1.0
-    store_guard_alpha: Optional[float] = 0.1
-    lambda_from_dev: bool = False
-
-    def validate(self) -> "RetroConfig":
-        super().validate()
+    def validate(self):
         check_int(self, "demo_topk")
         check_choice(self, "demo_center", (True, False))
         check_choice(self, "demo_norm", ("none", "match"))
         check_float(self, "demo_dropout", 0.0, 1.0, high_open=True)
         check_float(self, "demo_warmup", 0.0, 1.0, high_open=True)
-        check_choice(self, "knn_score_scale", ("zscore", "raw"))
-        check_int(self, "knn_k")
-        check_float(self, "knn_temperature", 0.0, low_open=True)
-        check_float(self, "knn_lambda", 0.0, 1.0)
-        check_choice(self, "metric", ("ip", "cosine"))
+        check_choice(self, "demo_retrieval", ("mask", "key-encoder", "auto"))
+        return self
+
+
+@dataclass
+class KeyConfig(_Part):
+    """What the store's keys are and how they are searched. "adapted" (the default): a copy of the pre-trained
+    encoder fine-tuned on the training examples by SetFit's contrastive loss, then frozen; mean-pooled raw text,
+    L2-normalised. Sentence pairs: ``[cos(u, v), |u - v|, u * v]`` of the segments' keys, normalised."""
+
+    key_encoder: str = _field("adapted", '"adapted", "frozen-mean" (the pre-trained copy, never tuned), "sentence" '
+                                         '(an encoder from key_encoder_path) or "mask" (the trained [MASK] state)')
+    key_encoder_path: Optional[str] = _field(None, 'the encoder of key_encoder="sentence" (a folder or hub name)')
+    adapt_steps: int = _field(20, "optimizer steps of the adaptation (0: none)")
+    adapt_lr: float = _field(5e-5, "AdamW learning rate of the adaptation")
+    adapt_batch_size: int = _field(32, "training examples per adaptation step (every pair in a batch is used)")
+    adapt_pairs: bool = _field(True, "also adapt the keys of sentence pairs (their segments' cosine fitted to the "
+                                     "labels); False keeps the pre-trained encoder for pairs")
+    pair_keys: str = _field("auto", 'keys of (text_a, text_b) inputs: "joint", "relation" or "auto" (relation '
+                                    'when the training data are pairs)')
+    metric: str = _field("ip", '"ip" or "cosine": the FAISS metric')
+    index_factory: str = _field("Flat", 'a FAISS factory string ("Flat" exact; "IVF...", "HNSW...", "PQ..." for '
+                                        'large stores)')
+
+    def validate(self):
         check_choice(self, "key_encoder", KEY_ENCODERS)
         if (self.key_encoder == "sentence") != isinstance(self.key_encoder_path, str):
             raise ValueError("key_encoder_path names the sentence encoder: give it (a folder or hub name) exactly "
                              f"when key_encoder='sentence'; got key_encoder={self.key_encoder!r}, "
                              f"key_encoder_path={self.key_encoder_path!r}")
-        check_choice(self, "knn_readout", KNN_READOUTS)
-        check_float(self, "class_mean_temperature", 0.0, low_open=True)
-        if self.class_mean_top_m is not None:
-            check_int(self, "class_mean_top_m")
-        check_choice(self, "demo_retrieval", ("mask", "key-encoder", "auto"))
-        if self.demo_retrieval == "key-encoder" and self.key_encoder == "mask":
-            raise ValueError("demo_retrieval='key-encoder' chooses the demonstrations' neighbours by the key "
-                             "encoder's keys: it needs key_encoder='frozen-mean', 'adapted' or 'sentence', not 'mask'")
-        check_float(self, "plm_temperature", 0.0, low_open=True)
         check_int(self, "adapt_steps", low=0)
         check_float(self, "adapt_lr", 0.0, low_open=True)
         check_int(self, "adapt_batch_size", low=2)
@@ -204,12 +158,109 @@ class RetroConfig(LossConfig):
         if self.pair_keys == "relation" and self.key_encoder == "mask":
             raise ValueError("pair_keys='relation' builds keys from the two segments' raw texts: it needs "
                              "key_encoder='frozen-mean', 'adapted' or 'sentence', not 'mask'")
+        check_choice(self, "metric", ("ip", "cosine"))
+        return self
+
+
+@dataclass
+class ReadoutConfig(_Part):
+    """How the store becomes p_kNN (core/readout.py): top-k ``sum_j softmax_j(z_j / T) 1[y_j = y]``, class means
+    ``softmax_c(cos(q, mu_c) / T_cm)``, or a logistic regression fitted on the store's keys."""
+
+    knn_readout: str = _field("auto", '"topk", "class-mean", "logistic", or "auto" (the best store-alone dev '
+                                      'accuracy when inference is tuned; "logistic" until then)')
+    knn_k: int = _field(16, "k of the top-k read-out")
+    knn_temperature: float = _field(1.0, "T of the top-k read-out (in standard deviations with zscore)")
+    knn_score_scale: str = _field("zscore", '"zscore" (each query\'s k scores standardised) or "raw" (s_j / T)')
+    class_mean_temperature: float = _field(0.05, "T_cm of the class-mean read-out (cosine scale; set on dev)")
+    class_mean_top_m: Optional[int] = _field(None, "class means over each class's m entries nearest the query "
+                                                   "(None: all)")
+    logistic_c: float = _field(1.0, "C (inverse regularisation) of the logistic read-out")
+    logistic_temperature: float = _field(1.0, "T of the logistic read-out's log-probabilities (set on dev)")
+
+    def validate(self):
+        check_choice(self, "knn_readout", KNN_READOUTS)
+        check_int(self, "knn_k")
+        check_float(self, "knn_temperature", 0.0, low_open=True)
+        check_choice(self, "knn_score_scale", ("zscore", "raw"))
+        check_float(self, "class_mean_temperature", 0.0, low_open=True)
+        if self.class_mean_top_m is not None:
+            check_int(self, "class_mean_top_m")
         check_float(self, "logistic_c", 0.0, low_open=True)
         check_float(self, "logistic_temperature", 0.0, low_open=True)
+        return self
+
+
+@dataclass
+class MixtureConfig(_Part):
+    """Retrieval for inference: ``P = lambda p_kNN + (1 - lambda) softmax(z / T_plm)``, lambda chosen on dev,
+    and the guard that keeps a store no better than chance out of it."""
+
+    knn_lambda: float = _field(0.5, "lambda (0 turns kNN inference off); chosen on dev when inference is tuned")
+    plm_temperature: float = _field(1.0, "T_plm of p_PLM in the mixture (1: unscaled; set on dev)")
+    store_guard_alpha: Optional[float] = _field(0.1, "the guard (None: off): tuned, the store alone must beat dev's "
+                                                     "majority rate; untuned, its leave-one-out accuracy must beat "
+                                                     "chance by a one-sided binomial test at this level")
+    lambda_from_dev: bool = _field(False, "set by tuning: knn_lambda was chosen on dev (and the dev guard applied)")
+
+    def validate(self):
+        check_float(self, "knn_lambda", 0.0, 1.0)
+        check_float(self, "plm_temperature", 0.0, low_open=True)
         if self.store_guard_alpha is not None:
             check_float(self, "store_guard_alpha", 0.0, 1.0, low_open=True)
         check_choice(self, "lambda_from_dev", (True, False))
         return self
+
+
+#: RetroConfig's parts, by the name ``RetroConfig.compose`` and ``RetroConfig.part`` know them
+PARTS = {"loss": LossConfig, "demonstrations": DemonstrationConfig, "keys": KeyConfig, "readout": ReadoutConfig,
+         "mixture": MixtureConfig}
+
+
+@dataclass
+class RetroConfig(MixtureConfig, ReadoutConfig, KeyConfig, DemonstrationConfig, LossConfig):
+    """Hyper-parameters of RetroPrompt, composed of five small configs, each with its own fields and checks:
+    :class:`LossConfig` (the kNN-guided loss), :class:`DemonstrationConfig` (neural demonstrations),
+    :class:`KeyConfig` (the store's keys and search), :class:`ReadoutConfig` (p_kNN from the store) and
+    :class:`MixtureConfig` (lambda and the guard). Its fields are theirs, flat: ``RetroConfig(knn_lambda=0.3)``,
+    the flat JSON of saved runs and ``--config`` all read the same names; ``RetroConfig.compose(keys=KeyConfig(
+    key_encoder="frozen-mean"), mixture=MixtureConfig(knn_lambda=0.3))`` builds one from parts, and
+    ``config.part("keys")`` gives one part back. ``RetroConfig.field_help()``: every field's line of help.
+
+    The defaults are what a dev-only study chose (benchmarks/README.md): adapted keys (pairs too), the read-out
+    chosen on dev.
+    """
+
+    def validate(self) -> "RetroConfig":
+        """Each part's checks, then those that span parts; raises a ValueError naming the first bad field."""
+        for part in PARTS.values():
+            part.validate(self)
+        if self.demo_retrieval == "key-encoder" and self.key_encoder == "mask":
+            raise ValueError("demo_retrieval='key-encoder' chooses the demonstrations' neighbours by the key "
+                             "encoder's keys: it needs key_encoder='frozen-mean', 'adapted' or 'sentence', not 'mask'")
+        return self
+
+    @classmethod
+    def compose(cls, **parts_and_fields) -> "RetroConfig":
+        """A RetroConfig from parts (``loss=``, ``demonstrations=``, ``keys=``, ``readout=``, ``mixture=``: instances
+        of :data:`PARTS`) and single fields; a field given twice is an error."""
+        values: Dict[str, Any] = {}
+        for name, value in parts_and_fields.items():
+            if name in PARTS and not isinstance(value, PARTS[name]):
+                raise ValueError(f"{name} must be a {PARTS[name].__name__}, got {type(value).__name__}")
+            given = dataclasses.asdict(value) if name in PARTS else {name: value}
+            twice = sorted(set(given) & set(values))
+            if twice:
+                raise ValueError(f"RetroConfig.compose: {twice} given twice")
+            values.update(given)
+        return cls.from_dict(values)
+
+    def part(self, name: str):
+        """The part ``name`` of this config (a copy: a :data:`PARTS` instance with this config's values)."""
+        if name not in PARTS:
+            raise ValueError(f"unknown part {name!r}: one of {sorted(PARTS)}")
+        cls = PARTS[name]
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
 
     @property
     def readout(self) -> str:
@@ -251,3 +302,18 @@ class RetroConfig(LossConfig):
     def load(cls, path: str) -> "RetroConfig":
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def settings_markdown() -> str:
+    """docs/settings.md: every RetroConfig field, part by part, with its default and its line of help."""
+    lines = ["# Settings", "", "`RetroConfig`'s fields, part by part (`RetroConfig.compose(keys=KeyConfig(...))` builds one "
+             "from parts; every name also works flat: `RetroConfig(knn_lambda=0.3)`, `--config '{\"knn_lambda\": 0.3}'`).",
+             "Written by `openprompt_retro.core.config.settings_markdown()`; a test keeps it in step with the code."]
+    for name, cls in PARTS.items():
+        lines += ["", f"## {name}: `{cls.__name__}`", "", " ".join(line.strip() for line in (cls.__doc__ or "").split("\n")).strip(), "",
+                  "| field | default | what it is |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            help_text = f.metadata.get("help", "").replace("|", "\\|")
+            lines.append(f"| `{f.name}` | `{f.default!r}` | {help_text} |")
+    return "\n".join(lines) + "\n"
+
