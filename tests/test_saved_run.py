@@ -66,12 +66,19 @@ def assert_unchanged(model, snap):
 
 
 # ------------------------------------------------------------------ the saved folder
-def test_the_folder_records_what_the_run_is(saved):
+def test_the_folder_records_what_the_run_is(saved, tiny_dirs):
     d = saved[0]
     run = json.loads((d / "run.json").read_text())
     fp = run["fingerprint"]
     assert fp["template_text"] == '{"placeholder": \'text_a\'} it was {"mask": None} .'
-    assert run["template"]["text"] == TEXT and run["template"]["class"] == "ManualTemplate"
+    # the text the template was built from: its raw spelling when the patches were installed before the template
+    # was built (they record it), else the parsed form spelled back; either rebuilds the same template
+    from openprompt.prompts import ManualTemplate
+
+    tok = load_tiny(tiny_dirs["bert"])[1]
+    assert ManualTemplate(tokenizer=tok, text=run["template"]["text"]).text == \
+        ManualTemplate(tokenizer=tok, text=TEXT).text
+    assert run["template"]["class"] == "ManualTemplate"
     assert fp["label_words"] == WORDS and fp["num_classes"] == 2 and fp["demonstrations"] == "neural"
     assert (fp["model_type"], fp["architecture"], fp["key_type"], fp["key_dim"]) == \
         ("bert", "BertForMaskedLM", "bert-transform", 32)
