@@ -33,7 +33,7 @@ from .batch import (DEMO_KEY, EXCLUDE_KEY, QUERY_KEY, batch_get)
 from .keys import (MaskKeyHead, demonstrations_off, encode_last_hidden, hidden_at_mask)
 from .prediction import Prediction, default_wrapper_class
 from .retrieval import check_batch_template, retrieve, shape_demonstrations
-from .store_lifecycle import StoreLifecycle, make_key_encoder
+from .store_lifecycle import ModelHost, StoreLifecycle, make_key_encoder
 from .template import RetroTemplate
 from .verbalizer import KnnVerbalizer, Mixing
 
@@ -166,7 +166,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         self._demo_gen = torch.Generator().manual_seed(0)  # demo_dropout's draws
         self._store_in_state_dict = True  # False inside store_outside_state_dict()
         self.key_head = MaskKeyHead(plm)
-        self.lifecycle = StoreLifecycle(self, self.key_head, key_encoder)  # the store and when it is rebuilt
+        self.lifecycle = StoreLifecycle(ModelHost(self), self.key_head, key_encoder)  # the store and when it is rebuilt
         self.wrapper_class = wrapper_class or default_wrapper_class(plm)  # how predict() tokenizes examples
         self.max_seq_length = int(max_seq_length)
         self.example_tokenizer = None  # None: the template's

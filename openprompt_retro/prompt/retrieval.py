@@ -71,11 +71,7 @@ def retrieve(model, batch, training: bool, need_query: bool) -> Tuple[object, Re
         batch = trim_padding(batch, drop_segment=True)  # no store: the plain model's input
         record = Retrieved()
         return record.write(batch), record
-    warm = False
-    if training:
-        lifecycle.stale = True
-        warm = lifecycle.warming_up()
-        lifecycle.training_forwards += 1
+    warm = lifecycle.note_training_forward() if training else False
     batch = trim_padding(batch)  # a copy (templates rewrite the batch they process), without all-padding columns
     own = lifecycle.own_ids(batch, training)
     # leave-one-out: an example never retrieves itself

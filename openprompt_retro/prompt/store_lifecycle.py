@@ -22,6 +22,9 @@
 
 Rebuilt: at the first training forward of every pass over the training loader, before the first
 inference forward after training forwards, and before ``state_dict()`` / ``save`` when stale.
+
+The lifecycle never sees the model that owns it: it knows it through a :class:`StoreHost` (the config, the
+number of classes, the key size and device, what the template shows, and a function that computes [MASK] keys).
 """
 from __future__ import annotations
 
@@ -97,13 +100,79 @@ def _feature_rows(dataloader):
     return labels, guids, uids
 
 
-class StoreLifecycle:
-    """The store of one RetroPromptForClassification (``model``) and when it is (re)built."""
+class StoreHost:
+    """What the lifecycle knows of the model that owns it, and nothing more (any object with these members
+    will do; :class:`ModelHost` is a RetroPromptForClassification's).
 
-    def __init__(self, model, key_head: MaskKeyHead, key_encoder):
-        c = model.config
-        self.model = model
-        self.store = KnowledgeStore(int(model.plm.config.hidden_size), model.num_classes, metric=c.metric,
+    ``config``: the owner's RetroConfig (one object: its fields change in place); ``num_classes``, ``key_size``
+    (the [MASK] keys' dimension); ``device()``: where the owner's weights are; ``demonstrations()``: what its
+    template shows ("neural", "text" or "none"); ``uses_store()`` / ``uses_neural_demos()``: whether training or
+    inference reads the store / neural demonstrations are shown; ``mask_keys(loader, progress, example_ids)``:
+    the owner's [MASK] keys of a loader's examples (as :func:`~openprompt_retro.prompt.keys.extract_keys`)."""
+
+    config: object
+    num_classes: int
+    key_size: int
+
+    def device(self):
+        raise NotImplementedError
+
+    def demonstrations(self) -> str:
+        raise NotImplementedError
+
+    def uses_store(self) -> bool:
+        raise NotImplementedError
+
+    def uses_neural_demos(self) -> bool:
+        raise NotImplementedError
+
+    def mask_keys(self, loader, progress: bool = True, example_ids: bool = False) -> tuple:
+        raise NotImplementedError
+
+
+class ModelHost(StoreHost):
+    """The host view of a RetroPromptForClassification (copied with it: ``copy.deepcopy`` of the model gives
+    the copy's lifecycle a view of the copy)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    @property
+    def config(self):
+        return self._model.config
+
+    @property
+    def num_classes(self) -> int:
+        return self._model.num_classes
+
+    @property
+    def key_size(self) -> int:
+        return int(self._model.plm.config.hidden_size)
+
+    def device(self):
+        return next(self._model.plm.parameters()).device
+
+    def demonstrations(self) -> str:
+        return self._model.template.demonstrations
+
+    def uses_store(self) -> bool:
+        return self._model.uses_store
+
+    def uses_neural_demos(self) -> bool:
+        return self._model.uses_neural_demos
+
+    def mask_keys(self, loader, progress: bool = True, example_ids: bool = False) -> tuple:
+        return extract_keys(self._model, loader, progress=progress, example_ids=example_ids)
+
+
+class StoreLifecycle:
+    """The store of one RetroPromptForClassification (known through its :class:`StoreHost`) and when it is
+    (re)built."""
+
+    def __init__(self, host: StoreHost, key_head: MaskKeyHead, key_encoder):
+        c = host.config
+        self.host = host
+        self.store = KnowledgeStore(host.key_size, host.num_classes, metric=c.metric,
                                     index_factory=c.index_factory, built_by=key_head.describe())
         self.key_encoder = key_encoder  # make_key_encoder's, for config.key_encoder (None: "mask")
         self.key_store: Optional[KnowledgeStore] = None  # built by the key encoder (None for key_encoder="mask")
@@ -146,8 +215,8 @@ class StoreLifecycle:
         return getattr(self.key_encoder, "kind", None) == "adapted"
 
     def _new_key_store(self) -> KnowledgeStore:
-        c = self.model.config
-        return KnowledgeStore(self.key_encoder.dim, self.model.num_classes, metric="ip",
+        c = self.host.config
+        return KnowledgeStore(self.key_encoder.dim, self.host.num_classes, metric="ip",
                               index_factory=c.index_factory, built_by=self.key_encoder.store_identity())
 
     def _replace_key_store(self) -> None:
@@ -157,7 +226,7 @@ class StoreLifecycle:
     def settle_pair_keys(self, examples) -> None:
         """Settle ``pair_keys="auto"`` by whether ``examples`` have a text_b (relation features for pairs);
         the config then names the choice. A no-op once settled, or without a key encoder."""
-        c = self.model.config
+        c = self.host.config
         if self.key_encoder is None or c.pair_keys != "auto":
             return
         relation = any(getattr(e, "text_b", None) for e in examples)
@@ -174,7 +243,7 @@ class StoreLifecycle:
         keeping their keys as they were before adapting (the loss store's). Reads nothing but ``examples``."""
         if not self.adapts_keys or self.key_encoder.adapted:
             return
-        c = self.model.config
+        c = self.host.config
         examples = list(examples)
         if any(getattr(e, "label", None) is None for e in examples):
             raise ValueError("key adaptation needs labelled training examples: an example has no label")
@@ -184,7 +253,7 @@ class StoreLifecycle:
 
         with torch.random.fork_rng():  # the adaptation's seed comes from the caller's random state, untouched
             seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
-        device = next(self.model.plm.parameters()).device
+        device = self.host.device()
         if self.key_encoder.device != device:
             self.key_encoder.to(device)
         self.key_encoder.adapt(examples, c.adapt_steps, c.adapt_lr, c.adapt_batch_size, seed, pairs=c.adapt_pairs)
@@ -206,21 +275,21 @@ class StoreLifecycle:
             self._loss_store = None
             return
         store = KnowledgeStore(self.key_encoder.hidden_size if not self.key_encoder.relation else self.key_encoder.dim,
-                               self.model.num_classes, metric="ip", built_by={"key_encoder": "pre-adaptation"})
+                               self.host.num_classes, metric="ip", built_by={"key_encoder": "pre-adaptation"})
         store.build(np.stack([self._pretrained_cache[t] for t in texts_of]), labels, guids, texts)
         self._loss_store = store
 
     @property
     def needs_mask_store(self) -> bool:
         """Whether [MASK] keys are built: they are the kNN keys, or the values of neural demonstrations."""
-        return self.key_encoder is None or self.model.template.demonstrations == "neural"
+        return self.key_encoder is None or self.host.demonstrations() == "neural"
 
     def encode_examples(self, examples) -> np.ndarray:
         """The key encoder's keys of InputExamples, (n, D) float32; each distinct text is encoded once."""
         pairs = [(e.text_a, getattr(e, "text_b", None) or None) for e in examples]
         todo = list(dict.fromkeys(p for p in pairs if p not in self._key_cache))
         if todo:
-            device = next(self.model.plm.parameters()).device
+            device = self.host.device()
             if self.key_encoder.device != device:
                 self.key_encoder.to(device)
             keys = self.key_encoder.encode_texts([a for a, _ in todo], [b for _, b in todo])
@@ -239,7 +308,7 @@ class StoreLifecycle:
         float32; an example that cannot be traced back to its InputExample is a ValueError ending in ``fix``."""
         examples = [] if uids is None else [_example_at(int(u)) if u >= 0 else None for u in uids]
         if uids is None or any(e is None for e in examples):
-            raise ValueError(f"key_encoder={self.model.config.key_encoder!r} reads each example's raw text, and "
+            raise ValueError(f"key_encoder={self.host.config.key_encoder!r} reads each example's raw text, and "
                              f"these examples cannot be traced back to theirs: {fix}")
         for serial in {int(s) for s in loaders.serials(np.asarray(uids))} - self._encoded_loaders:
             # the first batch of a loader encodes its whole dataset: one pass sorted by length, little padding
@@ -260,7 +329,7 @@ class StoreLifecycle:
         (:func:`~openprompt_retro.core.readout.readout_distribution`): "topk" (k nearest, T in the ``scale``'s
         units), "class-mean" (each class's mean key, T on the cosine scale) or "logistic"."""
         return readout_distribution(readout, self.knn_store if store is None else store, queries, temperature,
-                                    exclude_ids, k, scale, top_m, self.model.config.logistic_c)
+                                    exclude_ids, k, scale, top_m, self.host.config.logistic_c)
 
     @property
     def source(self):
@@ -319,8 +388,8 @@ class StoreLifecycle:
         elif distributed.is_distributed():
             keys, labels, guids, uids = self._encode_distributed(dataloader, progress)
         else:
-            keys, labels, guids, uids = extract_keys(self.model, loaders.in_order(dataloader), progress=progress,
-                                                     example_ids=True)
+            keys, labels, guids, uids = self.host.mask_keys(loaders.in_order(dataloader), progress=progress,
+                                                            example_ids=True)
         serial = loaders.serial_of(dataloader)
         by_guid = {str(e.guid): example_text(e) for e in (raw if raw is not None else [])
                    if getattr(e, "guid", None) is not None}
@@ -346,7 +415,7 @@ class StoreLifecycle:
         mine = np.arange(rank, len(features), world)
         shard = DataLoader([features[i] for i in mine], batch_size=dataloader.batch_size,
                            collate_fn=InputFeatures.collate_fct)
-        keys, _, _ = extract_keys(self.model, shard, progress=progress and rank == 0)
+        keys, _, _ = self.host.mask_keys(shard, progress=progress and rank == 0)
         keys = distributed.gather_in_order(keys, mine)
         labels = np.array([int(f["label"]) for f in features])
         guids = [None if f["guid"] is None else str(f["guid"]) for f in features]
@@ -443,7 +512,7 @@ class StoreLifecycle:
         """Whether ``batch`` is training data (the model decides the mode; see its class docstring)."""
         uids = batch_example_ids(batch)
         if uids is None or not (uids >= 0).any():  # no identities: trust the mode
-            if self.source is None and len(self.knn_store) == 0 and self.model.uses_store:
+            if self.source is None and len(self.knn_store) == 0 and self.host.uses_store():
                 raise ValueError("cannot tell which data loader this training batch came from (its examples carry no "
                                  "identities: the loader was built before any openprompt_retro class was "
                                  "constructed), so the knowledge store cannot be built: call "
@@ -451,7 +520,7 @@ class StoreLifecycle:
             return True
         batch_serials = set(loaders.serials(uids[uids >= 0]).tolist())
         if self.source is None:
-            if self.model.uses_store:
+            if self.host.uses_store():
                 self._attach_from_batch(batch_serials)
             return True
         if batch_serials <= self._source_serials:
@@ -529,10 +598,18 @@ class StoreLifecycle:
         self.total_training_steps, self.training_forwards = int(total_steps), 0
 
 
+    def note_training_forward(self) -> bool:
+        """Count a training forward (the store is stale from now on); whether it falls in the demonstration
+        warm-up (see :meth:`warming_up`)."""
+        self.stale = True
+        warm = self.warming_up()
+        self.training_forwards += 1
+        return warm
+
     def warming_up(self) -> bool:
         """Whether this training forward falls in the demonstration warm-up (see :meth:`plan_training`)."""
-        warmup = self.model.config.demo_warmup
-        if warmup == 0 or not self.model.uses_neural_demos:
+        warmup = self.host.config.demo_warmup
+        if warmup == 0 or not self.host.uses_neural_demos():
             return False
         if self.total_training_steps is None:
             raise ValueError(f"RetroConfig.demo_warmup={warmup} hides the demonstrations in the first {warmup:.0%} "
@@ -547,11 +624,11 @@ class StoreLifecycle:
 
         Chance is the majority-class rate of the store. Returns the accuracy.
         """
-        c, store = self.model.config, self.loss_store
+        c, store = self.host.config, self.loss_store
         p = self.knn_distribution(store.keys, np.arange(len(store)), c.train_knn_k, c.readout_temperature(training=True),
                                   c.readout, c.knn_score_scale, c.class_mean_top_m, store=store)
         acc = float((p.argmax(-1) == store.labels).mean())
-        chance = float(np.bincount(store.labels, minlength=self.model.num_classes).max() / len(store))
+        chance = float(np.bincount(store.labels, minlength=self.host.num_classes).max() / len(store))
         self.knn_loss_active = (not c.knn_loss_gate) or acc > chance
         self.store_loo_accuracy = acc
         correct = int(round(acc * len(store)))
