@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 29's grid: retro with the default chosen on dev (benchmarks/adapted_study/choice.json) and the SetFit baseline
+# The grid of today's default: retro with the default chosen on dev (benchmarks/adapted_study/choice.json) and the SetFit baseline
 # (the setfit package, its defaults; pip install -e ".[setfit]") on 7 tasks x 5 seeds into benchmarks/results-adapted/,
 # and on the held-out tasks CoLA, MRPC, RTE, QNLI x 5 seeds into benchmarks/results-adapted-heldout/, one seed at a
 # time (both sets), so that a stopped grid leaves whole seeds. Two 1-thread processes share each folder (resumable: finished runs

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The adapted-keys study, on dev only: retro with keys adapted to the training labels (key_encoder "adapted",
-# read-out chosen per run on dev) on issue 20's search splits (SST-2, subj, trec x seeds 13/21/42) and on the dev
+# read-out chosen per run on dev) on the protocol's search splits (SST-2, subj, trec x seeds 13/21/42) and on the dev
 # splits of three pair tasks (MRPC, RTE, QNLI x 13/21/42, relation keys), each variant in
 # benchmarks/adapted_study/<variant>/. Compared with the frozen-key choice of the frozen study on the same splits
 # (benchmarks/frozen_study/demo-keyenc-classmean, benchmarks/results-frozen-heldout). Resumable; every variant runs
@@ -24,7 +24,7 @@ variant adapted-auto SST-2,subj,trec,MRPC,RTE,QNLI retro "$ADAPTED"
 # sentence pairs adapted too (their segments' cosine fitted to the labels)
 variant adapted-auto-pairs MRPC,RTE,QNLI retro "$ADAPTED, \"adapt_pairs\": true"
 # the frozen encoder's keys with today's code (the guard, the read-out chosen on dev): the same choice without
-# adaptation, so the rows of issue 20 (no guard, joint pair keys) are not the only baseline. Single texts only:
+# adaptation, so the earlier frozen store's rows (no guard, joint pair keys) are not the only baseline. Single texts only:
 # on pairs, adapted-auto keeps the pre-trained encoder (adapt_pairs false), so its pair runs are this variant's
 variant frozen-auto SST-2,subj,trec retro '"demo_center": true, "key_encoder": "frozen-mean", "knn_readout": "auto"'
 # how the kNN-guided loss weights adapted keys: from the pre-trained copy's keys (the loss store, as built) or

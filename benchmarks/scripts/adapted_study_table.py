@@ -1,7 +1,7 @@
 """The adapted-keys study table: mean dev accuracy (the choice) and mean test accuracy (shown, never used) of each
 candidate default on the same 18 dev splits (SST-2, subj, trec, MRPC, RTE, QNLI x seeds 13/21/42), and the
 choice written to STUDY/choice.json once every candidate is complete: the candidate run with today's code that
-has the highest mean dev accuracy (ties: the first listed). Issue 20's rows are shown beside them, not chosen
+has the highest mean dev accuracy (ties: the first listed). The earlier frozen store's rows are shown beside them, not chosen
 among them: they ran without the mixture guard and with joint pair keys, so their dev accuracies are not
 comparable (dev picked lambda without the guard's check).
 
@@ -13,7 +13,7 @@ Candidates (rows of the same splits):
   adapted + pairs       single texts as "adapted" (adapt_pairs changes nothing there); pairs from
                         benchmarks/adapted_study/adapted-auto-pairs (the pair encoder adapted too)
 Shown:
-  issue 20 (frozen)     single texts: benchmarks/frozen_study/demo-keyenc-classmean (issue 20's choice);
+  issue 20 (frozen)     single texts: benchmarks/frozen_study/demo-keyenc-classmean (the earlier choice);
                         pairs: the retro rows of benchmarks/results-frozen-heldout (joint frozen keys)
 
     python benchmarks/scripts/adapted_study_table.py
@@ -86,8 +86,9 @@ def main():
     paired = {n: [100 * (a["dev_accuracy"] - b["dev_accuracy"]) for a, b in zip(sorted_rows(complete[n]),
                                                                              sorted_rows(complete["frozen"]))]
               for n in complete if n != "frozen"}
+    print()
     for n, d in paired.items():
-        print(f"{n} - frozen on dev, per split: mean {mean(d):+.2f}, {sum(x > 0 for x in d)} up / "
+        print(f"* {n} - frozen on dev, per split: mean {mean(d):+.2f}, {sum(x > 0 for x in d)} up / "
               f"{sum(x == 0 for x in d)} tied / {sum(x < 0 for x in d)} down")
     config = CONFIGS[chosen]
     single = next(r for r in complete[chosen] if r["task"] in SINGLE)

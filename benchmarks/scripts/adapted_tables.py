@@ -1,4 +1,4 @@
-"""Issue 29's tables: retro with adapted keys (the new default) beside SetFit, prompt tuning, today's frozen-key
+"""The tables of today's default: retro with adapted keys (the new default) beside SetFit, prompt tuning, today's frozen-key
 retro, the linear probe and fine-tuning on the same splits, with paired differences, timings and the retrieval
 diagnostics (store alone, PLM alone, the mixture, the honest held-out-fold accuracy, the guard).
 
