@@ -59,3 +59,38 @@ def test_a_model_without_a_store_retrieves_nothing_and_drops_the_segment(tiny_be
     assert record.query is None and record.exclude is None and record.demos is None
     assert out[QUERY_KEY] is None and out[EXCLUDE_KEY] is None and out["input_ids"].shape[1] < batch["input_ids"].shape[1]
     assert torch.equal(out["input_ids"], out["input_ids"])  # a copy: the loader's batch is left as it was
+
+
+def test_retrieval_knows_its_model_only_through_the_host(tiny_bert, examples):
+    """A Retriever holds the lifecycle, not the model: everything it needs of the model comes through the
+    lifecycle's host (what the template shows, exclusions in eval, a batch's [MASK] keys, the shaping of d_c),
+    and a host that answers differently changes what is retrieved."""
+    from openprompt_retro.prompt.retrieval import Retriever
+    from openprompt_retro.prompt.store_lifecycle import ModelHost
+
+    model, loader, batch = prepared(tiny_bert, examples, key_encoder="mask")
+    model.eval()
+    _, expected = model.retriever(batch, training=False, need_query=True)
+
+    asked = []
+
+    class Recording(ModelHost):
+        def __getattribute__(self, name):
+            if not name.startswith("_"):
+                asked.append(name)
+            return super().__getattribute__(name)
+
+        def exclude_self_in_eval(self) -> bool:  # this host leaves each example's own entry out in eval
+            return True
+
+    model.lifecycle.host = Recording(model)
+    retriever = Retriever(model.lifecycle)
+    assert all(v is not model for v in vars(retriever).values())
+    _, got = retriever(batch, training=False, need_query=True)
+    assert {"uses_neural_demos", "has_demonstrations", "exclude_self_in_eval", "batch_mask_keys",
+            "shape_demonstrations"} <= set(asked)
+    torch.testing.assert_close(got.query, expected.query)  # the [MASK] query came from the host's batch pass
+    assert expected.exclude is None
+    own = model.lifecycle.own_ids(batch, training=False)
+    assert got.exclude.tolist() == own.tolist()  # the host's answer, not the model's attribute (False)
+    assert model.exclude_self_in_eval is False

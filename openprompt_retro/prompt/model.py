@@ -32,7 +32,7 @@ from . import patches
 from .batch import (DEMO_KEY, EXCLUDE_KEY, QUERY_KEY, batch_get)
 from .keys import (MaskKeyHead, demonstrations_off, encode_last_hidden, hidden_at_mask)
 from .prediction import Prediction, default_wrapper_class
-from .retrieval import check_batch_template, retrieve, shape_demonstrations
+from .retrieval import Retriever, check_batch_template, shape_demonstrations
 from .store_lifecycle import ModelHost, StoreLifecycle, make_key_encoder
 from .template import RetroTemplate
 from .verbalizer import KnnVerbalizer, Mixing
@@ -167,6 +167,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         self._store_in_state_dict = True  # False inside store_outside_state_dict()
         self.key_head = MaskKeyHead(plm)
         self.lifecycle = StoreLifecycle(ModelHost(self), self.key_head, key_encoder)  # the store and when it is rebuilt
+        self.retriever = Retriever(self.lifecycle)  # what each batch retrieves
         self.wrapper_class = wrapper_class or default_wrapper_class(plm)  # how predict() tokenizes examples
         self.max_seq_length = int(max_seq_length)
         self.example_tokenizer = None  # None: the template's
@@ -436,7 +437,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
 
     # ---------------------------------------------------------------- forward
     def prepare_batch(self, batch, need_query: Optional[bool] = None, training: Optional[bool] = None):
-        """A copy of ``batch`` with query keys, exclusions and demonstrations attached (:func:`.retrieval.retrieve`).
+        """A copy of ``batch`` with query keys, exclusions and demonstrations attached (:class:`.retrieval.Retriever`).
 
         ``training`` says whether this is a training forward (default: :meth:`is_training_forward`).
         ``need_query`` forces (True) or skips (False) the query key; by default it
@@ -447,7 +448,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
             training = self.is_training_forward(batch)
         if need_query is None:
             need_query = self.config.loss != "ce" if training else self.config.knn_lambda > 0
-        return retrieve(self, batch, training, need_query)[0]
+        return self.retriever(batch, training, need_query)[0]
 
     def _shape_demonstrations(self, demos: torch.Tensor, hidden: bool = False) -> torch.Tensor:
         """The configured variants of d_c (:func:`.retrieval.shape_demonstrations`); all zero when ``hidden``."""

@@ -1,6 +1,6 @@
 """Per-batch retrieval: from a batch to what it retrieved - query keys, exclusions, demonstrations.
 
-:func:`retrieve` is the one place that writes the model's ``retro_*`` batch keys
+:class:`Retriever` is the one place that writes the model's ``retro_*`` batch keys
 (``retro_query_keys``, ``retro_exclude_ids``, ``retro_demo_embeds``; see :mod:`.batch`):
 
 1. query keys q(x): in a training forward the store's own key of each example (refreshed
@@ -24,7 +24,7 @@ import torch
 from ..core.demonstrations import neural_demonstrations
 from . import loaders
 from .batch import DEMO_KEY, EXCLUDE_KEY, QUERY_KEY, SEGMENT_KEY, batch_example_ids, batch_get
-from .keys import mask_keys, trim_padding
+from .keys import trim_padding
 from .template import RetroTemplate
 
 
@@ -60,49 +60,67 @@ def check_batch_template(template: RetroTemplate, batch) -> None:
                          "demonstrations: build the model with the RetroTemplate the loaders were built with")
 
 
-def retrieve(model, batch, training: bool, need_query: bool) -> Tuple[object, Retrieved]:
-    """(a trimmed copy of ``batch`` with the retro_* keys written, what was retrieved) for ``model``.
+class Retriever:
+    """Per-batch retrieval for one model: it owns the store lifecycle (the stores, the key encoder, the warm-up
+    counter) and knows the model only through its :class:`~.store_lifecycle.StoreHost` (``lifecycle.host``):
+    the config, what the template shows, a demonstration-free [MASK] key of a batch and the shaping of d_c.
 
-    A model with no store (no training data) retrieves nothing and its input drops the demonstration
-    segment: its forward is the plain model's.
+    ``retriever(batch, training, need_query)`` gives (a trimmed copy of ``batch`` with the retro_* keys
+    written, what was retrieved). A model with no store (no training data) retrieves nothing and its input
+    drops the demonstration segment: its forward is the plain model's.
     """
-    lifecycle = model.lifecycle
-    if not lifecycle.ensure(training, model.uses_neural_demos or need_query):
-        batch = trim_padding(batch, drop_segment=True)  # no store: the plain model's input
-        record = Retrieved()
+
+    def __init__(self, lifecycle):
+        self.lifecycle = lifecycle
+
+    @property
+    def host(self):
+        return self.lifecycle.host
+
+    def __call__(self, batch, training: bool, need_query: bool) -> Tuple[object, Retrieved]:
+        lifecycle, host = self.lifecycle, self.lifecycle.host
+        neural = host.uses_neural_demos()
+        if not lifecycle.ensure(training, neural or need_query):
+            batch = trim_padding(batch, drop_segment=True)  # no store: the plain model's input
+            record = Retrieved()
+            return record.write(batch), record
+        warm = lifecycle.note_training_forward() if training else False
+        batch = trim_padding(batch)  # a copy (templates rewrite the batch they process), without all-padding columns
+        own = lifecycle.own_ids(batch, training)
+        # leave-one-out: an example never retrieves itself
+        exclude = torch.from_numpy(own) if training or host.exclude_self_in_eval() else None
+        keyed = lifecycle.key_encoder is not None
+        by_keys = neural and host.config.demos_by_key_encoder
+        device = batch["loss_ids"].device
+        stored = training and bool((own >= 0).all())  # every example's own entry holds its query key
+        key_query = None
+        if keyed and (need_query or by_keys):  # the key encoder's q(x): the stored key of a training example
+            rows = lifecycle.knn_store.keys[own] if stored else lifecycle.query_keys(batch)
+            key_query = torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(device)
+        mask_query = None
+        wants_mask_query = (neural and not by_keys) or (need_query and not keyed)
+        if host.has_demonstrations() and wants_mask_query:
+            if stored:
+                mask_query = torch.from_numpy(lifecycle.store.keys[own]).to(device)  # refreshed this pass
+            else:  # q(x) must be demonstration-free, like the store's keys
+                with torch.no_grad():
+                    mask_query = host.batch_mask_keys(batch).float()
+        demos = None
+        if neural:
+            if by_keys:  # neighbours by the key encoder, d_c from their [MASK] states
+                demos = neural_demonstrations(lifecycle.key_store, key_query, host.config.demo_topk, exclude,
+                                              values=lifecycle.store.keys)
+            else:
+                demos = neural_demonstrations(lifecycle.store, mask_query, host.config.demo_topk, exclude)
+            demos = host.shape_demonstrations(demos, training and warm).to(device)
+        # without demonstrations the main pass is demonstration-free: a missing [MASK] query comes from it
+        record = Retrieved(key_query if keyed else mask_query, exclude, demos)
         return record.write(batch), record
-    warm = lifecycle.note_training_forward() if training else False
-    batch = trim_padding(batch)  # a copy (templates rewrite the batch they process), without all-padding columns
-    own = lifecycle.own_ids(batch, training)
-    # leave-one-out: an example never retrieves itself
-    exclude = torch.from_numpy(own) if training or model.exclude_self_in_eval else None
-    keyed = lifecycle.key_encoder is not None
-    by_keys = model.uses_neural_demos and model.config.demos_by_key_encoder
-    device = batch["loss_ids"].device
-    stored = training and bool((own >= 0).all())  # every example's own entry holds its query key
-    key_query = None
-    if keyed and (need_query or by_keys):  # the key encoder's q(x): the stored key of a training example
-        rows = lifecycle.knn_store.keys[own] if stored else lifecycle.query_keys(batch)
-        key_query = torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(device)
-    mask_query = None
-    wants_mask_query = (model.uses_neural_demos and not by_keys) or (need_query and not keyed)
-    if model.has_demonstrations and wants_mask_query:
-        if stored:
-            mask_query = torch.from_numpy(lifecycle.store.keys[own]).to(device)  # refreshed this pass
-        else:  # q(x) must be demonstration-free, like the store's keys
-            with torch.no_grad():
-                mask_query = mask_keys(model, batch, model.key_head).float()
-    demos = None
-    if model.uses_neural_demos:
-        if by_keys:  # neighbours by the key encoder, d_c from their [MASK] states
-            demos = neural_demonstrations(lifecycle.key_store, key_query, model.config.demo_topk, exclude,
-                                          values=lifecycle.store.keys)
-        else:
-            demos = neural_demonstrations(lifecycle.store, mask_query, model.config.demo_topk, exclude)
-        demos = model._shape_demonstrations(demos, training and warm).to(device)
-    # without demonstrations the main pass is demonstration-free: a missing [MASK] query comes from it
-    record = Retrieved(key_query if keyed else mask_query, exclude, demos)
-    return record.write(batch), record
+
+
+def retrieve(model, batch, training: bool, need_query: bool) -> Tuple[object, Retrieved]:
+    """``model.retriever(batch, training, need_query)``: see :class:`Retriever`."""
+    return model.retriever(batch, training, need_query)
 
 
 def shape_demonstrations(demos: torch.Tensor, store, config, plm, permute: bool = False, hidden: bool = False,

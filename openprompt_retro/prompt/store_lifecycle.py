@@ -42,7 +42,7 @@ from ..core.store import KnowledgeStore
 from .text import example_text
 from . import distributed, loaders
 from .batch import EXAMPLE_KEY, batch_example_ids, batch_get, batch_guids
-from .keys import MaskKeyHead, extract_keys
+from .keys import MaskKeyHead, extract_keys, mask_keys
 
 
 def _callers_level() -> int:
@@ -129,6 +129,23 @@ class StoreHost:
     def mask_keys(self, loader, progress: bool = True, example_ids: bool = False) -> tuple:
         raise NotImplementedError
 
+    # what per-batch retrieval (:class:`~.retrieval.Retriever`) asks besides
+    def has_demonstrations(self) -> bool:
+        """Whether the template shows demonstrations now (not switched off for a key pass)."""
+        raise NotImplementedError
+
+    def exclude_self_in_eval(self) -> bool:
+        """Whether an entry never answers for the example it holds in inference too."""
+        raise NotImplementedError
+
+    def batch_mask_keys(self, batch):
+        """The demonstration-free [MASK] keys (B, D) of one batch."""
+        raise NotImplementedError
+
+    def shape_demonstrations(self, demos, hidden: bool):
+        """The configured variant of the neural demonstrations d_c (B, C, D); all zero when ``hidden``."""
+        raise NotImplementedError
+
 
 class ModelHost(StoreHost):
     """The host view of a RetroPromptForClassification (copied with it: ``copy.deepcopy`` of the model gives
@@ -163,6 +180,18 @@ class ModelHost(StoreHost):
 
     def mask_keys(self, loader, progress: bool = True, example_ids: bool = False) -> tuple:
         return extract_keys(self._model, loader, progress=progress, example_ids=example_ids)
+
+    def has_demonstrations(self) -> bool:
+        return self._model.has_demonstrations
+
+    def exclude_self_in_eval(self) -> bool:
+        return bool(self._model.exclude_self_in_eval)
+
+    def batch_mask_keys(self, batch):
+        return mask_keys(self._model, batch, self._model.key_head)
+
+    def shape_demonstrations(self, demos, hidden: bool):
+        return self._model._shape_demonstrations(demos, hidden)
 
 
 class StoreLifecycle:
