@@ -21,7 +21,7 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "core": ["KnowledgeStore", "SearchResult", "StoreError", "SaveFailed", "knn_label_distribution", "knn_weights",
-             "mix", "select_mixture", "MixtureGrid", "MixtureChoice", "LossConfig", "RetroConfig",
+             "mix", "select_mixture", "MixtureGrid", "Mixture", "MixtureChoice", "LossConfig", "RetroConfig",
              "DemonstrationConfig", "KeyConfig", "ReadoutConfig", "MixtureConfig", "neural_demonstrations", "demonstration_weights",
              "knn_guided_loss", "knn_loss_weights", "class_mean_distribution", "class_mean_scores",
              "choose_temperature", "temperature_scale"],

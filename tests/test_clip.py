@@ -12,7 +12,7 @@ import openprompt_retro as R
 from openprompt_retro.clip import (ClipFeatures, CoOpPromptLearner, ImageCache, ImageSet, RetroCoOp, RetroCoOpConfig,
                                    TipAdapter, ZeroShotKnn, check_images, k_shot_indices, load_clip,
                                    tip_adapter_logits)
-from openprompt_retro.core.knn import MixtureChoice
+from openprompt_retro.core.knn import Mixture
 from openprompt_retro.testing import make_tiny_clip
 
 CLASSES = ["cat", "dog", "ship"]
@@ -89,15 +89,15 @@ def test_lambda_limits_of_the_mixture(tiny_clip):
     f_test = feats.image_features(images(5, seed=1))
     text = feats.text_features([f"a photo of a {c}." for c in CLASSES])
     zs = ZeroShotKnn(text, float(clip.logit_scale.exp()), cache)
-    zs.mixture = MixtureChoice(lam=0.0, k=4, temperature=0.1)
+    zs.mixture = Mixture(lam=0.0, k=4, temperature=0.1)
     np.testing.assert_allclose(zs.predict_proba(f_test), zs.zero_shot_probs(f_test), atol=1e-6)
-    zs.mixture = MixtureChoice(lam=1.0, k=4, temperature=0.1)
+    zs.mixture = Mixture(lam=1.0, k=4, temperature=0.1)
     np.testing.assert_allclose(zs.predict_proba(f_test), cache.p_knn(f_test, 4, 0.1), atol=1e-6)
     m = RetroCoOp(clip, proc.tokenizer, CLASSES, RetroCoOpConfig(n_ctx=2, epochs=2, progress=False))
     m.fit(f_train, labels)
-    m.mixture = MixtureChoice(lam=0.0, k=4, temperature=0.1)
+    m.mixture = Mixture(lam=0.0, k=4, temperature=0.1)
     np.testing.assert_allclose(m.predict_proba(f_test), m.prompt_probs(f_test), atol=1e-6)
-    m.mixture = MixtureChoice(lam=1.0, k=4, temperature=0.1)
+    m.mixture = Mixture(lam=1.0, k=4, temperature=0.1)
     np.testing.assert_allclose(m.predict_proba(f_test), cache.p_knn(f_test, 4, 0.1), atol=1e-6)
 
 
@@ -294,7 +294,7 @@ def test_zero_shot_knn_and_retro_coop_save_load_round_trip_without_pickle(tiny_c
     clip, proc, data, text = _fitted(tiny_clip)
     f_test = data["test"][0]
     zs = ZeroShotKnn(text, float(clip.logit_scale.exp()), ImageCache(*data["train"], 3))
-    zs.mixture = MixtureChoice(lam=0.4, k=3, temperature=0.05, accuracy=0.5)
+    zs.mixture = Mixture(lam=0.4, k=3, temperature=0.05, accuracy=0.5)
     zs.save(str(tmp_path / "zs"))
     loaded = ZeroShotKnn.load(str(tmp_path / "zs"))
     assert loaded.mixture == zs.mixture and loaded.scale == zs.scale
@@ -334,9 +334,9 @@ def test_a_failed_save_keeps_the_previous_one(tiny_clip, tmp_path, monkeypatch):
 
     clip, proc, data, text = _fitted(tiny_clip)
     zs = ZeroShotKnn(text, float(clip.logit_scale.exp()), ImageCache(*data["train"], 3))
-    zs.mixture = MixtureChoice(lam=0.4, k=3, temperature=0.05)
+    zs.mixture = Mixture(lam=0.4, k=3, temperature=0.05)
     zs.save(str(tmp_path / "zs"))
-    zs.mixture = MixtureChoice(lam=0.9, k=2, temperature=0.1)
+    zs.mixture = Mixture(lam=0.9, k=2, temperature=0.1)
 
     def disk_full(directory):
         raise OSError(28, "No space left on device")

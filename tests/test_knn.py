@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from openprompt_retro.core.demonstrations import demonstration_weights
-from openprompt_retro.core.knn import (PLM_TEMPERATURES, MixtureChoice, MixtureGrid, choose_temperature,
+from openprompt_retro.core.knn import (PLM_TEMPERATURES, Mixture, MixtureGrid, choose_temperature,
                                        knn_label_distribution, knn_weights, log_loss, log_probs, mix, select_mixture,
                                        temperature_scale)
 from openprompt_retro.core.loss import knn_loss_weights
@@ -39,20 +39,20 @@ def test_select_mixture_ties_go_to_the_smaller_lambda_then_the_first_k_t():
     p_knn = {1: np.array([[0.7, 0.3]] * 2), 2: np.array([[1.0, 0.0]] * 2)}
     best = select_mixture(p_model, labels, lambda k, t: p_knn[k], (1.0, 0.5, 0.0, 0.2), (1, 2), (1.0,))
     # accuracy 1 at lambda 0.5 and 1 (k = 1), 0.2, 0.5 and 1 (k = 2): the smallest lambda wins, though its k is later
-    assert best == MixtureChoice(lam=0.2, k=2, temperature=1.0, accuracy=1.0)
+    assert best == Mixture(lam=0.2, k=2, temperature=1.0, accuracy=1.0)
     assert best.as_dict() == {"accuracy": 1.0, "lambda": 0.2, "k": 2, "temperature": 1.0}
     # the same p_kNN for every (k, T): the first (k, T) in grid order
     best = MixtureGrid((0.0, 0.5, 1.0), (4, 2), (3.0, 1.0)).select(p_model, labels, lambda k, t: p_knn[2])
-    assert best == MixtureChoice(lam=0.5, k=4, temperature=3.0, accuracy=1.0)
+    assert best == Mixture(lam=0.5, k=4, temperature=3.0, accuracy=1.0)
 
 
 def test_mixture_choice_is_frozen_and_refuses_impossible_values():
-    choice = MixtureChoice(lam=0.5, k=4, temperature=1.0)
+    choice = Mixture(lam=0.5, k=4, temperature=1.0)
     with pytest.raises(AttributeError):
         choice.lam = 1.0
     for bad in (dict(lam=1.5), dict(lam=float("nan")), dict(k=0), dict(temperature=0.0)):
-        with pytest.raises(ValueError, match="MixtureChoice"):
-            MixtureChoice(**{"lam": 0.5, "k": 4, "temperature": 1.0, **bad})
+        with pytest.raises(ValueError, match="mixture"):
+            Mixture(**{"lam": 0.5, "k": 4, "temperature": 1.0, **bad})
 
 
 def test_mixture_grid_refuses_lambdas_outside_0_1():
@@ -108,7 +108,7 @@ def test_fine_grid_breaks_accuracy_ties_by_log_loss_not_towards_the_smaller_lamb
     # log-loss -(2 log(0.6 + 0.4 lambda) + log(0.9 - 0.6 lambda)) / 3 is smallest where 0.8 (0.9 - 0.6 lambda)
     # = 0.6 (0.6 + 0.4 lambda): lambda = 0.5
     fine = MixtureGrid.fine().select(p_plm, labels, lambda k, t: p_knn)
-    assert fine == MixtureChoice(lam=0.5, k=16, temperature=1.0, accuracy=1.0)
+    assert fine == Mixture(lam=0.5, k=16, temperature=1.0, accuracy=1.0)
     assert log_loss(mix(p_plm, p_knn, 0.5), labels) == pytest.approx(-(2 * math.log(0.8) + math.log(0.6)) / 3)
     # the default grid and rule are unchanged: the smaller lambda wins the tie
     assert MixtureGrid().select(p_plm, labels, lambda k, t: p_knn).lam == 0.0

@@ -197,7 +197,7 @@ def test_mixing_in_training_only_when_asked(tiny_bert, examples, mix_in_training
     model.refresh_store(loader, progress=False)
     v, scale = model.verbalizer, model.config.knn_score_scale
     # the verbalizer's own rule, as it runs when OpenPrompt code calls it directly: its own settings (the model
-    # keeps none on it: its forwards hand it a Mixing per call)
+    # keeps none on it: its forwards hand it a Mixture per call)
     v.store, v.lam, v.k, v.temperature, v.scale = model.knn_store, 0.4, 3, 2.0, scale
     v.mix_in_training = mix_in_training
     model.train()

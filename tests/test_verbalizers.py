@@ -119,3 +119,20 @@ def test_knn_verbalizer_alone_mixes_outside_training_forwards(tiny_bert):
         assert not torch.allclose(model(batch()), plain(batch()))
     model.eval()
     assert not torch.allclose(model(batch()), plain(batch()))
+
+
+def test_text_and_clip_mix_by_one_mixture_object(tiny_bert):
+    """The text model hands its verbalizer the same core Mixture that CLIP's models hold: lambda, the read-out
+    and its settings from the config, and the store to read."""
+    from helpers import retro_model
+    from openprompt_retro.clip.cache import UNTUNED
+    from openprompt_retro.core.knn import Mixture
+
+    model = retro_model(tiny_bert, knn_readout="class-mean", knn_lambda=0.3, class_mean_top_m=4)
+    m = model.mixing()
+    assert type(m) is Mixture and type(UNTUNED) is Mixture
+    assert (m.lam, m.readout, m.top_m, m.temperature) == (model.effective_lambda, "class-mean", 4,
+                                                        model.config.readout_temperature())
+    assert m.store is model.knn_store
+    with pytest.raises(ValueError, match="lambda must lie in"):
+        Mixture(lam=1.2, k=4, temperature=1.0)

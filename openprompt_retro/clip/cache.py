@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..core.knn import MixtureChoice, MixtureGrid, mix, temperature_scale
+from ..core.knn import Mixture, MixtureGrid, mix, temperature_scale
 from ..core.store import KnowledgeStore
 
 #: the mixture before any tuning: the model alone
-UNTUNED = MixtureChoice(lam=0.0, k=16, temperature=0.05)
+UNTUNED = Mixture(lam=0.0, k=16, temperature=0.05)
 
 
 def clip_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: float) -> torch.Tensor:
@@ -59,7 +59,7 @@ class ImageCache:
         exclude = np.arange(len(self.labels)) if exclude_self else None
         return self.store.knn_distribution(np.asarray(queries), k, temperature, exclude)
 
-    def mixed(self, p_model: np.ndarray, feats: np.ndarray, choice: MixtureChoice) -> np.ndarray:
+    def mixed(self, p_model: np.ndarray, feats: np.ndarray, choice: Mixture) -> np.ndarray:
         """P = lambda p_kNN + (1 - lambda) p_model^T at ``choice`` (p_model temperature-scaled by the choice's
         T_plm, as the dev search mixed it); p_model itself (scaled) when lambda is 0."""
         if choice.plm_temperature != 1.0:
@@ -70,7 +70,7 @@ class ImageCache:
 
 
 def tune_mixture(p_model: np.ndarray, cache: ImageCache, val_feats: np.ndarray, val_labels: np.ndarray,
-                 grid: MixtureGrid) -> MixtureChoice:
+                 grid: MixtureGrid) -> Mixture:
     """Pick lambda, k, T (and T_plm) on validation data by the grid's own search, tie-breaks and PLM temperatures
     included (:meth:`~openprompt_retro.core.knn.MixtureGrid.select`, the text side's too)."""
     return grid.select(p_model, val_labels, lambda k, t: cache.p_knn(val_feats, k, t))

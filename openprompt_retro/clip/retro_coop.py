@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.config import LossConfig, check_choice, check_float, check_int
-from ..core.knn import MixtureChoice, MixtureGrid
+from ..core.knn import Mixture, MixtureGrid
 from ..core.loss import knn_guided_loss, store_beats_chance
 from .cache import UNTUNED, ImageCache, clip_logits, clip_mixture_grid, tune_mixture
 from .predictor import ClipPredictor, check_fits, read_predictor, saved_settings, tensor, write_predictor
@@ -98,7 +98,7 @@ class RetroCoOp(ClipPredictor):
         self.learner = CoOpPromptLearner(clip_model, tokenizer, classnames, self.config.n_ctx, self.config.ctx_init,
                                          self.config.class_specific, seed=self.config.seed)
         self.logit_scale = float(clip_model.logit_scale.exp())
-        self.mixture: MixtureChoice = UNTUNED
+        self.mixture: Mixture = UNTUNED
         self.cache: Optional[ImageCache] = None
         self.knn_loss_active: Optional[bool] = None  # set by fit: the gate's verdict
         self.store_loo_accuracy: Optional[float] = None
@@ -169,7 +169,7 @@ class RetroCoOp(ClipPredictor):
                                for name, value in clip_signature(clip_model).items()}, ("CLIP given", "saved model"),
                        "load it with the CLIP it was trained on")
             model = cls(clip_model, tokenizer, settings["classnames"], RetroCoOpConfig.from_dict(settings["config"]))
-            model.mixture = MixtureChoice(**settings["mixture"])
+            model.mixture = Mixture(**settings["mixture"])
             model.knn_loss_active = settings["knn_loss_active"]
             model.store_loo_accuracy = settings["store_loo_accuracy"]
             model.history = list(settings["history"])

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..core.knn import MixtureChoice, MixtureGrid
+from ..core.knn import Mixture, MixtureGrid
 from .cache import UNTUNED, ImageCache, clip_logits, clip_mixture_grid, tune_mixture
 from .predictor import ClipPredictor, check_fits, read_predictor, saved_settings, tensor, write_predictor
 
@@ -24,12 +24,12 @@ class ZeroShotKnn(ClipPredictor):
 
     def __init__(self, text_features: torch.Tensor, logit_scale: float, cache: ImageCache):
         self.text, self.scale, self.cache = text_features, logit_scale, cache
-        self.mixture: MixtureChoice = UNTUNED
+        self.mixture: Mixture = UNTUNED
 
     def zero_shot_probs(self, feats: np.ndarray) -> np.ndarray:
         return torch.softmax(clip_logits(torch.from_numpy(feats), self.text, self.scale), -1).numpy()
 
-    def tune(self, val_feats, val_labels, grid: Optional[MixtureGrid] = None) -> MixtureChoice:
+    def tune(self, val_feats, val_labels, grid: Optional[MixtureGrid] = None) -> Mixture:
         """Set ``mixture`` to the best point of ``grid`` (default :func:`clip_mixture_grid`) on validation."""
         self.mixture = tune_mixture(self.zero_shot_probs(val_feats), self.cache, val_feats, val_labels,
                                     grid or clip_mixture_grid())
@@ -54,5 +54,5 @@ class ZeroShotKnn(ClipPredictor):
             "the feature dimension": (text.shape[1], cache.store.dim)}, ("text features", "image cache"))
         with saved_settings(directory, "ZeroShotKnn"):
             model = cls(text, float(settings["logit_scale"]), cache)
-            model.mixture = MixtureChoice(**settings["mixture"])
+            model.mixture = Mixture(**settings["mixture"])
         return model

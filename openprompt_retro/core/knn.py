@@ -7,7 +7,7 @@
     P(y|x)     = lambda * p_kNN(y|x) + (1 - lambda) * p_PLM(y|x)      (probability space)
 
 lambda, k and T are chosen on a dev / validation split (:func:`select_mixture`, which returns a
-:class:`MixtureChoice`), never on test. Text (``prompt/``) and vision (``clip/``) share these functions.
+:class:`Mixture`), never on test. Text (``prompt/``) and vision (``clip/``) share these functions.
 
 Optionally (:meth:`MixtureGrid.fine`) ties in dev accuracy are broken by the dev log-loss of P, and the PLM is
 temperature-scaled first:
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
@@ -201,24 +201,36 @@ PLM_TEMPERATURES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 
 
 @dataclass(frozen=True)
-class MixtureChoice:
-    """One point of the mixture P = lambda p_kNN + (1 - lambda) p_PLM^T: lambda (``lam``), k, T, the dev
-    accuracy that chose it (None for a choice set by hand) and the PLM's temperature T_plm (1: unscaled)."""
+class Mixture:
+    """The mixture P = lam p_kNN + (1 - lam) softmax(log p_PLM / T_plm), text and CLIP alike.
+
+    lambda (``lam``), the read-out's k and temperature T, the dev accuracy that chose it (None for one set by
+    hand) and the PLM's temperature T_plm (1: unscaled). For the text model also how p_kNN is read:
+    ``readout`` "topk" (the k nearest entries at temperature T on score scale ``scale``), "class-mean" (each
+    class's mean key, of its ``top_m`` nearest entries or all, at temperature T on the cosine scale) or
+    "logistic" (a regression with C = ``logistic_c`` fitted on the store's keys, its log-probabilities divided
+    by T), and the ``store`` to read (None: the verbalizer's own).
+    """
 
     lam: float
     k: int
     temperature: float
     accuracy: Optional[float] = None
     plm_temperature: float = 1.0
+    scale: str = "zscore"
+    readout: str = "topk"
+    top_m: Optional[int] = None
+    logistic_c: float = 1.0
+    store: Optional[object] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"MixtureChoice.lam must lie in [0, 1], got {self.lam!r}")
+            raise ValueError(f"the mixture's lambda must lie in [0, 1], got {self.lam!r}")
         if int(self.k) < 1 or not self.temperature > 0:
-            raise ValueError(f"MixtureChoice needs k >= 1 and temperature > 0, got k={self.k!r}, "
+            raise ValueError(f"the mixture needs k >= 1 and temperature > 0, got k={self.k!r}, "
                              f"temperature={self.temperature!r}")
         if not 0 < self.plm_temperature < np.inf:
-            raise ValueError(f"MixtureChoice.plm_temperature must be a finite number > 0, got {self.plm_temperature!r}")
+            raise ValueError(f"the mixture's plm_temperature must be a finite number > 0, got {self.plm_temperature!r}")
 
     def as_dict(self) -> Dict[str, Union[float, int, None]]:
         """``{"accuracy", "lambda", "k", "temperature"}`` for records and printing, plus ``"plm_temperature"``
@@ -229,9 +241,13 @@ class MixtureChoice:
         return out
 
 
+#: the earlier name of :class:`Mixture` (a point chosen by :func:`select_mixture`)
+MixtureChoice = Mixture
+
+
 def select_mixture(p_model: np.ndarray, labels: np.ndarray, p_knn_for: Callable[[int, float], np.ndarray],
                    lambdas: Sequence[float], ks: Sequence[int], temperatures: Sequence[float],
-                   tie_breaks: Sequence[str] = (), plm_temperatures: Sequence[float] = (1.0,)) -> MixtureChoice:
+                   tie_breaks: Sequence[str] = (), plm_temperatures: Sequence[float] = (1.0,)) -> Mixture:
     """Grid search of (lambda, k, T) by accuracy of ``mix(p_model, p_knn_for(k, T), lambda)``.
 
     Call it with dev / validation data only. Ties in accuracy go through ``tie_breaks`` in order
@@ -256,8 +272,8 @@ def select_mixture(p_model: np.ndarray, labels: np.ndarray, p_knn_for: Callable[
             acc = accuracy(p, labels)
             rank = (acc, *(_TIE_BREAK_SCORES[b](p, labels) for b in tie_breaks), -lam)  # larger is better
             if best is None or rank > best_rank:
-                best = MixtureChoice(lam=float(lam), k=int(k), temperature=float(t), accuracy=acc,
-                                     plm_temperature=t_plm)
+                best = Mixture(lam=float(lam), k=int(k), temperature=float(t), accuracy=acc,
+                               plm_temperature=t_plm)
                 best_rank = rank
     if best is None:
         raise ValueError("select_mixture needs at least one lambda, k and temperature")
@@ -330,6 +346,6 @@ class MixtureGrid:
                              f"{list(self.plm_temperatures)}")
 
     def select(self, p_model: np.ndarray, labels: np.ndarray,
-               p_knn_for: Callable[[int, float], np.ndarray]) -> MixtureChoice:
+               p_knn_for: Callable[[int, float], np.ndarray]) -> Mixture:
         return select_mixture(p_model, labels, p_knn_for, self.lambdas, self.ks, self.temperatures,
                               self.tie_breaks, self.plm_temperatures)

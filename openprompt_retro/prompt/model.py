@@ -26,6 +26,7 @@ from openprompt.prompts import ManualTemplate, MixedTemplate, SoftTemplate
 from transformers.modeling_outputs import MaskedLMOutput
 
 from ..core.config import RetroConfig
+from ..core.knn import Mixture
 from ..core.loss import knn_guided_loss, knn_loss_weights
 from ..core.store import KnowledgeStore, StoreError
 from . import patches
@@ -35,7 +36,7 @@ from .prediction import Prediction, default_wrapper_class
 from .retrieval import Retriever, check_batch_template, shape_demonstrations
 from .store_lifecycle import ModelHost, StoreLifecycle, make_key_encoder
 from .template import RetroTemplate
-from .verbalizer import KnnVerbalizer, Mixing
+from .verbalizer import KnnVerbalizer
 
 _FAST_TEMPLATES = (ManualTemplate, MixedTemplate, SoftTemplate)
 #: state_dict() entries that carry the store: keys (n, D) float32 and labels (n,) int64
@@ -199,12 +200,13 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         self.config.validate()
         return self.config
 
-    def mixing(self) -> Mixing:
+    def mixing(self) -> Mixture:
         """How an inference forward mixes p_kNN in: the config's settings (the read-out's own temperature) and the
         store to read, handed to the verbalizer with every call."""
         c = self.config
-        return Mixing(self.effective_lambda, c.knn_k, c.readout_temperature(), c.knn_score_scale, c.readout,
-                      c.class_mean_top_m, c.plm_temperature, c.logistic_c, store=self.knn_store)
+        return Mixture(lam=self.effective_lambda, k=c.knn_k, temperature=c.readout_temperature(),
+                       plm_temperature=c.plm_temperature, scale=c.knn_score_scale, readout=c.readout,
+                       top_m=c.class_mean_top_m, logistic_c=c.logistic_c, store=self.knn_store)
 
     @property
     def effective_lambda(self) -> float:
@@ -497,7 +499,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
     def forward_with_keys(self, batch, mix: Optional[bool] = None):
         """(verbalizer output, query keys) for a prepared batch - one main forward pass.
 
-        ``mix``: whether the verbalizer mixes p_kNN in, by the config's :class:`.Mixing` (None: its own rule).
+        ``mix``: whether the verbalizer mixes p_kNN in, by the config's :class:`~openprompt_retro.core.knn.Mixture` (None: its own rule).
         """
         outputs, mask_batch = self._main_pass(batch)
         outputs = self.verbalizer.gather_outputs(outputs)

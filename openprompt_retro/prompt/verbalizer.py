@@ -20,13 +20,12 @@ enabled (``model.train()`` and not under ``torch.no_grad()``);
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from openprompt.prompt_base import Verbalizer
 
-from ..core.knn import mix
+from ..core.knn import Mixture, mix
 from ..core.readout import readout_distribution
 from ..core.store import KnowledgeStore
 from . import patches
@@ -35,26 +34,6 @@ from .keys import MaskKeyHead
 from .wrapping import PassThroughToBase
 
 _EPS = 1e-12
-
-
-@dataclass(frozen=True)
-class Mixing:
-    """How one forward mixes p_kNN in: P = lam p_kNN + (1 - lam) softmax(z / T_plm), p_kNN read by ``readout``:
-    "topk" (the k nearest entries at temperature T on score scale ``scale``), "class-mean" (each class's
-    mean key, of its ``top_m`` nearest entries or all, at temperature T on the cosine scale) or "logistic" (a
-    regression with C = ``logistic_c`` fitted on the store's keys, its log-probabilities divided by T).
-    ``RetroPromptForClassification`` passes one per call (from its RetroConfig); a KnnVerbalizer on its own
-    uses its attributes instead."""
-
-    lam: float
-    k: int
-    temperature: float
-    scale: str = "zscore"
-    readout: str = "topk"
-    top_m: Optional[int] = None
-    plm_temperature: float = 1.0
-    logistic_c: float = 1.0
-    store: Optional[KnowledgeStore] = None  # the store to read (None: the verbalizer's own)
 
 
 #: what ``process_outputs(..., mixing=...)`` receives from callers that do not pass one (OpenPrompt's own)
@@ -124,10 +103,10 @@ class KnnVerbalizer(PassThroughToBase, Verbalizer):
     def handle_multi_token(self, label_words_logits, mask):
         return self.base.handle_multi_token(label_words_logits, mask)
 
-    def _own_mixing(self) -> Optional[Mixing]:
+    def _own_mixing(self) -> Optional[Mixture]:
         """This verbalizer's attributes, when this forward mixes by its own rule (module docstring), else None."""
         if not (self.training and torch.is_grad_enabled()) or self.mix_in_training:
-            return Mixing(self.lam, self.k, self.temperature, self.scale)
+            return Mixture(lam=self.lam, k=self.k, temperature=self.temperature, scale=self.scale)
         return None
 
     def gather_outputs(self, outputs):
@@ -147,7 +126,7 @@ class KnnVerbalizer(PassThroughToBase, Verbalizer):
                   top_m: Optional[int] = None, logistic_c: float = 1.0,
                   store: Optional[KnowledgeStore] = None) -> torch.Tensor:
         """p_kNN(y|x) for query keys from ``store`` (default: this verbalizer's; k, T and the score scale default
-        to its own too); ``readout``: "topk", "class-mean" or "logistic" (see :class:`Mixing`)."""
+        to its own too); ``readout``: "topk", "class-mean" or "logistic" (see :class:`~openprompt_retro.core.knn.Mixture`)."""
         store = self.store if store is None else store
         if store is None:
             raise ValueError("KnnVerbalizer has no knowledge store: build one (build_store) and set .store")
@@ -159,7 +138,7 @@ class KnnVerbalizer(PassThroughToBase, Verbalizer):
         return torch.from_numpy(p).to(query_keys.device)
 
     def process_outputs(self, outputs, batch, mixing=OWN_RULE, **kwargs):
-        """Log-probabilities over classes; ``mixing``: a :class:`Mixing` to mix by, None not to mix, or (not
+        """Log-probabilities over classes; ``mixing``: a :class:`~openprompt_retro.core.knn.Mixture` to mix by, None not to mix, or (not
         given) this verbalizer's own rule and attributes."""
         *base_outputs, hidden_at_mask = outputs
         base_outputs = tuple(base_outputs) if self._base_gathers_tuple else base_outputs[0]
