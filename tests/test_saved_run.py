@@ -349,3 +349,28 @@ def test_template_text_is_recovered_when_the_template_was_built_before_the_hook(
     assert canonical_template_text(again) == canonical_template_text(t)
     assert [{k: v for k, v in d.items() if k != "post_processing"} for d in again.text] == \
         [{k: v for k, v in d.items() if k != "post_processing"} for d in t.text]
+
+
+def test_a_key_store_built_by_another_encoder_is_refused_even_with_its_checksums_rewritten(tiny_dirs, tmp_path):
+    """A run's key store that records another key encoder (copied in from another run, run.json's checksums
+    brought up to date) is refused by what built it, naming it, and nothing is loaded."""
+    from openprompt.data_utils import InputExample
+    from conftest import SENTENCES
+
+    from openprompt_retro.core.store import StoreError
+
+    examples = [InputExample(guid=f"ex{i}", text_a=t, label=y) for i, (t, y) in enumerate(SENTENCES)]
+    plm, tok, _, _ = tiny = load_tiny(tiny_dirs["bert"])
+    config = R.RetroConfig(demo_topk=2, knn_k=3, train_knn_k=3, key_encoder="frozen-mean", knn_readout="class-mean")
+    tr = trainer(R.build_model(plm, tok, TEXT, WORDS, "neural", config), tiny, lr=1e-2)
+    tr.fit(examples[:6], examples[6:])
+    d = tmp_path / "run"
+    tr.save(str(d))
+    R.RetroTrainer.from_pretrained(str(d))  # as saved, it loads
+    meta = json.loads((d / "key_store" / "store.json").read_text())
+    assert meta["built_by"]["key_encoder"] == "frozen-mean"
+    meta["built_by"]["key_encoder"] = "sentence"
+    (d / "key_store" / "store.json").write_text(json.dumps(meta))
+    _resum(d, "key_store/store.json")
+    with pytest.raises(StoreError, match=r"built with key_encoder='sentence', expected 'frozen-mean'.*nothing was loaded"):
+        R.RetroTrainer.from_pretrained(str(d))
