@@ -91,7 +91,7 @@ def test_a_training_loader_built_again_from_the_same_data_stays_training_data(ti
     loo, calls = split_gate_checks(calls, len(model.store))
     assert len(loo) == 1  # the new source is encoded again, then the gate
     assert assert_no_self_retrieval(calls) == 2 * 4
-    assert model._source is again
+    assert model.lifecycle.source is again
 
 
 def test_duplicate_guids_are_named(tiny_bert):

@@ -80,7 +80,7 @@ def test_knn_loss_is_off_while_the_store_is_at_chance(tiny_bert, examples):
     keys = np.asarray(model.store.keys)
     # labels alternating along a key direction the store cannot separate: leave-one-out kNN at/below chance
     model.store.build(keys, np.array([0, 1, 0, 1, 0, 1, 0, 1]), model.store.guids, model.store.texts)
-    acc = model.update_loss_gate()
+    acc = model.lifecycle.update_gate()
     chance = 0.5
     assert model.knn_loss_active == (acc > chance)
     model.train()
@@ -170,7 +170,7 @@ def test_warm_start_hides_demonstrations_for_the_first_steps_only(tiny_bert, exa
     model._shape_demonstrations = spy
     tr.fit(examples)
     assert seen == [True, True, True, False, False, False]
-    assert model.training_forwards == 6 and model.total_training_steps == 6
+    assert model.lifecycle.training_forwards == 6 and model.lifecycle.total_training_steps == 6
     with pytest.raises(ValueError, match="demo_warmup"):
         R.RetroConfig(demo_warmup=1.0)
 

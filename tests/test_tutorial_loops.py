@@ -741,7 +741,7 @@ def test_demo_warmup_in_a_hand_loop_counts_the_models_training_forwards(tiny_ber
     model.plan_training(4)
     evaluate(model, val_loader, "no_eval")  # inference forwards never count, and never hide
     evaluate(model, val_loader, "eval")
-    assert hidden == [False] * 2 and model.training_forwards == 0
+    assert hidden == [False] * 2 and model.lifecycle.training_forwards == 0
 
 
 def test_exclude_self_in_eval_matches_examples_not_guids(tiny_bert):

@@ -232,6 +232,8 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         return self.template.demonstrations == "neural" and self.template.demonstrations_enabled
 
     # ---------------------------------------------------------------- store (see store_lifecycle.py)
+    # The model's public face of its store, as CLIP's models have it; everything else is asked of
+    # ``self.lifecycle`` (the store's bookkeeping) or ``self.retriever`` (what a batch retrieves).
     @property
     def store(self) -> KnowledgeStore:
         return self.lifecycle.store
@@ -251,10 +253,6 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         return self.lifecycle.key_encoder
 
     @property
-    def _source(self):
-        return self.lifecycle.source
-
-    @property
     def knn_loss_active(self) -> bool:
         """Whether the kNN weights apply (the gate, recomputed after every store build)."""
         return self.lifecycle.knn_loss_active
@@ -265,15 +263,8 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
 
     @property
     def store_loo_accuracy(self) -> Optional[float]:
+        """The store's leave-one-out kNN accuracy (the gate's and the guard's input; None before a build)."""
         return self.lifecycle.store_loo_accuracy
-
-    @property
-    def total_training_steps(self) -> Optional[int]:
-        return self.lifecycle.total_training_steps
-
-    @property
-    def training_forwards(self) -> int:
-        return self.lifecycle.training_forwards
 
     def attach(self, dataloader, progress: bool = False) -> KnowledgeStore:
         """Make ``dataloader``'s examples the training data and build the store from them now.
@@ -294,17 +285,9 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         """Add labeled examples to the store without retraining; returns their ids (:meth:`.StoreLifecycle.add`)."""
         return self.lifecycle.add(dataloader, progress)
 
-    def sync_store(self) -> KnowledgeStore:
-        """The store the model would use now: rebuilt first when training forwards ran since the last build."""
-        return self.lifecycle.sync()
-
     def plan_training(self, total_steps: int) -> None:
         """Say how many training steps follow (demo_warmup's denominator; :meth:`.StoreLifecycle.plan_training`)."""
         self.lifecycle.plan_training(total_steps)
-
-    def update_loss_gate(self) -> float:
-        """The store's leave-one-out kNN accuracy; the kNN loss term is active only above chance."""
-        return self.lifecycle.update_gate()
 
     def is_training_forward(self, batch) -> bool:
         """Whether a forward on ``batch`` now is a training forward (the rule in the class docstring)."""
@@ -326,7 +309,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if not self._store_in_state_dict:
             return
-        self.sync_store()
+        self.lifecycle.sync()
         keys_name, labels_name = STORE_STATE_KEYS
         destination[prefix + CONFIG_STATE_KEY] = torch.tensor(list(json.dumps(self.config.to_dict()).encode("utf-8")),
                                                               dtype=torch.uint8)
@@ -612,7 +595,7 @@ class RetroPromptForClassification(Prediction, PromptForClassification):
         """
         from . import saved_run
 
-        self.sync_store()
+        self.lifecycle.sync()
         saved_run.save_run(self, directory, save_plm=save_plm, model_type=model_type, name_or_path=plm_name_or_path,
                            extra_json=extra_json)
 
